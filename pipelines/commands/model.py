@@ -1,0 +1,9 @@
+"""`magnet` commands of the model group."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this group's commands to the `magnet` app."""
