@@ -1,0 +1,333 @@
+"""MagNet's training losses: segmentation (BCE + Dice, deep supervision), the cross-modal
+alignment loss (CAL) and their combination with Mask Grounding (MG).
+
+    L = seg + lambda_mg * MG + lambda_cal * CAL
+    seg = sum over masks m of w_m * (bce_weight * BCE_m + dice_weight * Dice_m),
+          w = 1 for the final mask and aux_weight for each auxiliary mask (Mask2Former sums them).
+
+The segmentation terms are computed at the logits' own resolution (1/4 of the input for the
+Mask2Former-style decoder), as Mask2Former does, with the target area-downsampled to it: each
+target cell holds the fraction of its pixels inside the object (exactly 0/1 where the object's
+edge falls on the grid). That is 16x cheaper than upsampling logits to the input size, and
+keeps thin objects that nearest-neighbour subsampling would drop.
+
+Every score that goes through an exponential is computed in float32 with autocast off, so bf16
+training gives the same losses. Disabled parts are zero tensors and touch no parameters.
+
+Legend: B batch, h x w logit grid, H x W target size, N pixels of a feature map (h*w), K sampled
+pixels per image, C pixel feature channels, D_t text width, E embed_dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from magnet.config import AlignmentLossConfig, LossConfig, MaskGroundingConfig
+from magnet.models.mask_grounding import MaskGroundingHead
+
+LOSS_KEYS = ("loss", "bce", "dice", "seg", "mg", "cal")
+"""Keys of the loss dict the model's forward returns (DEVELOPERS.md, model contract)."""
+
+
+# ------------------------------------------------------------------------------- segmentation
+def resize_target(target: Tensor, size: tuple[int, int]) -> Tensor:
+    """Target [B, H, W] (or [B, 1, H, W]) in {0, 1} -> float32 [B, h, w] covered fractions."""
+    if target.dim() == 4:
+        target = target.squeeze(1)
+    target = target.float()
+    if tuple(target.shape[-2:]) == tuple(size):
+        return target
+    return F.interpolate(target.unsqueeze(1), size=size, mode="area").squeeze(1)
+
+
+def dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
+    """Soft Dice on sigmoid probabilities, averaged over the batch.
+
+    Per sample: 1 - (2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth); ``smooth`` (1, as in
+    Mask2Former) makes an empty target with an empty prediction cost 0 instead of 0/0.
+
+    Args:
+        logits: [B, h, w] mask logits.
+        target: [B, h, w] targets in [0, 1], same size.
+    """
+    prob = logits.float().sigmoid().flatten(1)  # [B, h*w]
+    target = target.float().flatten(1)
+    numerator = 2 * (prob * target).sum(1) + smooth
+    denominator = prob.sum(1) + target.sum(1) + smooth
+    return (1 - numerator / denominator).mean()
+
+
+def segmentation_loss(
+    mask_logits: Tensor, aux_mask_logits: Sequence[Tensor], target: Tensor, cfg: LossConfig
+) -> dict[str, Tensor]:
+    """BCE + Dice on the final mask and on every auxiliary mask (deep supervision).
+
+    Args:
+        mask_logits: [B, 1, h, w] (or [B, h, w]) final mask logits.
+        aux_mask_logits: auxiliary logits, each [B, 1, h', w'] (any grid); may be empty.
+        target: [B, H, W] ground-truth mask in {0, 1}, any size (area-resized to each grid).
+        cfg: the weights.
+
+    Returns:
+        ``bce`` and ``dice`` (each summed over the masks, aux ones weighted by aux_weight) and
+        ``seg = bce_weight * bce + dice_weight * dice``; float32 scalars.
+    """
+    predictions = [(mask_logits, 1.0)] + [(aux, cfg.aux_weight) for aux in aux_mask_logits]
+    targets: dict[tuple[int, int], Tensor] = {}
+    bce = dice = torch.zeros((), device=mask_logits.device)
+    with torch.autocast(device_type=mask_logits.device.type, enabled=False):
+        for logits, weight in predictions:
+            logits = logits.float().squeeze(1) if logits.dim() == 4 else logits.float()  # [B, h, w]
+            size = tuple(logits.shape[-2:])
+            if size not in targets:
+                targets[size] = resize_target(target, size)
+            bce = bce + weight * F.binary_cross_entropy_with_logits(logits, targets[size])
+            dice = dice + weight * dice_loss(logits, targets[size])
+    return {"bce": bce, "dice": dice, "seg": cfg.bce_weight * bce + cfg.dice_weight * dice}
+
+
+# ---------------------------------------------------------------------------------------- CAL
+def mean_pool(text_features: Tensor, attention_mask: Tensor) -> Tensor:
+    """Sentence embedding: mean of [B, L, D] over real tokens -> [B, D]."""
+    weights = attention_mask.to(text_features.dtype).unsqueeze(-1)  # [B, L, 1]
+    return (text_features * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+class CrossModalAlignmentLoss(nn.Module):
+    """Contrastive alignment of pixel features with the sentence (CAL).
+
+    Pixels and sentences are projected to a shared E-dimensional space and L2-normalised;
+    scores are cosine similarities over ``temperature``.
+
+    Pixel-to-text: each foreground pixel of image i must pick its own sentence i (InfoNCE). Its
+    negatives are the other sentences of the batch scored against that pixel AND the background
+    pixels of image i scored against sentence i. The second set keeps the term meaningful for a
+    batch of one and teaches the sentence where its object is not; with neither negative
+    (batch of one, no background) the term is 0.
+
+    Pixel-to-pixel (supervised-contrastive, per image): up to ``max_pixels`` pixels are sampled,
+    half from the foreground and half from the background; each sampled foreground pixel is
+    pulled towards the other sampled foreground pixels and pushed from the sampled background
+    pixels. Images with fewer than two foreground or with no background pixels contribute
+    nothing.
+
+    Both terms average over their anchors across the batch; with no anchor at all (empty masks)
+    they are 0 with a graph, never NaN.
+    """
+
+    def __init__(self, pixel_dim: int, text_dim: int, cfg: AlignmentLossConfig) -> None:
+        """Args:
+        pixel_dim: channels C of the pixel features handed in.
+        text_dim: width D_t of the language features handed in.
+        cfg: embed_dim, temperature, term weights and max_pixels.
+        """
+        super().__init__()
+        self.cfg = cfg
+        self.pixel_proj = nn.Sequential(
+            nn.Linear(pixel_dim, cfg.embed_dim), nn.GELU(), nn.Linear(cfg.embed_dim, cfg.embed_dim)
+        )
+        self.text_proj = nn.Sequential(
+            nn.Linear(text_dim, cfg.embed_dim), nn.GELU(), nn.Linear(cfg.embed_dim, cfg.embed_dim)
+        )
+
+    def forward(
+        self,
+        pixel_features: Tensor,
+        text_features: Tensor,
+        attention_mask: Tensor,
+        target_mask: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Args:
+        pixel_features: [B, C, h, w] pixel features (e.g. the decoder's mask features).
+        text_features: [B, L, D_t] language features (mean-pooled over real tokens).
+        attention_mask: [B, L], 1 on real tokens.
+        target_mask: [B, H, W] ground truth in {0, 1}, any size (area-resized, >= 0.5 is fg).
+        generator: optional generator for the pixel sampling.
+
+        Returns:
+            ``cal`` (the weighted sum), ``p2t`` and ``p2p``: float32 scalars.
+        """
+        h, w = pixel_features.shape[-2:]
+        pixels = self.pixel_proj(pixel_features.flatten(2).transpose(1, 2))  # [B, N, E]
+        sentences = self.text_proj(mean_pool(text_features, attention_mask))  # [B, E]
+        foreground = resize_target(target_mask, (h, w)).flatten(1) >= 0.5  # [B, N]
+        with torch.autocast(device_type=pixels.device.type, enabled=False):
+            pixels = F.normalize(pixels.float(), dim=-1)
+            sentences = F.normalize(sentences.float(), dim=-1)
+            p2t = self._pixel_to_text(pixels, sentences, foreground)
+            p2p = self._pixel_to_pixel(pixels, foreground, generator)
+        cal = self.cfg.pixel_to_text_weight * p2t + self.cfg.pixel_to_pixel_weight * p2p
+        return {"cal": cal, "p2t": p2t, "p2p": p2p}
+
+    def _pixel_to_text(self, pixels: Tensor, sentences: Tensor, foreground: Tensor) -> Tensor:
+        batch = pixels.shape[0]
+        lowest = torch.finfo(pixels.dtype).min  # finite "minus infinity": no NaN in gradients
+        scores = torch.einsum("bne,ke->bnk", pixels, sentences) / self.cfg.temperature  # [B, N, B]
+        own = scores.diagonal(dim1=0, dim2=2).transpose(0, 1)  # [B, N]: pixel of image b vs sentence b
+        same = torch.eye(batch, dtype=torch.bool, device=scores.device)[:, None, :]  # [B, 1, B]
+        others = scores.masked_fill(same, lowest)
+        other_sentences = others.logsumexp(-1)  # [B, N]
+        background = own.masked_fill(foreground, lowest).logsumexp(-1, keepdim=True)  # [B, 1]
+        denominator = torch.logaddexp(torch.logaddexp(own, other_sentences), background)  # [B, N]
+        nll = denominator - own  # [B, N]
+        return (nll * foreground).sum() / foreground.sum().clamp(min=1)
+
+    def _pixel_to_pixel(
+        self, pixels: Tensor, foreground: Tensor, generator: torch.Generator | None
+    ) -> Tensor:
+        num_pixels = pixels.shape[1]
+        lowest = torch.finfo(pixels.dtype).min
+        half = min(max(self.cfg.max_pixels // 2, 1), num_pixels)
+        # Random priorities; topk over "foreground first" / "background first" picks a random
+        # subset of each, and ``valid`` says which picks really are of the wanted kind.
+        priority = torch.rand(pixels.shape[:2], generator=generator, device=pixels.device)  # [B, N]
+        fg_idx = priority.masked_fill(~foreground, -1).topk(half, dim=1).indices  # [B, K/2]
+        bg_idx = priority.masked_fill(foreground, -1).topk(half, dim=1).indices  # [B, K/2]
+        index = torch.cat([fg_idx, bg_idx], dim=1)  # [B, K]
+        is_fg = torch.gather(foreground, 1, index)  # [B, K]
+        valid = torch.cat([is_fg[:, :half], ~is_fg[:, half:]], dim=1)  # [B, K]
+        is_fg = is_fg & valid
+        is_bg = ~is_fg & valid
+        sampled = torch.gather(pixels, 1, index.unsqueeze(-1).expand(-1, -1, pixels.shape[-1]))  # [B, K, E]
+        scores = sampled @ sampled.transpose(1, 2) / self.cfg.temperature  # [B, K, K]
+        not_self = ~torch.eye(index.shape[1], dtype=torch.bool, device=pixels.device)  # [K, K]
+        positive = is_fg[:, :, None] & is_fg[:, None, :] & not_self  # [B, K, K]
+        contrast = (is_fg[:, None, :] | is_bg[:, None, :]) & not_self  # [B, K, K]: anchor's denominator
+        log_prob = scores - scores.masked_fill(~contrast, lowest).logsumexp(-1, keepdim=True)  # [B, K, K]
+        num_positive = positive.sum(-1)  # [B, K]
+        anchor = is_fg & (num_positive > 0) & is_bg.any(1, keepdim=True)  # [B, K]
+        per_anchor = -(log_prob * positive).sum(-1) / num_positive.clamp(min=1)  # [B, K]
+        return (per_anchor * anchor).sum() / anchor.sum().clamp(min=1)
+
+
+# ------------------------------------------------------------------------------------ combined
+def total_loss(
+    seg: dict[str, Tensor], mg: Tensor | None, cal: Tensor | None, cfg: LossConfig
+) -> dict[str, Tensor]:
+    """Combine the parts: ``loss = seg + lambda_mg * mg + lambda_cal * cal``.
+
+    ``seg`` is ``segmentation_loss``'s dict; ``mg`` / ``cal`` are scalars or None for a disabled
+    part (reported as a zero tensor). Returns exactly the keys of ``LOSS_KEYS``.
+    """
+    zero = torch.zeros((), device=seg["seg"].device)
+    mg = zero if mg is None else mg
+    cal = zero if cal is None else cal
+    return {
+        "loss": seg["seg"] + cfg.lambda_mg * mg + cfg.lambda_cal * cal,
+        "bce": seg["bce"],
+        "dice": seg["dice"],
+        "seg": seg["seg"],
+        "mg": mg,
+        "cal": cal,
+    }
+
+
+@dataclass
+class MaskGroundingInputs:
+    """What the model hands the criterion for Mask Grounding (shapes: ``MaskGroundingHead``)."""
+
+    text_features: Tensor  # [B, L, D_t] language features of the masked expression
+    attention_mask: Tensor  # [B, L]
+    visual_features: Tensor  # [B, C_mg, h, w]
+    labels: Tensor  # [B, L] from mask_tokens
+    word_embeddings: Tensor  # [V, D_w] the text encoder's word-embedding weight
+
+
+@dataclass
+class AlignmentInputs:
+    """What the model hands the criterion for CAL (shapes: ``CrossModalAlignmentLoss``)."""
+
+    pixel_features: Tensor  # [B, C_cal, h, w]
+    text_features: Tensor  # [B, L, D_t]
+    attention_mask: Tensor  # [B, L]
+
+
+class MagNetCriterion(nn.Module):
+    """All of MagNet's training objective, and the home of its training-only parameters.
+
+    Holds the Mask Grounding head (``mask_grounding``) and the CAL projections (``alignment``)
+    when their switches are on, so a model that keeps this module as ``criterion`` drops every
+    training-only weight by dropping ``criterion.*`` from inference checkpoints.
+    """
+
+    def __init__(
+        self,
+        loss_cfg: LossConfig,
+        mg_cfg: MaskGroundingConfig,
+        cal_cfg: AlignmentLossConfig,
+        *,
+        text_dim: int,
+        word_embeddings: nn.Embedding,
+        mg_visual_dim: int,
+        cal_pixel_dim: int,
+    ) -> None:
+        """Args:
+        loss_cfg: weights of the parts.
+        mg_cfg: Mask Grounding (``enabled`` False builds no head).
+        cal_cfg: the alignment loss (``enabled`` False builds no projections).
+        text_dim: width D_t of the language features handed to MG and CAL.
+        word_embeddings: the text encoder's word embeddings (only their shape is read here;
+            the weight itself is passed at each call, see ``MaskGroundingInputs``).
+        mg_visual_dim: channels of the visual features handed to MG.
+        cal_pixel_dim: channels of the pixel features handed to CAL.
+        """
+        super().__init__()
+        self.loss_cfg = loss_cfg
+        self.mask_grounding = (
+            MaskGroundingHead.from_config(mg_cfg, text_dim, mg_visual_dim, word_embeddings)
+            if mg_cfg.enabled
+            else None
+        )
+        self.alignment = (
+            CrossModalAlignmentLoss(cal_pixel_dim, text_dim, cal_cfg) if cal_cfg.enabled else None
+        )
+
+    def forward(
+        self,
+        mask_logits: Tensor,
+        aux_mask_logits: Sequence[Tensor],
+        target_mask: Tensor,
+        mg: MaskGroundingInputs | None = None,
+        cal: AlignmentInputs | None = None,
+    ) -> dict[str, Tensor]:
+        """Args:
+        mask_logits: [B, 1, h, w] final mask logits.
+        aux_mask_logits: auxiliary mask logits, each [B, 1, h', w'].
+        target_mask: [B, H, W] ground truth in {0, 1}.
+        mg: Mask Grounding inputs; required when MG is enabled and the module is training,
+            ignored otherwise (MG runs only in training).
+        cal: CAL inputs; required whenever CAL is enabled.
+
+        Returns:
+            ``loss``, ``bce``, ``dice``, ``seg``, ``mg``, ``cal`` (float32 scalars).
+        """
+        seg = segmentation_loss(mask_logits, aux_mask_logits, target_mask, self.loss_cfg)
+        mg_loss = cal_loss = None
+        if self.mask_grounding is not None and self.training:
+            if mg is None:
+                raise ValueError(
+                    "MagNetCriterion: Mask Grounding is enabled but no MaskGroundingInputs given"
+                )
+            mg_loss = self.mask_grounding(
+                mg.text_features,
+                mg.attention_mask,
+                mg.visual_features,
+                target_mask,
+                mg.labels,
+                mg.word_embeddings,
+            ).loss
+        if self.alignment is not None:
+            if cal is None:
+                raise ValueError(
+                    "MagNetCriterion: the alignment loss is enabled but no AlignmentInputs given"
+                )
+            cal_loss = self.alignment(cal.pixel_features, cal.text_features, cal.attention_mask, target_mask)[
+                "cal"
+            ]
+        return total_loss(seg, mg_loss, cal_loss, self.loss_cfg)
