@@ -1,0 +1,288 @@
+"""Synthetic RefCOCO: flat-shape scenes written byte for byte in the `refer` toolkit's layout.
+
+    <out>/refcoco/instances.json
+    <out>/refcoco/refs(unc).p
+    <out>/images/mscoco/images/train2014/COCO_train2014_%012d.jpg
+    <out>/synth_report.json
+
+so the real-data path (reader, shards, training, evaluation) runs unchanged on it. Each image
+is generated from its own seed ``(seed, index)``, in chunks across worker processes, and ids
+are numbered in image order afterwards: the bytes depend only on the arguments, never on the
+worker count. ``synth_report.json`` holds the scores of two language-blind baselines (the
+largest object; a random object), the floor a model that reads the expression must beat.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import pickle
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
+
+from data_prep.scenes import COLOURS, SHAPES, Scene, make_scene, referring_expressions, render
+
+SPLITS: tuple[str, ...] = ("train", "val", "testA", "testB")
+PICKLE_PROTOCOL = 4
+JPEG_QUALITY = 92
+MAX_REFS_PER_IMAGE = 3
+MAX_EXPRESSIONS_PER_REF = 3
+IMAGE_DIR = Path("images/mscoco/images/train2014")
+CATEGORIES: list[dict] = [
+    {"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(SHAPES)
+]
+CATEGORY_ID: dict[str, int] = {c["name"]: c["id"] for c in CATEGORIES}
+
+
+def split_of(index: int) -> str:
+    """70/10/10/10 by image: fixed by the index, so every split is filled from 10 images on."""
+    return SPLITS[max(index % 10 - 6, 0)]
+
+
+def image_file_name(image_id: int) -> str:
+    return f"COCO_train2014_{image_id:012d}.jpg"
+
+
+def scene_for(seed: int, index: int, image_size: int) -> Scene:
+    """The scene of image ``index``: a pure function of its arguments (tests regenerate it)."""
+    return make_scene(np.random.default_rng([seed, index, 0]), image_size)
+
+
+@dataclass
+class SplitStats:
+    n_images: int = 0
+    n_refs: int = 0
+    n_expressions: int = 0
+    baseline_largest_oiou: float = 0.0
+    baseline_random_oiou: float = 0.0
+
+
+@dataclass
+class SynthReport:
+    """What ``synthesize`` wrote; ``splits`` carries the language-blind baselines."""
+
+    out: str
+    num_images: int
+    image_size: int
+    seed: int
+    protocol: str = "original-size"
+    splits: dict[str, SplitStats] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        """The report without run-dependent fields (where, how long), so the file is reproducible."""
+        out = asdict(self)
+        del out["out"], out["seconds"]
+        return out
+
+
+# ----------------------------------------------------------------------------------- per image
+def _draw(scene: Scene, rng: np.random.Generator) -> Image.Image:
+    """Light textured background (gradient + noise), shapes as flat polygons, mild noise."""
+    s = scene.image_size
+    base = rng.uniform(185, 235, size=3)
+    tilt = rng.uniform(-25, 25, size=(2, 3))
+    ramp = np.linspace(-0.5, 0.5, s)
+    background = (
+        base[None, None, :]
+        + ramp[:, None, None] * tilt[0][None, None, :]
+        + ramp[None, :, None] * tilt[1][None, None, :]
+    )
+    image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        xy = list(zip(obj.polygon[0::2], obj.polygon[1::2], strict=True))
+        draw.polygon(xy, fill=COLOURS[obj.colour])
+    noisy = np.asarray(image, dtype=np.int16) + rng.normal(0, 4, size=(s, s, 3)).astype(np.int16)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+
+
+def _rle(polygon: tuple[float, ...], size: int) -> dict:
+    return mask_utils.merge(mask_utils.frPyObjects([list(polygon)], size, size))
+
+
+def _make_image(seed: int, index: int, image_size: int, image_dir: Path) -> dict:
+    """Render, save and describe image ``index``; ids are local (object order), numbered later."""
+    scene = scene_for(seed, index, image_size)
+    rng = np.random.default_rng([seed, index, 1])
+    image_id = index + 1
+    _draw(scene, rng).save(image_dir / image_file_name(image_id), quality=JPEG_QUALITY, subsampling=0)
+
+    rles = [_rle(o.polygon, image_size) for o in scene.objects]
+    masks = [mask_utils.decode(r).astype(bool) for r in rles]
+    areas = [float(mask_utils.area(r)) for r in rles]
+    objects = [
+        {
+            "category_id": CATEGORY_ID[o.shape],
+            "segmentation": [list(o.polygon)],
+            "bbox": [float(v) for v in mask_utils.toBbox(r)],
+            "area": area,
+        }
+        for o, r, area in zip(scene.objects, rles, areas, strict=True)
+    ]
+
+    refs = []
+    order = rng.permutation(len(scene.objects))
+    for target in order:
+        if len(refs) == MAX_REFS_PER_IMAGE:
+            break
+        by_kind = referring_expressions(scene, int(target))
+        chosen = _choose(by_kind, rng)
+        if len(chosen) >= 2 or (chosen and not refs):
+            refs.append({"object": int(target), "sentences": chosen})
+
+    # Language-blind baselines, one sample per expression as in the evaluation protocol.
+    largest = int(np.argmax(areas))
+    inter = np.zeros(2)
+    union = np.zeros(2)
+    for ref in refs:
+        gt = masks[ref["object"]]
+        for _ in ref["sentences"]:
+            for k, guess in enumerate((largest, int(rng.integers(len(masks))))):
+                inter[k] += np.logical_and(masks[guess], gt).sum()
+                union[k] += np.logical_or(masks[guess], gt).sum()
+    return {
+        "image_id": image_id,
+        "split": split_of(index),
+        "objects": objects,
+        "refs": refs,
+        "inter": inter.tolist(),
+        "union": union.tolist(),
+    }
+
+
+def _choose(by_kind: dict[str, list], rng: np.random.Generator) -> list[str]:
+    """Up to three texts, preferring one of each kind so the data mixes attributes,
+    relations and ordinals rather than repeating the easiest."""
+    kinds = [k for k in by_kind if by_kind[k]]
+    rng.shuffle(kinds)
+    chosen: list[str] = []
+    for kind in kinds:
+        pool = by_kind[kind]
+        chosen.append(render(pool[int(rng.integers(len(pool)))]))
+    leftovers = sorted({render(e) for pool in by_kind.values() for e in pool} - set(chosen))
+    while len(chosen) < 2 and leftovers:
+        chosen.append(leftovers.pop(int(rng.integers(len(leftovers)))))
+    want = int(rng.integers(2, MAX_EXPRESSIONS_PER_REF + 1))
+    return chosen[:want]
+
+
+def _make_chunk(args: tuple[int, list[int], int, str]) -> list[dict]:
+    seed, indices, image_size, image_dir = args
+    return [_make_image(seed, i, image_size, Path(image_dir)) for i in indices]
+
+
+# ------------------------------------------------------------------------------------- writing
+def _assemble(records: list[dict], image_size: int) -> tuple[dict, list[dict]]:
+    """instances.json and the refs list, with ids numbered in image order."""
+    images, annotations, refs = [], [], []
+    ann_id = ref_id = sent_id = 0
+    for rec in records:
+        image_id = rec["image_id"]
+        images.append(
+            {
+                "id": image_id,
+                "file_name": image_file_name(image_id),
+                "height": image_size,
+                "width": image_size,
+            }
+        )
+        ann_ids = []
+        for obj in rec["objects"]:
+            ann_id += 1
+            ann_ids.append(ann_id)
+            annotations.append({"id": ann_id, "image_id": image_id, **obj, "iscrowd": 0})
+        for ref in rec["refs"]:
+            ref_id += 1
+            target_ann = ann_ids[ref["object"]]
+            sentences = []
+            for text in ref["sentences"]:
+                sent_id += 1
+                sentences.append({"raw": text, "sent": text, "sent_id": sent_id, "tokens": text.split()})
+            refs.append(
+                {
+                    "ref_id": ref_id,
+                    "ann_id": target_ann,
+                    "image_id": image_id,
+                    "category_id": rec["objects"][ref["object"]]["category_id"],
+                    "split": rec["split"],
+                    "sent_ids": [s["sent_id"] for s in sentences],
+                    "file_name": f"COCO_train2014_{image_id:012d}_{target_ann}.jpg",
+                    "sentences": sentences,
+                }
+            )
+    instances = {"images": images, "annotations": annotations, "categories": CATEGORIES}
+    return instances, refs
+
+
+def _split_stats(records: list[dict]) -> dict[str, SplitStats]:
+    stats = {}
+    for split in SPLITS:
+        recs = [r for r in records if r["split"] == split]
+        inter = np.sum([r["inter"] for r in recs], axis=0) if recs else np.zeros(2)
+        union = np.sum([r["union"] for r in recs], axis=0) if recs else np.zeros(2)
+        oiou = np.divide(inter, union, out=np.zeros(2), where=union > 0)
+        stats[split] = SplitStats(
+            n_images=len(recs),
+            n_refs=sum(len(r["refs"]) for r in recs),
+            n_expressions=sum(len(ref["sentences"]) for r in recs for ref in r["refs"]),
+            baseline_largest_oiou=round(float(oiou[0]), 6),
+            baseline_random_oiou=round(float(oiou[1]), 6),
+        )
+    return stats
+
+
+def synthesize(
+    out: Path,
+    num_images: int = 200,
+    image_size: int = 128,
+    seed: int = 0,
+    workers: int | None = None,
+) -> SynthReport:
+    """Write a synthetic RefCOCO (unc) dataset under ``out``; returns the report it also saves.
+
+    Args:
+        out: dataset root (the refer toolkit's ``data_root``); created if missing.
+        num_images: number of images (ids 1..num_images); splits 70/10/10/10 by image.
+        image_size: side of the square images in pixels; every shape scales with it.
+        seed: the only source of randomness: same arguments, same bytes.
+        workers: processes rendering images (default: CPU count); no effect on the output.
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if image_size < 32:
+        raise ValueError(f"image_size must be >= 32 pixels, got {image_size}")
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    start = time.perf_counter()
+    out = Path(out)
+    image_dir = out / IMAGE_DIR
+    image_dir.mkdir(parents=True, exist_ok=True)
+    (out / "refcoco").mkdir(parents=True, exist_ok=True)
+
+    chunk = max(1, min(250, -(-num_images // (4 * workers))))
+    jobs = [
+        (seed, list(range(a, min(a + chunk, num_images))), image_size, str(image_dir))
+        for a in range(0, num_images, chunk)
+    ]
+    if workers == 1:
+        chunks = [_make_chunk(job) for job in jobs]
+    else:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            chunks = pool.map(_make_chunk, jobs)
+    records = [rec for part in chunks for rec in part]
+
+    instances, refs = _assemble(records, image_size)
+    (out / "refcoco" / "instances.json").write_text(json.dumps(instances, separators=(",", ":")))
+    (out / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=PICKLE_PROTOCOL))
+    report = SynthReport(str(out), num_images, image_size, seed, splits=_split_stats(records))
+    (out / "synth_report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    report.seconds = time.perf_counter() - start
+    return report
