@@ -1,0 +1,233 @@
+"""MLflow tracking for training runs: where the tracking store is, how a run is opened, and the
+`RunLogger` the per-worker loop writes curves and prediction pictures through.
+
+The driver opens the run (params, tags, the config) before Ray starts, and hands the workers a
+plain dict (`tracking_settings`) from which rank 0 builds `MlflowRunLogger`. Every URI and path
+in that dict is absolute: Ray changes the working directory of its workers, and a relative
+``sqlite:///mlflow.db`` would silently open a fresh, empty database there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from magnet.config import Config
+
+DEFAULT_EXPERIMENT = "magnet"
+ARTIFACT_DIR_NAME = "mlartifacts"
+_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
+_PARAM_VALUE_LIMIT = 6000
+_BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------- where it lives
+def resolve_tracking_uri(uri: str | None = None, default_dir: str | Path | None = None) -> str:
+    """The tracking URI to use, made absolute.
+
+    ``uri`` wins, then ``MLFLOW_TRACKING_URI``, then ``sqlite:///<default_dir or cwd>/mlflow.db``.
+    A relative SQLite file or a bare directory becomes absolute against the current directory,
+    so the same URI means the same store on every Ray worker.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        base = Path(default_dir) if default_dir is not None else Path.cwd()
+        return f"sqlite:///{(base / 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :]
+        return f"sqlite:///{Path(path).resolve()}"
+    if uri.startswith("file:"):
+        return Path(urlparse(uri).path).resolve().as_uri()
+    if "://" not in uri:
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Absolute artifact root for a new experiment in a local store: next to the SQLite file.
+
+    MLflow's own default is ``./mlruns`` relative to whichever directory the process runs in;
+    a tracking server (http) chooses its own store, so there it is None.
+    """
+    if tracking_uri.startswith("sqlite:///"):
+        root = Path(tracking_uri[len("sqlite:///") :]).parent / ARTIFACT_DIR_NAME
+        return (root / _safe_dir_name(experiment)).as_uri()
+    return None
+
+
+def _safe_dir_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "experiment"
+
+
+def client_for(tracking_uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """Experiment id by name; a new experiment gets an absolute artifact location."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            raise ValueError(f"MLflow experiment {name!r} is deleted; restore it or pick another name")
+        return found.experiment_id
+    return client.create_experiment(name, artifact_location=default_artifact_location(tracking_uri, name))
+
+
+# ------------------------------------------------------------------------------------- run tags
+def dataset_tags(shards: str | Path) -> dict[str, str]:
+    """Tags identifying the prepared data: summary.json's sha256, dataset, splitBy, counts."""
+    summary_path = Path(shards) / "summary.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{summary_path} not found: {shards} is not a prepared shard root")
+    raw = summary_path.read_bytes()
+    summary = json.loads(raw)
+    tags = {
+        "dataset.summary_sha256": hashlib.sha256(raw).hexdigest(),
+        "dataset.path": str(Path(shards).resolve()),
+    }
+    for key in ("dataset", "splitBy"):
+        if key in summary:
+            tags[f"dataset.{key}"] = str(summary[key])
+    for split, count in (summary.get("counts") or {}).items():
+        tags[f"dataset.count.{split}"] = str(count if not isinstance(count, dict) else json.dumps(count))
+    return tags
+
+
+def git_tags(repo: Path = PROJECT_ROOT) -> dict[str, str]:
+    """The commit the code ran from (MLflow's standard tag), and whether the tree had changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+
+
+# ---------------------------------------------------------------------------------- run creation
+def start_run(
+    cfg: Config,
+    *,
+    shards: str | Path,
+    tracking_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    run_name: str,
+    resume: bool = False,
+    extra_tags: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Open (or, with ``resume``, reopen by name) the MLflow run of one training.
+
+    Logs the flattened config as params, the dataset and git tags, and config.yaml. Returns the
+    settings rank 0 builds its `MlflowRunLogger` from: ``{"tracking_uri", "run_id"}``.
+    """
+    import yaml
+    from mlflow.entities import Param, RunTag
+
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    client = client_for(tracking_uri)
+    experiment_id = get_or_create_experiment(client, experiment, tracking_uri)
+    run_id = _find_run(client, experiment_id, run_name) if resume else None
+    tags = {**dataset_tags(shards), **git_tags(), "config.name": cfg.name, **(extra_tags or {})}
+    if run_id is None:
+        run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        params = [Param(key, _param_value(value)) for key, value in cfg.flat().items()]
+        for start in range(0, len(params), _PARAMS_PER_BATCH):
+            client.log_batch(run_id, params=params[start : start + _PARAMS_PER_BATCH])
+        client.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+    else:
+        client.update_run(run_id, status="RUNNING")
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    return {"tracking_uri": tracking_uri, "run_id": run_id}
+
+
+def _find_run(client: MlflowClient, experiment_id: str, run_name: str) -> str | None:
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.run_name = '{run_name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, list | tuple | dict) else str(value)
+    return text[:_PARAM_VALUE_LIMIT]
+
+
+def metric_key(name: str) -> str:
+    """MLflow admits letters, digits, ``_-. /`` in keys: ``val/precision@0.5`` -> ``val/precision_0.5``."""
+    return _BAD_KEY_CHARS.sub("_", name)
+
+
+def end_run(tracking: Mapping[str, str], status: str = "FINISHED") -> None:
+    client_for(tracking["tracking_uri"]).set_terminated(tracking["run_id"], status=status)
+
+
+def run_url(tracking: Mapping[str, str]) -> str:
+    """Where a person looks at the run: the server's page, or the UI command for a local store."""
+    uri, run_id = tracking["tracking_uri"], tracking["run_id"]
+    experiment_id = client_for(uri).get_run(run_id).info.experiment_id
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"run {run_id} in experiment {experiment_id}: open with `mlflow ui --backend-store-uri {uri}`"
+
+
+# ----------------------------------------------------------------------------------- the logger
+class MlflowRunLogger:
+    """The training loop's `RunLogger` on rank 0: metrics and pictures into an existing run.
+
+    Talks to the store through `MlflowClient` with an explicit run id, never the fluent API's
+    process-global active run, so it is safe inside Ray workers and beside other runs.
+
+    Args:
+        tracking_uri: absolute tracking URI (see `resolve_tracking_uri`).
+        run_id: the run `start_run` opened.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self._client = client_for(tracking_uri)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(metric_key(k), float(v), now, int(step)) for k, v in metrics.items()]
+        for start in range(0, len(batch), 1000):
+            self._client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+    def log_predictions(self, figure_png: bytes, name: str, step: int) -> None:
+        """Stored as ``predictions/<name>_step<step:07d>.png`` so pictures sort by step."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{_safe_dir_name(name)}_step{int(step):07d}.png"
+            path.write_bytes(figure_png)
+            self._client.log_artifact(self.run_id, str(path), artifact_path="predictions")
+
+    def log_artifacts(self, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
+        for path in paths:
+            self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)

@@ -1,0 +1,87 @@
+"""MLflow tracking: absolute URIs, the run's params/tags/config, and the rank-0 logger."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from magnet.config import load_config
+from pipelines import tracking
+
+
+@pytest.fixture
+def shard_root(tmp_path: Path) -> Path:
+    root = tmp_path / "shards" / "synthcoco-unc"
+    root.mkdir(parents=True)
+    summary = {"dataset": "synthcoco", "splitBy": "unc", "counts": {"train": 12, "val": 4}}
+    (root / "summary.json").write_text(json.dumps(summary))
+    return root
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tracking.resolve_tracking_uri(default_dir=tmp_path)
+
+
+def test_tracking_uri_is_absolute_wherever_it_comes_from(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert tracking.resolve_tracking_uri("sqlite:///rel/x.db") == f"sqlite:///{tmp_path.resolve()}/rel/x.db"
+    assert tracking.resolve_tracking_uri("mlruns") == (tmp_path / "mlruns").resolve().as_uri()
+    assert tracking.resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/env.db"
+    location = tracking.default_artifact_location(f"sqlite:///{tmp_path}/mlflow.db", "my exp")
+    assert location == (tmp_path / "mlartifacts" / "my_exp").as_uri()
+
+
+def test_run_records_config_dataset_and_git(store, shard_root, tmp_path):
+    cfg = load_config("tiny", ["train.lr=0.001"])
+    settings = tracking.start_run(cfg, shards=shard_root, tracking_uri=store, run_name="r1")
+    assert settings["tracking_uri"] == store
+    run = tracking.client_for(store).get_run(settings["run_id"])
+    assert run.data.params["train.lr"] == "0.001"
+    assert run.data.params["model.image_size"] == str(cfg.model.image_size)
+    assert len(run.data.params) == len(cfg.flat())
+    tags = run.data.tags
+    assert tags["dataset.dataset"] == "synthcoco" and tags["dataset.count.val"] == "4"
+    assert len(tags["dataset.summary_sha256"]) == 64
+    assert len(tags["mlflow.source.git.commit"]) == 40
+    assert run.info.run_name == "r1"
+    # artifacts land under the database's directory, not the process's working directory
+    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+    artifacts = [a.path for a in tracking.client_for(store).list_artifacts(settings["run_id"])]
+    assert "config.yaml" in artifacts
+
+    again = tracking.start_run(cfg, shards=shard_root, tracking_uri=store, run_name="r1", resume=True)
+    assert again["run_id"] == settings["run_id"]
+    fresh = tracking.start_run(cfg, shards=shard_root, tracking_uri=store, run_name="r1")
+    assert fresh["run_id"] != settings["run_id"]
+
+
+def test_logger_writes_metrics_and_pictures(store, shard_root):
+    settings = tracking.start_run(load_config("tiny"), shards=shard_root, tracking_uri=store, run_name="r")
+    logger = tracking.MlflowRunLogger(**settings)
+    logger.log_metrics({"loss": 1.5, "lr": 1e-3}, step=1)
+    logger.log_metrics({"loss": 0.5, "val/precision@0.5": 0.25}, step=2)
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    logger.log_predictions(png.getvalue(), "val", step=2)
+
+    client = tracking.client_for(store)
+    history = client.get_metric_history(settings["run_id"], "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.5), (2, 0.5)]
+    assert client.get_run(settings["run_id"]).data.metrics["val/precision_0.5"] == 0.25
+    pictures = [a.path for a in client.list_artifacts(settings["run_id"], "predictions")]
+    assert pictures == ["predictions/val_step0000002.png"]
+
+
+def test_missing_summary_is_a_clear_error(store, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"summary\.json"):
+        tracking.start_run(load_config("tiny"), shards=tmp_path, tracking_uri=store, run_name="x")
