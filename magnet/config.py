@@ -83,6 +83,9 @@ class DecoderConfig(_Section):
     decoder_ffn_dim: int = Field(2048, gt=0)
     num_queries: int = Field(1, gt=0)
     mask_threshold: float = Field(0.5, gt=0, lt=1, description="Attention-mask threshold on the sigmoid.")
+    lavt_hidden_dim: int | None = Field(
+        None, gt=0, description="Width of the LAVT-style decoder's fusion convs; None = C4 / 2, as LAVT."
+    )
 
 
 class MaskGroundingConfig(_Section):
@@ -149,6 +152,10 @@ class DataConfig(_Section):
     train_split: str = "train"
     eval_splits: tuple[str, ...] = ("val",)
     skip_corrupt_shards: bool = Field(False, description="Skip (and count) shards failing their checksum.")
+    root: str | None = Field(
+        None, description="Prepared dataset, <out>/<dataset>-<splitBy>: a directory or an fsspec URL."
+    )
+    verify_checksums: bool = Field(True, description="Check each shard's sha256 against summary.json first.")
 
 
 # --------------------------------------------------------------------------------------- train

@@ -1,0 +1,507 @@
+"""The shard reader: WebDataset shards written by ``data_prep.shards`` -> model-ready batches.
+
+Preparation already did the slow work (tokens, masks, sizes), so this module only streams tar
+members, decodes one JPEG and one PNG per sample, resizes and normalises. Batches follow the
+contract in DEVELOPERS.md:
+
+    image           float32 [B, 3, S, S]  ImageNet-normalised, PIL bilinear resize (aspect not kept)
+    mask            float32 [B, S', S']   {0, 1}, nearest-neighbour resize (S' = S for training,
+                                          the protocol's eval_size for evaluation)
+    input_ids       int64   [B, L]
+    attention_mask  int64   [B, L]
+    sent_id, ref_id, image_id  int64 [B]
+    raw             list[str]
+    orig_mask       list of uint8 [H_i, W_i] in {0, 1} (evaluation, 'original' protocol only)
+
+How work is split. Every quantity comes from summary.json and manifest.parquet, so no process
+has to scan the data to know its share. An epoch is a virtual sequence of *units* (samples, or
+referred objects when one expression per object is drawn) over the shards in an epoch-shuffled
+order. Training pads that sequence by wrapping around to ``world * batch * n`` units (as
+``DistributedSampler`` does), gives each rank one contiguous range and each loader worker a
+contiguous run of whole batches inside it: every rank yields exactly ``n`` full batches, every
+unit is seen at least once per epoch, and each worker reads only the stretch of shards it needs.
+Evaluation splits the split's fixed order into contiguous per-rank ranges without padding, so
+every expression is evaluated exactly once.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import json
+import math
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from magnet.config import DataConfig, EvalConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_IMAGE_MEMBERS = ("jpg", "jpeg", "png")
+_HASH_CHUNK = 1 << 20
+
+
+class ShardError(RuntimeError):
+    """A shard set that cannot be read as promised: missing summary, bad checksum, wrong counts."""
+
+
+# ------------------------------------------------------------------------------ the shard set
+@dataclass(frozen=True)
+class ShardInfo:
+    """One verified shard: where it is, and how many samples and referred objects it holds."""
+
+    name: str  # path relative to the dataset root, e.g. 'train/shard-000000.tar'
+    url: str  # local path or fsspec URL
+    samples: int
+    refs: int
+
+
+@dataclass(frozen=True)
+class SplitShards:
+    """The readable shards of one split, in the writer's order, and those skipped as corrupt."""
+
+    root: str
+    split: str
+    shards: tuple[ShardInfo, ...]
+    skipped: tuple[str, ...] = field(default=())
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def num_refs(self) -> int:
+        return sum(s.refs for s in self.shards)
+
+    def units(self, one_expression_per_object: bool) -> list[int]:
+        """Units per shard: referred objects when one expression is drawn per object, else samples."""
+        return [s.refs if one_expression_per_object else s.samples for s in self.shards]
+
+
+def _join(root: str, relative: str) -> str:
+    return f"{root.rstrip('/')}/{relative}"
+
+
+def _sha256(url: str) -> str:
+    digest = hashlib.sha256()
+    with fsspec.open(url, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def open_split(root: str, split: str, *, verify: bool = True, skip_corrupt: bool = False) -> SplitShards:
+    """Read the summary and manifest of a prepared dataset and check one split's shards.
+
+    Args:
+        root: ``<out>/<dataset>-<splitBy>`` directory or URL (anything fsspec opens).
+        split: split name as written by the preparation ('train', 'val', 'testA', ...).
+        verify: compare every shard's sha256 with the summary before it is used.
+        skip_corrupt: drop shards failing the check (named in ``SplitShards.skipped``) instead of
+            raising, so the trainer can count them.
+    """
+    summary_url = _join(root, "summary.json")
+    try:
+        with fsspec.open(summary_url, "rt") as handle:
+            summary = json.load(handle)
+    except FileNotFoundError:
+        raise ShardError(
+            f"{summary_url} is missing: is {root} a prepared dataset (magnet prepare)?"
+        ) from None
+    entries = [entry for entry in summary.get("shards", []) if entry["split"] == split]
+    if not entries:
+        known = sorted({entry["split"] for entry in summary.get("shards", [])})
+        raise ShardError(f"{root} has no shards for split {split!r}; splits with shards: {known}")
+    refs_per_shard = _refs_per_shard(root, split)
+
+    shards: list[ShardInfo] = []
+    skipped: list[str] = []
+    for entry in entries:
+        name, url = entry["path"], _join(root, entry["path"])
+        if verify:
+            try:
+                actual = _sha256(url)
+            except FileNotFoundError:
+                actual = "missing file"
+            if actual != entry["sha256"]:
+                if not skip_corrupt:
+                    raise ShardError(
+                        f"shard {url} is corrupt: sha256 {actual} but summary.json says {entry['sha256']}"
+                    )
+                skipped.append(name)
+                continue
+        samples, refs = int(entry["samples"]), refs_per_shard.get(name, 0)
+        if samples > 0 and refs == 0:
+            raise ShardError(f"shard {url} holds {samples} samples but manifest.parquet lists none of them")
+        shards.append(ShardInfo(name, url, samples, refs))
+    return SplitShards(root, split, tuple(shards), tuple(skipped))
+
+
+def _refs_per_shard(root: str, split: str) -> dict[str, int]:
+    """Distinct referred objects per shard, from the manifest (a ref never spans two shards)."""
+    url = _join(root, "manifest.parquet")
+    try:
+        with fsspec.open(url, "rb") as handle:
+            table = pq.read_table(handle, columns=["split", "shard", "ref_id"])
+    except FileNotFoundError:
+        raise ShardError(f"{url} is missing: is {root} a prepared dataset (magnet prepare)?") from None
+    rows = table.to_pydict()
+    refs: dict[str, set[int]] = {}
+    for row_split, shard, ref_id in zip(rows["split"], rows["shard"], rows["ref_id"], strict=True):
+        if row_split == split:
+            refs.setdefault(shard, set()).add(ref_id)
+    return {shard: len(ids) for shard, ids in refs.items()}
+
+
+# ---------------------------------------------------------------------- decoding, transforms
+def resize_pair(
+    image: Image.Image, mask: np.ndarray, image_size: int, mask_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """RGB image -> uint8 [S,S,3] (PIL bilinear, like the reference); {0,1} mask -> uint8 [S',S'] (nearest).
+
+    Shared by the shard reader and the benchmark's naive reader so both do the same work.
+    """
+    rgb = np.asarray(image.convert("RGB").resize((image_size, image_size), Image.BILINEAR))
+    small = Image.fromarray(mask).resize((mask_size, mask_size), Image.NEAREST)
+    return rgb, np.asarray(small)
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack resized samples into the batch dict; normalisation runs here, once per batch."""
+    images = torch.from_numpy(np.stack([s["image"] for s in samples]))  # uint8 [B,S,S,3]
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    batch: dict[str, Any] = {
+        "image": (images.permute(0, 3, 1, 2).float().div_(255) - mean) / std,  # [B,3,S,S]
+        "mask": torch.from_numpy(np.stack([s["mask"] for s in samples])).float(),  # [B,S',S']
+        "input_ids": torch.from_numpy(np.stack([s["input_ids"] for s in samples])).long(),
+        "attention_mask": torch.from_numpy(np.stack([s["attention_mask"] for s in samples])).long(),
+        "sent_id": torch.tensor([s["sent_id"] for s in samples], dtype=torch.int64),
+        "ref_id": torch.tensor([s["ref_id"] for s in samples], dtype=torch.int64),
+        "image_id": torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
+        "raw": [s["raw"] for s in samples],
+    }
+    if "orig_mask" in samples[0]:
+        batch["orig_mask"] = [torch.from_numpy(s["orig_mask"]) for s in samples]
+    return batch
+
+
+def _decode(raw: dict[str, Any], image_size: int, mask_size: int, keep_orig_mask: bool) -> dict[str, Any]:
+    """One tar sample (member suffix -> bytes) -> arrays ready for ``collate``."""
+    key = raw["__key__"]
+    image_bytes = next((raw[m] for m in _IMAGE_MEMBERS if m in raw), None)
+    if image_bytes is None or "mask.png" not in raw:
+        raise ShardError(f"sample {key} in {raw.get('__url__')} lacks its image or mask.png member")
+    meta = json.loads(raw["json"])
+    mask_png = Image.open(io.BytesIO(raw["mask.png"]))
+    if mask_png.mode != "L":
+        raise ShardError(
+            f"sample {key} in {raw.get('__url__')}: mask.png is mode {mask_png.mode}, expected L"
+        )
+    mask = (np.asarray(mask_png) > 127).astype(np.uint8)  # [H,W] {0,1}
+    image, small_mask = resize_pair(Image.open(io.BytesIO(image_bytes)), mask, image_size, mask_size)
+    sample = {
+        "image": image,
+        "mask": small_mask,
+        "input_ids": np.load(io.BytesIO(raw["input_ids.npy"])),
+        "attention_mask": np.load(io.BytesIO(raw["attention_mask.npy"])),
+        "sent_id": meta["sent_id"],
+        "ref_id": meta["ref_id"],
+        "image_id": meta["image_id"],
+        "raw": meta["raw"],
+    }
+    if keep_orig_mask:
+        sample["orig_mask"] = mask
+    return sample
+
+
+# --------------------------------------------------------------------------- reading units
+def _read_shard(url: str) -> Iterator[dict[str, Any]]:
+    """Raw samples (member suffix -> bytes) of one shard, in stored order."""
+    with fsspec.open(url, "rb") as handle:
+        files = wds.tariterators.tar_file_expander([{"url": url, "stream": handle}])
+        yield from wds.tariterators.group_by_keys(files)
+
+
+def _pick_per_ref(samples: Iterable[dict[str, Any]], pick_seed: str) -> Iterator[dict[str, Any]]:
+    """One expression of each run of samples sharing a ref_id, drawn from (seed, epoch, ref_id)."""
+    group: list[dict[str, Any]] = []
+    group_ref = None
+    for sample in samples:
+        ref_id = json.loads(sample["json"])["ref_id"]
+        if group and ref_id != group_ref:
+            yield group[random.Random(f"{pick_seed}:{group_ref}").randrange(len(group))]
+            group = []
+        group.append(sample)
+        group_ref = ref_id
+    if group:
+        yield group[random.Random(f"{pick_seed}:{group_ref}").randrange(len(group))]
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """Units [first, stop) of one shard."""
+
+    url: str
+    first: int
+    stop: int
+
+
+def _read_segment(segment: _Segment, pick_seed: str | None) -> Iterator[dict[str, Any]]:
+    samples = _read_shard(segment.url)
+    units = samples if pick_seed is None else _pick_per_ref(samples, pick_seed)
+    count = 0
+    for unit in islice(units, segment.first, segment.stop):
+        count += 1
+        yield unit
+    if count != segment.stop - segment.first:
+        raise ShardError(
+            f"shard {segment.url} ended after {segment.first + count} units, the summary/manifest "
+            f"promised at least {segment.stop}"
+        )
+
+
+def _segments(urls: list[str], units: list[int], start: int, stop: int) -> list[_Segment]:
+    """Virtual units [start, stop) of the concatenated shards, wrapping around past the end."""
+    kept = [(url, n) for url, n in zip(urls, units, strict=True) if n > 0]
+    starts = np.cumsum([0] + [n for _, n in kept]).tolist()
+    total = starts[-1]
+    segments: list[_Segment] = []
+    position = start
+    while position < stop:
+        virtual = position % total
+        index = bisect.bisect_right(starts, virtual) - 1
+        first = virtual - starts[index]
+        take = min(kept[index][1] - first, stop - position)
+        segments.append(_Segment(kept[index][0], first, first + take))
+        position += take
+    return segments
+
+
+def _shuffled(items: Iterable[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
+    """Shuffle through a buffer of ``buffer_size`` items (reproducible for the rng's seed)."""
+    buffer: list[Any] = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= buffer_size:
+            index = rng.randrange(len(buffer))
+            buffer[index], buffer[-1] = buffer[-1], buffer[index]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+# ------------------------------------------------------------------------------- the stream
+@dataclass(frozen=True)
+class _WorkerPlan:
+    """What one loader worker reads and yields."""
+
+    segments: tuple[_Segment, ...]
+    batches: int  # batches this worker yields, skipped ones included
+    skip: int  # batches already consumed before a restart
+    shuffle_seed: str | None  # None keeps the stored order
+
+
+class _ShardStream(IterableDataset):
+    """Yields whole batches; loader worker i follows ``plans[i]`` (one plan when there are no workers)."""
+
+    def __init__(
+        self,
+        plans: list[_WorkerPlan],
+        *,
+        batch_size: int,
+        image_size: int,
+        mask_size: int,
+        pick_seed: str | None,
+        shuffle_buffer: int,
+        keep_orig_mask: bool,
+    ) -> None:
+        self.plans = plans
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.mask_size = mask_size
+        self.pick_seed = pick_seed
+        self.shuffle_buffer = shuffle_buffer
+        self.keep_orig_mask = keep_orig_mask
+
+    def __len__(self) -> int:
+        return sum(plan.batches - plan.skip for plan in self.plans)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        plan = self.plans[0 if info is None else info.id]
+        units: Iterable[dict[str, Any]] = (
+            unit for segment in plan.segments for unit in _read_segment(segment, self.pick_seed)
+        )
+        if plan.shuffle_seed is not None and self.shuffle_buffer > 1:
+            units = _shuffled(units, self.shuffle_buffer, random.Random(plan.shuffle_seed))
+        units = iter(units)
+        for index in range(plan.batches):
+            raw = list(islice(units, self.batch_size))
+            if index < plan.skip:
+                continue
+            yield collate([_decode(r, self.image_size, self.mask_size, self.keep_orig_mask) for r in raw])
+
+
+def _split_batches(total: int, parts: int) -> list[int]:
+    """``total`` batches over ``parts`` workers, the first ones taking one more."""
+    return [total // parts + (1 if part < total % parts else 0) for part in range(parts)]
+
+
+def _round_robin_position(per_worker: list[int], consumed: int) -> tuple[list[int], int]:
+    """After ``consumed`` batches taken round-robin from workers (as DataLoader does), how many
+    came from each worker, and which worker yields the next one."""
+    taken = [0] * len(per_worker)
+    worker = 0
+    for _ in range(consumed):
+        while taken[worker] >= per_worker[worker]:
+            worker = (worker + 1) % len(per_worker)
+        taken[worker] += 1
+        worker = (worker + 1) % len(per_worker)
+    return taken, worker
+
+
+def _loader(stream: _ShardStream, workers: int) -> DataLoader:
+    return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False)
+
+
+# --------------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class DataPosition:
+    """Where the training stream stands: the epoch, and batches of it this rank already consumed."""
+
+    epoch: int = 0
+    batches_done: int = 0
+
+
+def train_batches_per_epoch(shards: SplitShards, cfg: DataConfig, world_size: int) -> int:
+    """Batches every rank yields per epoch: ceil(units / (world_size * batch_size)).
+
+    Units are referred objects with ``cfg.one_expression_per_object``, else expressions.
+    """
+    units = sum(shards.units(cfg.one_expression_per_object))
+    if units == 0:
+        raise ShardError(f"split {shards.split!r} of {shards.root} has no readable samples")
+    return math.ceil(units / (world_size * cfg.batch_size))
+
+
+def build_train_loader(
+    shards: SplitShards,
+    cfg: DataConfig,
+    *,
+    image_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    position: DataPosition | None = None,
+) -> DataLoader:
+    """The loader of one rank for one epoch, starting after ``position.batches_done`` batches.
+
+    Every rank yields exactly ``train_batches_per_epoch`` full batches (minus those already done);
+    order and content depend only on (seed, epoch, rank, world_size, cfg), so a restart at a
+    position replays exactly the batches an uninterrupted run would have produced.
+
+    Args:
+        shards: the training split, from ``open_split``.
+        cfg: batch size, loader workers, per-object sampling, shuffle buffer.
+        image_size: square model input size S.
+        seed: run seed; each epoch shuffles with (seed, epoch).
+        rank, world_size: this DDP rank and the number of ranks.
+        position: epoch and batches already consumed; None = start of epoch 0.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    position = position or DataPosition()
+    batches = train_batches_per_epoch(shards, cfg, world_size)
+    if not 0 <= position.batches_done <= batches:
+        raise ValueError(f"position {position} is outside the epoch's {batches} batches")
+    epoch_seed = f"{seed}:{position.epoch}"
+
+    order = random.Random(epoch_seed).sample(range(len(shards.shards)), len(shards.shards))
+    urls = [shards.shards[i].url for i in order]
+    units = [shards.units(cfg.one_expression_per_object)[i] for i in order]
+    workers = max(1, cfg.loader_workers)
+    per_worker = _split_batches(batches, workers)
+    taken, next_worker = _round_robin_position(per_worker, position.batches_done)
+
+    plans: list[_WorkerPlan] = []
+    for logical in range(workers):
+        first_batch = rank * batches + sum(per_worker[:logical])
+        start = first_batch * cfg.batch_size
+        segments = _segments(urls, units, start, start + per_worker[logical] * cfg.batch_size)
+        plans.append(
+            _WorkerPlan(
+                tuple(segments), per_worker[logical], taken[logical], f"{epoch_seed}:{rank}:{logical}"
+            )
+        )
+    # DataLoader starts its round robin at worker 0: rotate so worker 0 is the one due next.
+    plans = plans[next_worker:] + plans[:next_worker]
+    stream = _ShardStream(
+        plans,
+        batch_size=cfg.batch_size,
+        image_size=image_size,
+        mask_size=image_size,
+        pick_seed=epoch_seed if cfg.one_expression_per_object else None,
+        shuffle_buffer=cfg.shuffle_buffer,
+        keep_orig_mask=False,
+    )
+    return _loader(stream, cfg.loader_workers)
+
+
+# ------------------------------------------------------------------------------- evaluation
+def build_eval_loader(
+    shards: SplitShards,
+    cfg: DataConfig,
+    eval_cfg: EvalConfig,
+    *,
+    image_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """Every expression of the split exactly once across ranks, in the stored order.
+
+    Rank r takes a contiguous block of the split (sizes differ by at most one); images are
+    resized to the model input ``image_size``, masks to ``eval_cfg.eval_size`` (the lavt
+    protocol's comparison size); the 'original' protocol adds ``orig_mask``. The last batch of a
+    rank may be smaller.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    total = shards.num_samples
+    if eval_cfg.max_samples is not None:
+        total = min(total, eval_cfg.max_samples)
+    start, stop = rank * total // world_size, (rank + 1) * total // world_size
+    urls = [s.url for s in shards.shards]
+    units = [s.samples for s in shards.shards]
+    batches = math.ceil((stop - start) / cfg.batch_size)
+    workers = max(1, cfg.loader_workers)
+    plans: list[_WorkerPlan] = []
+    first_batch = 0
+    for count in _split_batches(batches, workers):
+        begin = start + first_batch * cfg.batch_size
+        end = min(stop, begin + count * cfg.batch_size)
+        segments = _segments(urls, units, begin, end) if end > begin else []
+        plans.append(_WorkerPlan(tuple(segments), count, 0, None))
+        first_batch += count
+    stream = _ShardStream(
+        plans,
+        batch_size=cfg.batch_size,
+        image_size=image_size,
+        mask_size=eval_cfg.eval_size,
+        pick_seed=None,
+        shuffle_buffer=0,
+        keep_orig_mask=eval_cfg.protocol == "original",
+    )
+    return _loader(stream, cfg.loader_workers)
