@@ -289,14 +289,14 @@ def resolve(expr: Expression, scene: Scene) -> tuple[int, ...]:
             ordered = sorted(candidates, key=lambda i: _axis_key(objs[i], direction))
             # The ranked object, and every other one too near it along the axis to tell apart.
             pick = _axis_key(objs[ordered[rank - 1]], direction)
-            return tuple(i for i in ordered if abs(_axis_key(objs[i], direction) - pick) <= margin)
+            return tuple(sorted(i for i in ordered if abs(_axis_key(objs[i], direction) - pick) <= margin))
         case Superlative(_, extreme):
             if len(candidates) < 2:
                 return ()
             areas = sorted(((objs[i].area, i) for i in candidates), reverse=extreme == "largest")
             best, runner = areas[0][0], areas[1][0]
             clear = best >= AREA_RATIO * runner if extreme == "largest" else runner >= AREA_RATIO * best
-            return (areas[0][1],) if clear else tuple(i for _, i in areas[:2])
+            return (areas[0][1],) if clear else tuple(sorted(i for _, i in areas[:2]))
     raise TypeError(f"not an expression: {expr!r}")
 
 

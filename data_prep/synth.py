@@ -221,6 +221,13 @@ def _assemble(records: list[dict], image_size: int) -> tuple[dict, list[dict]]:
     return instances, refs
 
 
+def _canonical_pickle(obj: list[dict]) -> bytes:
+    """Pickle bytes that depend only on the values: pickle shares repeated objects by identity,
+    and identity differs between a one-process and a multi-process run, so rebuild the
+    object graph from its JSON text first."""
+    return pickle.dumps(json.loads(json.dumps(obj)), protocol=PICKLE_PROTOCOL)
+
+
 def _split_stats(records: list[dict]) -> dict[str, SplitStats]:
     stats = {}
     for split in SPLITS:
@@ -281,7 +288,7 @@ def synthesize(
 
     instances, refs = _assemble(records, image_size)
     (out / "refcoco" / "instances.json").write_text(json.dumps(instances, separators=(",", ":")))
-    (out / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=PICKLE_PROTOCOL))
+    (out / "refcoco" / "refs(unc).p").write_bytes(_canonical_pickle(refs))
     report = SynthReport(str(out), num_images, image_size, seed, splits=_split_stats(records))
     (out / "synth_report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
     report.seconds = time.perf_counter() - start
