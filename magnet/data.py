@@ -120,9 +120,10 @@ def open_split(root: str, split: str, *, verify: bool = True, skip_corrupt: bool
         raise ShardError(
             f"{summary_url} is missing: is {root} a prepared dataset (magnet prepare)?"
         ) from None
-    entries = [entry for entry in summary.get("shards", []) if entry["split"] == split]
+    # Shard paths are '<split>/shard-%06d.tar', relative to the root.
+    entries = [entry for entry in summary.get("shards", []) if entry["path"].split("/", 1)[0] == split]
     if not entries:
-        known = sorted({entry["split"] for entry in summary.get("shards", [])})
+        known = sorted({entry["path"].split("/", 1)[0] for entry in summary.get("shards", [])})
         raise ShardError(f"{root} has no shards for split {split!r}; splits with shards: {known}")
     refs_per_shard = _refs_per_shard(root, split)
 

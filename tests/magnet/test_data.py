@@ -97,7 +97,7 @@ def _write_dataset(root: Path) -> Path:
                         )
                         count += 1
             digest = hashlib.sha256((root / name).read_bytes()).hexdigest()
-            shards.append({"split": split, "path": name, "sha256": digest, "samples": count})
+            shards.append({"path": name, "sha256": digest, "samples": count})
     pq.write_table(pa.Table.from_pylist(rows), root / "manifest.parquet")
     (root / "summary.json").write_text(json.dumps({"shards": shards}))
     return root
