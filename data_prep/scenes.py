@@ -17,7 +17,9 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -60,11 +62,12 @@ class SceneObject:
     radius: float
     polygon: tuple[float, ...]
 
-    @property
+    @cached_property
     def area(self) -> float:
         """Shoelace area of the polygon (the semantics' notion of "large")."""
-        xs, ys = np.asarray(self.polygon[0::2]), np.asarray(self.polygon[1::2])
-        return float(abs(np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1))) / 2)
+        xs, ys = self.polygon[0::2], self.polygon[1::2]
+        n = len(xs)
+        return abs(sum(xs[k] * ys[(k + 1) % n] - xs[(k + 1) % n] * ys[k] for k in range(n))) / 2
 
 
 @dataclass(frozen=True)
@@ -143,9 +146,10 @@ class Desc:
     size: str | None = None
 
     def matches(self, obj: SceneObject) -> bool:
-        return all(
-            want is None or want == have
-            for want, have in ((self.shape, obj.shape), (self.colour, obj.colour), (self.size, obj.size))
+        return (
+            (self.shape is None or self.shape == obj.shape)
+            and (self.colour is None or self.colour == obj.colour)
+            and (self.size is None or self.size == obj.size)
         )
 
     def words(self) -> str:
@@ -333,26 +337,33 @@ def referring_expressions(scene: Scene, target: int) -> dict[str, list[Expressio
         "ordinal": [],
         "superlative": [],
     }
+    margin = POSITION_MARGIN * scene.image_size
+    counts = Counter(d for o in scene.objects for d in _descs_of(o))  # objects each phrase fits
     for j, other in enumerate(scene.objects):
         if j == target:
             continue
-        landmark_descs = [d for d in _descs_of(other) if resolve(Attribute(d), scene) == (j,)]
+        landmark_descs = [d for d in _descs_of(other) if counts[d] == 1]
         if not landmark_descs:
             continue
         shortest = min(len(d.words().split()) for d in landmark_descs)
+        relations = [r for r in RELATIONS if _relation_holds(obj, r, other, margin)]
         for landmark, head, relation in itertools.product(
-            [d for d in landmark_descs if len(d.words().split()) == shortest], heads, RELATIONS
+            [d for d in landmark_descs if len(d.words().split()) == shortest], heads, relations
         ):
             expr = Relation(head, relation, landmark)
             if resolve(expr, scene) == (target,):
                 found["relation"].append(expr)
     for head in heads:
-        for direction, rank in itertools.product(DIRECTIONS, (1, 2, 3)):
-            expr = Ordinal(head, direction, rank)
+        candidates = [i for i, o in enumerate(scene.objects) if head.matches(o)]
+        if len(candidates) < 2:
+            continue
+        proposals: list[Expression] = [Superlative(head, "largest"), Superlative(head, "smallest")]
+        for direction in DIRECTIONS:
+            ordered = sorted(candidates, key=lambda i, d=direction: _axis_key(scene.objects[i], d))
+            rank = ordered.index(target) + 1
+            if rank <= 3:
+                proposals.append(Ordinal(head, direction, rank))
+        for expr in proposals:
             if resolve(expr, scene) == (target,):
-                found["ordinal"].append(expr)
-        for extreme in ("largest", "smallest"):
-            sup = Superlative(head, extreme)
-            if resolve(sup, scene) == (target,):
-                found["superlative"].append(sup)
+                found["ordinal" if isinstance(expr, Ordinal) else "superlative"].append(expr)
     return found

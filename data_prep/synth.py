@@ -86,20 +86,16 @@ class SynthReport:
 def _draw(scene: Scene, rng: np.random.Generator) -> Image.Image:
     """Light textured background (gradient + noise), shapes as flat polygons, mild noise."""
     s = scene.image_size
-    base = rng.uniform(185, 235, size=3)
-    tilt = rng.uniform(-25, 25, size=(2, 3))
-    ramp = np.linspace(-0.5, 0.5, s)
-    background = (
-        base[None, None, :]
-        + ramp[:, None, None] * tilt[0][None, None, :]
-        + ramp[None, :, None] * tilt[1][None, None, :]
-    )
+    base = rng.uniform(185, 235, size=3).astype(np.float32)
+    tilt = rng.uniform(-25, 25, size=(2, 3)).astype(np.float32)
+    ramp = np.linspace(-0.5, 0.5, s, dtype=np.float32)
+    background = base + ramp[:, None, None] * tilt[0] + ramp[None, :, None] * tilt[1]  # [S, S, 3]
     image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
         xy = list(zip(obj.polygon[0::2], obj.polygon[1::2], strict=True))
         draw.polygon(xy, fill=COLOURS[obj.colour])
-    noisy = np.asarray(image, dtype=np.int16) + rng.normal(0, 4, size=(s, s, 3)).astype(np.int16)
+    noisy = np.asarray(image, dtype=np.int16) + rng.integers(-6, 7, size=(s, s, 3), dtype=np.int16)
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
 
 
