@@ -5,8 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from magnet.config import DecoderConfig
+from magnet.models._decoder import DecoderOutput
 from magnet.models.lavt_decoder import LAVTDecoder
 from magnet.models.mask2former import Mask2FormerDecoder
+
+__all__ = ["DECODERS", "DecoderOutput", "build_decoder"]
 
 DECODERS: dict[str, type[nn.Module]] = {"mask2former": Mask2FormerDecoder, "lavt": LAVTDecoder}
 
