@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from data_prep.refer import IMAGE_SUBDIR
 from data_prep.scenes import COLOURS, SHAPES, Scene, make_scene, referring_expressions, render
 
 SPLITS: tuple[str, ...] = ("train", "val", "testA", "testB")
@@ -33,7 +34,6 @@ PICKLE_PROTOCOL = 4
 JPEG_QUALITY = 92
 MAX_REFS_PER_IMAGE = 3
 MAX_EXPRESSIONS_PER_REF = 3
-IMAGE_DIR = Path("images/mscoco/images/train2014")
 CATEGORIES: list[dict] = [
     {"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(SHAPES)
 ]
@@ -255,18 +255,22 @@ def synthesize(
         num_images: number of images (ids 1..num_images); splits 70/10/10/10 by image.
         image_size: side of the square images in pixels; every shape scales with it.
         seed: the only source of randomness: same arguments, same bytes.
-        workers: processes rendering images (default: CPU count); no effect on the output.
+        workers: processes rendering images (default: the usable CPUs); no effect on the output.
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32 pixels, got {image_size}")
-    workers = workers or os.cpu_count() or 1
+    workers = len(os.sched_getaffinity(0)) if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     start = time.perf_counter()
     out = Path(out)
-    image_dir = out / IMAGE_DIR
+    if (out / "refcoco" / "instances.json").exists() and not (out / "synth_report.json").exists():
+        raise FileExistsError(
+            f"{out} holds a refer dataset that synth did not write; refusing to overwrite it"
+        )
+    image_dir = out / IMAGE_SUBDIR
     image_dir.mkdir(parents=True, exist_ok=True)
     (out / "refcoco").mkdir(parents=True, exist_ok=True)
 
@@ -275,12 +279,17 @@ def synthesize(
         (seed, list(range(a, min(a + chunk, num_images))), image_size, str(image_dir))
         for a in range(0, num_images, chunk)
     ]
-    if workers == 1:
+    if workers == 1 or len(jobs) == 1:
         chunks = [_make_chunk(job) for job in jobs]
     else:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             chunks = pool.map(_make_chunk, jobs)
     records = [rec for part in chunks for rec in part]
+    # Images of an earlier, larger run into the same root would otherwise linger unlisted.
+    written = {image_file_name(rec["image_id"]) for rec in records}
+    for stale in image_dir.glob("COCO_train2014_*.jpg"):
+        if stale.name not in written:
+            stale.unlink()
 
     instances, refs = _assemble(records, image_size)
     (out / "refcoco" / "instances.json").write_text(json.dumps(instances, separators=(",", ":")))

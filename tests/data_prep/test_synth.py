@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -12,7 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
+from typer.testing import CliRunner
 
+from data_prep.masks import rasterize
+from data_prep.refer import load_refer, load_refs_pickle
 from data_prep.scenes import (
     COLOURS,
     Attribute,
@@ -46,7 +48,8 @@ def instances(dataset: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def refs(dataset: Path) -> list[dict]:
-    return pickle.loads((dataset / "refcoco" / "refs(unc).p").read_bytes())
+    # The plain-data unpickler of the real-data path: the file holds nothing but plain data.
+    return load_refs_pickle(dataset / "refcoco" / "refs(unc).p")
 
 
 def _annotations_by_image(instances: dict) -> dict[int, list[dict]]:
@@ -136,6 +139,18 @@ def test_splits_by_image(refs: list[dict], dataset: Path) -> None:
     assert all(counts[s] == pytest.approx(0.1 * N_IMAGES, abs=2) for s in ("val", "testA", "testB"))
     report = json.loads((dataset / "synth_report.json").read_text())
     assert {s: v["n_images"] for s, v in report["splits"].items()} == counts
+
+
+def test_reads_back_through_the_refer_reader(dataset: Path) -> None:
+    data = load_refer(dataset, "refcoco", "unc")
+    assert data.stored_splits() == list(SPLITS)
+    test_refs = data.select("test")
+    assert len(test_refs) == len(data.select("testA")) + len(data.select("testB"))
+    ref = test_refs[0]
+    image = data.images[ref.image_id]
+    assert (data.image_dir / image.file_name).is_file()
+    mask = rasterize(data.annotations[ref.ann_id].segmentation, image.height, image.width)
+    assert mask.shape == (SIZE, SIZE) and mask.sum() > 0
 
 
 # -------------------------------------------------------------------------------- semantics
@@ -263,8 +278,31 @@ def test_same_arguments_same_bytes_whatever_the_worker_count(tmp_path: Path) -> 
     assert other.keys() == first.keys() and other != first
 
 
+def test_rerun_into_the_same_root_leaves_only_its_own_images(tmp_path: Path) -> None:
+    synthesize(tmp_path, num_images=12, image_size=64, seed=0, workers=1)
+    synthesize(tmp_path, num_images=10, image_size=64, seed=0, workers=1)
+    assert len(list((tmp_path / "images/mscoco/images/train2014").iterdir())) == 10
+
+
+def test_refuses_to_overwrite_a_real_refer_root(tmp_path: Path) -> None:
+    (tmp_path / "refcoco").mkdir()
+    (tmp_path / "refcoco" / "instances.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="synth did not write"):
+        synthesize(tmp_path, num_images=2, workers=1)
+
+
 def test_bad_arguments_are_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="num_images"):
         synthesize(tmp_path, num_images=0)
     with pytest.raises(ValueError, match="image_size"):
         synthesize(tmp_path, num_images=1, image_size=8)
+
+
+def test_command_prints_the_baselines(tmp_path: Path) -> None:
+    from pipelines.cli import app
+
+    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path), "--images", "12", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "oIoU largest" in result.output and "original-size" in result.output
+    assert {line.split()[0] for line in result.output.splitlines()[2:]} == set(SPLITS)
+    assert (tmp_path / "synth_report.json").is_file()
