@@ -49,6 +49,8 @@ from magnet.config import DataConfig, EvalConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_PIXEL_SCALE = 1 / (255 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+_PIXEL_SHIFT = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 _IMAGE_MEMBERS = ("jpg", "jpeg", "png")
 _HASH_CHUNK = 1 << 20
 
@@ -182,10 +184,9 @@ def resize_pair(
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack resized samples into the batch dict; normalisation runs here, once per batch."""
     images = torch.from_numpy(np.stack([s["image"] for s in samples]))  # uint8 [B,S,S,3]
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    images = images.permute(0, 3, 1, 2).contiguous().float()  # [B,3,S,S] 0..255
     batch: dict[str, Any] = {
-        "image": (images.permute(0, 3, 1, 2).float().div_(255) - mean) / std,  # [B,3,S,S]
+        "image": images.mul_(_PIXEL_SCALE).add_(_PIXEL_SHIFT),  # (x/255 - mean) / std, in place
         "mask": torch.from_numpy(np.stack([s["mask"] for s in samples])).float(),  # [B,S',S']
         "input_ids": torch.from_numpy(np.stack([s["input_ids"] for s in samples])).long(),
         "attention_mask": torch.from_numpy(np.stack([s["attention_mask"] for s in samples])).long(),
@@ -375,7 +376,7 @@ def _round_robin_position(per_worker: list[int], consumed: int) -> tuple[list[in
 
 
 def _loader(stream: _ShardStream, workers: int) -> DataLoader:
-    return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False)
+    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available())
 
 
 # --------------------------------------------------------------------------------- training
