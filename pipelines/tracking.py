@@ -102,8 +102,10 @@ def dataset_tags(shards: str | Path) -> dict[str, str]:
     for key in ("dataset", "splitBy"):
         if key in summary:
             tags[f"dataset.{key}"] = str(summary[key])
-    for split, count in (summary.get("counts") or {}).items():
-        tags[f"dataset.count.{split}"] = str(count if not isinstance(count, dict) else json.dumps(count))
+    for split, count in (summary.get("counts") or {}).items():  # {"read", "written", "rejected"}
+        tags[f"dataset.count.{split}"] = str(count["written"] if isinstance(count, dict) else count)
+        if isinstance(count, dict) and count.get("rejected"):
+            tags[f"dataset.rejected.{split}"] = str(count["rejected"])
     return tags
 
 

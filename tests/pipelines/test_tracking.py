@@ -17,7 +17,11 @@ from pipelines import tracking
 def shard_root(tmp_path: Path) -> Path:
     root = tmp_path / "shards" / "synthcoco-unc"
     root.mkdir(parents=True)
-    summary = {"dataset": "synthcoco", "splitBy": "unc", "counts": {"train": 12, "val": 4}}
+    counts = {
+        "train": {"read": 12, "written": 12, "rejected": 0},
+        "val": {"read": 5, "written": 4, "rejected": 1},
+    }
+    summary = {"dataset": "synthcoco", "splitBy": "unc", "counts": counts}
     (root / "summary.json").write_text(json.dumps(summary))
     return root
 
@@ -51,6 +55,7 @@ def test_run_records_config_dataset_and_git(store, shard_root, tmp_path):
     assert len(run.data.params) == len(cfg.flat())
     tags = run.data.tags
     assert tags["dataset.dataset"] == "synthcoco" and tags["dataset.count.val"] == "4"
+    assert tags["dataset.rejected.val"] == "1" and "dataset.rejected.train" not in tags
     assert len(tags["dataset.summary_sha256"]) == 64
     assert len(tags["mlflow.source.git.commit"]) == 40
     assert run.info.run_name == "r1"
