@@ -33,6 +33,7 @@ import json
 import math
 import random
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -53,6 +54,7 @@ _PIXEL_SCALE = 1 / (255 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 _PIXEL_SHIFT = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 _IMAGE_MEMBERS = ("jpg", "jpeg", "png")
 _HASH_CHUNK = 1 << 20
+_HASH_THREADS = 8
 
 
 class ShardError(RuntimeError):
@@ -97,10 +99,14 @@ def _join(root: str, relative: str) -> str:
 
 
 def _sha256(url: str) -> str:
+    """Hex sha256 of a file, or 'missing file'."""
     digest = hashlib.sha256()
-    with fsspec.open(url, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
+    try:
+        with fsspec.open(url, "rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+    except FileNotFoundError:
+        return "missing file"
     return digest.hexdigest()
 
 
@@ -129,15 +135,16 @@ def open_split(root: str, split: str, *, verify: bool = True, skip_corrupt: bool
         raise ShardError(f"{root} has no shards for split {split!r}; splits with shards: {known}")
     refs_per_shard = _refs_per_shard(root, split)
 
+    urls = [_join(root, entry["path"]) for entry in entries]
+    if verify:  # hashlib releases the GIL on large chunks: threads hash shards in parallel
+        with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:
+            digests = list(pool.map(_sha256, urls))
     shards: list[ShardInfo] = []
     skipped: list[str] = []
-    for entry in entries:
-        name, url = entry["path"], _join(root, entry["path"])
+    for index, (entry, url) in enumerate(zip(entries, urls, strict=True)):
+        name = entry["path"]
         if verify:
-            try:
-                actual = _sha256(url)
-            except FileNotFoundError:
-                actual = "missing file"
+            actual = digests[index]
             if actual != entry["sha256"]:
                 if not skip_corrupt:
                     raise ShardError(
@@ -213,6 +220,11 @@ def _decode(raw: dict[str, Any], image_size: int, mask_size: int, keep_orig_mask
             f"sample {key} in {raw.get('__url__')}: mask.png is mode {mask_png.mode}, expected L"
         )
     mask = (np.asarray(mask_png) > 127).astype(np.uint8)  # [H,W] {0,1}
+    if mask.shape != (meta["height"], meta["width"]):
+        raise ShardError(
+            f"sample {key} in {raw.get('__url__')}: mask is {mask.shape}, "
+            f"its json says {meta['height']}x{meta['width']}"
+        )
     image, small_mask = resize_pair(Image.open(io.BytesIO(image_bytes)), mask, image_size, mask_size)
     sample = {
         "image": image,
