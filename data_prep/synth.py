@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from data_prep.refer import IMAGE_SUBDIR
@@ -83,20 +83,19 @@ class SynthReport:
 
 
 # ----------------------------------------------------------------------------------- per image
-def _draw(scene: Scene, rng: np.random.Generator) -> Image.Image:
-    """Light textured background (gradient + noise), shapes as flat polygons, mild noise."""
+def _draw(scene: Scene, masks: list[np.ndarray], rng: np.random.Generator) -> Image.Image:
+    """Light textured background (gradient + noise) with each object's colour painted on its
+    pycocotools mask, so the annotation is exactly the drawn region (PIL's own polygon fill is
+    about half a pixel fatter, which costs small shapes a quarter of their IoU)."""
     s = scene.image_size
     base = rng.uniform(185, 235, size=3).astype(np.float32)
     tilt = rng.uniform(-25, 25, size=(2, 3)).astype(np.float32)
     ramp = np.linspace(-0.5, 0.5, s, dtype=np.float32)
-    background = base + ramp[:, None, None] * tilt[0] + ramp[None, :, None] * tilt[1]  # [S, S, 3]
-    image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(image)
-    for obj in scene.objects:
-        xy = list(zip(obj.polygon[0::2], obj.polygon[1::2], strict=True))
-        draw.polygon(xy, fill=COLOURS[obj.colour])
-    noisy = np.asarray(image, dtype=np.int16) + rng.integers(-6, 7, size=(s, s, 3), dtype=np.int16)
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+    pixels = base + ramp[:, None, None] * tilt[0] + ramp[None, :, None] * tilt[1]  # [S, S, 3]
+    for obj, mask in zip(scene.objects, masks, strict=True):
+        pixels[mask] = COLOURS[obj.colour]
+    pixels += rng.integers(-6, 7, size=(s, s, 3)).astype(np.float32)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
 def _rle(polygon: tuple[float, ...], size: int) -> dict:
@@ -108,10 +107,9 @@ def _make_image(seed: int, index: int, image_size: int, image_dir: Path) -> dict
     scene = scene_for(seed, index, image_size)
     rng = np.random.default_rng([seed, index, 1])
     image_id = index + 1
-    _draw(scene, rng).save(image_dir / image_file_name(image_id), quality=JPEG_QUALITY, subsampling=0)
-
     rles = [_rle(o.polygon, image_size) for o in scene.objects]
-    masks = [mask_utils.decode(r).astype(bool) for r in rles]
+    masks = [mask_utils.decode(r).astype(bool) for r in rles]  # [S, S] each
+    _draw(scene, masks, rng).save(image_dir / image_file_name(image_id), quality=JPEG_QUALITY, subsampling=0)
     areas = [float(mask_utils.area(r)) for r in rles]
     objects = [
         {
