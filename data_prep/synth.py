@@ -257,6 +257,8 @@ def synthesize(
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32 pixels, got {image_size}")
     workers = len(os.sched_getaffinity(0)) if workers is None else workers

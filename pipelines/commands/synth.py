@@ -11,7 +11,7 @@ def synth(
     out: Path = typer.Option(..., "--out", help="Dataset root to write (the refer toolkit's data_root)."),
     images: int = typer.Option(200, "--images", min=1, help="Number of images."),
     image_size: int = typer.Option(128, "--image-size", min=32, help="Side of the square images in pixels."),
-    seed: int = typer.Option(0, "--seed", help="Seed: same arguments give the same bytes."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed: same arguments give the same bytes."),
     workers: int | None = typer.Option(None, "--workers", min=1, help="Processes (default: CPU count)."),
 ) -> None:
     """Write a synthetic RefCOCO (unc) dataset of shape scenes in the refer layout, with the

@@ -296,6 +296,10 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
         synthesize(tmp_path, num_images=0)
     with pytest.raises(ValueError, match="image_size"):
         synthesize(tmp_path, num_images=1, image_size=8)
+    with pytest.raises(ValueError, match="seed"):
+        synthesize(tmp_path, num_images=1, seed=-1)
+    with pytest.raises(ValueError, match="workers"):
+        synthesize(tmp_path, num_images=1, workers=0)
 
 
 def test_command_prints_the_baselines(tmp_path: Path) -> None:
