@@ -1,0 +1,236 @@
+"""Reading RefCOCO-family data in the layout of the `refer` toolkit.
+
+    <root>/<dataset>/instances.json      COCO-style images, annotations, categories
+    <root>/<dataset>/refs(<splitBy>).p   a pickle: a list of refs with their sentences
+    <root>/images/mscoco/images/train2014/<file_name>
+
+The refs pickle is read through an unpickler that admits only plain containers, strings and
+numbers, because a pickle can run arbitrary code when loaded. Image names and sizes come from
+instances.json: a ref's own `file_name` names the ref, not the image file.
+
+Split selection follows the refer toolkit (`REFER.getRefIds`), quirks included:
+`train` and `val` match exactly; `testA` / `testB` / `testC` select every stored split whose
+name contains that letter (so `testAB` too); `test` selects every stored split containing
+"test" (on RefCOCO that is testA + testB). A name that selects nothing is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DATASETS: dict[str, tuple[str, ...]] = {
+    "refcoco": ("unc", "google"),
+    "refcoco+": ("unc", "google"),
+    "refcocog": ("umd", "google"),
+}
+"""Datasets and the splitBy variants (refs files) each one ships."""
+
+IMAGE_SUBDIR = Path("images/mscoco/images/train2014")
+_SPLIT_ORDER = ("train", "val", "test", "testA", "testB", "testC")
+
+
+class ReferFormatError(ValueError):
+    """The refer-format input is malformed; the message names the file and the problem."""
+
+
+class UnsafePickleError(ReferFormatError):
+    """A refs pickle asked to load something other than plain data."""
+
+
+@dataclass(frozen=True)
+class Sentence:
+    """One referring expression."""
+
+    sent_id: int
+    raw: str
+
+
+@dataclass(frozen=True)
+class Ref:
+    """One referred object and its expressions."""
+
+    ref_id: int
+    ann_id: int
+    image_id: int
+    category_id: int
+    split: str
+    sentences: tuple[Sentence, ...]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """An image as instances.json describes it."""
+
+    image_id: int
+    file_name: str
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """A COCO annotation: its segmentation is polygons (list of flat x,y lists) or RLE (dict)."""
+
+    ann_id: int
+    image_id: int
+    category_id: int
+    segmentation: Any
+    iscrowd: int
+
+
+@dataclass(frozen=True)
+class ReferData:
+    """Everything one refs file and its instances.json hold, indexed by id."""
+
+    dataset: str
+    split_by: str
+    refs: tuple[Ref, ...]
+    images: dict[int, ImageInfo]
+    annotations: dict[int, Annotation]
+    image_dir: Path
+
+    def stored_splits(self) -> list[str]:
+        """The split names written in the refs, in the conventional order."""
+        names = {ref.split for ref in self.refs}
+        return sorted(names, key=_split_sort_key)
+
+    def available_splits(self) -> list[str]:
+        """Names `select` accepts: the stored ones, plus `test` when any stored name has it."""
+        names = self.stored_splits()
+        if "test" not in names and any("test" in name for name in names):
+            names = sorted([*names, "test"], key=_split_sort_key)
+        return names
+
+    def select(self, split: str) -> list[Ref]:
+        """Refs of `split`, matched as the refer toolkit does (see the module docstring)."""
+        if split in ("train", "val"):
+            chosen = [ref for ref in self.refs if ref.split == split]
+        elif split in ("testA", "testB", "testC"):
+            chosen = [ref for ref in self.refs if "test" in ref.split and split[-1] in ref.split]
+        elif split == "test":
+            chosen = [ref for ref in self.refs if "test" in ref.split]
+        else:
+            chosen = [ref for ref in self.refs if ref.split == split]
+        if not chosen:
+            raise ValueError(
+                f"unknown split {split!r} for {self.dataset} ({self.split_by}): "
+                f"available splits are {', '.join(self.available_splits())}"
+            )
+        return chosen
+
+
+def _split_sort_key(name: str) -> tuple[int, str]:
+    return (_SPLIT_ORDER.index(name) if name in _SPLIT_ORDER else len(_SPLIT_ORDER), name)
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Admits the opcodes for containers, strings and numbers; any global is refused, bar the
+    harmless builtins Python 2 pickles use for sets."""
+
+    _ALLOWED = frozenset({("builtins", "set"), ("builtins", "frozenset")})
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not plain data")
+
+
+def load_refs_pickle(path: str | Path) -> Any:
+    """Load a refs pickle admitting only plain data; anything else raises UnsafePickleError."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            # Python 2 pickles (the published refs files) keep byte strings: read them as UTF-8.
+            return _PlainDataUnpickler(handle, encoding="utf-8").load()
+    except pickle.UnpicklingError as err:
+        raise UnsafePickleError(f"{path}: refused to load, not a plain-data pickle ({err})") from None
+    except (EOFError, UnicodeDecodeError, ValueError, TypeError) as err:
+        raise ReferFormatError(f"{path}: not a readable refs pickle ({err})") from None
+
+
+def _int(value: Any, what: str, where: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ReferFormatError(f"{where}: {what} must be an integer, got {value!r}")
+    return value
+
+
+def _parse_ref(item: Any, where: Path) -> Ref:
+    if not isinstance(item, dict):
+        raise ReferFormatError(f"{where}: each ref must be a dict, got {type(item).__name__}")
+    try:
+        sentences = tuple(
+            Sentence(sent_id=_int(s["sent_id"], "sent_id", where), raw=str(s["raw"]))
+            for s in item["sentences"]
+        )
+        return Ref(
+            ref_id=_int(item["ref_id"], "ref_id", where),
+            ann_id=_int(item["ann_id"], "ann_id", where),
+            image_id=_int(item["image_id"], "image_id", where),
+            category_id=_int(item.get("category_id", 0), "category_id", where),
+            split=str(item["split"]),
+            sentences=sentences,
+        )
+    except (KeyError, TypeError) as err:
+        raise ReferFormatError(f"{where}: ref {item.get('ref_id', '?')} lacks field {err}") from None
+
+
+def load_refer(
+    refer_root: str | Path, dataset: str, split_by: str, image_dir: str | Path | None = None
+) -> ReferData:
+    """Read `<refer_root>/<dataset>/refs(<split_by>).p` and its instances.json.
+
+    Args:
+        refer_root: the directory holding the dataset directories and `images/`.
+        dataset: refcoco, refcoco+ or refcocog.
+        split_by: unc or google (refcoco, refcoco+), umd or google (refcocog).
+        image_dir: where the image files are; default `<refer_root>/images/mscoco/images/train2014`.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+    if split_by not in DATASETS[dataset]:
+        raise ValueError(
+            f"{dataset} has no splitBy {split_by!r}: expected one of {', '.join(DATASETS[dataset])}"
+        )
+    root = Path(refer_root)
+    refs_path = root / dataset / f"refs({split_by}).p"
+    instances_path = root / dataset / "instances.json"
+    for path in (refs_path, instances_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found (expected the refer layout under {root})")
+
+    raw_refs = load_refs_pickle(refs_path)
+    if not isinstance(raw_refs, list):
+        raise ReferFormatError(f"{refs_path}: expected a list of refs, got {type(raw_refs).__name__}")
+    refs = tuple(_parse_ref(item, refs_path) for item in raw_refs)
+
+    try:
+        instances = json.loads(instances_path.read_text(encoding="utf-8"))
+        images = {
+            int(im["id"]): ImageInfo(int(im["id"]), str(im["file_name"]), int(im["height"]), int(im["width"]))
+            for im in instances["images"]
+        }
+        annotations = {
+            int(an["id"]): Annotation(
+                ann_id=int(an["id"]),
+                image_id=int(an["image_id"]),
+                category_id=int(an.get("category_id", 0)),
+                segmentation=an.get("segmentation"),
+                iscrowd=int(an.get("iscrowd", 0)),
+            )
+            for an in instances["annotations"]
+        }
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ReferFormatError(f"{instances_path}: not COCO-style instances ({err!r})") from None
+
+    return ReferData(
+        dataset=dataset,
+        split_by=split_by,
+        refs=refs,
+        images=images,
+        annotations=annotations,
+        image_dir=Path(image_dir) if image_dir is not None else root / IMAGE_SUBDIR,
+    )

@@ -1,0 +1,646 @@
+"""Refer-format data into WebDataset tar shards, a manifest, a rejects list and a summary.
+
+    <out>/<dataset>-<splitBy>/<split>/shard-%06d.tar
+    <out>/<dataset>-<splitBy>/manifest.parquet    one row per written sample
+    <out>/<dataset>-<splitBy>/rejects.parquet     one row per expression not written, with why
+    <out>/<dataset>-<splitBy>/summary.json        counts, shard checksums, tokenizer, versions
+    <out>/<dataset>-<splitBy>/_work/              per-shard parts and completion markers
+
+The work is cut into chunks that are the shards themselves: a split's images, ordered by id,
+are taken in order until a chunk holds `samples_per_shard` expressions (cut at an image
+boundary, so a ref never straddles two shards). A chunk is a pure function of its inputs and
+settings, so chunks run in any order, on any number of workers, and give the same bytes; a
+chunk whose completion marker matches its fingerprint is not redone. `assemble` then joins the
+per-chunk manifest and rejects parts in chunk order and writes the summary.
+
+`plan_prepare` -> `prepare_chunk` (per chunk, parallel) -> `assemble` is the path the Prefect
+flow drives; `prepare_dataset` runs the three in one call with a local process pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import sys
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, rasterize
+from data_prep.refer import Annotation, ImageInfo, Ref, load_refer
+from data_prep.tokenize import DEFAULT_TOKENIZER, encode_expressions, load_tokenizer, vocabulary_hash
+
+FORMAT_VERSION = 1
+"""Bumped when the bytes written for the same input change, so old chunk markers are redone."""
+
+REJECT_REASONS: dict[str, str] = {
+    "missing_image_record": "the ref's image_id is not in instances.json",
+    "missing_image": "the image file does not exist",
+    "corrupt_image": "the image file does not decode (truncated or not an image)",
+    "image_size_mismatch": "the decoded image size differs from instances.json",
+    "missing_annotation": "the ref's ann_id is not in instances.json",
+    "unusable_segmentation": "the annotation's segmentation gives no mask",
+    "empty_expression": "the expression is empty or whitespace only",
+    "empty_tokens": "the expression tokenises to no word ids",
+    "duplicate_sent_id": "an earlier expression of the split has the same sent_id",
+}
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("split", pa.string()),
+        ("shard", pa.string()),
+        ("ref_id", pa.int64()),
+        ("sent_id", pa.int64()),
+        ("ann_id", pa.int64()),
+        ("image_id", pa.int64()),
+        ("category_id", pa.int64()),
+        ("raw", pa.string()),
+        ("n_tokens", pa.int32()),
+        ("mask_area", pa.int64()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+    ]
+)
+"""`n_tokens`: WordPiece ids of the whole expression with [CLS] and [SEP], before the cut to
+max_tokens (n_tokens > max_tokens marks a cut expression). `mask_area`: mask pixels at the
+original size. `shard`: the shard's path relative to the dataset directory."""
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("split", pa.string()),
+        ("ref_id", pa.int64()),
+        ("sent_id", pa.int64()),
+        ("image_id", pa.int64()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+"""`reason`: a key of REJECT_REASONS; `detail`: the specific message."""
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """Everything besides the input that decides the bytes written."""
+
+    dataset: str
+    split_by: str
+    tokenizer: str = DEFAULT_TOKENIZER
+    max_tokens: int = 20
+    samples_per_shard: int = 1000
+    mask_mode: MaskMode = "union"
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 2:
+            raise ValueError(f"max_tokens must be at least 2 ([CLS] and one word), got {self.max_tokens}")
+        if self.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be positive, got {self.samples_per_shard}")
+        if self.mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {', '.join(MASK_MODES)}, got {self.mask_mode!r}")
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """A ref with its annotation (None when instances.json lacks it) and the sent_ids that an
+    earlier expression of the split already used."""
+
+    ref: Ref
+    annotation: Annotation | None
+    duplicate_sent_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChunkImage:
+    """An image (None when instances.json lacks it) and its refs, ordered by ref_id."""
+
+    image_id: int
+    info: ImageInfo | None
+    refs: tuple[ChunkRef, ...]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One shard's worth of work: consecutive images of one split."""
+
+    split: str
+    index: int
+    images: tuple[ChunkImage, ...]
+
+    @property
+    def shard(self) -> str:
+        return f"{self.split}/shard-{self.index:06d}.tar"
+
+    @property
+    def n_expressions(self) -> int:
+        return sum(len(cr.ref.sentences) for im in self.images for cr in im.refs)
+
+
+@dataclass(frozen=True)
+class PreparePlan:
+    """The chunks of a preparation and where they go."""
+
+    settings: PrepareSettings
+    out_dir: Path
+    image_dir: Path
+    splits: tuple[str, ...]
+    chunks: tuple[Chunk, ...]
+    vocabulary_hash: str
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What one chunk wrote; `skipped` when a matching completion marker was found."""
+
+    split: str
+    index: int
+    shard: str
+    read: int
+    written: int
+    rejected: int
+    rejects_by_reason: dict[str, int]
+    sha256: str
+    skipped: bool
+
+
+@dataclass(frozen=True)
+class SplitCounts:
+    read: int
+    written: int
+    rejected: int
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """The outcome of a whole preparation."""
+
+    out_dir: Path
+    counts: dict[str, SplitCounts]
+    rejects_by_reason: dict[str, dict[str, int]]
+    shards: list[dict[str, object]]
+    chunks_skipped: int = 0
+    summary: dict[str, object] = field(default_factory=dict)
+
+
+def dataset_dir(out: str | Path, dataset: str, split_by: str) -> Path:
+    """`<out>/<dataset>-<splitBy>`: where one preparation writes."""
+    return Path(out) / f"{dataset}-{split_by}"
+
+
+def plan_prepare(
+    refer_root: str | Path,
+    out: str | Path,
+    settings: PrepareSettings,
+    splits: Iterable[str] | None = None,
+    image_dir: str | Path | None = None,
+) -> PreparePlan:
+    """Read the refer data and cut every requested split into chunks (one per shard).
+
+    Args:
+        refer_root: the refer-layout root (holds `<dataset>/` and `images/`).
+        out: the output root; the plan writes under `<out>/<dataset>-<splitBy>/`.
+        settings: tokenizer, lengths, shard size and mask mode.
+        splits: split names (refer toolkit matching); default every stored split.
+        image_dir: where the images are, if not `<refer_root>/images/mscoco/images/train2014`.
+    """
+    data = load_refer(refer_root, settings.dataset, settings.split_by, image_dir)
+    chosen = tuple(splits) if splits else tuple(data.stored_splits())
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"splits must not repeat: {list(chosen)}")
+    chunks: list[Chunk] = []
+    for split in chosen:
+        refs = sorted(data.select(split), key=lambda r: (r.image_id, r.ref_id))
+        chunks.extend(_chunk_split(split, refs, data.images, data.annotations, settings.samples_per_shard))
+    tokenizer = load_tokenizer(settings.tokenizer)
+    return PreparePlan(
+        settings=settings,
+        out_dir=dataset_dir(out, settings.dataset, settings.split_by),
+        image_dir=data.image_dir,
+        splits=chosen,
+        chunks=tuple(chunks),
+        vocabulary_hash=vocabulary_hash(tokenizer),
+    )
+
+
+def _chunk_split(
+    split: str,
+    refs: list[Ref],
+    images: dict[int, ImageInfo],
+    annotations: dict[int, Annotation],
+    samples_per_shard: int,
+) -> list[Chunk]:
+    seen_sent_ids: set[int] = set()
+    by_image: dict[int, list[ChunkRef]] = {}
+    for ref in refs:
+        ordered = tuple(sorted(ref.sentences, key=lambda s: s.sent_id))
+        duplicates = tuple(s.sent_id for s in ordered if s.sent_id in seen_sent_ids)
+        seen_sent_ids.update(s.sent_id for s in ordered)
+        ref = Ref(ref.ref_id, ref.ann_id, ref.image_id, ref.category_id, ref.split, ordered)
+        by_image.setdefault(ref.image_id, []).append(ChunkRef(ref, annotations.get(ref.ann_id), duplicates))
+
+    chunks: list[Chunk] = []
+    pending: list[ChunkImage] = []
+    pending_count = 0
+    for image_id, chunk_refs in by_image.items():  # refs were sorted by image_id
+        pending.append(ChunkImage(image_id, images.get(image_id), tuple(chunk_refs)))
+        pending_count += sum(len(cr.ref.sentences) for cr in chunk_refs)
+        if pending_count >= samples_per_shard:
+            chunks.append(Chunk(split, len(chunks), tuple(pending)))
+            pending, pending_count = [], 0
+    if pending:
+        chunks.append(Chunk(split, len(chunks), tuple(pending)))
+    return chunks
+
+
+# ---------------------------------------------------------------------------------------------
+# One chunk
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add a file with fixed metadata, so equal content gives equal tar bytes."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _png_bytes(mask: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(mask * np.uint8(255), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _load_image(info: ImageInfo, image_dir: Path) -> tuple[str, bytes] | tuple[str, str]:
+    """("jpg"|"png", bytes) for a usable image, else (reason, detail). OSErrors other than a
+    missing file propagate: they are I/O trouble to retry, not a property of the data."""
+    path = image_dir / info.file_name
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        return "missing_image", f"{path} not found"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decodes every pixel: a truncated file opens but fails here
+            fmt, size = image.format, image.size
+            if fmt not in ("JPEG", "PNG"):
+                # The contract carries .jpg or .png: other formats are re-encoded losslessly.
+                buffer = io.BytesIO()
+                image.convert("RGB").save(buffer, format="PNG")
+                fmt, data = "PNG", buffer.getvalue()
+    except Exception as err:  # PIL raises many types for bad data; all mean "does not decode"
+        return "corrupt_image", f"{path}: {type(err).__name__}: {err}"
+    if size != (info.width, info.height):
+        return (
+            "image_size_mismatch",
+            f"{path} is {size[0]}x{size[1]}, instances.json says {info.width}x{info.height}",
+        )
+    return ("jpg" if fmt == "JPEG" else "png"), data
+
+
+def _chunk_fingerprint(settings: PrepareSettings, vocab_hash: str, chunk: Chunk, image_dir: Path) -> str:
+    """Hash of everything the chunk's bytes depend on: settings, tokenizer, the chunk's refs,
+    annotations and images (identified by size and modification time)."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([FORMAT_VERSION, asdict(settings), vocab_hash], sort_keys=True).encode())
+    digest.update(json.dumps(asdict(chunk), sort_keys=True, default=str).encode())
+    for image in chunk.images:
+        if image.info is not None:
+            try:
+                stat = (image_dir / image.info.file_name).stat()
+                digest.update(f"{image.info.file_name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            except FileNotFoundError:
+                digest.update(f"{image.info.file_name}:missing".encode())
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _part_paths(out_dir: Path, chunk: Chunk) -> tuple[Path, Path, Path]:
+    stem = out_dir / "_work" / chunk.split / f"shard-{chunk.index:06d}"
+    return (
+        stem.with_suffix(".manifest.parquet"),
+        stem.with_suffix(".rejects.parquet"),
+        stem.with_suffix(".done.json"),
+    )
+
+
+def _write_parquet(rows: list[dict[str, object]], schema: pa.Schema, path: Path) -> None:
+    table = pa.Table.from_pylist(rows, schema=schema)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def prepare_chunk(
+    settings: PrepareSettings, vocab_hash: str, chunk: Chunk, out_dir: str | Path, image_dir: str | Path
+) -> ChunkResult:
+    """Write one chunk's shard and its manifest / rejects parts; skip it when its completion
+    marker matches. Every expression of the chunk becomes a sample or a reject row."""
+    out_dir, image_dir = Path(out_dir), Path(image_dir)
+    manifest_path, rejects_path, done_path = _part_paths(out_dir, chunk)
+    shard_path = out_dir / chunk.shard
+    fingerprint = _chunk_fingerprint(settings, vocab_hash, chunk, image_dir)
+    if done_path.is_file() and shard_path.is_file():
+        marker = json.loads(done_path.read_text())
+        if marker.get("fingerprint") == fingerprint and marker["sha256"] == _file_sha256(shard_path):
+            return ChunkResult(**{**marker["result"], "skipped": True})
+
+    rejects: list[dict[str, object]] = []
+    # (image, image ext, image bytes, ref, mask, mask png, sentence) of expressions still in
+    candidates: list[tuple] = []
+
+    def reject(ref: Ref, sent_id: int, reason: str, detail: str) -> None:
+        rejects.append(
+            {
+                "split": chunk.split,
+                "ref_id": ref.ref_id,
+                "sent_id": sent_id,
+                "image_id": ref.image_id,
+                "reason": reason,
+                "detail": detail,
+            }
+        )
+
+    for image in chunk.images:
+        loaded = (
+            _load_image(image.info, image_dir)
+            if image.info is not None
+            else ("missing_image_record", f"image_id {image.image_id} not in instances.json")
+        )
+        image_ok = loaded[0] in ("jpg", "png")
+        for chunk_ref in image.refs:
+            ref = chunk_ref.ref
+            if not image_ok:
+                for sentence in ref.sentences:
+                    reject(ref, sentence.sent_id, *loaded)
+                continue
+            mask_failure = None
+            if chunk_ref.annotation is None:
+                mask_failure = ("missing_annotation", f"ann_id {ref.ann_id} not in instances.json")
+            else:
+                try:
+                    mask = rasterize(
+                        chunk_ref.annotation.segmentation,
+                        image.info.height,
+                        image.info.width,
+                        settings.mask_mode,
+                    )
+                except UnusableSegmentation as err:
+                    mask_failure = ("unusable_segmentation", f"ann_id {ref.ann_id}: {err}")
+            if mask_failure is not None:
+                for sentence in ref.sentences:
+                    reject(ref, sentence.sent_id, *mask_failure)
+                continue
+            mask_png = _png_bytes(mask)
+            for sentence in ref.sentences:
+                if sentence.sent_id in chunk_ref.duplicate_sent_ids:
+                    reject(ref, sentence.sent_id, "duplicate_sent_id", f"sent_id {sentence.sent_id} repeats")
+                elif not sentence.raw.strip():
+                    reject(ref, sentence.sent_id, "empty_expression", repr(sentence.raw))
+                else:
+                    candidates.append((image, loaded, ref, mask, mask_png, sentence))
+
+    tokenizer = load_tokenizer(settings.tokenizer)
+    ids, attention, n_words = encode_expressions(
+        tokenizer, [c[5].raw for c in candidates], max_tokens=settings.max_tokens
+    )
+    manifest: list[dict[str, object]] = []
+    shard_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_shard = shard_path.with_name(shard_path.name + ".tmp")
+    with tarfile.open(tmp_shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for row, (image, (ext, image_bytes), ref, mask, mask_png, sentence) in enumerate(candidates):
+            if n_words[row] == 0:
+                reject(ref, sentence.sent_id, "empty_tokens", repr(sentence.raw))
+                continue
+            key = f"{sentence.sent_id:010d}"
+            meta = {
+                "ref_id": ref.ref_id,
+                "sent_id": sentence.sent_id,
+                "ann_id": ref.ann_id,
+                "image_id": ref.image_id,
+                "category_id": ref.category_id,
+                "split": chunk.split,
+                "raw": sentence.raw,
+                "height": image.info.height,
+                "width": image.info.width,
+            }
+            _tar_member(tar, f"{key}.{ext}", image_bytes)
+            _tar_member(tar, f"{key}.mask.png", mask_png)
+            _tar_member(tar, f"{key}.input_ids.npy", _npy_bytes(ids[row]))
+            _tar_member(tar, f"{key}.attention_mask.npy", _npy_bytes(attention[row]))
+            _tar_member(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode())
+            manifest.append(
+                {
+                    "key": key,
+                    "shard": chunk.shard,
+                    "n_tokens": int(n_words[row]) + 2,
+                    "mask_area": int(mask.sum(dtype=np.int64)),
+                    **{k: meta[k] for k in MANIFEST_SCHEMA.names if k in meta},
+                }
+            )
+    os.replace(tmp_shard, shard_path)
+    # Rejects in input order whatever stage found them.
+    order = {(cr.ref.ref_id, s.sent_id): i for i, (im, cr, s) in enumerate(_expressions(chunk))}
+    rejects.sort(key=lambda r: order[(r["ref_id"], r["sent_id"])])
+    manifest_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_parquet(manifest, MANIFEST_SCHEMA, manifest_path)
+    _write_parquet(rejects, REJECTS_SCHEMA, rejects_path)
+
+    result = ChunkResult(
+        split=chunk.split,
+        index=chunk.index,
+        shard=chunk.shard,
+        read=chunk.n_expressions,
+        written=len(manifest),
+        rejected=len(rejects),
+        rejects_by_reason=dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        sha256=_file_sha256(shard_path),
+        skipped=False,
+    )
+    if result.read != result.written + result.rejected:
+        raise AssertionError(f"{chunk.shard}: read {result.read} != written + rejected")
+    marker = {"fingerprint": fingerprint, "sha256": result.sha256, "result": asdict(result)}
+    tmp_done = done_path.with_name(done_path.name + ".tmp")
+    tmp_done.write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp_done, done_path)
+    return result
+
+
+def _expressions(chunk: Chunk) -> Iterable[tuple]:
+    for image in chunk.images:
+        for chunk_ref in image.refs:
+            for sentence in chunk_ref.ref.sentences:
+                yield image, chunk_ref, sentence
+
+
+# ---------------------------------------------------------------------------------------------
+# Assembly
+
+
+def _tool_versions() -> dict[str, str]:
+    versions = {"python": ".".join(map(str, sys.version_info[:3]))}
+    for dist in (
+        "magnet-pipeline",
+        "numpy",
+        "pillow",
+        "pycocotools",
+        "pyarrow",
+        "transformers",
+        "tokenizers",
+    ):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult:
+    """Join the chunks' parts into manifest.parquet and rejects.parquet, write summary.json,
+    and remove shards a previous run with other settings left behind."""
+    by_chunk = {(r.split, r.index): r for r in results}
+    missing = [c.shard for c in plan.chunks if (c.split, c.index) not in by_chunk]
+    if missing:
+        raise RuntimeError(f"cannot assemble: {len(missing)} chunks unfinished, first {missing[0]}")
+    out_dir = plan.out_dir
+    manifest_parts, reject_parts = [], []
+    for chunk in plan.chunks:
+        manifest_path, rejects_path, _ = _part_paths(out_dir, chunk)
+        manifest_parts.append(pq.read_table(manifest_path, schema=MANIFEST_SCHEMA))
+        reject_parts.append(pq.read_table(rejects_path, schema=REJECTS_SCHEMA))
+    manifest = pa.concat_tables(manifest_parts) if manifest_parts else MANIFEST_SCHEMA.empty_table()
+    rejects = pa.concat_tables(reject_parts) if reject_parts else REJECTS_SCHEMA.empty_table()
+    _write_parquet(manifest.to_pylist(), MANIFEST_SCHEMA, out_dir / "manifest.parquet")
+    _write_parquet(rejects.to_pylist(), REJECTS_SCHEMA, out_dir / "rejects.parquet")
+
+    planned = {c.shard for c in plan.chunks}
+    for split in plan.splits:
+        for stale in sorted((out_dir / split).glob("shard-*.tar")):
+            if f"{split}/{stale.name}" not in planned:
+                stale.unlink()
+
+    counts: dict[str, SplitCounts] = {}
+    reasons: dict[str, dict[str, int]] = {}
+    for split in plan.splits:
+        chunk_results = [by_chunk[(c.split, c.index)] for c in plan.chunks if c.split == split]
+        counts[split] = SplitCounts(
+            read=sum(r.read for r in chunk_results),
+            written=sum(r.written for r in chunk_results),
+            rejected=sum(r.rejected for r in chunk_results),
+        )
+        total: Counter[str] = Counter()
+        for r in chunk_results:
+            total.update(r.rejects_by_reason)
+        reasons[split] = dict(sorted(total.items()))
+    shards = [
+        {
+            "path": c.shard,
+            "sha256": by_chunk[(c.split, c.index)].sha256,
+            "samples": by_chunk[(c.split, c.index)].written,
+        }
+        for c in plan.chunks
+    ]
+    settings = plan.settings
+    summary = {
+        "dataset": settings.dataset,
+        "splitBy": settings.split_by,
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {"name": settings.tokenizer, "vocabulary_hash": plan.vocabulary_hash},
+        "counts": {split: asdict(c) for split, c in counts.items()},
+        "rejects_by_reason": reasons,
+        "shards": shards,
+        "manifest_sha256": _file_sha256(out_dir / "manifest.parquet"),
+        "rejects_sha256": _file_sha256(out_dir / "rejects.parquet"),
+        "versions": _tool_versions(),
+        "settings": {
+            "splits": list(plan.splits),
+            "max_tokens": settings.max_tokens,
+            "samples_per_shard": settings.samples_per_shard,
+            "mask_mode": settings.mask_mode,
+        },
+    }
+    tmp = out_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / "summary.json")
+    return PrepareResult(
+        out_dir=out_dir,
+        counts=counts,
+        rejects_by_reason=reasons,
+        shards=shards,
+        chunks_skipped=sum(r.skipped for r in by_chunk.values()),
+        summary=summary,
+    )
+
+
+def prepare_dataset(
+    refer_root: str | Path,
+    dataset: str,
+    split_by: str,
+    out: str | Path,
+    splits: Iterable[str] | None = None,
+    tokenizer: str = DEFAULT_TOKENIZER,
+    max_tokens: int = 20,
+    samples_per_shard: int = 1000,
+    workers: int = 1,
+    mask_mode: MaskMode = "union",
+    image_dir: str | Path | None = None,
+    on_chunk: Callable[[ChunkResult, int], None] | None = None,
+) -> PrepareResult:
+    """Prepare one dataset / splitBy into shards without an orchestrator.
+
+    Args:
+        refer_root, dataset, split_by, splits, image_dir: the input (see `plan_prepare`).
+        out: output root; writes `<out>/<dataset>-<splitBy>/`.
+        tokenizer: Hugging Face name or path, or the offline alias `all-minilm-l6-v2`.
+        max_tokens: token ids per expression (20 in the reference models).
+        samples_per_shard: expressions per shard before it is cut at the next image.
+        workers: processes for the chunks; the output does not depend on it.
+        mask_mode: `union` or `refer` (see data_prep.masks).
+        on_chunk: called with each finished chunk and the total number of chunks.
+    """
+    settings = PrepareSettings(dataset, split_by, tokenizer, max_tokens, samples_per_shard, mask_mode)
+    plan = plan_prepare(refer_root, out, settings, splits, image_dir)
+    jobs = [(settings, plan.vocabulary_hash, chunk, plan.out_dir, plan.image_dir) for chunk in plan.chunks]
+    results: list[ChunkResult] = []
+
+    def finished(result: ChunkResult) -> None:
+        results.append(result)
+        if on_chunk is not None:
+            on_chunk(result, len(jobs))
+
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            finished(prepare_chunk(*job))
+    else:
+        # spawn: the parent has used the (multi-threaded) Rust tokenizer, which fork can deadlock.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            for future in as_completed([pool.submit(prepare_chunk, *job) for job in jobs]):
+                finished(future.result())
+    return assemble(plan, results)
