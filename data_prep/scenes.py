@@ -269,7 +269,8 @@ def resolve(expr: Expression, scene: Scene) -> tuple[int, ...]:
     """Indices of every object the expression may denote in the scene.
 
     An expression is usable iff this is exactly one index. Unclear cases (near-equal
-    positions or areas, a landmark that is not unique) count every object they could mean.
+    positions or areas) count every object they could mean; an expression whose premise
+    fails (a landmark that is not unique, fewer than two objects to rank) denotes nothing.
     """
     objs = scene.objects
     margin = POSITION_MARGIN * scene.image_size
@@ -279,13 +280,13 @@ def resolve(expr: Expression, scene: Scene) -> tuple[int, ...]:
             return tuple(candidates)
         case Relation(_, relation, landmark):
             landmarks = [j for j, o in enumerate(objs) if landmark.matches(o)]
+            if len(landmarks) != 1:  # "the square" must name one square
+                return ()
+            (j,) = landmarks
             return tuple(
                 i
                 for i in candidates
-                if any(
-                    j != i and _relation_holds(objs[i], relation, objs[j], margin) is not False
-                    for j in landmarks
-                )
+                if i != j and _relation_holds(objs[i], relation, objs[j], margin) is not False
             )
         case Ordinal(_, direction, rank):
             if len(candidates) < 2 or rank > len(candidates):

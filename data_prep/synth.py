@@ -56,6 +56,8 @@ def scene_for(seed: int, index: int, image_size: int) -> Scene:
 
 @dataclass
 class SplitStats:
+    """One split's size and the overall IoU of the two language-blind baselines."""
+
     n_images: int = 0
     n_refs: int = 0
     n_expressions: int = 0
@@ -128,6 +130,7 @@ def _make_image(seed: int, index: int, image_size: int, image_dir: Path) -> dict
             break
         by_kind = referring_expressions(scene, int(target))
         chosen = _choose(by_kind, rng)
+        # Two expressions or more per ref; one only if the image would otherwise have no ref.
         if len(chosen) >= 2 or (chosen and not refs):
             refs.append({"object": int(target), "sentences": chosen})
 
@@ -152,8 +155,8 @@ def _make_image(seed: int, index: int, image_size: int, image_dir: Path) -> dict
 
 
 def _choose(by_kind: dict[str, list], rng: np.random.Generator) -> list[str]:
-    """Up to three texts, preferring one of each kind so the data mixes attributes,
-    relations and ordinals rather than repeating the easiest."""
+    """Two or three texts (fewer only if fewer exist), one per kind first, so the data mixes
+    attributes, relations, ordinals and superlatives rather than repeating the easiest."""
     kinds = [k for k in by_kind if by_kind[k]]
     rng.shuffle(kinds)
     chosen: list[str] = []
