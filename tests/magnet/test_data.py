@@ -17,6 +17,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from data_prep.shards import prepare_dataset
+from data_prep.synth import synthesize
 from magnet.config import DataConfig, EvalConfig
 from magnet.data import (
     IMAGENET_MEAN,
@@ -252,8 +254,11 @@ def test_corrupt_shard_is_named_or_skipped(root: Path, tmp_path: Path) -> None:
     data[600] ^= 0xFF
     bad.write_bytes(bytes(data))
 
-    with pytest.raises(ShardError, match=re.escape("train/shard-000001.tar")):
+    with pytest.raises(ShardError, match=re.escape("train/shard-000001.tar is corrupt")):
         open_split(str(copy), "train")
+    (copy / "val/shard-000001.tar").unlink()
+    with pytest.raises(ShardError, match=re.escape("val/shard-000001.tar is corrupt: sha256 missing file")):
+        open_split(str(copy), "val")
     shards = open_split(str(copy), "train", skip_corrupt=True)
     assert shards.skipped == ("train/shard-000001.tar",)
     assert shards.num_samples == sum(sum(s) for i, s in enumerate(LAYOUT["train"]) if i != 1)
@@ -270,3 +275,33 @@ def test_missing_summary_and_unknown_split_are_clear_errors(root: Path, tmp_path
         open_split(str(tmp_path), "train")
     with pytest.raises(ShardError, match="no shards for split 'testC'"):
         open_split(str(root), "testC")
+
+
+def test_reads_what_data_prep_writes(tmp_path: Path) -> None:
+    """The real writer's shards: balance, per-object picks and eval coverage against its manifest."""
+    synthesize(tmp_path / "refer", num_images=24, image_size=32, seed=3, workers=1)
+    out = prepare_dataset(
+        tmp_path / "refer", "refcoco", "unc", tmp_path / "out", samples_per_shard=15
+    ).out_dir
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    train = open_split(str(out), "train")
+    assert len(train.shards) > 2 and train.num_samples == sum(r["split"] == "train" for r in manifest)
+
+    cfg = DataConfig(batch_size=4, loader_workers=0, shuffle_buffer=8)
+    refs_seen: set[int] = set()
+    for rank in range(3):
+        loader = build_train_loader(train, cfg, image_size=SIZE, seed=0, rank=rank, world_size=3)
+        batches = list(loader)
+        assert len(batches) == train_batches_per_epoch(train, cfg, 3)
+        refs_seen.update(r for b in batches for r in b["ref_id"].tolist())
+    assert refs_seen == {r["ref_id"] for r in manifest if r["split"] == "train"}
+
+    val = open_split(str(out), "val")
+    eval_cfg = EvalConfig(protocol="original", eval_size=SIZE)
+    batches = list(build_eval_loader(val, cfg, eval_cfg, image_size=SIZE))
+    by_sent = {r["sent_id"]: r for r in manifest if r["split"] == "val"}
+    assert sorted(s for b in batches for s in b["sent_id"].tolist()) == sorted(by_sent)
+    for batch in batches:
+        for sent_id, mask in zip(batch["sent_id"].tolist(), batch["orig_mask"], strict=True):
+            row = by_sent[sent_id]
+            assert mask.shape == (row["height"], row["width"]) and int(mask.sum()) == row["mask_area"]
