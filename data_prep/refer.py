@@ -131,7 +131,9 @@ class _PlainDataUnpickler(pickle.Unpickler):
     """Admits the opcodes for containers, strings and numbers; any global is refused, bar the
     harmless builtins Python 2 pickles use for sets."""
 
-    _ALLOWED = frozenset({("builtins", "set"), ("builtins", "frozenset")})
+    _ALLOWED = frozenset(
+        (module, name) for module in ("builtins", "__builtin__") for name in ("set", "frozenset")
+    )
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:

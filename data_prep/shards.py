@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, rasterize
 from data_prep.refer import Annotation, ImageInfo, Ref, load_refer
@@ -113,12 +113,12 @@ class PrepareSettings:
 
 @dataclass(frozen=True)
 class ChunkRef:
-    """A ref with its annotation (None when instances.json lacks it) and the sent_ids that an
-    earlier expression of the split already used."""
+    """A ref with its annotation (None when instances.json lacks it) and the positions of its
+    sentences whose sent_id an earlier expression of the split already used."""
 
     ref: Ref
     annotation: Annotation | None
-    duplicate_sent_ids: tuple[int, ...] = ()
+    duplicates: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -244,10 +244,15 @@ def _chunk_split(
     by_image: dict[int, list[ChunkRef]] = {}
     for ref in refs:
         ordered = tuple(sorted(ref.sentences, key=lambda s: s.sent_id))
-        duplicates = tuple(s.sent_id for s in ordered if s.sent_id in seen_sent_ids)
-        seen_sent_ids.update(s.sent_id for s in ordered)
+        duplicates = []
+        for position, sentence in enumerate(ordered):
+            if sentence.sent_id in seen_sent_ids:
+                duplicates.append(position)
+            seen_sent_ids.add(sentence.sent_id)
         ref = Ref(ref.ref_id, ref.ann_id, ref.image_id, ref.category_id, ref.split, ordered)
-        by_image.setdefault(ref.image_id, []).append(ChunkRef(ref, annotations.get(ref.ann_id), duplicates))
+        by_image.setdefault(ref.image_id, []).append(
+            ChunkRef(ref, annotations.get(ref.ann_id), tuple(duplicates))
+        )
 
     chunks: list[Chunk] = []
     pending: list[ChunkImage] = []
@@ -292,12 +297,13 @@ def _png_bytes(mask: np.ndarray) -> bytes:
 
 def _load_image(info: ImageInfo, image_dir: Path) -> tuple[str, bytes] | tuple[str, str]:
     """("jpg"|"png", bytes) for a usable image, else (reason, detail). OSErrors other than a
-    missing file propagate: they are I/O trouble to retry, not a property of the data."""
+    missing file propagate: they are I/O trouble to retry, not a property of the data. Details
+    name the file relative to the image directory, so they do not depend on where it lies."""
     path = image_dir / info.file_name
     try:
         data = path.read_bytes()
     except (FileNotFoundError, IsADirectoryError):
-        return "missing_image", f"{path} not found"
+        return "missing_image", f"{info.file_name} not found in the image directory"
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # decodes every pixel: a truncated file opens but fails here
@@ -307,12 +313,14 @@ def _load_image(info: ImageInfo, image_dir: Path) -> tuple[str, bytes] | tuple[s
                 buffer = io.BytesIO()
                 image.convert("RGB").save(buffer, format="PNG")
                 fmt, data = "PNG", buffer.getvalue()
+    except UnidentifiedImageError:  # its message holds a memory address: not reproducible
+        return "corrupt_image", f"{info.file_name}: not a recognised image format"
     except Exception as err:  # PIL raises many types for bad data; all mean "does not decode"
-        return "corrupt_image", f"{path}: {type(err).__name__}: {err}"
+        return "corrupt_image", f"{info.file_name}: {type(err).__name__}: {err}"
     if size != (info.width, info.height):
         return (
             "image_size_mismatch",
-            f"{path} is {size[0]}x{size[1]}, instances.json says {info.width}x{info.height}",
+            f"{info.file_name} is {size[0]}x{size[1]}, instances.json says {info.width}x{info.height}",
         )
     return ("jpg" if fmt == "JPEG" else "png"), data
 
@@ -418,18 +426,18 @@ def prepare_chunk(
                     reject(ref, sentence.sent_id, *mask_failure)
                 continue
             mask_png = _png_bytes(mask)
-            for sentence in ref.sentences:
-                if sentence.sent_id in chunk_ref.duplicate_sent_ids:
+            for position, sentence in enumerate(ref.sentences):
+                if position in chunk_ref.duplicates:
                     reject(ref, sentence.sent_id, "duplicate_sent_id", f"sent_id {sentence.sent_id} repeats")
                 elif not sentence.raw.strip():
                     reject(ref, sentence.sent_id, "empty_expression", repr(sentence.raw))
                 else:
                     candidates.append((image, loaded, ref, mask, mask_png, sentence))
 
-    tokenizer = load_tokenizer(settings.tokenizer)
-    ids, attention, n_words = encode_expressions(
-        tokenizer, [c[5].raw for c in candidates], max_tokens=settings.max_tokens
-    )
+    if candidates:
+        tokenizer = load_tokenizer(settings.tokenizer)
+        texts = [c[5].raw for c in candidates]
+        ids, attention, n_words = encode_expressions(tokenizer, texts, max_tokens=settings.max_tokens)
     manifest: list[dict[str, object]] = []
     shard_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_shard = shard_path.with_name(shard_path.name + ".tmp")

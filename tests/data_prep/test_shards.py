@@ -1,0 +1,165 @@
+"""Preparation on the hand-built fixture: counts, rejects, shard contents, determinism, re-runs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from refer_fixture import ANNOTATIONS, EXPECTED, IMAGES
+
+from data_prep.masks import rasterize
+from data_prep.shards import REJECT_REASONS, prepare_dataset
+from data_prep.tokenize import encode_expressions, load_tokenizer, vocabulary_hash
+
+
+def _digests(root: Path) -> dict[str, str]:
+    """sha256 of every output file (chunk markers under _work/ excluded: they hold fingerprints
+    that include file modification times)."""
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and "_work" not in path.parts
+    }
+
+
+@pytest.fixture(scope="module")
+def prepared(refer_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("prepared")
+    prepare_dataset(refer_root, "refcoco", "unc", out, samples_per_shard=4)
+    return out / "refcoco-unc"
+
+
+def test_counts_and_every_reject_reason(prepared: Path) -> None:
+    summary = json.loads((prepared / "summary.json").read_text())
+    assert summary["counts"] == EXPECTED["counts"]
+    assert summary["rejects_by_reason"] == EXPECTED["rejects"]
+    found = {r for split in EXPECTED["rejects"].values() for r in split}
+    assert found == set(REJECT_REASONS)  # the fixture exercises every reason
+
+
+def test_read_equals_written_plus_rejected(prepared: Path) -> None:
+    manifest = pq.read_table(prepared / "manifest.parquet").to_pylist()
+    rejects = pq.read_table(prepared / "rejects.parquet").to_pylist()
+    for split, counts in EXPECTED["counts"].items():
+        written = [r for r in manifest if r["split"] == split]
+        rejected = [r for r in rejects if r["split"] == split]
+        assert len(written) == counts["written"] and len(rejected) == counts["rejected"]
+        assert counts["read"] == len(written) + len(rejected)
+    reasons = {(r["sent_id"], r["reason"]) for r in rejects}
+    assert {(4, "empty_expression"), (5, "empty_expression"), (6, "empty_tokens")} <= reasons
+    assert {(15, "corrupt_image"), (16, "corrupt_image"), (13, "missing_image")} <= reasons
+    assert all(r["detail"] for r in rejects)
+
+
+def _samples(shard: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(shard) as tar:
+        for member in tar.getmembers():
+            assert (member.mtime, member.uid, member.gid, member.uname, member.gname, member.mode) == (
+                0,
+                0,
+                0,
+                "",
+                "",
+                0o644,
+            )
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+def test_shard_members_follow_the_contract(prepared: Path, refer_root: Path) -> None:
+    summary = json.loads((prepared / "summary.json").read_text())
+    manifest = {r["key"]: r for r in pq.read_table(prepared / "manifest.parquet").to_pylist()}
+    tokenizer = load_tokenizer()
+    assert summary["tokenizer"] == {"name": "all-minilm-l6-v2", "vocabulary_hash": vocabulary_hash(tokenizer)}
+    seen = []
+    image_dir = refer_root / "images/mscoco/images/train2014"
+    for shard in summary["shards"]:
+        path = prepared / shard["path"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
+        samples = _samples(path)
+        assert len(samples) == shard["samples"]
+        for key, members in samples.items():
+            meta = json.loads(members["json"])
+            row = manifest[key]
+            assert key == f"{meta['sent_id']:010d}" and row["shard"] == shard["path"]
+            name, width, height, _ = IMAGES[meta["image_id"]]
+            ext = "png" if name.endswith(".png") else "jpg"
+            assert set(members) == {ext, "mask.png", "input_ids.npy", "attention_mask.npy", "json"}
+            assert members[ext] == (image_dir / name).read_bytes()  # original bytes
+            mask = Image.open(io.BytesIO(members["mask.png"]))
+            assert mask.mode == "L" and mask.size == (width, height)
+            pixels = np.asarray(mask)
+            assert set(np.unique(pixels)) <= {0, 255}
+            _, _, segmentation = ANNOTATIONS[meta["ann_id"]]
+            np.testing.assert_array_equal(pixels // 255, rasterize(segmentation, height, width))
+            assert row["mask_area"] == int((pixels > 0).sum())
+            ids = np.load(io.BytesIO(members["input_ids.npy"]))
+            attention = np.load(io.BytesIO(members["attention_mask.npy"]))
+            assert ids.dtype == attention.dtype == np.int32 and ids.shape == attention.shape == (20,)
+            expected_ids, expected_mask, n_words = encode_expressions(tokenizer, [meta["raw"]])
+            np.testing.assert_array_equal(ids, expected_ids[0])
+            np.testing.assert_array_equal(attention, expected_mask[0])
+            assert row["n_tokens"] == n_words[0] + 2 and row["raw"] == meta["raw"]
+            assert (meta["height"], meta["width"], row["height"], row["width"]) == (height, width) * 2
+            seen.append((meta["split"], meta["image_id"], meta["ref_id"], meta["sent_id"]))
+    # Samples ordered by (image_id, ref_id, sent_id) within a split; a ref never spans two shards.
+    for split in EXPECTED["counts"]:
+        order = [s[1:] for s in seen if s[0] == split]
+        assert order == sorted(order)
+    shards_of_ref: dict[int, set[str]] = {}
+    for row in manifest.values():
+        shards_of_ref.setdefault(row["ref_id"], set()).add(row["shard"])
+    assert all(len(s) == 1 for s in shards_of_ref.values())
+
+
+def test_overlong_and_unicode_expressions(prepared: Path) -> None:
+    manifest = {r["sent_id"]: r for r in pq.read_table(prepared / "manifest.parquet").to_pylist()}
+    assert manifest[2]["raw"] == "le café à gauche, 左边的椅子"
+    assert manifest[3]["n_tokens"] > 20  # cut to 20 ids in the shard, full length in the manifest
+
+
+def test_byte_identical_whatever_the_workers_and_rerun_skips(
+    prepared: Path, refer_root: Path, tmp_path: Path
+) -> None:
+    chunks: list[tuple[str, bool]] = []
+    result = prepare_dataset(
+        refer_root,
+        "refcoco",
+        "unc",
+        tmp_path,
+        samples_per_shard=4,
+        workers=2,
+        on_chunk=lambda r, total: chunks.append((r.shard, r.skipped)),
+    )
+    assert result.chunks_skipped == 0 and len(chunks) == len(result.shards) > 4
+    assert _digests(tmp_path / "refcoco-unc") == _digests(prepared)
+
+    again = prepare_dataset(refer_root, "refcoco", "unc", tmp_path, samples_per_shard=4)
+    assert again.chunks_skipped == len(again.shards)
+    assert _digests(tmp_path / "refcoco-unc") == _digests(prepared)
+
+    # A shard damaged after the fact is redone, not trusted.
+    damaged = tmp_path / "refcoco-unc" / result.shards[0]["path"]
+    damaged.write_bytes(b"garbage")
+    third = prepare_dataset(refer_root, "refcoco", "unc", tmp_path, samples_per_shard=4)
+    assert third.chunks_skipped == len(third.shards) - 1
+    assert _digests(tmp_path / "refcoco-unc") == _digests(prepared)
+
+
+def test_split_selection_refer_mode_and_errors(refer_root: Path, tmp_path: Path) -> None:
+    result = prepare_dataset(refer_root, "refcoco", "unc", tmp_path, splits=["test"], mask_mode="refer")
+    assert {split: c.read for split, c in result.counts.items()} == {"test": 7}
+    assert [s["path"] for s in result.shards] == ["test/shard-000000.tar"]
+    with pytest.raises(ValueError, match=r"unknown split 'dev'.*available splits are train, val"):
+        prepare_dataset(refer_root, "refcoco", "unc", tmp_path, splits=["dev"])
+    with pytest.raises(ValueError, match="mask_mode"):
+        prepare_dataset(refer_root, "refcoco", "unc", tmp_path, mask_mode="sum")
