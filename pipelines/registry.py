@@ -1,0 +1,191 @@
+"""The model registry: a trained checkpoint logged as an MLflow pyfunc (image + expression in,
+mask out) with its raw PyTorch weights, registered as a version of the model `magnet`; and one
+loader for every way a user names a model (registry alias or version, run, checkpoint path).
+
+The pyfunc's artifacts are the checkpoint's inference files (model.pt, config.yaml, meta.json):
+the raw weights travel inside the registered model, and `load_model` rebuilds the plain PyTorch
+MagNet from them without going through the pyfunc wrapper.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from magnet.checkpoint import CONFIG_FILE, META_FILE, MODEL_FILE, load_model_from_checkpoint
+from magnet.config import Config
+from pipelines.tracking import client_for, resolve_tracking_uri
+
+MODEL_NAME = "magnet"
+MODEL_ARTIFACT = "model"
+CHECKPOINT_ARTIFACT = "checkpoint"
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_REQUIREMENTS = (
+    "torch",
+    "torchvision",
+    "timm",
+    "transformers",
+    "mlflow",
+    "pillow",
+    "numpy",
+    "pandas",
+    "pyyaml",
+)
+
+
+def mask_to_png(mask: np.ndarray) -> bytes:
+    """{0,1} mask -> PNG bytes, mode "L", 0/255 (the shards' mask format)."""
+    buffer = io.BytesIO()
+    Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class MagNetPyfunc(mlflow.pyfunc.PythonModel):
+    """Serving form of MagNet: rows of (image file bytes, expression) -> rows of mask PNG bytes,
+    each mask at its image's original size."""
+
+    def load_context(self, context: Any) -> None:
+        self.model, self.cfg = load_model_from_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
+
+    def predict(self, context, model_input, params=None):
+        """``model_input``: a DataFrame (or dict of columns) with ``image`` and ``text``; returns a
+        DataFrame with ``mask``. Unannotated on purpose: MLflow would take hints for the schema."""
+        from magnet.inference import predict
+
+        frame = pd.DataFrame(model_input)
+        missing = {"image", "text"} - set(frame.columns)
+        if missing:
+            raise ValueError(f"model input lacks column(s) {sorted(missing)}; expected 'image' and 'text'")
+        images = [Image.open(io.BytesIO(_as_bytes(value))) for value in frame["image"]]
+        masks = predict(self.model, self.cfg.model, images, list(frame["text"]), self.cfg.eval.threshold)
+        return pd.DataFrame({"mask": [mask_to_png(m) for m in masks]})
+
+
+def _as_bytes(value: Any) -> bytes:
+    """Image cells arrive as bytes in Python and as base64 text through the REST server."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if isinstance(value, str):
+        import base64
+
+        return base64.b64decode(value)
+    raise TypeError(f"image cell is {type(value).__name__}; expected the image file's bytes")
+
+
+def signature() -> mlflow.models.ModelSignature:
+    from mlflow.types import ColSpec, Schema
+
+    return mlflow.models.ModelSignature(
+        inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "text")]),
+        outputs=Schema([ColSpec("binary", "mask")]),
+    )
+
+
+def _requirements() -> list[str]:
+    """Pinned to this environment; the project itself (magnet-pipeline) must be installed too."""
+    pins = []
+    for dist in (*_REQUIREMENTS, "magnet-pipeline"):
+        try:
+            pins.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            continue
+    return pins
+
+
+def log_and_register(
+    tracking: dict[str, str],
+    checkpoint: str | Path,
+    example: tuple[bytes, str],
+    *,
+    model_name: str = MODEL_NAME,
+    aliases: tuple[str, ...] = (),
+) -> str:
+    """Log the checkpoint as the run's pyfunc model and register it; returns the new version.
+
+    Args:
+        tracking: ``{"tracking_uri", "run_id"}`` from `pipelines.tracking.start_run`.
+        checkpoint: a checkpoint directory (``magnet.checkpoint`` layout).
+        example: (image file bytes, expression): the input example stored with the model.
+        model_name: registered model name.
+        aliases: registry aliases to point at the new version (e.g. 'demo').
+    """
+    checkpoint = Path(checkpoint)
+    for name in (MODEL_FILE, CONFIG_FILE):
+        if not (checkpoint / name).is_file():
+            raise FileNotFoundError(f"{checkpoint} is not a MagNet checkpoint: {name} is missing")
+    uri = tracking["tracking_uri"]
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / CHECKPOINT_ARTIFACT
+        weights.mkdir()
+        for name in (MODEL_FILE, CONFIG_FILE, META_FILE):
+            if (checkpoint / name).is_file():
+                shutil.copy2(checkpoint / name, weights / name)
+        image, text = example
+        with mlflow.start_run(run_id=tracking["run_id"]):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT,
+                python_model=MagNetPyfunc(),
+                artifacts={CHECKPOINT_ARTIFACT: str(weights)},
+                signature=signature(),
+                input_example=pd.DataFrame({"image": [image], "text": [text]}),
+                pip_requirements=_requirements(),
+                registered_model_name=model_name,
+            )
+    new_version = str(info.registered_model_version)
+    client = client_for(uri)
+    for alias in aliases:
+        client.set_registered_model_alias(model_name, alias, new_version)
+    return new_version
+
+
+# ------------------------------------------------------------------------------------ loading
+def resolve_model_uri(ref: str) -> str:
+    """What the user typed -> a local checkpoint path or an MLflow model URI.
+
+    Accepted: ``models:/magnet@alias``, ``models:/magnet/3``, ``runs:/<run id>/model``, a bare
+    run id, a checkpoint directory, or a directory holding a downloaded pyfunc model.
+    """
+    if ref.startswith(("models:/", "runs:/")):
+        return ref
+    if Path(ref).exists():
+        return str(Path(ref).resolve())
+    if _RUN_ID.match(ref):
+        return f"runs:/{ref}/{MODEL_ARTIFACT}"
+    raise ValueError(
+        f"model {ref!r} is neither an MLflow URI (models:/magnet@alias, models:/magnet/<version>, "
+        "runs:/<id>/model), a run id, nor an existing checkpoint directory"
+    )
+
+
+def _checkpoint_dir(local: Path) -> Path:
+    """A pyfunc model directory keeps the checkpoint under artifacts/checkpoint."""
+    nested = local / "artifacts" / CHECKPOINT_ARTIFACT
+    if (local / "MLmodel").is_file() and nested.is_dir():
+        return nested
+    return local
+
+
+def load_model(
+    ref: str, *, tracking_uri: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, Config]:
+    """The plain PyTorch MagNet (eval mode) and its config from any model reference."""
+    resolved = resolve_model_uri(ref)
+    if not resolved.startswith(("models:/", "runs:/")):
+        return load_model_from_checkpoint(_checkpoint_dir(Path(resolved)), device=device)
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=resolved, tracking_uri=uri)
+    return load_model_from_checkpoint(_checkpoint_dir(Path(local)), device=device)

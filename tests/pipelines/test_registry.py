@@ -1,0 +1,111 @@
+"""The registry: a checkpoint logged as a pyfunc with its raw weights, registered as versions of
+`magnet`, and loaded back through every kind of reference."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from magnet.checkpoint import MODEL_FILE, TRAIN_STATE_FILE, TrainState, save_checkpoint
+from magnet.config import load_config
+from magnet.inference import predict
+from magnet.models import build_model
+from pipelines import registry, tracking
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = load_config("tiny", ["model.image_size=64", "model.text.pretrained=false"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    directory = tmp_path_factory.mktemp("ckpt") / "checkpoint_step00000003"
+    return save_checkpoint(
+        directory,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=TrainState(step=3),
+        cfg=cfg,
+        rng_states=[{}],
+    )
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> dict:
+    root = tmp_path_factory.mktemp("store")
+    shards = root / "shards"
+    shards.mkdir()
+    (shards / "summary.json").write_text(json.dumps({"dataset": "refcoco", "splitBy": "unc", "counts": {}}))
+    uri = tracking.resolve_tracking_uri(default_dir=root)
+    settings = tracking.start_run(load_config("tiny"), shards=shards, tracking_uri=uri, run_name="reg")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    example = (buffer.getvalue(), "the left square")
+    first = registry.log_and_register(settings, checkpoint, example, aliases=("demo",))
+    second = registry.log_and_register(settings, checkpoint, example)
+    return {"uri": uri, "run_id": settings["run_id"], "versions": (first, second), "image": image}
+
+
+def test_each_registration_is_a_new_version_with_alias(registered):
+    assert registered["versions"] == ("1", "2")
+    client = tracking.client_for(registered["uri"])
+    assert str(client.get_model_version_by_alias("magnet", "demo").version) == "1"
+    assert client.get_model_version("magnet", "2").run_id == registered["run_id"]
+
+
+def test_model_carries_signature_example_and_raw_weights(registered, tmp_path):
+    mlflow.set_registry_uri(registered["uri"])
+    info = mlflow.models.get_model_info("models:/magnet/1")
+    assert info.signature.inputs.input_names() == ["image", "text"]
+    assert info.signature.outputs.input_names() == ["mask"]
+    local = Path(mlflow.artifacts.download_artifacts("models:/magnet/1", dst_path=str(tmp_path)))
+    weights = local / "artifacts" / registry.CHECKPOINT_ARTIFACT
+    assert (weights / MODEL_FILE).is_file() and not (weights / TRAIN_STATE_FILE).exists()
+    assert (local / "serving_input_example.json").is_file() or (local / "input_example.json").is_file()
+
+
+@pytest.mark.parametrize("kind", ["alias", "version", "run id", "checkpoint"])
+def test_load_model_by_any_reference(registered, checkpoint, kind):
+    ref = {
+        "alias": "models:/magnet@demo",
+        "version": "models:/magnet/2",
+        "run id": registered["run_id"],
+        "checkpoint": str(checkpoint),
+    }[kind]
+    model, cfg = registry.load_model(ref, tracking_uri=registered["uri"])
+    assert cfg.model.image_size == 64 and not model.training
+    saved = torch.load(checkpoint / MODEL_FILE, weights_only=True)
+    loaded = model.state_dict()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
+def test_pyfunc_returns_masks_at_the_image_size(registered, checkpoint):
+    mlflow.set_registry_uri(registered["uri"])
+    pyfunc = mlflow.pyfunc.load_model("models:/magnet@demo")
+    image = registered["image"]
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG")
+    out = pyfunc.predict(pd.DataFrame({"image": [buffer.getvalue()], "text": ["the left square"]}))
+    mask = np.asarray(Image.open(io.BytesIO(out["mask"][0])))
+    assert mask.shape == (image.height, image.width) and set(np.unique(mask)) <= {0, 255}
+    model, cfg = registry.load_model(str(checkpoint))
+    expected = predict(model, cfg.model, [Image.open(io.BytesIO(buffer.getvalue()))], ["the left square"])[0]
+    np.testing.assert_array_equal(mask > 0, expected > 0)
+
+
+def test_unknown_references_are_named(tmp_path):
+    with pytest.raises(ValueError, match="nope"):
+        registry.resolve_model_uri("nope")
+    with pytest.raises(FileNotFoundError, match=MODEL_FILE):
+        registry.log_and_register({"tracking_uri": "", "run_id": ""}, tmp_path, (b"", "x"))
