@@ -1,0 +1,535 @@
+"""MagNet: Mask Grounding for Referring Image Segmentation (Chng et al., CVPR 2024, arXiv 2312.12198).
+
+Built on LAVT (Yang et al., CVPR 2022): a Swin image encoder and a BERT text encoder run side by
+side in four stages and exchange information after every stage (pixel-word attention with tanh
+gates on both sides); MagNet adds the cross-modal alignment module (CAM) per stage, a
+Mask2Former-style decoder, and two training-only objectives (Mask Grounding and the cross-modal
+alignment loss). Swin stages come from timm and BERT layers from transformers; only the fusion
+between them is written here (``fusion.py``). See ../shared/design/magnet-architecture.md.
+
+Names follow the published checkpoint (``image_model``, ``language_model``, ``classifier``), so
+``magnet.weights`` maps it with a few renames. Two differences by design: timm's Swin stage k
+starts with the patch merging that the reference keeps at the end of stage k-1
+(``layers.{k-1}.downsample`` -> ``layers.{k}.downsample``), and the CAM of a stage sits under
+``layers.{k}.cam`` instead of directly on the stage. Training-only weights (the Mask Grounding
+head, the alignment-loss projections) live under ``criterion`` and never enter inference
+weights (``inference_state_dict``).
+
+Legend: B batch, S_h x S_w input size, H_k x W_k grid of stage k (S/4, S/8, S/16, S/32),
+C_k channels of stage k, L expression ids, D text width.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from timm.layers import PatchEmbed, trunc_normal_
+from timm.models.swin_transformer import SwinTransformerStage
+from torch import Tensor, nn
+from transformers import BertConfig, BertModel
+
+from magnet.config import ModelConfig
+from magnet.losses import AlignmentInputs, MagNetCriterion, MaskGroundingInputs
+from magnet.models.decoders import build_decoder
+from magnet.models.fusion import (
+    PADDING_BIAS,
+    PWAM,
+    CrossModalAlignment,
+    LanguageFusion,
+    tanh_gate,
+    zero_gate_,
+)
+from magnet.models.mask_grounding import mask_tokens
+
+log = logging.getLogger(__name__)
+
+TRAINING_ONLY_PREFIX = "criterion."
+"""State-dict prefix of every training-only parameter (Mask Grounding head, CAL projections)."""
+
+SWIN_KEY = re.compile(r"patch_embed\.|layers\.\d+\.(blocks|downsample)\.")
+"""Parameters of the image side that are plain Swin (timm names), i.e. what pretrained weights fill."""
+
+KNOWN_TEXT_CONFIGS: dict[str, dict[str, int]] = {"bert-base-uncased": {}}
+"""Text encoders whose config is known without a download (BertConfig's defaults ARE bert-base-uncased)."""
+
+
+@dataclass
+class MagNetOutput:
+    """What ``MagNet.forward`` returns (DEVELOPERS.md, model contract).
+
+    Attributes:
+        mask_logits: [B, 1, S_h/4, S_w/4] final mask logits.
+        aux_mask_logits: earlier decoder predictions, each [B, 1, S_h/4, S_w/4] (deep supervision).
+        losses: with a target mask, ``loss``, ``bce``, ``dice``, ``seg``, ``mg``, ``cal`` scalars.
+    """
+
+    mask_logits: Tensor
+    aux_mask_logits: list[Tensor]
+    losses: dict[str, Tensor] | None = None
+
+
+@dataclass
+class EncoderOutput:
+    """The two encoders after the four fused stages.
+
+    Attributes:
+        features: what the decoder sees, four maps [B, C_k, H_k, W_k] (strides 4, 8, 16, 32).
+        words: [B, L, D] language features after the last stage.
+        stage_pixels: Swin output of each stage before the vision gate, [B, H_k, W_k, C_k]
+            (what the language side reads; kept to re-run the language path for Mask Grounding).
+    """
+
+    features: list[Tensor]
+    words: Tensor
+    stage_pixels: list[Tensor]
+
+
+# ------------------------------------------------------------------------------------ blocks
+class MultiModalStage(SwinTransformerStage):
+    """One Swin stage of timm (patch merging, then blocks) followed by MagNet's vision-side fusion.
+
+    The stage's pixels read the words (``fusion``, PWAM) into a multimodal residual that enters
+    the main path through a tanh gate (``res_gate``, zero at init: the main path starts as plain
+    Swin). The decoder gets the CAM output (``cam``) or, with the CAM off, the residual itself
+    (LAVT).
+
+    Args:
+        dim: channels entering the stage (C_{k-1}; the patch embedding's for stage 1).
+        out_dim: C_k, channels of the stage.
+        input_resolution: grid the stage is built for (any grid runs: masks are computed per call).
+        depth: Swin blocks.
+        num_heads: attention heads.
+        window_size: Swin window; always partitioned, padded when the grid is not a multiple,
+            as the reference's Swin (timm would otherwise shrink it on small grids).
+        word_dim: D, width of the words.
+        downsample: patch merging at the start (every stage but the first).
+        mlp_ratio: Swin MLP width ratio.
+        drop_path: stochastic depth per block.
+        use_cam: build the cross-modal alignment module.
+        cam_pool_sizes: its pyramid pooling sizes.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        input_resolution: tuple[int, int],
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        word_dim: int,
+        downsample: bool,
+        mlp_ratio: float,
+        drop_path: list[float],
+        use_cam: bool,
+        cam_pool_sizes: tuple[int, ...],
+    ) -> None:
+        super().__init__(
+            dim=dim,
+            out_dim=out_dim,
+            input_resolution=input_resolution,
+            depth=depth,
+            downsample=downsample,
+            num_heads=num_heads,
+            window_size=window_size,
+            always_partition=True,
+            dynamic_mask=True,
+            mlp_ratio=mlp_ratio,
+            drop_path=drop_path,
+        )
+        self.fusion = PWAM(out_dim, word_dim)
+        self.res_gate = tanh_gate(out_dim, nn.GELU)
+        self.cam = CrossModalAlignment(out_dim, word_dim, cam_pool_sizes) if use_cam else None
+
+    def forward(self, x: Tensor, words: Tensor, word_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, H_{k-1}, W_{k-1}, C_{k-1}], words [B, L, D], word_mask [B, L].
+
+        Returns:
+            (main path [B, H_k, W_k, C_k] for the next stage, Swin output before the gate
+            [B, H_k, W_k, C_k] for the language side, decoder feature [B, H_k, W_k, C_k]).
+        """
+        pixels = super().forward(x)  # [B, H, W, C]: merging + Swin blocks (timm)
+        batch, height, width, channels = pixels.shape
+        residual = self.fusion(pixels.reshape(batch, height * width, channels), words, word_mask)  # [B, N, C]
+        residual = residual.reshape(batch, height, width, channels)
+        main = pixels + self.res_gate(residual) * residual
+        out = residual if self.cam is None else self.cam(pixels, residual, words, word_mask)
+        return main, pixels, out
+
+
+class MultiModalSwin(nn.Module):
+    """The image side: timm's patch embedding, four fused stages and per-stage output norms.
+
+    Parameter names are timm's SwinTransformer ones (``patch_embed``, ``layers.k.blocks``,
+    ``layers.k.downsample``), so timm / ImageNet checkpoints load as they are; ``norm0..3``
+    normalise what the decoder sees, as in the reference.
+
+    Args:
+        cfg: the model config (vision sizes and fusion switches).
+        word_dim: D, width of the words.
+    """
+
+    def __init__(self, cfg: ModelConfig, word_dim: int) -> None:
+        super().__init__()
+        v = cfg.vision
+        self.patch_embed = PatchEmbed(
+            img_size=cfg.image_size,
+            patch_size=v.patch_size,
+            in_chans=3,
+            embed_dim=v.embed_dim,
+            norm_layer=nn.LayerNorm,
+            output_fmt="NHWC",
+            strict_img_size=False,
+            dynamic_img_pad=True,
+        )
+        self.channels = tuple(v.embed_dim * 2**k for k in range(4))
+        rates = torch.linspace(0, v.drop_path_rate, sum(v.depths)).tolist()
+        layers = []
+        for k in range(4):
+            grid = max(cfg.image_size // (v.patch_size * 2**k), 1)
+            layers.append(
+                MultiModalStage(
+                    dim=self.channels[max(k - 1, 0)],
+                    out_dim=self.channels[k],
+                    input_resolution=(grid, grid),
+                    depth=v.depths[k],
+                    num_heads=v.num_heads[k],
+                    window_size=v.window_size,
+                    word_dim=word_dim,
+                    downsample=k > 0,
+                    mlp_ratio=v.mlp_ratio,
+                    drop_path=rates[sum(v.depths[:k]) : sum(v.depths[: k + 1])],
+                    use_cam=cfg.fusion.use_cam,
+                    cam_pool_sizes=cfg.fusion.cam_pool_sizes,
+                )
+            )
+        self.layers = nn.ModuleList(layers)
+        for k, channels in enumerate(self.channels):
+            self.add_module(f"norm{k}", nn.LayerNorm(channels))
+
+    def output_norm(self, k: int) -> nn.LayerNorm:
+        return getattr(self, f"norm{k}")
+
+
+class FusedLanguageModel(nn.Module):
+    """The text side: BERT (transformers) split into four layer groups, each followed by fusion.
+
+    After group k the words read the stage-k pixels (``pwams[k]``, language-side PWAM), and the
+    result enters through a tanh gate (``res_gates[k]``, zero at init) and a LayerNorm
+    (``norms[k]``): ``words = norm(words + gate(res) * res)``.
+
+    Args:
+        bert: a BertModel without pooler; its ``embeddings`` and ``encoder`` are kept as they are.
+        pixel_channels: C_k of the four stages.
+        layers_per_stage: BERT layers in each group (sums to the model's layer count).
+        reference_mask_quirk: hand the fusion BERT's additive mask, as the published model does.
+    """
+
+    def __init__(
+        self,
+        bert: BertModel,
+        pixel_channels: tuple[int, ...],
+        layers_per_stage: tuple[int, int, int, int],
+        reference_mask_quirk: bool = False,
+    ) -> None:
+        super().__init__()
+        self.embeddings = bert.embeddings
+        self.encoder = bert.encoder
+        width = bert.config.hidden_size
+        self.pwams = nn.ModuleList(LanguageFusion(width, channels) for channels in pixel_channels)
+        self.res_gates = nn.ModuleList(tanh_gate(width, nn.ReLU) for _ in pixel_channels)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in pixel_channels)
+        ends = list(itertools.accumulate(layers_per_stage))
+        self.groups = [range(end - n, end) for n, end in zip(layers_per_stage, ends, strict=True)]
+        self.reference_mask_quirk = reference_mask_quirk
+
+    def fusion_mask(self, attention_mask: Tensor) -> Tensor:
+        """[B, L] 0/1 -> the mask the language fusion multiplies queries with (float32)."""
+        mask = attention_mask.float()
+        return (1.0 - mask) * PADDING_BIAS if self.reference_mask_quirk else mask
+
+    def run_group(self, k: int, words: Tensor, attend: Tensor) -> Tensor:
+        """BERT layer group k: words [B, L, D], attend [B, 1, 1, L] bool -> [B, L, D]."""
+        for index in self.groups[k]:
+            words = self.encoder.layer[index](words, attend)
+        return words
+
+    def fuse(self, k: int, words: Tensor, pixels: Tensor, fusion_mask: Tensor) -> Tensor:
+        """words [B, L, D] read the stage-k pixels [B, H, W, C] -> [B, L, D]."""
+        residual = self.pwams[k](words, pixels.flatten(1, 2), fusion_mask)  # [B, L, D]
+        return self.norms[k](words + self.res_gates[k](residual) * residual)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, stage_pixels: list[Tensor]) -> Tensor:
+        """The whole language path against given stage pixels (used for the masked expression)."""
+        attend = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, L]
+        fusion_mask = self.fusion_mask(attention_mask)
+        words = self.embeddings(input_ids=input_ids)  # [B, L, D]
+        for k, pixels in enumerate(stage_pixels):
+            words = self.fuse(k, self.run_group(k, words, attend), pixels, fusion_mask)
+        return words
+
+
+# ------------------------------------------------------------------------------------- model
+class MagNet(nn.Module):
+    """Referring image segmentation: image + expression -> mask logits at 1/4 of the input.
+
+    Args:
+        cfg: the model config.
+        bert: the text encoder (see ``build_text_encoder``).
+        special_ids: token ids Mask Grounding never masks ([PAD], [UNK], [CLS], [SEP], [MASK]).
+        mask_token_id: the [MASK] id.
+    """
+
+    def __init__(self, cfg: ModelConfig, bert: BertModel, special_ids: list[int], mask_token_id: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        word_dim = bert.config.hidden_size
+        self.image_model = MultiModalSwin(cfg, word_dim)
+        self.language_model = FusedLanguageModel(
+            bert,
+            self.image_model.channels,
+            split_layers(bert.config.num_hidden_layers, cfg.text.layers_per_stage),
+            cfg.fusion.reference_mask_quirk,
+        )
+        self.classifier = build_decoder(self.image_model.channels, cfg.decoder)
+        word_embeddings = self.language_model.embeddings.word_embeddings
+        self.criterion = MagNetCriterion(
+            cfg.loss,
+            cfg.mask_grounding,
+            cfg.alignment,
+            text_dim=word_dim,
+            word_embeddings=word_embeddings,
+            mg_visual_dim=self.image_model.channels[-1],
+            cal_pixel_dim=self.image_model.channels[0],
+        )
+        self.register_buffer("special_ids", torch.tensor(special_ids, dtype=torch.long), persistent=False)
+        self.mask_token_id = mask_token_id
+        self.vocab_size = word_embeddings.num_embeddings
+
+    # ------------------------------------------------------------------------------ init
+    def init_weights(self) -> None:
+        """Fusion and CAM like timm's Swin (truncated normal 0.02), then every gate to zero.
+
+        The gates are zeroed last, after any other init or pretrained load, so the fused paths
+        start exactly as the plain encoders (the reference's init overwrote its zero gates).
+        """
+        fusion_modules = [self.language_model.pwams, self.language_model.res_gates]
+        for stage in self.image_model.layers:
+            fusion_modules += [stage.fusion, stage.res_gate] + ([stage.cam] if stage.cam is not None else [])
+        for module in fusion_modules:
+            module.apply(_init_linear)
+        self.zero_gates()
+
+    def zero_gates(self) -> None:
+        for stage in self.image_model.layers:
+            zero_gate_(stage.res_gate)
+        for gate in self.language_model.res_gates:
+            zero_gate_(gate)
+
+    # ---------------------------------------------------------------------------- forward
+    def encode(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor) -> EncoderOutput:
+        """image [B, 3, S_h, S_w], input_ids / attention_mask [B, L] -> the fused encoders' outputs."""
+        language = self.language_model
+        attend = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, L] for BERT's SDPA
+        word_mask = attention_mask.to(image.dtype)  # [B, L] 0/1 for the vision-side fusions
+        fusion_mask = language.fusion_mask(attention_mask)
+        x = self.image_model.patch_embed(image)  # [B, S_h/4, S_w/4, C_0]
+        words = language.embeddings(input_ids=input_ids)  # [B, L, D]
+        features, stage_pixels = [], []
+        for k, stage in enumerate(self.image_model.layers):
+            words = language.run_group(k, words, attend)
+            x, pixels, out = stage(x, words, word_mask)  # each [B, H_k, W_k, C_k]
+            words = language.fuse(k, words, pixels, fusion_mask)
+            features.append(self.image_model.output_norm(k)(out).permute(0, 3, 1, 2))  # [B, C_k, H_k, W_k]
+            stage_pixels.append(pixels)
+        return EncoderOutput(features=features, words=words, stage_pixels=stage_pixels)
+
+    def forward(
+        self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor | None = None
+    ) -> MagNetOutput:
+        """Args:
+        image: [B, 3, S_h, S_w] ImageNet-normalised.
+        input_ids: [B, L] int64 token ids.
+        attention_mask: [B, L] 1 on real tokens.
+        target_mask: [B, S_h, S_w] ground truth in {0, 1}; given, the losses are computed
+            (Mask Grounding only in training mode).
+        """
+        enc = self.encode(image, input_ids, attention_mask)
+        dec = self.classifier(enc.features)
+        if target_mask is None:
+            return MagNetOutput(dec.mask_logits, list(dec.aux_mask_logits))
+        mg = cal = None
+        if self.criterion.mask_grounding is not None and self.training:
+            mg = self._mask_grounding_inputs(enc, input_ids, attention_mask)
+        if self.criterion.alignment is not None:
+            cal = AlignmentInputs(enc.features[0], enc.words, attention_mask)
+        losses = self.criterion(dec.mask_logits, dec.aux_mask_logits, target_mask, mg, cal)
+        return MagNetOutput(dec.mask_logits, list(dec.aux_mask_logits), losses)
+
+    def _mask_grounding_inputs(
+        self, enc: EncoderOutput, input_ids: Tensor, attention_mask: Tensor
+    ) -> MaskGroundingInputs:
+        """Mask words of the expression and re-run the language path (BERT groups and language
+        fusions) on them against this pass's stage pixels: the words must be recovered from the
+        image, the mask and what is left of the sentence."""
+        masked_ids, labels = mask_tokens(
+            input_ids,
+            attention_mask,
+            self.special_ids,
+            self.mask_token_id,
+            self.vocab_size,
+            self.cfg.mask_grounding,
+        )
+        words = self.language_model(masked_ids, attention_mask, enc.stage_pixels)  # [B, L, D]
+        return MaskGroundingInputs(
+            text_features=words,
+            attention_mask=attention_mask,
+            visual_features=enc.features[-1],
+            labels=labels,
+            word_embeddings=self.language_model.embeddings.word_embeddings.weight,
+        )
+
+    # ----------------------------------------------------------------------------- weights
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        """The state dict without training-only weights (Mask Grounding head, CAL projections)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(TRAINING_ONLY_PREFIX)}
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per part; ``inference`` excludes the training-only heads."""
+
+        def count(module: nn.Module) -> int:
+            return sum(p.numel() for p in module.parameters())
+
+        counts = {
+            "vision_fusion_cam": count(self.image_model),
+            "language_fusion": count(self.language_model),
+            "decoder": count(self.classifier),
+            "training_only": count(self.criterion),
+        }
+        counts["inference"] = counts["vision_fusion_cam"] + counts["language_fusion"] + counts["decoder"]
+        counts["total"] = counts["inference"] + counts["training_only"]
+        return counts
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+# --------------------------------------------------------------------------------- builders
+def split_layers(
+    num_layers: int, layers_per_stage: tuple[int, int, int, int] | None
+) -> tuple[int, int, int, int]:
+    """BERT layers per stage: as given (must sum to ``num_layers``), or as even as possible
+    with the remainder on the early stages (12 -> 3,3,3,3; 6 -> 2,2,1,1)."""
+    if layers_per_stage is None:
+        base, extra = divmod(num_layers, 4)
+        return tuple(base + (k < extra) for k in range(4))  # type: ignore[return-value]
+    if sum(layers_per_stage) != num_layers:
+        raise ValueError(
+            f"text.layers_per_stage {tuple(layers_per_stage)} sums to {sum(layers_per_stage)}, "
+            f"but the text encoder has {num_layers} layers"
+        )
+    return tuple(layers_per_stage)  # type: ignore[return-value]
+
+
+def text_encoder_config(name_or_path: str) -> BertConfig:
+    """The BERT config of the text encoder, from a local directory or a known name, offline."""
+    from data_prep.tokenize import resolve_text_model
+
+    source = resolve_text_model(name_or_path)
+    if Path(source).is_dir():
+        config = BertConfig.from_pretrained(source)
+    elif source in KNOWN_TEXT_CONFIGS:
+        config = BertConfig(**KNOWN_TEXT_CONFIGS[source])
+    else:
+        config = BertConfig.from_pretrained(source)  # a hub name: needs the network or the HF cache
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def build_text_encoder(cfg: ModelConfig, load_pretrained: bool) -> BertModel:
+    """BERT without pooler: pretrained weights of ``text.name_or_path`` or random ones."""
+    from data_prep.tokenize import resolve_text_model
+
+    if load_pretrained and cfg.text.pretrained:
+        source = resolve_text_model(cfg.text.name_or_path)
+        bert = BertModel.from_pretrained(source, add_pooling_layer=False, attn_implementation="sdpa")
+        log.info("text encoder: pretrained weights from %s", source)
+        return bert
+    bert = BertModel(text_encoder_config(cfg.text.name_or_path), add_pooling_layer=False)
+    log.info("text encoder: random init (%s config)", cfg.text.name_or_path)
+    return bert
+
+
+def load_pretrained_vision(image_model: MultiModalSwin, source: str) -> None:
+    """Swin weights from a timm hub name (network or cache) or a local checkpoint file.
+
+    A local file may hold a timm state dict or the original Swin one (``{'model': ...}``,
+    patch merging at the end of each stage); the latter goes through timm's own converter.
+    Only Swin parameters are loaded; fusion, CAM and output norms keep their init.
+    """
+    import timm
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    if Path(source).is_file():
+        state = torch.load(source, map_location="cpu", weights_only=True)
+        state = state.get("model", state.get("state_dict", state))
+        skeleton = timm.create_model(
+            "swin_base_patch4_window12_384",
+            pretrained=False,
+            num_classes=0,
+            embed_dim=image_model.channels[0],
+            depths=tuple(len(stage.blocks) for stage in image_model.layers),
+            num_heads=tuple(stage.blocks[0].attn.num_heads for stage in image_model.layers),
+            window_size=image_model.layers[0].blocks[0].window_size,
+        )
+        state = checkpoint_filter_fn(state, skeleton)
+        origin = f"local file {source}"
+    else:
+        state = timm.create_model(source, pretrained=True, num_classes=0).state_dict()
+        origin = f"timm hub {source}"
+    swin_keys = {k for k in image_model.state_dict() if SWIN_KEY.match(k)}
+    wanted = {k: v for k, v in state.items() if k in swin_keys}
+    missing = sorted(
+        k for k in swin_keys if k not in wanted and not k.endswith(("relative_position_index", "attn_mask"))
+    )
+    if missing:
+        raise ValueError(
+            f"vision.pretrained {source}: {len(missing)} Swin weights missing, e.g. {missing[:3]}"
+        )
+    image_model.load_state_dict(wanted, strict=False)
+    log.info("vision encoder: pretrained Swin weights from %s (%d tensors)", origin, len(wanted))
+
+
+def special_token_ids() -> tuple[list[int], int]:
+    """Special ids and the [MASK] id of the project's tokenizer (data_prep.tokenize)."""
+    from data_prep.tokenize import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    return list(tokenizer.all_special_ids), int(tokenizer.mask_token_id)
+
+
+def build_magnet(cfg: ModelConfig, device: torch.device | str | None = None) -> MagNet:
+    """Build MagNet from its config; on the meta device nothing is allocated nor loaded."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    on_meta = device.type == "meta"
+    special_ids, mask_token_id = special_token_ids()
+    if on_meta:
+        with torch.device("meta"):
+            return MagNet(cfg, build_text_encoder(cfg, load_pretrained=False), special_ids, mask_token_id)
+    model = MagNet(cfg, build_text_encoder(cfg, load_pretrained=True), special_ids, mask_token_id)
+    model.init_weights()
+    if cfg.vision.pretrained:
+        load_pretrained_vision(model.image_model, cfg.vision.pretrained)
+    else:
+        log.info("vision encoder: random init")
+    model.zero_gates()
+    return model.to(device)
