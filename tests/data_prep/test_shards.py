@@ -163,3 +163,14 @@ def test_split_selection_refer_mode_and_errors(refer_root: Path, tmp_path: Path)
         prepare_dataset(refer_root, "refcoco", "unc", tmp_path, splits=["dev"])
     with pytest.raises(ValueError, match="mask_mode"):
         prepare_dataset(refer_root, "refcoco", "unc", tmp_path, mask_mode="sum")
+
+
+def test_synthetic_set_is_written_whole(tmp_path: Path) -> None:
+    from data_prep.synth import synthesize
+
+    report = synthesize(tmp_path / "refer", num_images=24, image_size=64, seed=3, workers=1)
+    result = prepare_dataset(tmp_path / "refer", "refcoco", "unc", tmp_path / "out", samples_per_shard=20)
+    assert {split: c.read for split, c in result.counts.items()} == {
+        split: stats.n_expressions for split, stats in report.splits.items()
+    }
+    assert all(c.rejected == 0 and c.written == c.read for c in result.counts.values())

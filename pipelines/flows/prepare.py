@@ -1,0 +1,147 @@
+"""The `prepare-refcoco` Prefect flow: refer-format data -> WebDataset shards, manifest, rejects.
+
+The flow only puts data_prep's steps in order: plan the chunks (one per shard), run every chunk
+as its own task in a process pool, then assemble manifest, rejects and summary. Chunks whose
+completion marker matches their fingerprint are skipped by data_prep itself, so a re-run with
+the same input does not redo them (whether or not Prefect remembers the earlier run). Progress
+shows as a bar on the terminal and as a Prefect progress artifact; the run ends with a markdown
+artifact of the counts per split and the rejects by reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NONE
+from prefect.futures import as_completed
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from data_prep.masks import MaskMode
+from data_prep.shards import (
+    REJECT_REASONS,
+    Chunk,
+    ChunkResult,
+    PreparePlan,
+    PrepareResult,
+    PrepareSettings,
+    assemble,
+    plan_prepare,
+    prepare_chunk,
+)
+from data_prep.tokenize import DEFAULT_TOKENIZER
+
+
+def _transient_io_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only I/O errors (a flaky disk or network mount); bad data never raises here, it
+    becomes rejects rows, and a bug should fail at once."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, OSError)
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_io_error, cache_policy=NONE)
+def plan_task(
+    refer_root: str, out: str, settings: PrepareSettings, splits: list[str] | None, image_dir: str | None
+) -> PreparePlan:
+    """Read the refer data and cut the splits into chunks."""
+    return plan_prepare(refer_root, out, settings, splits, image_dir)
+
+
+@task(
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=_transient_io_error,
+    cache_policy=NONE,
+    task_run_name="chunk-{chunk.split}-{chunk.index:06d}",
+)
+def chunk_task(
+    settings: PrepareSettings, vocab_hash: str, chunk: Chunk, out_dir: Path, image_dir: Path
+) -> ChunkResult:
+    """Write one shard and its manifest / rejects parts (or find them already done)."""
+    return prepare_chunk(settings, vocab_hash, chunk, out_dir, image_dir)
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_io_error, cache_policy=NONE)
+def assemble_task(plan: PreparePlan, results: list[ChunkResult]) -> PrepareResult:
+    """Join the parts into manifest.parquet and rejects.parquet and write summary.json."""
+    return assemble(plan, results)
+
+
+def report_markdown(result: PrepareResult) -> str:
+    """The run's report: counts per split and rejects by reason."""
+    summary = result.summary
+    lines = [
+        f"# prepare-refcoco: {summary['dataset']} ({summary['splitBy']})",
+        "",
+        f"Output `{result.out_dir}`; tokenizer `{summary['tokenizer']['name']}` "
+        f"(vocabulary sha256 `{summary['tokenizer']['vocabulary_hash'][:12]}…`), "
+        f"{len(result.shards)} shards, {result.chunks_skipped} already done before this run.",
+        "",
+        "| split | read | written | rejected |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {split} | {c.read} | {c.written} | {c.rejected} |" for split, c in result.counts.items()]
+    splits = list(result.counts)
+    lines += ["", "## Rejects by reason", "", "| reason | " + " | ".join(splits) + " | meaning |"]
+    lines.append("|---|" + "---:|" * len(splits) + "---|")
+    reasons = sorted({r for per_split in result.rejects_by_reason.values() for r in per_split})
+    if not reasons:
+        lines.append("| (none) |" + " 0 |" * len(splits) + " |")
+    for reason in reasons:
+        cells = " | ".join(str(result.rejects_by_reason[split].get(reason, 0)) for split in splits)
+        lines.append(f"| {reason} | {cells} | {REJECT_REASONS.get(reason, '')} |")
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="prepare-refcoco")
+def prepare_refcoco(
+    refer_root: str,
+    out: str,
+    dataset: str = "refcoco",
+    split_by: str = "unc",
+    splits: list[str] | None = None,
+    tokenizer: str = DEFAULT_TOKENIZER,
+    max_tokens: int = 20,
+    samples_per_shard: int = 1000,
+    mask_mode: MaskMode = "union",
+    image_dir: str | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Prepare one dataset / splitBy; returns summary.json's content. The task runner (and so
+    the number of worker processes) is chosen by the caller with `.with_options`."""
+    logger = get_run_logger()
+    settings = PrepareSettings(dataset, split_by, tokenizer, max_tokens, samples_per_shard, mask_mode)
+    plan = plan_task(refer_root, out, settings, splits, image_dir)
+    total = len(plan.chunks)
+    logger.info("%d chunks over splits %s into %s", total, ", ".join(plan.splits), plan.out_dir)
+
+    artifact = create_progress_artifact(0.0, key="prepare-refcoco-progress", description="chunks done (%)")
+    futures = [
+        chunk_task.submit(settings, plan.vocabulary_hash, chunk, plan.out_dir, plan.image_dir)
+        for chunk in plan.chunks
+    ]
+    results: list[ChunkResult] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=not show_progress) as progress:
+        bar = progress.add_task(f"prepare {dataset}-{split_by}", total=total)
+        for future in as_completed(futures):
+            results.append(future.result())
+            progress.advance(bar)
+            update_progress_artifact(artifact, 100.0 * len(results) / max(total, 1))
+    result = assemble_task(plan, results)
+    create_markdown_artifact(
+        report_markdown(result),
+        key=f"prepare-{dataset.replace('+', 'plus')}-{split_by}",
+        description="counts per split and rejects by reason",
+    )
+    return result.summary
+
+
+def run_prepare(workers: int = 2, **parameters: Any) -> dict[str, Any]:
+    """Run the flow with `workers` processes for the chunks (what `magnet prepare` does); with one
+    worker the chunks run in this process, sparing the pool's start-up."""
+    runner = ProcessPoolTaskRunner(workers) if workers > 1 else ThreadPoolTaskRunner(max_workers=1)
+    return prepare_refcoco.with_options(task_runner=runner)(**parameters)
