@@ -177,6 +177,9 @@ class TrainConfig(_Section):
     log_every: int = Field(10, gt=0, description="Steps between metric reports.")
     checkpoint_every: int = Field(500, gt=0, description="Steps between checkpoints.")
     eval_every: int | None = Field(None, gt=0, description="Steps between evaluations; None = each epoch.")
+    keep_checkpoints: int | None = Field(
+        3, gt=0, description="Checkpoints kept per run: the best by oIoU and the latest; None keeps all."
+    )
 
 
 class EvalConfig(_Section):

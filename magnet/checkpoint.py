@@ -1,0 +1,182 @@
+"""Training checkpoints: one directory that restores a run exactly, or loads the model for inference.
+
+Layout of a checkpoint directory:
+
+    model.pt        the full MagNet state_dict (inference weights and the training-only heads:
+                    Mask Grounding predictor, alignment projections), from the unwrapped model
+    train_state.pt  optimizer, scheduler, step, epoch, the data reader's position and the RNG
+                    states (python, numpy, torch, cuda) of every rank
+    config.yaml     the resolved Config the run trained with
+    meta.json       step, epoch, world size and the metrics reported with the checkpoint
+
+Ray Train copies the directory to the run's storage; this module knows nothing of Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from magnet.config import Config, config_from_dict
+
+MODEL_FILE = "model.pt"
+TRAIN_STATE_FILE = "train_state.pt"
+CONFIG_FILE = "config.yaml"
+META_FILE = "meta.json"
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: optimizer steps done, the epoch in progress, and the reader's position.
+
+    Args:
+        step: optimizer steps completed.
+        epoch: epoch in progress (0-based).
+        data_position: the shard reader's resume state (opaque here, owned by magnet.data).
+    """
+
+    step: int = 0
+    epoch: int = 0
+    data_position: dict[str, Any] = field(default_factory=dict)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model under DDP and torch.compile wrappers (whose state_dict keys are prefixed)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random states: python, numpy, torch and (when present) every CUDA device."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: TrainState,
+    cfg: Config,
+    rng_states: list[dict[str, Any]],
+    metrics: dict[str, float] | None = None,
+) -> Path:
+    """Write a checkpoint directory (created if missing) and return its path.
+
+    Args:
+        directory: where to write.
+        model: the model, possibly DDP- or compile-wrapped (saved unwrapped).
+        optimizer: its state is saved.
+        scheduler: its state is saved.
+        state: step, epoch and data position.
+        cfg: the resolved config.
+        rng_states: the RNG state of every rank, indexed by rank.
+        metrics: reported with the checkpoint, stored in meta.json.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(unwrap_model(model).state_dict(), directory / MODEL_FILE)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            **asdict(state),
+            "rng": rng_states,
+        },
+        directory / TRAIN_STATE_FILE,
+    )
+    (directory / CONFIG_FILE).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    meta = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "world_size": len(rng_states),
+        "metrics": metrics or {},
+    }
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def _require(directory: Path, name: str) -> Path:
+    path = directory / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a MagNet checkpoint: {name} is missing")
+    return path
+
+
+def load_config_from_checkpoint(directory: str | Path) -> Config:
+    """The resolved config a checkpoint was trained with."""
+    path = _require(Path(directory), CONFIG_FILE)
+    return config_from_dict(yaml.safe_load(path.read_text()), source=str(path))
+
+
+def load_training_state(
+    directory: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[TrainState, list[dict[str, Any]]]:
+    """Restore model, optimizer and scheduler in place; return the train state and per-rank RNG states.
+
+    The caller restores its own rank's RNG state (see :func:`set_rng_state`) when the world size
+    is unchanged, since a restart on a different number of workers cannot replay the same draws.
+    """
+    directory = Path(directory)
+    weights = torch.load(_require(directory, MODEL_FILE), map_location="cpu", weights_only=True)
+    unwrap_model(model).load_state_dict(weights)
+    saved = torch.load(_require(directory, TRAIN_STATE_FILE), map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    state = TrainState(step=saved["step"], epoch=saved["epoch"], data_position=saved["data_position"])
+    return state, saved["rng"]
+
+
+def load_model_from_checkpoint(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Config]:
+    """The trained MagNet (eval mode, on ``device``) and its config, from a checkpoint directory.
+
+    The model is built without loading pretrained backbone or text weights: the checkpoint
+    holds every weight, so nothing is read from the network or the hub.
+    """
+    from magnet.models import build_model
+
+    directory = Path(directory)
+    cfg = load_config_from_checkpoint(directory)
+    blank = cfg.model.model_copy(deep=True)
+    blank.vision.pretrained = None
+    blank.text.pretrained = False
+    model = build_model(blank)
+    weights = torch.load(_require(directory, MODEL_FILE), map_location="cpu", weights_only=True)
+    model.load_state_dict(weights)
+    return model.to(device).eval(), cfg

@@ -1,0 +1,517 @@
+"""The per-worker training loop: a plain function every rank runs, with Ray or without.
+
+    train(cfg, shards, reporter=..., logger=...)      the loop: restore, step, log, evaluate, checkpoint
+      train_step(model, micro_batches, ...)           one optimizer step over grad_accum micro-batches
+      build_optimizer / build_scheduler               AdamW without decay on norms, biases and
+                                                      position tables; poly decay with warm-up
+
+Distribution comes from outside: when torch.distributed is initialised (Ray Train's TorchConfig
+does it) the model is wrapped in DDP and every rank reads its share of the shards. Reporting goes
+through two small protocols so the loop knows nothing of Ray or MLflow:
+
+- ``Reporter``: where checkpoints go and come back from (Ray Train in pipelines/ray_train.py,
+  a local directory in ``LocalReporter``). Every rank calls ``report`` the same number of times,
+  at steps fixed by the config, because Ray Train's report is a barrier.
+- ``RunLogger``: curves and pictures, called on rank 0 only (MLflow in pipelines/tracking.py).
+
+Resume is exact: a checkpoint holds the model, optimizer, scheduler, step, the reader's position
+and every rank's RNG state, so a run restored at step k continues with the batches and random
+draws an uninterrupted run would have used at step k + 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from magnet.checkpoint import (
+    TrainState,
+    load_training_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from magnet.config import Config, TrainConfig
+from magnet.data import (
+    DataPosition,
+    SplitShards,
+    build_train_loader,
+    open_split,
+    train_batches_per_epoch,
+)
+from magnet.evaluate import Evaluation, _autocast, evaluate, prediction_figure
+from magnet.models import build_model
+
+log = logging.getLogger(__name__)
+
+SCORE_KEY = "score"  # checkpoint score: the first eval split's oIoU at that checkpoint, NaN if not evaluated
+NO_DECAY_NAMES = (
+    "relative_position_bias_table",
+    "absolute_pos_embed",
+    "pos_embed",
+    "position_embeddings",
+    "token_type_embeddings",
+    "level_embed",
+    "query_embed",
+    "query_feat",
+    "type_embed",
+)
+PICTURE_EXAMPLES = 4
+
+
+# ----------------------------------------------------------------------------- the protocols
+class RunLogger(Protocol):
+    """Curves and pictures of a run (rank 0 only)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_predictions(self, figure_png: bytes, name: str, step: int) -> None: ...
+
+
+class NullLogger:
+    """A RunLogger that keeps nothing: other ranks, and runs without tracking."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_predictions(self, figure_png: bytes, name: str, step: int) -> None:
+        pass
+
+
+class Reporter(Protocol):
+    """Where checkpoints go and where a restarted run finds the latest one."""
+
+    def latest_checkpoint(self) -> AbstractContextManager[Path | None]:
+        """A local directory holding the latest checkpoint while the context is open, or None."""
+        ...
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        """Called by every rank at the same steps; ``checkpoint_dir`` is set on rank 0 only."""
+        ...
+
+
+class LocalReporter:
+    """Checkpoints kept under a local directory as ``checkpoint_<step>``: runs without Ray.
+
+    Args:
+        directory: where checkpoints are copied; a restart resumes from the newest one.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.reports: list[dict[str, float]] = []
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(self.directory.glob("checkpoint_*"))
+
+    @contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        found = self.checkpoints()
+        yield found[-1] if found else None
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, self.directory / f"checkpoint_{int(metrics['step']):08d}")
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What one rank did in one optimizer step, for hooks (progress files, fault injection)."""
+
+    rank: int
+    step: int
+    epoch: int
+    sent_ids: list[int]
+    losses: dict[str, float]
+
+
+StepHook = Callable[[StepEvent], None]
+
+
+# ------------------------------------------------------------------------ optimizer, schedule
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: decayed weights, and undecayed norms, biases (any 1-d tensor) and
+    position or query tables, which weight decay would only pull towards zero."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or any(key in name for key in NO_DECAY_NAMES):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+
+
+def lr_factor(step: int, total_steps: int, power: float, warmup_steps: int = 0) -> float:
+    """Multiplier of the base lr at ``step``: (1 - step/total)**power, times a linear warm-up
+    (step+1)/warmup over the first warmup_steps."""
+    poly = max(0.0, 1.0 - step / total_steps) ** power
+    warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    return poly * warmup
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Polynomial decay stepped once per optimizer step, as the reference recipe."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, cfg.poly_power, cfg.warmup_steps)
+    )
+
+
+# -------------------------------------------------------------------------------- one step
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    keys = ("image", "mask", "input_ids", "attention_mask")
+    return {key: batch[key].to(device, non_blocking=True) for key in keys}
+
+
+def train_step(
+    model: nn.Module,
+    micro_batches: Sequence[Mapping[str, Any]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    """Forward and backward over the micro-batches, then clip, step and schedule once.
+
+    DDP synchronises gradients only on the last micro-batch (no_sync on the others).
+    Returns the loss components averaged over the micro-batches.
+    """
+    totals: dict[str, float] = {}
+    for index, batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        sync = nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
+        data = _to_device(batch, device)
+        with sync:
+            with _autocast(device, cfg.precision):
+                out = model(
+                    data["image"], data["input_ids"], data["attention_mask"], target_mask=data["mask"]
+                )
+            (out.losses["loss"] / len(micro_batches)).backward()
+        for key, value in out.losses.items():
+            totals[key] = totals.get(key, 0.0) + float(value.detach()) / len(micro_batches)
+    if cfg.grad_clip is not None:
+        totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return totals
+
+
+# --------------------------------------------------------------------------------- the loop
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _all_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG state, gathered on all ranks (checkpoints are written by rank 0)."""
+    state = rng_state()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor)
+    return {k: v / dist.get_world_size() for k, v in zip(keys, tensor.cpu().tolist(), strict=True)}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The run's length, fixed by the config and the data, so every rank computes the same."""
+
+    batches_per_epoch: int  # micro-batches each rank reads per epoch
+    steps_per_epoch: int  # optimizer steps per epoch; the last may use fewer micro-batches
+    total_steps: int
+
+
+def _plan(cfg: Config, batches_per_epoch: int) -> _Plan:
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.train.grad_accum)
+    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    return _Plan(batches_per_epoch, steps_per_epoch, total)
+
+
+def _restore(
+    reporter: Reporter,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rank: int,
+    world_size: int,
+) -> TrainState | None:
+    """Load the reporter's latest checkpoint, if any, into the model, optimizer and scheduler."""
+    with reporter.latest_checkpoint() as directory:
+        if directory is None:
+            return None
+        state, rng_states = load_training_state(
+            directory, model=model, optimizer=optimizer, scheduler=scheduler
+        )
+    if len(rng_states) != world_size:
+        raise RuntimeError(
+            f"checkpoint {directory} was written by {len(rng_states)} workers, this run has {world_size}: "
+            "resume with the same number of workers (the data position is per rank)"
+        )
+    set_rng_state(rng_states[rank])
+    log.info("resumed from %s at step %d (epoch %d)", directory, state.step, state.epoch)
+    return state
+
+
+def _report(
+    reporter: Reporter,
+    metrics: dict[str, float],
+    *,
+    rank: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: TrainState,
+    cfg: Config,
+) -> None:
+    """Every rank: gather RNG states; rank 0 writes the checkpoint; all report (a barrier in Ray)."""
+    rng_states = _all_rng_states()
+    if rank != 0:
+        reporter.report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="magnet-ckpt-") as tmp:
+        directory = save_checkpoint(
+            Path(tmp) / f"step_{state.step:08d}",
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            state=state,
+            cfg=cfg,
+            rng_states=rng_states,
+            metrics=metrics,
+        )
+        reporter.report(metrics, directory)
+
+
+class _Curves:
+    """Loss components and throughput over the steps since the last log line."""
+
+    def __init__(self, samples_per_step: int) -> None:
+        self.samples_per_step = samples_per_step
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.tick = time.perf_counter()
+
+    def add(self, losses: dict[str, float]) -> None:
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.steps += 1
+
+    def pause_clock(self) -> None:
+        """Leave evaluation and checkpointing time out of the next throughput figure."""
+        self.tick = time.perf_counter()
+
+    def flush(self) -> dict[str, float]:
+        """Mean losses over the interval and all ranks (a collective: every rank calls it), samples/s."""
+        elapsed = time.perf_counter() - self.tick
+        means = _mean_across_ranks({k: v / self.steps for k, v in self.sums.items()})
+        curves = {f"train/{k}": v for k, v in means.items()}
+        curves["train/samples_per_s"] = self.steps * self.samples_per_step / elapsed
+        self._reset()
+        return curves
+
+
+def _epoch_steps(
+    cfg: Config, train_shards: SplitShards, plan: _Plan, position: DataPosition, rank: int, world_size: int
+) -> Iterator[list[dict[str, Any]]]:
+    """The micro-batch groups of the rest of an epoch: grad_accum batches each, the last maybe fewer."""
+    loader = build_train_loader(
+        train_shards,
+        cfg.data,
+        image_size=cfg.model.image_size,
+        seed=cfg.train.seed,
+        rank=rank,
+        world_size=world_size,
+        position=position,
+    )
+    with torch.random.fork_rng(devices=[]):  # starting the loader's workers must not move the run's RNG
+        batches = iter(loader)
+    done = position.batches_done
+    while done < plan.batches_per_epoch:
+        group = list(islice(batches, min(cfg.train.grad_accum, plan.batches_per_epoch - done)))
+        if not group:
+            raise RuntimeError(
+                f"the train loader of rank {rank} ended after {done} of {plan.batches_per_epoch}"
+            )
+        done += len(group)
+        yield group
+
+
+def _advance(state: TrainState, micro_batches: int, plan: _Plan) -> bool:
+    """Count one optimizer step and move the data position; True when the epoch is over."""
+    position = DataPosition(**state.data_position)
+    done = position.batches_done + micro_batches
+    epoch_over = done >= plan.batches_per_epoch
+    state.step += 1
+    if epoch_over:
+        state.epoch, done = position.epoch + 1, 0
+    state.data_position = asdict(DataPosition(epoch=state.epoch, batches_done=done))
+    return epoch_over
+
+
+def _log_evaluation(logger: RunLogger, evaluation: Evaluation, step: int) -> None:
+    logger.log_metrics(evaluation.metrics, step)
+    first = next(iter(evaluation.splits.values()), None)
+    if first is not None and first.examples:
+        title = f"{first.split}, step {step} ({evaluation.describe()})"
+        name = f"predictions_{first.split}_step{step:08d}.png"
+        logger.log_predictions(prediction_figure(first.examples, title), name, step)
+
+
+def train(
+    cfg: Config,
+    shards: str,
+    *,
+    reporter: Reporter,
+    logger: RunLogger | None = None,
+    device: torch.device | str | None = None,
+    hooks: Sequence[StepHook] = (),
+) -> dict[str, float]:
+    """Train on every rank of the current process group (or alone) and return the final metrics.
+
+    Checkpoints are reported every ``checkpoint_every`` steps, after every evaluation (each
+    epoch, or every ``eval_every`` steps) and at the last step, which is always evaluated.
+
+    Args:
+        cfg: the resolved config.
+        shards: prepared dataset root ``<out>/<dataset>-<splitBy>`` (absolute path or URL).
+        reporter: checkpoint sink and source; the run restores from its latest checkpoint first.
+        logger: curves and pictures; used on rank 0 only (None = keep nothing).
+        device: where this rank trains; None = cuda if available, else cpu.
+        hooks: called on every rank after every optimizer step.
+
+    Returns:
+        The metrics of the last report: step, epoch, the latest train curves, and
+        ``<split>/oIoU`` etc. of the final evaluation.
+    """
+    rank, world_size = _world()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    logger = logger if (logger is not None and rank == 0) else NullLogger()
+
+    train_shards = open_split(
+        shards,
+        cfg.data.train_split,
+        verify=cfg.data.verify_checksums,
+        skip_corrupt=cfg.data.skip_corrupt_shards,
+    )
+    if train_shards.skipped:
+        log.warning(
+            "skipped %d corrupt shards: %s", len(train_shards.skipped), ", ".join(train_shards.skipped)
+        )
+    plan = _plan(cfg, train_batches_per_epoch(train_shards, cfg.data, world_size))
+
+    _seed_everything(cfg.train.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, plan.total_steps)
+    _seed_everything(cfg.train.seed + rank)  # different masking and sampling draws per rank
+    state = _restore(reporter, model, optimizer, scheduler, rank, world_size)
+    state = state or TrainState(data_position=asdict(DataPosition()))
+
+    trained: nn.Module = torch.compile(model) if cfg.train.compile else model
+    if world_size > 1:
+        # find_unused_parameters: some heads (kept for the reference's key names) get no gradient
+        device_ids = [device.index] if device.type == "cuda" else None
+        trained = DistributedDataParallel(trained, device_ids=device_ids, find_unused_parameters=True)
+    trained.train()
+
+    curves = _Curves(cfg.data.batch_size * cfg.train.grad_accum * world_size)
+    metrics: dict[str, float] = {"step": state.step, "epoch": state.epoch}
+    while state.step < plan.total_steps:
+        for micro_batches in _epoch_steps(
+            cfg, train_shards, plan, DataPosition(**state.data_position), rank, world_size
+        ):
+            losses = train_step(trained, micro_batches, optimizer, scheduler, cfg.train, device)
+            epoch_over = _advance(state, len(micro_batches), plan)
+            sent_ids = [int(i) for batch in micro_batches for i in batch["sent_id"]]
+            for hook in hooks:
+                hook(
+                    StepEvent(rank=rank, step=state.step, epoch=state.epoch, sent_ids=sent_ids, losses=losses)
+                )
+
+            curves.add(losses)
+            if state.step % cfg.train.log_every == 0:
+                logged = curves.flush()
+                logged["train/lr"] = scheduler.get_last_lr()[0]
+                logged["train/epoch"] = state.step / plan.steps_per_epoch
+                logger.log_metrics(logged, state.step)
+                metrics.update(logged)
+
+            final = state.step == plan.total_steps
+            every = cfg.train.eval_every
+            if cfg.data.eval_splits and (final or (state.step % every == 0 if every else epoch_over)):
+                keep = PICTURE_EXAMPLES if rank == 0 else 0
+                evaluation = evaluate(
+                    model, shards, cfg, device=device, rank=rank, world_size=world_size, keep_examples=keep
+                )
+                _log_evaluation(logger, evaluation, state.step)
+                metrics.update(evaluation.metrics)
+                score = evaluation.metrics[f"{cfg.data.eval_splits[0]}/oIoU"]
+            elif final or state.step % cfg.train.checkpoint_every == 0:
+                score = math.nan
+            else:
+                continue
+            metrics.update({"step": state.step, "epoch": state.epoch, "train/loss": losses["loss"]})
+            report = {**metrics, SCORE_KEY: score}
+            _report(
+                reporter,
+                report,
+                rank=rank,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                state=state,
+                cfg=cfg,
+            )
+            curves.pause_clock()
+            if final:
+                break
+    return metrics

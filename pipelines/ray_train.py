@@ -1,0 +1,222 @@
+"""The Ray Train (V2) driver: run magnet.train's loop on N workers, with checkpoints and restarts.
+
+    run_training(cfg, shards, num_workers=2, storage_path=...) -> TrainResult
+
+Each worker runs ``magnet.train.train`` with ``RayReporter``: checkpoints go through
+``ray.train.report`` (rank 0 attaches the directory, the others report without one) and a
+restarted worker group resumes from ``ray.train.get_checkpoint()``. When a worker dies, Ray
+restarts the group up to ``max_failures`` times; a stopped run continues with ``resume=True``
+and its name, since Ray Train V2 picks a run's checkpoints up again from
+``<storage_path>/<run_name>``. Ray changes the working directory of its workers, so every path
+handed to them is absolute.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from magnet.config import Config, config_from_dict
+from magnet.train import SCORE_KEY, StepHook
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint_step"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished training run left behind.
+
+    Checkpoint locations are ``<storage_path>/<run_name>/<checkpoint dir>``: a local absolute
+    path, or a URL when the storage is object storage. ``best_checkpoint`` is the one with the
+    highest oIoU on the first eval split (the last one when none was evaluated).
+    """
+
+    run_name: str
+    storage_path: str
+    last_checkpoint: str | None
+    best_checkpoint: str | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def run_path(self) -> str:
+        return f"{self.storage_path.rstrip('/')}/{self.run_name}"
+
+
+class RayReporter:
+    """magnet.train's Reporter on top of Ray Train: report is a barrier over all workers."""
+
+    @contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield Path(directory)
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        checkpoint = (
+            ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir is not None else None
+        )
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{int(metrics['step']):08d}",
+        )
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """The per-worker entry: rebuild the config, pick the device and logger, run the loop."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from magnet.train import NullLogger, RunLogger, train
+
+    cfg = config_from_dict(config["config"], source="ray worker config")
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    logger: RunLogger = NullLogger()
+    if config["tracking"] and ray.train.get_context().get_world_rank() == 0:
+        from pipelines.tracking import MlflowRunLogger
+
+        logger = MlflowRunLogger(**config["tracking"])
+    train(cfg, config["shards"], reporter=RayReporter(), logger=logger, device=device, hooks=config["hooks"])
+
+
+def _absolute(location: str | Path) -> str:
+    """URLs unchanged; local paths absolute (Ray workers run in another directory)."""
+    text = str(location)
+    return text if "://" in text else str(Path(text).expanduser().resolve())
+
+
+def new_run_name(cfg: Config) -> str:
+    """``<preset>-<UTC time>-<6 hex>``: unique, so a new run never picks up an old one's checkpoints."""
+    return f"{cfg.name}-{datetime.utcnow():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def _run_exists(storage_path: str, run_name: str) -> bool:
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    info = filesystem.get_file_info(f"{root.rstrip('/')}/{run_name}")
+    return info.type != pyarrow.fs.FileType.NotFound
+
+
+def _location(storage_path: str, run_name: str, checkpoint: Any | None) -> str | None:
+    if checkpoint is None:
+        return None
+    return f"{storage_path.rstrip('/')}/{run_name}/{Path(checkpoint.path).name}"
+
+
+def _best(best_checkpoints: Sequence[tuple[Any, dict[str, Any]]]) -> Any | None:
+    scored = [(m[SCORE_KEY], c) for c, m in best_checkpoints if m.get(SCORE_KEY) == m.get(SCORE_KEY)]
+    return max(scored, key=lambda pair: pair[0])[1] if scored else None
+
+
+def run_training(
+    cfg: Config,
+    shards: str | Path,
+    *,
+    num_workers: int = 2,
+    use_gpu: bool = False,
+    cpus_per_worker: float = 1.0,
+    ray_address: str | None = None,
+    storage_path: str | Path,
+    run_name: str | None = None,
+    resume: bool = False,
+    tracking: dict[str, str] | None = None,
+    max_failures: int = 2,
+    hooks: Sequence[StepHook] = (),
+) -> TrainResult:
+    """Train ``cfg`` on ``num_workers`` Ray Train workers (DDP: gloo on CPU, NCCL on GPU).
+
+    Args:
+        cfg: the resolved config.
+        shards: prepared dataset root ``<out>/<dataset>-<splitBy>`` (path or URL).
+        num_workers: training workers (DDP ranks).
+        use_gpu: one GPU per worker, NCCL and bf16 autocast (if cfg.train.precision says so).
+        cpus_per_worker: CPUs Ray reserves per worker.
+        ray_address: Ray cluster to join; None = RAY_ADDRESS, else a local Ray started here.
+        storage_path: where Ray keeps checkpoints (local directory or URL, e.g. s3://bucket/runs).
+        run_name: the run's name; None = a new unique name.
+        resume: continue the stopped run ``run_name`` from its latest checkpoint.
+        tracking: settings for ``pipelines.tracking.MlflowRunLogger`` (tracking_uri, run_id),
+            used on rank 0; None = no tracking.
+        max_failures: worker-group restarts from the latest checkpoint before the run fails.
+        hooks: called on every worker after every optimizer step (pickled to the workers).
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    storage = _absolute(storage_path)
+    if resume:
+        if not run_name:
+            raise ValueError("resume needs the name of the run to continue (run_name)")
+        if not _run_exists(storage, run_name):
+            raise FileNotFoundError(f"no run {run_name!r} under {storage} to resume")
+    elif run_name is None:
+        run_name = new_run_name(cfg)
+    elif _run_exists(storage, run_name):
+        raise FileExistsError(
+            f"run {run_name!r} already exists under {storage}: resume it, or choose another name"
+        )
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    try:
+        trainer = TorchTrainer(
+            _train_worker,
+            train_loop_config={
+                "config": cfg.model_dump(mode="json"),
+                "shards": _absolute(shards),
+                "tracking": tracking,
+                "hooks": list(hooks),
+            },
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+            ),
+            run_config=ray.train.RunConfig(
+                name=run_name,
+                storage_path=storage,
+                checkpoint_config=ray.train.CheckpointConfig(
+                    num_to_keep=cfg.train.keep_checkpoints,
+                    checkpoint_score_attribute=SCORE_KEY,
+                    checkpoint_score_order="max",
+                ),
+                failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            ),
+        )
+        result = trainer.fit()
+    finally:
+        if started_ray:
+            ray.shutdown()
+    last = _location(storage, run_name, result.checkpoint)
+    best = _location(storage, run_name, _best(result.best_checkpoints or []))
+    metrics = {
+        k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float) and k != SCORE_KEY
+    }
+    return TrainResult(
+        run_name=run_name,
+        storage_path=storage,
+        last_checkpoint=last,
+        best_checkpoint=best or last,
+        metrics=metrics,
+    )

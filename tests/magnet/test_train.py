@@ -1,0 +1,133 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from magnet.config import TrainConfig, load_config
+from magnet.train import (
+    LocalReporter,
+    StepEvent,
+    build_optimizer,
+    build_scheduler,
+    lr_factor,
+    param_groups,
+    train,
+)
+
+
+class _Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(9, 2))
+        self.level_embed = nn.Parameter(torch.zeros(3, 4))
+        self.query_embed = nn.Embedding(1, 4)
+        self.frozen = nn.Parameter(torch.zeros(4, 4), requires_grad=False)
+
+
+def test_no_weight_decay_on_norms_biases_and_position_tables():
+    model = _Toy()
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in decay["params"]} == {"proj.weight"}
+    assert {names[id(p)] for p in no_decay["params"]} == {
+        "proj.bias",
+        "norm.weight",
+        "norm.bias",
+        "relative_position_bias_table",
+        "level_embed",
+        "query_embed.weight",
+    }
+
+
+def test_poly_schedule_per_step():
+    assert lr_factor(0, 100, 0.9) == 1.0
+    assert lr_factor(50, 100, 0.9) == pytest.approx(0.5**0.9)
+    assert lr_factor(100, 100, 0.9) == 0.0
+    assert lr_factor(150, 100, 0.9) == 0.0  # never negative past the end
+
+
+def test_warmup_ramps_linearly_then_decays():
+    assert lr_factor(0, 100, 1.0, warmup_steps=4) == pytest.approx(0.25 * 1.0)
+    assert lr_factor(1, 100, 1.0, warmup_steps=4) == pytest.approx(0.5 * 0.99)
+    assert lr_factor(3, 100, 1.0, warmup_steps=4) == pytest.approx(0.97)
+    assert lr_factor(10, 100, 1.0, warmup_steps=4) == pytest.approx(0.90)
+
+
+def test_scheduler_steps_the_optimizer_lr():
+    cfg = TrainConfig(lr=1e-3, poly_power=0.9)
+    model = _Toy()
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=10)
+    seen = []
+    for _ in range(3):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([1e-3 * (1 - s / 10) ** 0.9 for s in range(3)])
+    assert all(math.isclose(g["lr"], optimizer.param_groups[0]["lr"]) for g in optimizer.param_groups)
+
+
+# ------------------------------------------------------------------ the loop on tiny shards
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from data_prep.shards import prepare_dataset
+    from data_prep.synth import synthesize
+
+    root = tmp_path_factory.mktemp("data")
+    synthesize(root / "refer", num_images=24, image_size=64, seed=0, workers=1)
+    prepare_dataset(root / "refer", "refcoco", "unc", root / "shards", samples_per_shard=8)
+    return str(root / "shards" / "refcoco-unc")
+
+
+def tiny_config(*overrides: str):
+    return load_config(
+        "tiny",
+        [
+            "model.image_size=64",
+            "data.batch_size=2",
+            "data.loader_workers=0",
+            "data.eval_splits=[]",
+            "train.max_steps=3",
+            "train.checkpoint_every=2",
+            "train.lr=1e-3",
+            *overrides,
+        ],
+    )
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_restored_run_continues_exactly_like_an_uninterrupted_one(shards, tmp_path):
+    cfg = tiny_config()
+    whole: dict[int, float] = {}
+    train(
+        cfg,
+        shards,
+        reporter=LocalReporter(tmp_path / "whole"),
+        hooks=[lambda e: whole.update({e.step: e.losses["loss"]})],
+    )
+
+    def stop_at_3(event: StepEvent) -> None:
+        if event.step == 3:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(cfg, shards, reporter=LocalReporter(tmp_path / "split"), hooks=[stop_at_3])
+    reporter = LocalReporter(tmp_path / "split")
+    assert [p.name for p in reporter.checkpoints()] == ["checkpoint_00000002"]
+
+    resumed: dict[int, float] = {}
+    metrics = train(
+        cfg, shards, reporter=reporter, hooks=[lambda e: resumed.update({e.step: e.losses["loss"]})]
+    )
+    assert list(resumed) == [3] and metrics["step"] == 3
+    assert resumed[3] == whole[3]  # same batches, same random draws, same optimizer state: bit-identical
+    final_whole = torch.load(tmp_path / "whole" / "checkpoint_00000003" / "model.pt")
+    final_split = torch.load(tmp_path / "split" / "checkpoint_00000003" / "model.pt")
+    assert all(torch.equal(final_whole[k], final_split[k]) for k in final_whole)

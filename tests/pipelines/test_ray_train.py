@@ -1,0 +1,154 @@
+"""End to end on tiny generated shards with 2 Ray Train workers: checkpoints, a worker killed
+mid-run, and resuming a stopped run. Each step is traced through a per-step log file."""
+
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from magnet.checkpoint import META_FILE, load_model_from_checkpoint
+from magnet.config import load_config
+from pipelines.ray_train import CHECKPOINT_PREFIX, TrainResult, new_run_name, run_training
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from data_prep.shards import prepare_dataset
+    from data_prep.synth import synthesize
+
+    root = tmp_path_factory.mktemp("data")
+    synthesize(root / "refer", num_images=24, image_size=64, seed=0, workers=1)
+    prepare_dataset(root / "refer", "refcoco", "unc", root / "shards", samples_per_shard=8)
+    return str(root / "shards" / "refcoco-unc")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+    import ray.cloudpickle
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hooks below travel to workers
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def tiny_config(max_steps: int = MAX_STEPS):
+    return load_config(
+        "tiny",
+        [
+            "model.image_size=64",
+            "data.batch_size=2",
+            "data.loader_workers=0",
+            "data.eval_splits=[val]",
+            "eval.eval_size=64",
+            f"train.max_steps={max_steps}",
+            "train.checkpoint_every=2",
+            "train.log_every=1",
+            "train.keep_checkpoints=null",
+        ],
+    )
+
+
+@dataclass
+class StepTrace:
+    """Appends one JSON line per worker step; optionally dies (or fails) once at a chosen step."""
+
+    log_file: str
+    fault_rank: int = -1
+    fault_step: int = -1
+    marker: str = ""
+    kill: bool = True
+
+    def __call__(self, event) -> None:
+        with open(self.log_file, "a") as handle:
+            record = {"pid": os.getpid(), "rank": event.rank, "step": event.step, "sent_ids": event.sent_ids}
+            handle.write(json.dumps(record) + "\n")
+        fire = event.rank == self.fault_rank and event.step == self.fault_step
+        if fire and not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("stopping the run on purpose")
+
+
+def attempts(log_file: Path, rank: int) -> list[list[dict]]:
+    """The records of one rank split into worker lifetimes (one list per process)."""
+    runs: list[list[dict]] = []
+    for line in log_file.read_text().splitlines():
+        record = json.loads(line)
+        if record["rank"] != rank:
+            continue
+        if not runs or runs[-1][-1]["pid"] != record["pid"]:
+            runs.append([])
+        runs[-1].append(record)
+    return runs
+
+
+def checkpoint_steps(result: TrainResult) -> list[int]:
+    return sorted(
+        json.loads((path / META_FILE).read_text())["step"]
+        for path in Path(result.run_path).glob(f"{CHECKPOINT_PREFIX}*")
+    )
+
+
+def test_worker_killed_mid_run_resumes_and_does_every_step_once(shards, local_ray, tmp_path):
+    steps = tmp_path / "steps.jsonl"
+    trace = StepTrace(str(steps), fault_rank=1, fault_step=3, marker=str(tmp_path / "killed"))
+    result = run_training(
+        tiny_config(),
+        shards,
+        num_workers=2,
+        storage_path=tmp_path / "runs",
+        max_failures=1,
+        hooks=[trace],
+    )
+    assert Path(trace.marker).exists(), "the worker was never killed"
+    assert result.metrics["step"] == MAX_STEPS
+    assert {"val/oIoU", "val/mIoU", "val/P@0.5", "train/loss"} <= set(result.metrics)
+    # checkpoints every 2 steps and at the end, all kept
+    assert checkpoint_steps(result) == [2, 4, MAX_STEPS]
+    assert Path(result.last_checkpoint).name.endswith(f"{MAX_STEPS:08d}")
+
+    for rank in (0, 1):
+        first, second = attempts(steps, rank)
+        # killed after step 3: restart from the checkpoint of step 2, so step 3 is redone once
+        assert [r["step"] for r in first][-1] >= 3
+        assert [r["step"] for r in second] == [3, 4, 5]
+        # the redone step trained on the same samples: the reader resumed at the saved position
+        assert second[0]["sent_ids"] == next(r for r in first if r["step"] == 3)["sent_ids"]
+    model, cfg = load_model_from_checkpoint(result.last_checkpoint)
+    assert cfg.train.max_steps == MAX_STEPS and not model.training
+
+
+def test_stopped_run_resumes_by_name(shards, local_ray, tmp_path):
+    runs = tmp_path / "runs"
+    steps = tmp_path / "steps.jsonl"
+    trace = StepTrace(str(steps), fault_rank=0, fault_step=3, marker=str(tmp_path / "stop"), kill=False)
+    name = new_run_name(tiny_config())
+    with pytest.raises(Exception, match="stopping the run on purpose"):
+        run_training(tiny_config(), shards, storage_path=runs, run_name=name, max_failures=0, hooks=[trace])
+
+    with pytest.raises(FileExistsError, match="resume"):
+        run_training(tiny_config(), shards, storage_path=runs, run_name=name)
+    result = run_training(tiny_config(), shards, storage_path=runs, run_name=name, resume=True, hooks=[trace])
+    assert result.run_name == name and result.metrics["step"] == MAX_STEPS
+    first, second = attempts(steps, 0)
+    assert [r["step"] for r in first] == [1, 2, 3]
+    assert [r["step"] for r in second] == [3, 4, 5]
+
+
+def test_resume_needs_an_existing_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no run"):
+        run_training(tiny_config(), "unused", storage_path=tmp_path, run_name="nope", resume=True)
+    with pytest.raises(ValueError, match="run_name"):
+        run_training(tiny_config(), "unused", storage_path=tmp_path, resume=True)
