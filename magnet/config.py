@@ -281,17 +281,27 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(f"{source}: {problems}") from None
 
 
+def _preset_data(preset: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A preset's mapping; ``base: <preset>`` at its top starts from that preset (demo <- tiny)."""
+    path = resolve_preset(preset)
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' presets form a cycle")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    return _merge(_preset_data(base, (*seen, path.resolve())), loaded)
+
+
 def load_config(preset: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a preset (name or YAML path; None = built-in defaults) and apply dotted overrides."""
     data: dict[str, Any] = {}
     source = "defaults"
     if preset is not None:
-        path = resolve_preset(preset)
-        source = str(path)
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
-        data = loaded
+        source = str(resolve_preset(preset))
+        data = _preset_data(preset)
     if overrides:
         data = _merge(data, parse_overrides(overrides))
         source += " + overrides"

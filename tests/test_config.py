@@ -43,3 +43,15 @@ def test_flat_has_dotted_leaves():
     flat = Config().flat()
     assert flat["model.vision.embed_dim"] == 128
     assert flat["train.lr"] == pytest.approx(5e-5)
+
+
+def test_base_preset_is_merged_under_the_child(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("base: tiny\nname: child\ntrain:\n  lr: 0.001\n")
+    cfg = load_config(child)
+    assert cfg.name == "child" and cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.model == load_config("tiny").model
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"base: {loop}\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(loop)
