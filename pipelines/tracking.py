@@ -90,15 +90,17 @@ def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str)
 # ------------------------------------------------------------------------------------- run tags
 def dataset_tags(shards: str | Path) -> dict[str, str]:
     """Tags identifying the prepared data: summary.json's sha256, dataset, splitBy, counts."""
-    summary_path = Path(shards) / "summary.json"
-    if not summary_path.is_file():
-        raise FileNotFoundError(f"{summary_path} not found: {shards} is not a prepared shard root")
-    raw = summary_path.read_bytes()
+    import fsspec
+
+    root = str(shards) if "://" in str(shards) else str(Path(shards).resolve())
+    summary_url = f"{root.rstrip('/')}/summary.json"
+    try:
+        with fsspec.open(summary_url, "rb") as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{summary_url} not found: {shards} is not a prepared shard root") from None
     summary = json.loads(raw)
-    tags = {
-        "dataset.summary_sha256": hashlib.sha256(raw).hexdigest(),
-        "dataset.path": str(Path(shards).resolve()),
-    }
+    tags = {"dataset.summary_sha256": hashlib.sha256(raw).hexdigest(), "dataset.path": root}
     for key in ("dataset", "splitBy"):
         if key in summary:
             tags[f"dataset.{key}"] = str(summary[key])

@@ -1,9 +1,181 @@
-"""`magnet` commands of the train group."""
+"""`magnet` commands of the train group: train, evaluate, predict, demo, and the local stack."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
+
+stack_app = typer.Typer(help="The local stack: Prefect server, MLflow server and the served deployments.")
+
+
+def train(
+    config: str = typer.Option("tiny", "--config", "-c", help="Preset name or YAML path."),
+    shards: Path = typer.Option(..., "--shards", help="Prepared dataset root <out>/<dataset>-<splitBy>."),
+    num_workers: int = typer.Option(2, "--num-workers", min=1, help="Ray Train workers."),
+    use_gpu: bool = typer.Option(False, "--use-gpu", help="One GPU per worker."),
+    overrides: list[str] = typer.Option([], "--set", help="Dotted override, e.g. train.lr=1e-4."),
+    experiment: str = typer.Option("magnet", "--experiment", help="MLflow experiment."),
+    run_name: str | None = typer.Option(None, "--run-name", help="Default: unique per run."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run --run-name from its checkpoint."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Default: RAY_ADDRESS or local Ray."),
+    storage_path: str | None = typer.Option(
+        None, "--storage-path", help="Ray storage; default ./ray-results."
+    ),
+    tracking_uri: str | None = typer.Option(
+        None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or sqlite ./mlflow.db."
+    ),
+    register_model: bool = typer.Option(True, "--register/--no-register", help="Register the model."),
+) -> None:
+    """Train MagNet with Ray Train through the train-magnet flow, tracked in MLflow."""
+    from magnet.config import ConfigError, load_config
+    from pipelines.flows.train import train_magnet
+
+    try:
+        load_config(config, overrides)  # fail here, before Prefect and Ray start
+    except ConfigError as err:
+        raise typer.BadParameter(str(err), param_hint="--config/--set") from None
+    if not (shards / "summary.json").is_file():
+        raise typer.BadParameter(
+            f"{shards} holds no summary.json: not a prepared dataset", param_hint="--shards"
+        )
+    result = train_magnet(
+        config=config,
+        shards=str(shards),
+        overrides=overrides,
+        ray_address=ray_address,
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        experiment=experiment,
+        run_name=run_name,
+        resume=resume,
+        tracking_uri=tracking_uri,
+        storage_path=storage_path,
+        register_model=register_model,
+    )
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "metrics"}, indent=2))
+
+
+def evaluate(
+    model: str = typer.Option(
+        ..., "--model", help="models:/magnet@alias, models:/magnet/N, run id, or checkpoint."
+    ),
+    shards: Path = typer.Option(..., "--shards", help="Prepared dataset root."),
+    splits: list[str] = typer.Option(["val"], "--split", help="Split to score (repeatable)."),
+    protocol: str | None = typer.Option(None, "--protocol", help="lavt (480 resize) or original size."),
+    out: Path | None = typer.Option(None, "--out", help="Write the metrics JSON here."),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="For models:/ and runs:/ URIs."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+) -> None:
+    """Score a model on whole splits (every expression) and write oIoU, mIoU and P@t."""
+    from magnet.evaluate import evaluate as run_evaluation
+    from pipelines.registry import load_model
+
+    if protocol not in (None, "lavt", "original"):
+        raise typer.BadParameter(
+            f"{protocol!r} is not a protocol; use lavt or original", param_hint="--protocol"
+        )
+    try:
+        net, cfg = load_model(model, tracking_uri=tracking_uri, device=device)
+    except (ValueError, FileNotFoundError) as err:
+        raise typer.BadParameter(str(err), param_hint="--model") from None
+    if protocol is not None:
+        cfg.eval.protocol = protocol
+    result = run_evaluation(net, str(shards), cfg, splits=splits, device=device)
+    report = {
+        "model": model,
+        "shards": str(shards.resolve()),
+        "protocol": result.describe(),
+        "metrics": result.metrics,
+    }
+    text = json.dumps(report, indent=2)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    typer.echo(text)
+
+
+def predict(
+    model: str = typer.Option(
+        ..., "--model", help="models:/magnet@alias, models:/magnet/N, run id, or checkpoint."
+    ),
+    image: Path = typer.Option(..., "--image", exists=True, dir_okay=False, help="Image file."),
+    text: str = typer.Option(..., "--text", help="The referring expression."),
+    out: Path = typer.Option(Path("overlay.png"), "--out", help="Overlay picture to write."),
+    mask_out: Path | None = typer.Option(None, "--mask-out", help="Also write the mask (PNG, 0/255)."),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="For models:/ and runs:/ URIs."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+) -> None:
+    """Segment the object an expression refers to; write an overlay (and the mask)."""
+    from PIL import Image
+
+    from magnet.inference import mask_to_png_image, predict_one, render_overlay
+    from pipelines.registry import load_model
+
+    try:
+        net, cfg = load_model(model, tracking_uri=tracking_uri, device=device)
+    except (ValueError, FileNotFoundError) as err:
+        raise typer.BadParameter(str(err), param_hint="--model") from None
+    picture = Image.open(image)
+    mask = predict_one(net, cfg.model, picture, text, cfg.eval.threshold)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    render_overlay(picture, mask, text=text).save(out)
+    if mask_out is not None:
+        mask_out.parent.mkdir(parents=True, exist_ok=True)
+        mask_to_png_image(mask).save(mask_out)
+    share = 100 * mask.mean()
+    typer.echo(
+        f"mask covers {share:.1f}% of the image; overlay: {out}" + (f", mask: {mask_out}" if mask_out else "")
+    )
+
+
+def demo(
+    workdir: Path = typer.Option(Path("demo-run"), "--workdir", help="Everything the demo writes goes here."),
+) -> None:
+    """The whole pipeline in minutes on a laptop: synthetic data, shards, Ray training on 2 CPU
+    workers, evaluation against language-blind baselines, MLflow registry."""
+    from pipelines.demo import run_demo
+
+    run_demo(workdir)
+
+
+@stack_app.command("up")
+def stack_up(
+    state_dir: Path = typer.Option(Path(".magnet-stack"), "--state-dir", help="Databases, pid files, logs."),
+    prefect_port: int = typer.Option(4200, "--prefect-port"),
+    mlflow_port: int = typer.Option(5000, "--mlflow-port"),
+) -> None:
+    """Start a Prefect server, an MLflow server and the served deployments, on 127.0.0.1."""
+    from pipelines.stack import StackError, up
+
+    try:
+        typer.echo(up(state_dir, prefect_port=prefect_port, mlflow_port=mlflow_port))
+    except StackError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
+@stack_app.command("down")
+def stack_down(state_dir: Path = typer.Option(Path(".magnet-stack"), "--state-dir")) -> None:
+    """Stop what `magnet stack up` started."""
+    from pipelines.stack import down
+
+    typer.echo(down(state_dir))
+
+
+@stack_app.command("status")
+def stack_status(state_dir: Path = typer.Option(Path(".magnet-stack"), "--state-dir")) -> None:
+    """Which stack processes run, and the addresses to use."""
+    from pipelines.stack import status
+
+    typer.echo(status(state_dir))
 
 
 def register(app: typer.Typer) -> None:
     """Add this group's commands to the `magnet` app."""
+    app.command("train")(train)
+    app.command("evaluate")(evaluate)
+    app.command("predict")(predict)
+    app.command("demo")(demo)
+    app.add_typer(stack_app, name="stack")

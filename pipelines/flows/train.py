@@ -1,0 +1,286 @@
+"""The `train-magnet` Prefect flow: open the MLflow run, train on Ray, evaluate the final model on
+every held-out split, register it, and leave a markdown report of the metrics.
+
+The flow only puts tasks in order; the work lives in pipelines.ray_train (the Ray Train driver),
+magnet.evaluate, pipelines.tracking and pipelines.registry. Every path handed on is absolute,
+because Ray runs workers in another directory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from magnet.config import Config, load_config
+from pipelines import tracking as mlflow_tracking
+
+DEFAULT_STORAGE = "ray-results"
+PICTURE_EXAMPLES = 4
+
+
+def absolute_storage(storage_path: str | None) -> str:
+    """Object-storage URLs pass through; local paths become absolute (default ./ray-results)."""
+    if storage_path and "://" in storage_path:
+        return storage_path
+    return str(Path(storage_path or DEFAULT_STORAGE).resolve())
+
+
+def shard_location(shards: str) -> str:
+    """Object-storage URLs pass through; local paths become absolute."""
+    return shards if "://" in shards else str(Path(shards).resolve())
+
+
+def _open(url: str) -> Any:
+    import fsspec
+
+    return fsspec.open(url, "rb")
+
+
+def held_out_splits(shards: str, train_split: str) -> list[str]:
+    """Every split of the prepared data except the training split, in summary.json's order."""
+    with _open(f"{shards}/summary.json") as handle:
+        summary = json.load(handle)
+    return [split for split in summary.get("counts", {}) if split != train_split]
+
+
+def first_example(shards: str, split: str) -> tuple[bytes, str]:
+    """(image bytes, expression) of a split's first sample: the registered model's input example."""
+    import tarfile
+
+    with _open(f"{shards}/{split}/shard-000000.tar") as handle, tarfile.open(fileobj=handle) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        key = min(name.split(".", 1)[0] for name in members)
+        meta = json.loads(tar.extractfile(members[f"{key}.json"]).read())
+        image_name = next(f"{key}.{ext}" for ext in ("jpg", "jpeg", "png") if f"{key}.{ext}" in members)
+        return tar.extractfile(members[image_name]).read(), meta["raw"]
+
+
+def local_checkpoint(location: str | None) -> Path:
+    """A checkpoint directory on this machine: local paths as they are, URLs copied down."""
+    if location is None:
+        raise RuntimeError("training finished without a checkpoint: nothing to evaluate or register")
+    if "://" not in location:
+        return Path(location)
+    import tempfile
+
+    import pyarrow.fs
+
+    target = Path(tempfile.mkdtemp(prefix="magnet-checkpoint-")) / Path(location).name
+    pyarrow.fs.copy_files(location, str(target))
+    return target
+
+
+# ----------------------------------------------------------------------------------- tasks
+@task(name="open-mlflow-run")
+def open_run(
+    cfg: Config, shards: str, tracking_uri: str | None, experiment: str, run_name: str, resume: bool
+) -> dict[str, str]:
+    settings = mlflow_tracking.start_run(
+        cfg, shards=shards, tracking_uri=tracking_uri, experiment=experiment, run_name=run_name, resume=resume
+    )
+    get_run_logger().info("MLflow run %s at %s", settings["run_id"], settings["tracking_uri"])
+    return settings
+
+
+@task(name="train")
+def train(
+    cfg: Config,
+    shards: str,
+    *,
+    num_workers: int,
+    use_gpu: bool,
+    ray_address: str | None,
+    storage_path: str,
+    run_name: str,
+    resume: bool,
+    tracking: dict[str, str],
+    max_failures: int,
+) -> Any:
+    from pipelines.ray_train import run_training
+
+    return run_training(
+        cfg,
+        shards,
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        ray_address=ray_address,
+        storage_path=storage_path,
+        run_name=run_name,
+        resume=resume,
+        tracking=tracking,
+        max_failures=max_failures,
+    )
+
+
+@task(name="evaluate")
+def evaluate_final(
+    checkpoint: Path,
+    shards: str,
+    splits: list[str],
+    tracking: dict[str, str],
+    step: int,
+    pictures_dir: Path | None,
+) -> dict[str, Any]:
+    """Score the final checkpoint on whole splits; metrics and pictures go to the run."""
+    import torch
+
+    from magnet.checkpoint import load_model_from_checkpoint
+    from magnet.evaluate import evaluate, prediction_figure
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, cfg = load_model_from_checkpoint(checkpoint, device=device)
+    result = evaluate(model, shards, cfg, splits=splits, device=device, keep_examples=PICTURE_EXAMPLES)
+    logger = mlflow_tracking.MlflowRunLogger(**tracking)
+    logger.log_metrics(result.metrics, step=step)
+    for split, outcome in result.splits.items():
+        if not outcome.examples:
+            continue
+        figure = prediction_figure(outcome.examples, title=f"{split}: final model")
+        logger.log_predictions(figure, f"final-{split}", step=step)
+        if pictures_dir is not None:
+            pictures_dir.mkdir(parents=True, exist_ok=True)
+            (pictures_dir / f"predictions-{split}.png").write_bytes(figure)
+    return {"protocol": result.describe(), "metrics": result.metrics}
+
+
+@task(name="register")
+def register(tracking: dict[str, str], checkpoint: Path, shards: str, split: str, aliases: list[str]) -> str:
+    from pipelines.registry import log_and_register
+
+    version = log_and_register(tracking, checkpoint, first_example(shards, split), aliases=tuple(aliases))
+    get_run_logger().info("registered model magnet version %s", version)
+    return version
+
+
+# ------------------------------------------------------------------------------------ flow
+def _report(
+    cfg: Config, run_name: str, tracking: dict[str, str], version: str | None, evaluation: dict[str, Any]
+) -> str:
+    metrics: dict[str, float] = evaluation["metrics"]
+    splits = list(dict.fromkeys(key.split("/", 1)[0] for key in metrics))
+    names = ["oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9", "n"]
+    lines = [
+        f"# train-magnet: {run_name}",
+        "",
+        f"Config `{cfg.name}`; {evaluation['protocol']}.",
+        "",
+        "| split | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    for split in splits:
+        cells = [metrics.get(f"{split}/{name}") for name in names]
+        lines.append(
+            f"| {split} | "
+            + " | ".join("" if c is None else f"{c:.2f}" if c % 1 else f"{c:.0f}" for c in cells)
+            + " |"
+        )
+    lines += ["", f"MLflow: {mlflow_tracking.run_url(tracking)}"]
+    if version is not None:
+        lines.append(f"Registered model: `models:/magnet/{version}`")
+    return "\n".join(lines)
+
+
+@flow(name="train-magnet", log_prints=True)
+def train_magnet(
+    config: str = "tiny",
+    shards: str | None = None,
+    overrides: list[str] | None = None,
+    ray_address: str | None = None,
+    num_workers: int = 2,
+    use_gpu: bool = False,
+    experiment: str = mlflow_tracking.DEFAULT_EXPERIMENT,
+    run_name: str | None = None,
+    resume: bool = False,
+    tracking_uri: str | None = None,
+    storage_path: str | None = None,
+    eval_splits: list[str] | None = None,
+    register_model: bool = True,
+    aliases: list[str] | None = None,
+    max_failures: int = 2,
+    pictures_dir: str | None = None,
+) -> dict[str, Any]:
+    """Train MagNet on prepared shards with Ray Train, tracked and registered in MLflow.
+
+    Args:
+        config: preset name (configs/<name>.yaml) or YAML path.
+        shards: prepared dataset root ``<out>/<dataset>-<splitBy>``; None generates the synthetic
+            demo data under ./demo-run (the embedded default, no download).
+        overrides: dotted ``key=value`` config overrides.
+        ray_address: Ray cluster to join; None = RAY_ADDRESS or a local Ray.
+        num_workers: Ray Train workers.
+        use_gpu: one GPU per worker.
+        experiment: MLflow experiment.
+        run_name: unique by default; give the old name with ``resume`` to continue a run.
+        resume: continue the run named ``run_name`` from its last checkpoint.
+        tracking_uri: MLflow tracking URI; None = MLFLOW_TRACKING_URI or ./mlflow.db.
+        storage_path: Ray Train storage (local path or object-storage URL); default ./ray-results.
+        eval_splits: splits scored at the end; None = every split but the training one.
+        register_model: log the pyfunc model and register a version of `magnet`.
+        aliases: registry aliases pointing at the new version.
+        max_failures: worker failures Ray Train recovers from (restoring the last checkpoint).
+        pictures_dir: also write the final prediction pictures there.
+    """
+    cfg = load_config(config, overrides or [])
+    if resume and not run_name:
+        raise ValueError("resume needs the run_name of the run to continue")
+    if run_name is None:
+        from pipelines.ray_train import new_run_name
+
+        run_name = new_run_name(cfg)
+    if shards is None:
+        from pipelines.demo import ensure_synthetic_shards
+
+        shard_root = str(ensure_synthetic_shards(Path("demo-run").resolve()))
+    else:
+        shard_root = shard_location(shards)
+    tracking = open_run(cfg, shard_root, tracking_uri, experiment, run_name, resume)
+    try:
+        result = train(
+            cfg,
+            shard_root,
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            ray_address=ray_address,
+            storage_path=absolute_storage(storage_path),
+            run_name=run_name,
+            resume=resume,
+            tracking=tracking,
+            max_failures=max_failures,
+        )
+        checkpoint = local_checkpoint(result.best_checkpoint)
+        step = int(json.loads((checkpoint / "meta.json").read_text())["step"])
+        splits = eval_splits or held_out_splits(shard_root, cfg.data.train_split)
+        evaluation = evaluate_final(
+            checkpoint,
+            shard_root,
+            splits,
+            tracking,
+            step,
+            Path(pictures_dir).resolve() if pictures_dir else None,
+        )
+        version = (
+            register(tracking, checkpoint, shard_root, splits[0], aliases or []) if register_model else None
+        )
+    except BaseException:
+        mlflow_tracking.end_run(tracking, status="FAILED")
+        raise
+    mlflow_tracking.end_run(tracking)
+    report = _report(cfg, run_name, tracking, version, evaluation)
+    key = re.sub(r"[^a-z0-9-]", "-", f"train-magnet-{run_name}".lower())
+    create_markdown_artifact(report, key=key, description="Final metrics of the train-magnet run")
+    print(report)
+    return {
+        "run_name": run_name,
+        "run_id": tracking["run_id"],
+        "tracking_uri": tracking["tracking_uri"],
+        "run_url": mlflow_tracking.run_url(tracking),
+        "model_version": version,
+        "checkpoint": str(checkpoint),
+        "protocol": evaluation["protocol"],
+        "metrics": evaluation["metrics"],
+    }

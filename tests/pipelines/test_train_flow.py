@@ -1,0 +1,99 @@
+"""The train-magnet flow through Prefect's test harness: tiny shards, one Ray worker, a few steps.
+Checks what a user finds afterwards: the MLflow run (params, tags, curves, pictures, the model),
+the registered version, the markdown report and the pictures on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pipelines import tracking
+
+pytestmark = pytest.mark.slow
+
+OVERRIDES = [
+    "model.image_size=64",
+    "data.batch_size=2",
+    "data.loader_workers=0",
+    "eval.eval_size=64",
+    "train.max_steps=3",
+    "train.checkpoint_every=3",
+    "train.log_every=1",
+]
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from prefect.artifacts import Artifact
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.demo import ensure_synthetic_shards
+    from pipelines.flows.train import train_magnet
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    root = tmp_path_factory.mktemp("flow")
+    shards = ensure_synthetic_shards(root, images=20, image_size=64)
+    with prefect_test_harness():
+        result = train_magnet(
+            config="tiny",
+            shards=str(shards),
+            overrides=OVERRIDES,
+            num_workers=1,
+            experiment="flow-test",
+            tracking_uri=f"sqlite:///{root}/mlflow.db",
+            storage_path=str(root / "ray"),
+            aliases=["candidate"],
+            pictures_dir=str(root / "pictures"),
+        )
+        key = f"train-magnet-{result['run_name']}".lower()
+        artifact = Artifact.get(key)
+    return {"result": result, "root": root, "markdown": artifact.data if artifact else None}
+
+
+def test_flow_returns_metrics_of_every_held_out_split(flow_run):
+    result = flow_run["result"]
+    for split in ("val", "testA", "testB"):
+        assert 0 <= result["metrics"][f"{split}/oIoU"] <= 100
+        assert result["metrics"][f"{split}/n"] > 0
+    assert "protocol lavt" in result["protocol"]
+    assert Path(result["checkpoint"], "model.pt").is_file()
+
+
+def test_mlflow_run_has_params_tags_curves_and_pictures(flow_run):
+    result = flow_run["result"]
+    client = tracking.client_for(result["tracking_uri"])
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == result["run_name"]
+    assert run.data.params["train.max_steps"] == "3" and run.data.params["model.image_size"] == "64"
+    assert run.data.tags["dataset.dataset"] == "refcoco" and "mlflow.source.git.commit" in run.data.tags
+    assert [m.step for m in client.get_metric_history(result["run_id"], "train/loss")] == [1, 2, 3]
+    assert "testB/oIoU" in run.data.metrics and "val/P_0.5" in run.data.metrics
+    pictures = {a.path for a in client.list_artifacts(result["run_id"], "predictions")}
+    assert {f"predictions/final-{s}_step0000003.png" for s in ("val", "testA", "testB")} <= pictures
+    assert "config.yaml" in {a.path for a in client.list_artifacts(result["run_id"])}
+    assert sorted(p.name for p in (flow_run["root"] / "pictures").glob("*.png")) == [
+        "predictions-testA.png",
+        "predictions-testB.png",
+        "predictions-val.png",
+    ]
+
+
+def test_model_is_registered_and_loadable(flow_run):
+    from pipelines.registry import load_model
+
+    result = flow_run["result"]
+    client = tracking.client_for(result["tracking_uri"])
+    version = client.get_model_version_by_alias("magnet", "candidate")
+    assert str(version.version) == result["model_version"] and version.run_id == result["run_id"]
+    model, cfg = load_model("models:/magnet@candidate", tracking_uri=result["tracking_uri"])
+    assert cfg.train.max_steps == 3 and not model.training
+
+
+def test_markdown_report_names_metrics_and_run(flow_run):
+    markdown = flow_run["markdown"]
+    assert markdown is not None
+    assert "| testA |" in markdown and flow_run["result"]["run_id"] in markdown
+    assert f"models:/magnet/{flow_run['result']['model_version']}" in markdown
