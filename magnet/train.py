@@ -60,7 +60,10 @@ from magnet.models import build_model
 
 log = logging.getLogger(__name__)
 
-SCORE_KEY = "score"  # checkpoint score: the first eval split's oIoU at that checkpoint, NaN if not evaluated
+# Checkpoint score: the first eval split's oIoU at that checkpoint's weights, NOT_EVALUATED
+# otherwise (finite: Ray's run snapshot is JSON, where NaN would come back as null).
+SCORE_KEY = "score"
+NOT_EVALUATED = -1.0
 NO_DECAY_NAMES = (
     "relative_position_bias_table",
     "absolute_pos_embed",
@@ -136,8 +139,8 @@ class StepEvent:
     """What one rank did in one optimizer step, for hooks (progress files, fault injection)."""
 
     rank: int
-    step: int
-    epoch: int
+    step: int  # optimizer steps done, this one included
+    epoch: int  # the epoch this step's batches came from
     sent_ids: list[int]
     losses: dict[str, float]
 
@@ -429,7 +432,7 @@ def train(
         hooks: called on every rank after every optimizer step.
 
     Returns:
-        The metrics of the last report: step, epoch, the latest train curves, and
+        The metrics of the last report: step, epoch, the latest logged train curves, and
         ``<split>/oIoU`` etc. of the final evaluation.
     """
     rank, world_size = _world()
@@ -469,18 +472,18 @@ def train(
         for micro_batches in _epoch_steps(
             cfg, train_shards, plan, DataPosition(**state.data_position), rank, world_size
         ):
+            lr, epoch = optimizer.param_groups[0]["lr"], state.epoch
             losses = train_step(trained, micro_batches, optimizer, scheduler, cfg.train, device)
             epoch_over = _advance(state, len(micro_batches), plan)
             sent_ids = [int(i) for batch in micro_batches for i in batch["sent_id"]]
+            event = StepEvent(rank=rank, step=state.step, epoch=epoch, sent_ids=sent_ids, losses=losses)
             for hook in hooks:
-                hook(
-                    StepEvent(rank=rank, step=state.step, epoch=state.epoch, sent_ids=sent_ids, losses=losses)
-                )
+                hook(event)
 
             curves.add(losses)
             if state.step % cfg.train.log_every == 0:
                 logged = curves.flush()
-                logged["train/lr"] = scheduler.get_last_lr()[0]
+                logged["train/lr"] = lr
                 logged["train/epoch"] = state.step / plan.steps_per_epoch
                 logger.log_metrics(logged, state.step)
                 metrics.update(logged)
@@ -496,10 +499,10 @@ def train(
                 metrics.update(evaluation.metrics)
                 score = evaluation.metrics[f"{cfg.data.eval_splits[0]}/oIoU"]
             elif final or state.step % cfg.train.checkpoint_every == 0:
-                score = math.nan
+                score = NOT_EVALUATED
             else:
                 continue
-            metrics.update({"step": state.step, "epoch": state.epoch, "train/loss": losses["loss"]})
+            metrics.update({"step": state.step, "epoch": state.epoch})
             report = {**metrics, SCORE_KEY: score}
             _report(
                 reporter,

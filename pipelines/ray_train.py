@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from magnet.config import Config, config_from_dict
-from magnet.train import SCORE_KEY, StepHook
+from magnet.train import NOT_EVALUATED, SCORE_KEY, StepHook
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,9 @@ def _location(storage_path: str, run_name: str, checkpoint: Any | None) -> str |
 
 
 def _best(best_checkpoints: Sequence[tuple[Any, dict[str, Any]]]) -> Any | None:
-    scored = [(m[SCORE_KEY], c) for c, m in best_checkpoints if m.get(SCORE_KEY) == m.get(SCORE_KEY)]
+    scored = [
+        (m[SCORE_KEY], c) for c, m in best_checkpoints if m.get(SCORE_KEY, NOT_EVALUATED) > NOT_EVALUATED
+    ]
     return max(scored, key=lambda pair: pair[0])[1] if scored else None
 
 

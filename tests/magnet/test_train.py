@@ -91,8 +91,8 @@ def tiny_config(*overrides: str):
             "data.batch_size=2",
             "data.loader_workers=0",
             "data.eval_splits=[]",
-            "train.max_steps=3",
-            "train.checkpoint_every=2",
+            "train.max_steps=2",
+            "train.checkpoint_every=1",
             "train.lr=1e-3",
             *overrides,
         ],
@@ -113,21 +113,21 @@ def test_restored_run_continues_exactly_like_an_uninterrupted_one(shards, tmp_pa
         hooks=[lambda e: whole.update({e.step: e.losses["loss"]})],
     )
 
-    def stop_at_3(event: StepEvent) -> None:
-        if event.step == 3:
+    def stop_at_2(event: StepEvent) -> None:
+        if event.step == 2:
             raise _Stop
 
     with pytest.raises(_Stop):
-        train(cfg, shards, reporter=LocalReporter(tmp_path / "split"), hooks=[stop_at_3])
+        train(cfg, shards, reporter=LocalReporter(tmp_path / "split"), hooks=[stop_at_2])
     reporter = LocalReporter(tmp_path / "split")
-    assert [p.name for p in reporter.checkpoints()] == ["checkpoint_00000002"]
+    assert [p.name for p in reporter.checkpoints()] == ["checkpoint_00000001"]
 
     resumed: dict[int, float] = {}
     metrics = train(
         cfg, shards, reporter=reporter, hooks=[lambda e: resumed.update({e.step: e.losses["loss"]})]
     )
-    assert list(resumed) == [3] and metrics["step"] == 3
-    assert resumed[3] == whole[3]  # same batches, same random draws, same optimizer state: bit-identical
-    final_whole = torch.load(tmp_path / "whole" / "checkpoint_00000003" / "model.pt")
-    final_split = torch.load(tmp_path / "split" / "checkpoint_00000003" / "model.pt")
+    assert list(resumed) == [2] and metrics["step"] == 2
+    assert resumed[2] == whole[2]  # same batches, same random draws, same optimizer state: bit-identical
+    final_whole = torch.load(tmp_path / "whole" / "checkpoint_00000002" / "model.pt")
+    final_split = torch.load(tmp_path / "split" / "checkpoint_00000002" / "model.pt")
     assert all(torch.equal(final_whole[k], final_split[k]) for k in final_whole)

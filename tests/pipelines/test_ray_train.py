@@ -118,6 +118,7 @@ def test_worker_killed_mid_run_resumes_and_does_every_step_once(shards, local_ra
     # checkpoints every 2 steps and at the end, all kept
     assert checkpoint_steps(result) == [2, 4, MAX_STEPS]
     assert Path(result.last_checkpoint).name.endswith(f"{MAX_STEPS:08d}")
+    assert result.best_checkpoint == result.last_checkpoint  # the only evaluated one
 
     for rank in (0, 1):
         first, second = attempts(steps, rank)
