@@ -224,11 +224,12 @@ class MlflowRunLogger:
             self._client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
     def log_predictions(self, figure_png: bytes, name: str, step: int) -> None:
-        """Stored as ``predictions/<name>_step<step:07d>.png`` so pictures sort by step."""
+        """Stored as ``predictions/<name>`` (``.png`` added when missing); the caller puts the step
+        in the name, so every evaluation keeps its own picture."""
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"{_safe_dir_name(name)}_step{int(step):07d}.png"
+            path = Path(tmp) / _safe_dir_name(name if name.endswith(".png") else f"{name}.png")
             path.write_bytes(figure_png)
             self._client.log_artifact(self.run_id, str(path), artifact_path="predictions")
 

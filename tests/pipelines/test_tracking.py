@@ -77,14 +77,15 @@ def test_logger_writes_metrics_and_pictures(store, shard_root):
     logger.log_metrics({"loss": 0.5, "val/precision@0.5": 0.25}, step=2)
     png = io.BytesIO()
     Image.new("RGB", (8, 8)).save(png, format="PNG")
-    logger.log_predictions(png.getvalue(), "val", step=2)
+    logger.log_predictions(png.getvalue(), "val_step2", step=2)
+    logger.log_predictions(png.getvalue(), "val_step3.png", step=3)
 
     client = tracking.client_for(store)
     history = client.get_metric_history(settings["run_id"], "loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.5), (2, 0.5)]
     assert client.get_run(settings["run_id"]).data.metrics["val/precision_0.5"] == 0.25
     pictures = [a.path for a in client.list_artifacts(settings["run_id"], "predictions")]
-    assert pictures == ["predictions/val_step0000002.png"]
+    assert pictures == ["predictions/val_step2.png", "predictions/val_step3.png"]
 
 
 def test_missing_summary_is_a_clear_error(store, tmp_path):
