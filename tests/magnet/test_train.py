@@ -1,4 +1,5 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from magnet.train import (
     lr_factor,
     param_groups,
     train,
+    train_step,
 )
 
 
@@ -69,6 +71,44 @@ def test_scheduler_steps_the_optimizer_lr():
         scheduler.step()
     assert seen == pytest.approx([1e-3 * (1 - s / 10) ** 0.9 for s in range(3)])
     assert all(math.isclose(g["lr"], optimizer.param_groups[0]["lr"]) for g in optimizer.param_groups)
+
+
+class _Regressor(nn.Module):
+    """Stands in for MagNet's interface: a mean-squared loss over pixels, in ``losses``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, image, input_ids, attention_mask, target_mask):
+        loss = ((image.mean(1) * self.scale - target_mask) ** 2).mean()
+        return SimpleNamespace(losses={"loss": loss})
+
+
+def _step_result(micro_batches, grad_clip=None):
+    model = _Regressor()
+    cfg = TrainConfig(lr=0.1, weight_decay=0.0, grad_clip=grad_clip, precision="fp32")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=10)
+    losses = train_step(model, micro_batches, optimizer, scheduler, cfg, torch.device("cpu"))
+    return model.scale.item(), losses
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    torch.manual_seed(0)
+    batch = {
+        "image": torch.randn(4, 3, 5, 5),
+        "mask": torch.rand(4, 5, 5),
+        "input_ids": torch.zeros(4, 3, dtype=torch.int64),
+        "attention_mask": torch.ones(4, 3, dtype=torch.int64),
+    }
+    halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    whole_scale, whole_losses = _step_result([batch])
+    split_scale, split_losses = _step_result(halves)
+    assert split_scale == pytest.approx(whole_scale, abs=1e-6)
+    assert split_losses["loss"] == pytest.approx(whole_losses["loss"], abs=1e-6)
+    _, clipped = _step_result([batch], grad_clip=1e-3)
+    assert clipped["grad_norm"] > 1e-3  # the norm before clipping is reported
 
 
 # ------------------------------------------------------------------ the loop on tiny shards
