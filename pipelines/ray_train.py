@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,7 @@ def _absolute(location: str | Path) -> str:
 
 def new_run_name(cfg: Config) -> str:
     """``<preset>-<UTC time>-<6 hex>``: unique, so a new run never picks up an old one's checkpoints."""
-    return f"{cfg.name}-{datetime.utcnow():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    return f"{cfg.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
 def _run_exists(storage_path: str, run_name: str) -> bool:
