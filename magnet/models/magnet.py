@@ -188,7 +188,8 @@ class MultiModalSwin(nn.Module):
             dynamic_img_pad=True,
         )
         self.channels = tuple(v.embed_dim * 2**k for k in range(4))
-        rates = torch.linspace(0, v.drop_path_rate, sum(v.depths)).tolist()
+        blocks = sum(v.depths)
+        rates = [v.drop_path_rate * i / max(blocks - 1, 1) for i in range(blocks)]  # linear, as timm
         layers = []
         for k in range(4):
             grid = max(cfg.image_size // (v.patch_size * 2**k), 1)
@@ -470,43 +471,31 @@ def build_text_encoder(cfg: ModelConfig, load_pretrained: bool) -> BertModel:
 
 
 def load_pretrained_vision(image_model: MultiModalSwin, source: str) -> None:
-    """Swin weights from a timm hub name (network or cache) or a local checkpoint file.
+    """Swin weights from a local checkpoint file or a timm hub name (network or HF cache).
 
-    A local file may hold a timm state dict or the original Swin one (``{'model': ...}``,
-    patch merging at the end of each stage); the latter goes through timm's own converter.
-    Only Swin parameters are loaded; fusion, CAM and output norms keep their init.
+    The file may hold a timm state dict or an original Swin one (``{'model': ...}``, patch
+    merging at the end of each stage); timm's own converter renames the latter and resizes
+    relative-position tables to our window. Only Swin parameters are loaded (all of them, or an
+    error); fusion, CAM and output norms keep their init.
     """
     import timm
     from timm.models.swin_transformer import checkpoint_filter_fn
 
     if Path(source).is_file():
         state = torch.load(source, map_location="cpu", weights_only=True)
-        state = state.get("model", state.get("state_dict", state))
-        skeleton = timm.create_model(
-            "swin_base_patch4_window12_384",
-            pretrained=False,
-            num_classes=0,
-            embed_dim=image_model.channels[0],
-            depths=tuple(len(stage.blocks) for stage in image_model.layers),
-            num_heads=tuple(stage.blocks[0].attn.num_heads for stage in image_model.layers),
-            window_size=image_model.layers[0].blocks[0].window_size,
-        )
-        state = checkpoint_filter_fn(state, skeleton)
         origin = f"local file {source}"
     else:
         state = timm.create_model(source, pretrained=True, num_classes=0).state_dict()
         origin = f"timm hub {source}"
+    state = checkpoint_filter_fn(state, image_model)
     swin_keys = {k for k in image_model.state_dict() if SWIN_KEY.match(k)}
-    wanted = {k: v for k, v in state.items() if k in swin_keys}
-    missing = sorted(
-        k for k in swin_keys if k not in wanted and not k.endswith(("relative_position_index", "attn_mask"))
-    )
+    missing = sorted(swin_keys - state.keys())
     if missing:
         raise ValueError(
             f"vision.pretrained {source}: {len(missing)} Swin weights missing, e.g. {missing[:3]}"
         )
-    image_model.load_state_dict(wanted, strict=False)
-    log.info("vision encoder: pretrained Swin weights from %s (%d tensors)", origin, len(wanted))
+    image_model.load_state_dict({k: state[k] for k in swin_keys}, strict=False)
+    log.info("vision encoder: pretrained Swin weights from %s (%d tensors)", origin, len(swin_keys))
 
 
 def special_token_ids() -> tuple[list[int], int]:
@@ -533,3 +522,39 @@ def build_magnet(cfg: ModelConfig, device: torch.device | str | None = None) -> 
         log.info("vision encoder: random init")
     model.zero_gates()
     return model.to(device)
+
+
+def describe_model(cfg: ModelConfig, height: int | None = None, width: int | None = None) -> dict:
+    """Parameter counts per part and output shapes for one [1, 3, height, width] input, from a
+    model built on the meta device: no memory, no weights, so the paper config is free.
+
+    Returns a JSON-ready dict: ``parameters`` (per part, ``inference`` and ``total``),
+    ``text_encoder`` (name, layers, width, parameters), ``input``, ``stages`` (per-stage
+    feature shapes the decoder sees), ``mask_logits`` and ``aux_mask_logits`` shapes.
+    """
+    height = height or cfg.image_size
+    width = width or cfg.image_size
+    model = build_magnet(cfg, "meta")
+    language = model.language_model
+    text_params = sum(
+        p.numel() for part in (language.embeddings, language.encoder) for p in part.parameters()
+    )
+    ids = torch.ones(1, cfg.text.max_tokens, dtype=torch.long, device="meta")
+    image = torch.empty(1, 3, height, width, device="meta")
+    with torch.no_grad():
+        enc = model.encode(image, ids, ids)
+        out = model.classifier(enc.features)
+    return {
+        "parameters": model.parameter_counts(),
+        "text_encoder": {
+            "name_or_path": cfg.text.name_or_path,
+            "layers_per_stage": [len(group) for group in language.groups],
+            "width": language.embeddings.word_embeddings.embedding_dim,
+            "parameters": text_params,
+            "word_embedding_parameters": language.embeddings.word_embeddings.weight.numel(),
+        },
+        "input": [1, 3, height, width],
+        "stages": [list(f.shape) for f in enc.features],
+        "mask_logits": list(out.mask_logits.shape),
+        "aux_mask_logits": [list(a.shape) for a in out.aux_mask_logits],
+    }
