@@ -124,6 +124,7 @@ def _location(storage_path: str, run_name: str, checkpoint: Any | None) -> str |
 
 
 def _best(best_checkpoints: Sequence[tuple[Any, dict[str, Any]]]) -> Any | None:
+    """The evaluated checkpoint with the highest score; None when none was evaluated."""
     scored = [
         (m[SCORE_KEY], c) for c, m in best_checkpoints if m.get(SCORE_KEY, NOT_EVALUATED) > NOT_EVALUATED
     ]

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,9 @@ class StepTrace:
         if fire and not os.path.exists(self.marker):
             Path(self.marker).touch()
             if self.kill:
+                # Ray's controller collects reports when it polls the workers (every 2 s): give it
+                # time to register the last checkpoint, or the restart begins from an older one
+                time.sleep(8)
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError("stopping the run on purpose")
 
