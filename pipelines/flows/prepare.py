@@ -10,6 +10,9 @@ artifact of the counts per split and the rejects by reason.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NONE
 from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from data_prep.masks import MaskMode
@@ -119,8 +123,10 @@ def prepare_refcoco(
     logger.info("%d chunks over splits %s into %s", total, ", ".join(plan.splits), plan.out_dir)
 
     artifact = create_progress_artifact(0.0, key="prepare-refcoco-progress", description="chunks done (%)")
+    # quote(): Prefect would otherwise walk every field of every chunk (all the polygons) to
+    # look for upstream futures, which costs more than the chunk's work on real data.
     futures = [
-        chunk_task.submit(settings, plan.vocabulary_hash, chunk, plan.out_dir, plan.image_dir)
+        chunk_task.submit(settings, plan.vocabulary_hash, quote(chunk), plan.out_dir, plan.image_dir)
         for chunk in plan.chunks
     ]
     results: list[ChunkResult] = []
@@ -131,7 +137,7 @@ def prepare_refcoco(
             results.append(future.result())
             progress.advance(bar)
             update_progress_artifact(artifact, 100.0 * len(results) / max(total, 1))
-    result = assemble_task(plan, results)
+    result = assemble_task(quote(plan), results)
     create_markdown_artifact(
         report_markdown(result),
         key=f"prepare-{dataset.replace('+', 'plus')}-{split_by}",
@@ -140,8 +146,37 @@ def prepare_refcoco(
     return result.summary
 
 
+@contextmanager
+def _api_for_worker_processes() -> Iterator[None]:
+    """Point pool processes at the flow's Prefect API. Without PREFECT_API_URL, Prefect runs an
+    ephemeral server inside each process, so every pool process would start one of its own:
+    start one temporary server here instead and export its address to the children. The server
+    stops at exit (Prefect's own atexit hook), after Prefect has flushed its logs to it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    previous = os.environ.get("PREFECT_API_URL")
+    url = PREFECT_API_URL.value()
+    if not url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()
+        server.start()  # registers its own stop at exit
+        url = server.api_url
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+
+
 def run_prepare(workers: int = 2, **parameters: Any) -> dict[str, Any]:
     """Run the flow with `workers` processes for the chunks (what `magnet prepare` does); with one
     worker the chunks run in this process, sparing the pool's start-up."""
-    runner = ProcessPoolTaskRunner(workers) if workers > 1 else ThreadPoolTaskRunner(max_workers=1)
-    return prepare_refcoco.with_options(task_runner=runner)(**parameters)
+    if workers <= 1:
+        return prepare_refcoco.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(**parameters)
+    with _api_for_worker_processes():
+        return prepare_refcoco.with_options(task_runner=ProcessPoolTaskRunner(workers))(**parameters)

@@ -69,9 +69,14 @@ def test_magnet_prepare_runs_the_flow_and_reruns_skip(
     ).read_bytes()
     # Again through the flow (a second CliRunner would find Prefect's console handler bound to
     # the first one's closed stream).
-    run_prepare(workers=1, refer_root=str(refer_root), out=str(tmp_path / "flow"), samples_per_shard=15)
+    # Two workers: the chunks go to a process pool that must reach the harness's API.
+    (flow_dir / summary["shards"][0]["path"]).unlink()
+    run_prepare(workers=2, refer_root=str(refer_root), out=str(tmp_path / "flow"), samples_per_shard=15)
+    assert (tmp_path / "lib" / "refcoco-unc" / "summary.json").read_bytes() == (
+        flow_dir / "summary.json"
+    ).read_bytes()
     markdown = sorted(_artifacts()["markdown"], key=lambda a: a.created)[-1].data
-    assert f"{len(summary['shards'])} shards, {len(summary['shards'])} already done" in markdown
+    assert f"{len(summary['shards'])} shards, {len(summary['shards']) - 1} already done" in markdown
 
 
 def test_unknown_split_is_a_clear_cli_error(prefect_harness: None, refer_root: Path, tmp_path: Path) -> None:
