@@ -77,10 +77,10 @@ class StepTrace:
         fire = event.rank == self.fault_rank and event.step == self.fault_step
         if fire and not os.path.exists(self.marker):
             Path(self.marker).touch()
+            # Ray's controller collects reports when it polls the workers (every 2 s): give it
+            # time to register the last checkpoint, or the restart begins from an older one
+            time.sleep(8)
             if self.kill:
-                # Ray's controller collects reports when it polls the workers (every 2 s): give it
-                # time to register the last checkpoint, or the restart begins from an older one
-                time.sleep(8)
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError("stopping the run on purpose")
 
