@@ -17,6 +17,17 @@ import is a short table of renames (``RENAMES``), not a re-wiring:
 Every other key maps to itself. The import refuses, naming every key at fault, a file in which a
 tensor finds no place, an inference parameter of ours stays unfilled, or a shape differs.
 Loading uses ``weights_only=True``: a file that needs arbitrary unpickling is refused.
+
+Reproducing the published numbers with imported weights:
+
+    magnet import-weights --checkpoint magnet_refcoco.pth --out ckpt/magnet-refcoco
+    magnet prepare --refer-root REFER --dataset refcoco --split-by unc --out shards --mask-mode refer
+    magnet evaluate --model ckpt/magnet-refcoco --shards shards/refcoco-unc --split val --split testA
+
+``--mask-mode refer`` rasterises ground truth as the refer toolkit does (polygons summed, overlaps
+dropped), as the reference scored itself; the default ``union`` is the correct mask. The model
+trained on all datasets takes ``--image-size 448``. ``--no-quirk`` imports for fine-tuning with
+the corrected language-side fusion (outputs then differ from the reference's).
 """
 
 from __future__ import annotations
