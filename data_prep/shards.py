@@ -32,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -39,7 +40,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, rasterize
-from data_prep.refer import Annotation, ImageInfo, Ref, load_refer
+from data_prep.refer import Annotation, ImageInfo, Ref, Sentence, load_refer
 from data_prep.tokenize import DEFAULT_TOKENIZER, encode_expressions, load_tokenizer, vocabulary_hash
 
 FORMAT_VERSION = 1
@@ -325,6 +326,18 @@ def _load_image(info: ImageInfo, image_dir: Path) -> tuple[str, bytes] | tuple[s
     return ("jpg" if fmt == "JPEG" else "png"), data
 
 
+class _Candidate(NamedTuple):
+    """An expression whose image and mask are good, waiting for its tokens."""
+
+    info: ImageInfo
+    ext: str  # "jpg" or "png"
+    image_bytes: bytes
+    ref: Ref
+    mask: np.ndarray  # [H, W] uint8 {0, 1}
+    mask_png: bytes
+    sentence: Sentence
+
+
 def _chunk_fingerprint(settings: PrepareSettings, vocab_hash: str, chunk: Chunk, image_dir: Path) -> str:
     """Hash of everything the chunk's bytes depend on: settings, tokenizer, the chunk's refs,
     annotations and images (identified by size and modification time)."""
@@ -365,23 +378,38 @@ def _write_parquet(rows: list[dict[str, object]], schema: pa.Schema, path: Path)
     os.replace(tmp, path)
 
 
+def finished_chunk(
+    settings: PrepareSettings, vocab_hash: str, chunk: Chunk, out_dir: str | Path, image_dir: str | Path
+) -> ChunkResult | None:
+    """The chunk's result (skipped=True) if an earlier run finished it with the same fingerprint
+    and its shard is intact, else None."""
+    out_dir = Path(out_dir)
+    _, _, done_path = _part_paths(out_dir, chunk)
+    shard_path = out_dir / chunk.shard
+    if not (done_path.is_file() and shard_path.is_file()):
+        return None
+    marker = json.loads(done_path.read_text())
+    fingerprint = _chunk_fingerprint(settings, vocab_hash, chunk, Path(image_dir))
+    if marker.get("fingerprint") != fingerprint or marker.get("sha256") != _file_sha256(shard_path):
+        return None
+    return ChunkResult(**{**marker["result"], "skipped": True})
+
+
 def prepare_chunk(
     settings: PrepareSettings, vocab_hash: str, chunk: Chunk, out_dir: str | Path, image_dir: str | Path
 ) -> ChunkResult:
     """Write one chunk's shard and its manifest / rejects parts; skip it when its completion
     marker matches. Every expression of the chunk becomes a sample or a reject row."""
     out_dir, image_dir = Path(out_dir), Path(image_dir)
+    done = finished_chunk(settings, vocab_hash, chunk, out_dir, image_dir)
+    if done is not None:
+        return done
     manifest_path, rejects_path, done_path = _part_paths(out_dir, chunk)
     shard_path = out_dir / chunk.shard
     fingerprint = _chunk_fingerprint(settings, vocab_hash, chunk, image_dir)
-    if done_path.is_file() and shard_path.is_file():
-        marker = json.loads(done_path.read_text())
-        if marker.get("fingerprint") == fingerprint and marker["sha256"] == _file_sha256(shard_path):
-            return ChunkResult(**{**marker["result"], "skipped": True})
 
     rejects: list[dict[str, object]] = []
-    # (image, image ext, image bytes, ref, mask, mask png, sentence) of expressions still in
-    candidates: list[tuple] = []
+    candidates: list[_Candidate] = []  # expressions that passed every check before tokenising
 
     def reject(ref: Ref, sent_id: int, reason: str, detail: str) -> None:
         rejects.append(
@@ -432,17 +460,17 @@ def prepare_chunk(
                 elif not sentence.raw.strip():
                     reject(ref, sentence.sent_id, "empty_expression", repr(sentence.raw))
                 else:
-                    candidates.append((image, loaded, ref, mask, mask_png, sentence))
+                    candidates.append(_Candidate(image.info, *loaded, ref, mask, mask_png, sentence))
 
     if candidates:
         tokenizer = load_tokenizer(settings.tokenizer)
-        texts = [c[5].raw for c in candidates]
+        texts = [c.sentence.raw for c in candidates]
         ids, attention, n_words = encode_expressions(tokenizer, texts, max_tokens=settings.max_tokens)
     manifest: list[dict[str, object]] = []
     shard_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_shard = shard_path.with_name(shard_path.name + ".tmp")
     with tarfile.open(tmp_shard, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for row, (image, (ext, image_bytes), ref, mask, mask_png, sentence) in enumerate(candidates):
+        for row, (info, ext, image_bytes, ref, mask, mask_png, sentence) in enumerate(candidates):
             if n_words[row] == 0:
                 reject(ref, sentence.sent_id, "empty_tokens", repr(sentence.raw))
                 continue
@@ -455,8 +483,8 @@ def prepare_chunk(
                 "category_id": ref.category_id,
                 "split": chunk.split,
                 "raw": sentence.raw,
-                "height": image.info.height,
-                "width": image.info.width,
+                "height": info.height,
+                "width": info.width,
             }
             _tar_member(tar, f"{key}.{ext}", image_bytes)
             _tar_member(tar, f"{key}.mask.png", mask_png)
@@ -642,13 +670,20 @@ def prepare_dataset(
         if on_chunk is not None:
             on_chunk(result, len(jobs))
 
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
+    todo = []
+    for job in jobs:  # finished chunks are found here, so a full re-run starts no processes
+        done = finished_chunk(*job)
+        if done is not None:
+            finished(done)
+        else:
+            todo.append(job)
+    if workers <= 1 or len(todo) <= 1:
+        for job in todo:
             finished(prepare_chunk(*job))
     else:
         # spawn: the parent has used the (multi-threaded) Rust tokenizer, which fork can deadlock.
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            for future in as_completed([pool.submit(prepare_chunk, *job) for job in jobs]):
+            for future in as_completed([pool.submit(prepare_chunk, *job) for job in todo]):
                 finished(future.result())
     return assemble(plan, results)

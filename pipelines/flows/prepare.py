@@ -1,9 +1,9 @@
 """The `prepare-refcoco` Prefect flow: refer-format data -> WebDataset shards, manifest, rejects.
 
-The flow only puts data_prep's steps in order: plan the chunks (one per shard), run every chunk
-as its own task in a process pool, then assemble manifest, rejects and summary. Chunks whose
-completion marker matches their fingerprint are skipped by data_prep itself, so a re-run with
-the same input does not redo them (whether or not Prefect remembers the earlier run). Progress
+The flow only puts data_prep's steps in order: plan the chunks (one per shard), find those an
+earlier run finished (their completion marker matches their fingerprint and the shard is
+intact: data_prep's markers, whether or not Prefect remembers that run), run each other chunk
+as its own task in a process pool, then assemble manifest, rejects and summary. Progress
 shows as a bar on the terminal and as a Prefect progress artifact; the run ends with a markdown
 artifact of the counts per split and the rejects by reason.
 """
@@ -33,6 +33,7 @@ from data_prep.shards import (
     PrepareResult,
     PrepareSettings,
     assemble,
+    finished_chunk,
     plan_prepare,
     prepare_chunk,
 )
@@ -52,6 +53,17 @@ def plan_task(
 ) -> PreparePlan:
     """Read the refer data and cut the splits into chunks."""
     return plan_prepare(refer_root, out, settings, splits, image_dir)
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_io_error, cache_policy=NONE)
+def finished_chunks_task(plan: PreparePlan) -> list[ChunkResult]:
+    """Chunks an earlier run finished (same fingerprint, intact shard): not submitted again, so a
+    full re-run starts no worker processes."""
+    found = (
+        finished_chunk(plan.settings, plan.vocabulary_hash, chunk, plan.out_dir, plan.image_dir)
+        for chunk in plan.chunks
+    )
+    return [result for result in found if result is not None]
 
 
 @task(
@@ -123,16 +135,20 @@ def prepare_refcoco(
     logger.info("%d chunks over splits %s into %s", total, ", ".join(plan.splits), plan.out_dir)
 
     artifact = create_progress_artifact(0.0, key="prepare-refcoco-progress", description="chunks done (%)")
+    results = finished_chunks_task(quote(plan))
+    logger.info("%d of %d chunks already done", len(results), total)
+    done = {(r.split, r.index) for r in results}
     # quote(): Prefect would otherwise walk every field of every chunk (all the polygons) to
     # look for upstream futures, which costs more than the chunk's work on real data.
     futures = [
         chunk_task.submit(settings, plan.vocabulary_hash, quote(chunk), plan.out_dir, plan.image_dir)
         for chunk in plan.chunks
+        if (chunk.split, chunk.index) not in done
     ]
-    results: list[ChunkResult] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not show_progress) as progress:
-        bar = progress.add_task(f"prepare {dataset}-{split_by}", total=total)
+        bar = progress.add_task(f"prepare {dataset}-{split_by}", total=total, completed=len(results))
+        update_progress_artifact(artifact, 100.0 * len(results) / max(total, 1))
         for future in as_completed(futures):
             results.append(future.result())
             progress.advance(bar)
