@@ -145,6 +145,7 @@ def run_training(
     tracking: dict[str, str] | None = None,
     max_failures: int = 2,
     hooks: Sequence[StepHook] = (),
+    callbacks: Sequence[Any] = (),
 ) -> TrainResult:
     """Train ``cfg`` on ``num_workers`` Ray Train workers (DDP: gloo on CPU, NCCL on GPU).
 
@@ -162,6 +163,8 @@ def run_training(
             used on rank 0; None = no tracking.
         max_failures: worker-group restarts from the latest checkpoint before the run fails.
         hooks: called on every worker after every optimizer step (pickled to the workers).
+        callbacks: Ray Train ``UserCallback``s on the controller (the Tune driver passes one that
+            forwards reports to its trial).
     """
     import ray
     import ray.train
@@ -205,6 +208,7 @@ def run_training(
                     checkpoint_score_order="max",
                 ),
                 failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                callbacks=list(callbacks),
             ),
         )
         result = trainer.fit()
