@@ -291,8 +291,10 @@ def ours_to_published(state_dict: Mapping[str, Tensor], model: nn.Module) -> dic
 
 # ------------------------------------------------------------------------------------- import
 def imported_config(image_size: int = 480, reference_mask_quirk: bool = True) -> Config:
-    """The ``paper`` config of an imported model: its input size, the reference's mask quirk, and
-    no pretrained backbone or text weights to fetch (the checkpoint holds every weight)."""
+    """The ``paper`` config of an imported model: its input size, the reference's mask quirk,
+    float32 (the reference ran in float32, and its quirk's huge additive constants need it; also
+    what ``magnet evaluate`` then uses on GPU), and no pretrained backbone or text weights to fetch
+    (the checkpoint holds every weight). Fine-tuning may set ``train.precision=bf16`` again."""
     if image_size not in PUBLISHED_IMAGE_SIZES:
         raise ValueError(f"image_size {image_size}: the published models take {PUBLISHED_IMAGE_SIZES}")
     return load_config(
@@ -302,6 +304,7 @@ def imported_config(image_size: int = 480, reference_mask_quirk: bool = True) ->
             f"model.fusion.reference_mask_quirk={str(reference_mask_quirk).lower()}",
             "model.vision.pretrained=",
             "model.text.pretrained=false",
+            "train.precision=fp32",
         ],
     )
 

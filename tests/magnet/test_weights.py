@@ -225,6 +225,7 @@ def test_import_load_forward_and_round_trips(tmp_path: Path) -> None:
     model, cfg = load_model_from_checkpoint(out)
     assert cfg.model.fusion.reference_mask_quirk is True
     assert cfg.model.image_size == 480
+    assert cfg.train.precision == "fp32"
 
     published = torch.load(source, map_location="cpu", weights_only=True, mmap=True)["model"]
     back = ours_to_published(model.state_dict(), model)
