@@ -32,6 +32,7 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.swin_transformer import SwinTransformerStage
 from torch import Tensor, nn
 from transformers import BertConfig, BertModel
+from transformers.utils import logging as hf_logging
 
 from magnet.config import ModelConfig
 from magnet.losses import AlignmentInputs, MagNetCriterion, MaskGroundingInputs
@@ -462,7 +463,19 @@ def build_text_encoder(cfg: ModelConfig, load_pretrained: bool) -> BertModel:
 
     if load_pretrained and cfg.text.pretrained:
         source = resolve_text_model(cfg.text.name_or_path)
-        bert = BertModel.from_pretrained(source, add_pooling_layer=False, attn_implementation="sdpa")
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report lists the pooler we leave out on purpose
+        try:
+            bert, info = BertModel.from_pretrained(
+                source, add_pooling_layer=False, attn_implementation="sdpa", output_loading_info=True
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        if info["missing_keys"]:
+            raise ValueError(
+                f"text.name_or_path {source}: checkpoint lacks {len(info['missing_keys'])} BERT weights, "
+                f"e.g. {sorted(info['missing_keys'])[:3]}"
+            )
         log.info("text encoder: pretrained weights from %s", source)
         return bert
     bert = BertModel(text_encoder_config(cfg.text.name_or_path), add_pooling_layer=False)

@@ -12,7 +12,8 @@ from timm.models.swin_transformer import SwinTransformerStage
 
 from magnet.config import ModelConfig, load_config
 from magnet.models import MagNet, build_model
-from magnet.models.magnet import TRAINING_ONLY_PREFIX, split_layers
+from magnet.models.fusion import PADDING_BIAS, LanguageFusion
+from magnet.models.magnet import TRAINING_ONLY_PREFIX, describe_model, split_layers
 
 PAPER_TOTAL = 297.0e6
 PAPER_SPLIT = {"vision_fusion_cam": 152.8e6, "language_fusion": 126.0e6, "decoder": 18.0e6}
@@ -234,6 +235,34 @@ def test_pretrained_swin_from_local_file(tmp_path, layout: str) -> None:
         if key.startswith(("patch_embed.", "layers.")):
             torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
     assert not model.image_model.layers[0].res_gate[2].weight.any()
+
+
+def test_reference_mask_quirk_cuts_the_image_off_unpadded_words() -> None:
+    """Handed the additive mask, the language fusion zeroes real words' queries; with no
+    padding every word then reads the same thing and the instance norm erases it, so the words'
+    update no longer depends on the image (design page). The 0/1 mask keeps the image in."""
+    torch.manual_seed(0)
+    fusion = LanguageFusion(word_dim=16, pixel_dim=8).eval()
+    words = torch.randn(2, 5, 16)
+    pixels_a, pixels_b = torch.randn(2, 2, 12, 8)
+    full = torch.ones(2, 5)
+    quirk = (1.0 - full) * PADDING_BIAS
+    torch.testing.assert_close(fusion(words, pixels_a, quirk), fusion(words, pixels_b, quirk))
+    assert not torch.allclose(fusion(words, pixels_a, full), fusion(words, pixels_b, full))
+    cfg = tiny_cfg("fusion.reference_mask_quirk=true")
+    model = build_model(cfg, "meta")
+    assert model.language_model.fusion_mask(torch.tensor([[1, 1, 0]])).tolist() == [[0.0, 0.0, PADDING_BIAS]]
+
+
+def test_model_info_on_meta() -> None:
+    info = describe_model(load_config("paper").model, 480, 384)
+    assert info["mask_logits"] == [1, 1, 120, 96]
+    assert info["stages"][3] == [1, 1024, 15, 12]
+    assert len(info["aux_mask_logits"]) == 9
+    assert info["text_encoder"]["layers_per_stage"] == [3, 3, 3, 3]
+    assert (
+        info["parameters"]["inference"] + info["parameters"]["training_only"] == info["parameters"]["total"]
+    )
 
 
 def test_split_layers() -> None:
