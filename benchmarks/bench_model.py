@@ -26,10 +26,12 @@ class Case:
     size: int
 
 
-def run_case(case: Case, steps: int, warmup: int) -> dict[str, float]:
+def run_case(case: Case, steps: int, warmup: int, threads: int | None) -> dict[str, float]:
     """Train-mode forward + backward with every loss on; returns images/s and peak memory (MiB)."""
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     from magnet.config import load_config
     from magnet.models import build_model
 
@@ -69,21 +71,22 @@ def run_case(case: Case, steps: int, warmup: int) -> dict[str, float]:
     return {"images_per_s": case.batch * steps / (time.perf_counter() - start), "peak_mib": peak}
 
 
-def _worker(case: Case, steps: int, warmup: int, queue: mp.Queue) -> None:
+def _worker(case: Case, steps: int, warmup: int, threads: int | None, queue: mp.Queue) -> None:
     try:
-        queue.put(run_case(case, steps, warmup))
+        queue.put(run_case(case, steps, warmup, threads))
     except Exception as err:
         queue.put({"error": f"{type(err).__name__}: {err}"[:60]})
 
 
-def measure(case: Case, steps: int, warmup: int) -> dict[str, float | str]:
+def measure(case: Case, steps: int, warmup: int, threads: int | None) -> dict[str, float | str]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(case, steps, warmup, queue))
+    proc = ctx.Process(target=_worker, args=(case, steps, warmup, threads, queue))
     proc.start()
-    result = queue.get()
     proc.join()
-    return result
+    if queue.empty():
+        return {"error": f"worker exited with code {proc.exitcode}"}
+    return queue.get()
 
 
 def main() -> None:
@@ -93,6 +96,7 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="Also time torch.compile on CPU (slow to build)."
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
     parser.add_argument("--cpu-batch", type=int, default=4)
     parser.add_argument("--gpu-batch", type=int, default=8)
     args = parser.parse_args()
@@ -110,7 +114,7 @@ def main() -> None:
     print("-" * len(header))
     baseline: dict[str, float] = {}
     for case in cases:
-        result = measure(case, args.steps, args.warmup)
+        result = measure(case, args.steps, args.warmup, args.threads)
         prefix = f"{case.preset:<7}{case.device:<7}{case.mode:<10}{case.batch:>6}{case.size:>6}"
         if "error" in result:
             print(f"{prefix}  failed: {result['error']}")

@@ -425,6 +425,35 @@ def _init_linear(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+REFERENCE_ONLY_KEYS = re.compile(r"(^lang_proj\.|\.relative_position_index$)")
+"""Published-checkpoint tensors with no counterpart here: timm keeps the relative-position index
+as a non-persistent buffer (it is recomputed), and ``lang_proj`` (768 -> 256) serves only the
+reference's training; our CAL projections live in ``criterion.alignment``."""
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Published MagNet state dict (``torch.load(path)['model']``) -> this model's names.
+
+    Two renames, and the tensors of ``REFERENCE_ONLY_KEYS`` dropped; shapes are unchanged:
+    - the patch merging at the END of reference stage k is timm's at the START of stage k+1;
+    - the CAM parameters of a stage (``pyramids``, ``fusions``, ``mixer``) sit under ``cam``.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if REFERENCE_ONLY_KEYS.search(key):
+            continue
+        key = re.sub(
+            r"^image_model\.layers\.(\d+)\.downsample\.",
+            lambda m: f"image_model.layers.{int(m.group(1)) + 1}.downsample.",
+            key,
+        )
+        key = re.sub(
+            r"^image_model\.layers\.(\d+)\.(pyramids|fusions|mixer)\.", r"image_model.layers.\1.cam.\2.", key
+        )
+        out[key] = value
+    return out
+
+
 # --------------------------------------------------------------------------------- builders
 def split_layers(
     num_layers: int, layers_per_stage: tuple[int, int, int, int] | None
