@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from pipelines.commands import data, model, synth, train, weights
+from pipelines.commands import data, model, synth, train, tune, weights
 
 app = typer.Typer(
     name="magnet",
@@ -21,7 +21,7 @@ def main() -> None:
     """MagNet Pipeline command line."""
 
 
-for group in (synth, data, model, weights, train):
+for group in (synth, data, model, weights, train, tune):
     group.register(app)
 
 

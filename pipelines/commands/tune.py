@@ -1,0 +1,137 @@
+"""`magnet` commands of the tune group: tune (a Ray Tune sweep) and promote (move `champion`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def tune(
+    config: str = typer.Option(
+        "tiny", "--config", "-c", help="Preset name or YAML path every trial starts from."
+    ),
+    space: Path = typer.Option(..., "--space", help="Sweep file, e.g. configs/sweeps/loss-weights.yaml."),
+    shards: Path = typer.Option(..., "--shards", help="Prepared dataset root <out>/<dataset>-<splitBy>."),
+    overrides: list[str] = typer.Option([], "--set", help="Dotted override, e.g. train.max_steps=2000."),
+    trials: int | None = typer.Option(
+        None, "--trials", min=1, help="Samples (times the grid); default: the space's."
+    ),
+    gpus_per_trial: int = typer.Option(0, "--gpus-per-trial", min=0, help="GPUs per trial, one per worker."),
+    workers_per_trial: int | None = typer.Option(
+        None, "--workers-per-trial", min=1, help="Ray Train workers per trial; default: GPUs per trial, or 1."
+    ),
+    max_concurrent: int | None = typer.Option(
+        None, "--max-concurrent", min=1, help="Trials at once at most."
+    ),
+    search: str | None = typer.Option(None, "--search", help="optuna, random or grid; default: the space's."),
+    experiment: str = typer.Option("magnet-sweeps", "--experiment", help="MLflow experiment."),
+    resume: str | None = typer.Option(None, "--resume", help="Continue the stopped sweep of this name."),
+    storage_path: str | None = typer.Option(
+        None, "--storage-path", help="Ray storage; default ./ray-results."
+    ),
+    tracking_uri: str | None = typer.Option(
+        None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or ./mlflow.db."
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="Default: RAY_ADDRESS or a local Ray."
+    ),
+    register_best: bool = typer.Option(
+        True, "--register/--no-register", help="Register the best trial's model."
+    ),
+) -> None:
+    """Sweep loss weights (or run the ablation) with Ray Tune; each trial is a Ray Train run."""
+    from magnet.config import ConfigError, load_config
+    from pipelines.flows.tune import tune_magnet
+    from pipelines.tune import SEARCHES, SpaceError, check_search, load_space
+
+    if search is not None and search not in SEARCHES:
+        raise typer.BadParameter(f"{search!r} is not one of {', '.join(SEARCHES)}", param_hint="--search")
+    workers = workers_per_trial or max(gpus_per_trial, 1)
+    if gpus_per_trial and workers != gpus_per_trial:
+        raise typer.BadParameter(
+            f"each Train worker drives one GPU: --workers-per-trial {workers} "
+            f"!= --gpus-per-trial {gpus_per_trial}",
+            param_hint="--workers-per-trial",
+        )
+    try:  # fail here, before Prefect and Ray start
+        parsed = load_space(space, load_config(config, overrides))
+        check_search(parsed, search or parsed.search)
+    except (ConfigError, SpaceError) as err:
+        raise typer.BadParameter(str(err), param_hint="--space/--config/--search") from None
+    if not (shards / "summary.json").is_file():
+        raise typer.BadParameter(
+            f"{shards} holds no summary.json: not a prepared dataset", param_hint="--shards"
+        )
+    result = tune_magnet(
+        space=str(space),
+        config=config,
+        shards=str(shards),
+        overrides=overrides,
+        trials=trials,
+        search=search,
+        workers_per_trial=workers,
+        gpus_per_trial=gpus_per_trial,
+        max_concurrent=max_concurrent,
+        experiment=experiment,
+        resume=resume,
+        tracking_uri=tracking_uri,
+        storage_path=storage_path,
+        ray_address=ray_address,
+        register_best=register_best,
+    )
+    typer.echo(json.dumps(result, indent=2))
+
+
+def promote(
+    experiment: str = typer.Option(
+        ..., "--experiment", help="MLflow experiment whose finished runs compete."
+    ),
+    shards: Path = typer.Option(..., "--shards", help="Prepared dataset root both models are scored on."),
+    metric: str = typer.Option("val_oIoU", "--metric", help="Picks the challenger; val_oIoU or val/oIoU."),
+    sweep: str | None = typer.Option(
+        None, "--sweep", help="Only the child runs of this sweep (parent run id)."
+    ),
+    min_gain: float = typer.Option(0.0, "--min-gain", min=0.0, help="Required margin, in metric points."),
+    split: str | None = typer.Option(None, "--split", help="Split to score; default: the metric's."),
+    protocol: str = typer.Option("lavt", "--protocol", help="lavt (480 resize) or original size."),
+    tracking_uri: str | None = typer.Option(
+        None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or ./mlflow.db."
+    ),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+) -> None:
+    """Move `champion` to the best finished run's model when it beats the current champion."""
+    from pipelines.flows.tune import promote_magnet
+    from pipelines.promote import PromotionError
+
+    if protocol not in ("lavt", "original"):
+        raise typer.BadParameter(
+            f"{protocol!r} is not a protocol; use lavt or original", param_hint="--protocol"
+        )
+    if not (shards / "summary.json").is_file():
+        raise typer.BadParameter(
+            f"{shards} holds no summary.json: not a prepared dataset", param_hint="--shards"
+        )
+    try:
+        result = promote_magnet(
+            experiment=experiment,
+            shards=str(shards),
+            metric=metric,
+            sweep=sweep,
+            min_gain=min_gain,
+            split=split,
+            protocol=protocol,
+            tracking_uri=tracking_uri,
+            device=device,
+        )
+    except PromotionError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(result["summary"])
+
+
+def register(app: typer.Typer) -> None:
+    """Add this group's commands to the `magnet` app."""
+    app.command("tune")(tune)
+    app.command("promote")(promote)

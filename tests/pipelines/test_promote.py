@@ -1,0 +1,168 @@
+"""Promotion on a real registry: runs with logged metrics and registered tiny models that score
+differently by construction; the alias moves for a better model, not for a worse one, nothing
+changes on a re-run, and scores on different data are refused."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from magnet.checkpoint import TrainState, save_checkpoint
+from magnet.config import load_config
+from magnet.models import build_model
+from pipelines import registry, tracking
+from pipelines.promote import (
+    CHALLENGER,
+    CHAMPION,
+    PromotionError,
+    promote,
+    registry_state,
+    resolve_metric,
+)
+
+EXPERIMENT = "promote-test"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from data_prep.shards import prepare_dataset
+    from data_prep.synth import synthesize
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    root = tmp_path_factory.mktemp("promote")
+    synthesize(root / "refer", num_images=12, image_size=64, seed=0, workers=1)
+    prepare_dataset(root / "refer", "refcoco", "unc", root / "shards", samples_per_shard=8)
+    return {
+        "root": root,
+        "shards": root / "shards" / "refcoco-unc",
+        "uri": tracking.resolve_tracking_uri(default_dir=root),
+    }
+
+
+def checkpoint(directory: Path, threshold: float) -> Path:
+    """A tiny MagNet whose mask logits are all 0 (mask embedding zeroed): probability 0.5 everywhere.
+    With threshold 0.3 it predicts the whole image (oIoU > 0), with 0.7 nothing (oIoU = 0)."""
+    cfg = load_config(
+        "tiny",
+        [
+            "model.image_size=64",
+            "model.text.pretrained=false",
+            "data.loader_workers=0",
+            "eval.eval_size=64",
+            f"eval.threshold={threshold}",
+        ],
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    for name, parameter in model.named_parameters():
+        if ".mask_embed." in f".{name}":
+            torch.nn.init.zeros_(parameter)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return save_checkpoint(
+        directory, model=model, optimizer=optimizer, scheduler=scheduler, state=TrainState(step=1), cfg=cfg,
+        rng_states=[{}],
+    )  # fmt: skip
+
+
+def example() -> tuple[bytes, str]:
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue(), "the thing"
+
+
+def trained_run(store: dict, name: str, threshold: float, val_oiou: float, shards: Path | None = None) -> str:
+    """A finished run with a logged val/oIoU and a registered model; returns its version."""
+    cfg = load_config("tiny")
+    settings = tracking.start_run(
+        cfg, shards=shards or store["shards"], tracking_uri=store["uri"], experiment=EXPERIMENT, run_name=name
+    )
+    tracking.MlflowRunLogger(**settings).log_metrics({"val/oIoU": val_oiou}, step=1)
+    version = registry.log_and_register(settings, checkpoint(store["root"] / name, threshold), example())
+    tracking.end_run(settings)
+    return version
+
+
+def run_promotion(store: dict, **kwargs):
+    return promote(
+        shards=store["shards"], experiment=EXPERIMENT, metric="val_oIoU", tracking_uri=store["uri"], **kwargs
+    )
+
+
+def aliases(store: dict) -> dict[str, str]:
+    model = tracking.client_for(store["uri"]).get_registered_model("magnet")
+    return {alias: str(version) for alias, version in model.aliases.items()}
+
+
+def test_metric_names():
+    assert resolve_metric("val_oIoU") == "val/oIoU" and resolve_metric("testA/mIoU") == "testA/mIoU"
+    with pytest.raises(PromotionError, match="split and a score"):
+        resolve_metric("oIoU")
+
+
+def test_promotion_story(store):
+    client = tracking.client_for(store["uri"])
+    with pytest.raises(PromotionError, match="no MLflow experiment"):
+        run_promotion(store)
+
+    # a run without the metric: refused, naming the metric
+    settings = tracking.start_run(
+        load_config("tiny"),
+        shards=store["shards"],
+        tracking_uri=store["uri"],
+        experiment=EXPERIMENT,
+        run_name="bare",
+    )
+    tracking.end_run(settings)
+    with pytest.raises(PromotionError, match="reports metric 'val/oIoU'"):
+        run_promotion(store)
+
+    # the first model becomes champion
+    weak = trained_run(store, "weak", threshold=0.7, val_oiou=10.0)
+    first = run_promotion(store)
+    assert first.decision == "first-champion" and first.challenger.value == 0.0
+    assert aliases(store) == {CHAMPION: weak}
+
+    # a better model: the alias moves, the old champion becomes challenger
+    strong = trained_run(store, "strong", threshold=0.3, val_oiou=20.0)
+    second = run_promotion(store, min_gain=1.0)
+    assert second.decision == "promoted" and second.challenger.value > 1.0 and second.gain >= 1.0
+    assert aliases(store) == {CHAMPION: strong, CHALLENGER: weak}
+    story = client.get_model_version("magnet", strong)
+    assert story.tags["promotion.decision"] == "promoted" and story.tags["promotion.against_version"] == weak
+    assert f"champion version {weak}" in story.description and "became `champion`" in story.description
+
+    # running it again changes nothing, and evaluates nothing (scores come from the tags)
+    before = registry_state(client)
+    again = run_promotion(store, min_gain=1.0)
+    assert again.decision == "already-champion" and not again.changed
+    assert registry_state(client) == before
+
+    # a model with the best run metric that evaluates worse: champion stays, it gets challenger
+    worse = trained_run(store, "worse", threshold=0.7, val_oiou=30.0)
+    third = run_promotion(store, min_gain=1.0)
+    assert third.decision == "kept" and third.gain < 0 and third.changed
+    assert aliases(store) == {CHAMPION: strong, CHALLENGER: worse}
+    loser = client.get_model_version("magnet", worse)
+    assert loser.tags["promotion.decision"] == "kept" and "remains `champion`" in loser.description
+    before = registry_state(client)
+    assert not run_promotion(store, min_gain=1.0).changed
+    assert registry_state(client) == before
+
+    # a run on other data: refused, and the registry is untouched
+    other = store["root"] / "other-shards"
+    other.mkdir()
+    summary = json.loads((store["shards"] / "summary.json").read_text()) | {"settings": {"changed": True}}
+    (other / "summary.json").write_text(json.dumps(summary))
+    trained_run(store, "elsewhere", threshold=0.3, val_oiou=99.0, shards=other)
+    state = registry_state(client)
+    with pytest.raises(PromotionError, match="different data"):
+        run_promotion(store, min_gain=1.0)
+    assert registry_state(client) == state

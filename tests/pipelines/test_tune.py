@@ -1,0 +1,195 @@
+"""Sweeps: the space file's validation, and a 4-trial Tune-over-Train sweep on local Ray where ASHA
+stops the trials that cannot win, tracked as MLflow parent and child runs, the best registered."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from magnet.config import load_config
+from pipelines import tracking
+from pipelines.tune import (
+    SpaceError,
+    aggregate,
+    aggregate_plot,
+    apply_params,
+    load_space,
+    run_sweep,
+)
+
+TINY = [
+    "model.image_size=64",
+    "data.batch_size=2",
+    "data.loader_workers=0",
+    "data.eval_splits=[val]",
+    "eval.eval_size=64",
+    "train.max_steps=6",
+    "train.eval_every=2",
+    "train.checkpoint_every=2",
+    "train.log_every=1",
+]
+
+# Deterministic by design: with a 0.95 threshold a barely trained model predicts no foreground,
+# so its val oIoU is 0 while a 0.05 threshold scores above 0. The grid lists 0.05 first, so a
+# 0.95 trial always meets a better trial at its first rung and ASHA (grace 1, factor 2) stops it.
+SWEEP = """
+metric: val/oIoU
+mode: max
+search: grid
+num_samples: 1
+scheduler: {time_attr: step, grace_period: 1, reduction_factor: 2}
+params:
+  eval.threshold: {grid: [0.05, 0.95]}
+  train.seed: {grid: [0, 1]}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------------------ the space file
+def test_shipped_sweeps_load_and_fit_the_config():
+    cfg = load_config("tiny")
+    weights = load_space("configs/sweeps/loss-weights.yaml", cfg)
+    assert weights.search == "optuna" and weights.params["train.lr"].kind == "loguniform"
+    ablation = load_space("configs/sweeps/ablation.yaml", cfg)
+    assert ablation.group_by == "variant" and len(ablation.variants) == 5
+    baseline = apply_params(cfg, {"variant": "baseline", "train.seed": 2}, ablation.variants)
+    assert not baseline.model.fusion.use_cam and not baseline.model.mask_grounding.enabled
+    assert not baseline.model.alignment.enabled and baseline.train.seed == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "params: {model.loss.lambda_xx: {uniform: [0, 1]}}",
+            "params.model.loss.lambda_xx is not a config field",
+        ),
+        ("params: {train.lr: {gaussian: [0, 1]}}", "params.train.lr: unknown distribution 'gaussian'"),
+        ("params: {train.lr: {loguniform: [0, 1]}}", "params.train.lr: loguniform needs low > 0"),
+        ("params: {train.lr: {uniform: [2, 1]}}", "params.train.lr: uniform needs low < high"),
+        ("params: {train.lr: {choice: []}}", "params.train.lr: choice needs a non-empty list"),
+        ("params: {train.seed: {grid: [0, 1]}}", "optuna cannot search grid params ['train.seed']"),
+        ("params: {train.lr: {choice: [fast]}}", "params.train.lr = 'fast'"),
+        ("search: grid\nparams: {train.lr: {choice: [1]}}", "every param as a grid; not: ['train.lr']"),
+        ("params: {variant: {grid: [nope]}}\nsearch: grid", "['nope'] not among variants"),
+        ("metrics: x\nparams: {train.lr: {choice: [1]}}", "unknown top-level key(s) ['metrics']"),
+    ],
+)
+def test_bad_space_entries_are_named(tmp_path, text, message):
+    with pytest.raises(SpaceError) as err:
+        load_space(write(tmp_path, text), load_config("tiny"))
+    assert message in str(err.value)
+
+
+def test_ablation_report_aggregates_seeds_per_variant():
+    rows = [
+        {"variant": "baseline", "final": {"val/oIoU": 50.0, "val/mIoU": 40.0}},
+        {"variant": "baseline", "final": {"val/oIoU": 54.0, "val/mIoU": 44.0}},
+        {"variant": "all", "final": {"val/oIoU": 60.0, "val/mIoU": 50.0}},
+        {"variant": "all", "final": None},  # early-stopped or failed: no final scores
+    ]
+    table = {row["variant"]: row for row in aggregate(rows, "variant", ["val"])}
+    assert table["baseline"]["n"] == 2 and table["baseline"]["val/oIoU mean"] == 52.0
+    assert table["baseline"]["val/oIoU std"] == pytest.approx(2.8284, abs=1e-3)
+    assert table["all"]["n"] == 1 and table["all"]["val/mIoU std"] == 0.0
+    assert aggregate_plot(list(table.values()), "variant", ["val"]).startswith(b"\x89PNG")
+
+
+# ------------------------------------------------------------------------------------ a sweep
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from data_prep.shards import prepare_dataset
+    from data_prep.synth import synthesize
+
+    root = tmp_path_factory.mktemp("data")
+    synthesize(root / "refer", num_images=16, image_size=64, seed=0, workers=1)
+    prepare_dataset(root / "refer", "refcoco", "unc", root / "shards", samples_per_shard=8)
+    return str(root / "shards" / "refcoco-unc")
+
+
+@pytest.fixture(scope="module")
+def sweep(shards, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    import ray
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    root = tmp_path_factory.mktemp("sweep")
+    cfg = load_config("tiny", TINY)
+    space = load_space(write(root, SWEEP), cfg)
+    uri = tracking.resolve_tracking_uri(default_dir=root)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = run_sweep(
+            cfg, space, shards, storage_path=root / "ray", tracking_uri=uri, experiment="sweep-test"
+        )
+    finally:
+        ray.shutdown()
+    return {"result": result, "uri": uri, "root": root}
+
+
+@pytest.mark.slow
+def test_asha_stops_the_losing_trials_early(sweep):
+    rows = sweep["result"].trials
+    assert len(rows) == 4
+    stopped = [r for r in rows if r["early_stopped"]]
+    assert stopped and all(r["eval.threshold"] == 0.95 for r in stopped)
+    assert all(r["step"] < 6 and r["status"] == "KILLED" for r in stopped)
+    finished = [r for r in rows if r["status"] == "FINISHED"]
+    assert finished and all(r["step"] == 6 for r in finished)
+    assert rows[0]["eval.threshold"] == 0.05 and rows[0]["val/oIoU"] > 0  # ranked best first
+
+
+@pytest.mark.slow
+def test_parent_and_child_runs_carry_params_curves_and_checkpoints(sweep):
+    result = sweep["result"]
+    client = tracking.client_for(sweep["uri"])
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == result.sweep_name
+    assert (
+        parent.data.params["sweep.search"] == "grid" and "eval.threshold" in parent.data.params["sweep.space"]
+    )
+    assert parent.data.params["sweep.scheduler"].startswith("asha(time_attr=step, grace_period=1")
+    assert parent.data.tags["tune.trials"] == "4" and parent.data.metrics["best/val/oIoU"] > 0
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"trials.csv", "trials.md"} <= artifacts
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'"
+    )
+    assert len(children) == 4
+    for child in children:
+        row = next(r for r in result.trials if r["run_id"] == child.info.run_id)
+        assert child.data.params["eval.threshold"] == str(row["eval.threshold"])
+        assert child.data.params["train.seed"] == str(row["train.seed"])
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val/oIoU")]
+        assert steps == [2, 4, 6][: len(steps)] and steps
+        assert "checkpoint.last" in child.data.tags or "checkpoint.best" in child.data.tags
+        assert child.info.status == ("KILLED" if row["early_stopped"] else "FINISHED")
+    csv_text = Path(client.download_artifacts(result.parent_run_id, "trials.csv")).read_text()
+    assert csv_text.splitlines()[0].startswith("rank,trial,status,val/oIoU")
+
+
+@pytest.mark.slow
+def test_the_best_trial_is_registered(sweep):
+    result = sweep["result"]
+    client = tracking.client_for(sweep["uri"])
+    version = client.get_model_version("magnet", result.model_version)
+    assert version.run_id == result.best_run_id == result.trials[0]["run_id"]
+    assert client.get_run(result.parent_run_id).data.tags["tune.best_model_version"] == result.model_version
+
+
+@pytest.mark.slow
+def test_a_finished_sweep_name_cannot_be_started_again(sweep, shards):
+    result = sweep["result"]
+    cfg = load_config("tiny", TINY)
+    space = load_space(write(sweep["root"], SWEEP), cfg)
+    with pytest.raises(FileExistsError, match="resume it"):
+        run_sweep(
+            cfg, space, shards, storage_path=sweep["root"] / "ray", tracking_uri=sweep["uri"],
+            sweep_name=result.sweep_name,
+        )  # fmt: skip
