@@ -8,7 +8,7 @@ alignment loss). Swin stages come from timm and BERT layers from transformers; o
 between them is written here (``fusion.py``). See ../shared/design/magnet-architecture.md.
 
 Names follow the published checkpoint (``image_model``, ``language_model``, ``classifier``), so
-``magnet.weights`` maps it with a few renames. Two differences by design: timm's Swin stage k
+``checkpoint_filter_fn`` maps it with two renames. The differences, by design: timm's Swin stage k
 starts with the patch merging that the reference keeps at the end of stage k-1
 (``layers.{k-1}.downsample`` -> ``layers.{k}.downsample``), and the CAM of a stage sits under
 ``layers.{k}.cam`` instead of directly on the stage. Training-only weights (the Mask Grounding
@@ -521,7 +521,7 @@ def load_pretrained_vision(image_model: MultiModalSwin, source: str) -> None:
     error); fusion, CAM and output norms keep their init.
     """
     import timm
-    from timm.models.swin_transformer import checkpoint_filter_fn
+    from timm.models.swin_transformer import checkpoint_filter_fn as swin_filter_fn
 
     if Path(source).is_file():
         state = torch.load(source, map_location="cpu", weights_only=True)
@@ -529,7 +529,7 @@ def load_pretrained_vision(image_model: MultiModalSwin, source: str) -> None:
     else:
         state = timm.create_model(source, pretrained=True, num_classes=0).state_dict()
         origin = f"timm hub {source}"
-    state = checkpoint_filter_fn(state, image_model)
+    state = swin_filter_fn(state, image_model)
     swin_keys = {k for k in image_model.state_dict() if SWIN_KEY.match(k)}
     missing = sorted(swin_keys - state.keys())
     if missing:

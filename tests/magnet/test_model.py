@@ -322,21 +322,30 @@ def shapes_batch(n: int, size: int) -> dict[str, torch.Tensor]:
     }
 
 
+def batch_iou(model: MagNet, b: dict[str, torch.Tensor]) -> float:
+    """IoU over the whole batch of the thresholded, upsampled prediction (eval mode)."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(b["image"], b["input_ids"], b["attention_mask"]).mask_logits
+    model.train()
+    pred = torch.nn.functional.interpolate(logits, size=b["target_mask"].shape[-2:], mode="bilinear") > 0
+    target = b["target_mask"].bool().unsqueeze(1)
+    return float((pred & target).sum() / (pred | target).sum())
+
+
 def test_tiny_overfits_a_batch() -> None:
+    """Four drawn scenes, two expressions: IoU > 0.9 within 60 AdamW steps (about 30 needed)."""
     torch.manual_seed(0)
     model = build_model(tiny_cfg("mask_grounding.enabled=false", "alignment.enabled=false"))
     model.train()
     b = shapes_batch(4, 64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(50):
-        out = model(**b)
+    start = batch_iou(model, b)
+    iou = start
+    for step in range(1, 61):
         optimizer.zero_grad()
-        out.losses["loss"].backward()
+        model(**b).losses["loss"].backward()
         optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        logits = model(b["image"], b["input_ids"], b["attention_mask"]).mask_logits
-    pred = torch.nn.functional.interpolate(logits, size=(64, 64), mode="bilinear") > 0
-    target = b["target_mask"].bool().unsqueeze(1)
-    iou = (pred & target).sum() / (pred | target).sum()
-    assert iou > 0.9, float(iou)
+        if step % 10 == 0 and (iou := batch_iou(model, b)) > 0.9:
+            break
+    assert iou > 0.9, (start, iou)
