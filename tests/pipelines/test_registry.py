@@ -109,3 +109,48 @@ def test_unknown_references_are_named(tmp_path):
         registry.resolve_model_uri("nope")
     with pytest.raises(FileNotFoundError, match=MODEL_FILE):
         registry.log_and_register({"tracking_uri": "", "run_id": ""}, tmp_path, (b"", "x"))
+
+
+def test_predict_and_evaluate_commands(checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.demo import ensure_synthetic_shards
+
+    shards = ensure_synthetic_shards(tmp_path, images=10, image_size=64)
+    image = next((tmp_path / "data").rglob("*.jpg"))
+    runner = CliRunner()
+    overlay, mask = tmp_path / "out" / "overlay.png", tmp_path / "out" / "mask.png"
+    model = ["--model", str(checkpoint)]
+    outputs = ["--out", str(overlay), "--mask-out", str(mask)]
+    predicted = runner.invoke(
+        app,
+        ["predict", *model, "--image", str(image), "--text", "the blue circle", *outputs],
+    )
+    assert predicted.exit_code == 0, predicted.output
+    assert Image.open(mask).size == Image.open(image).size
+    assert Image.open(overlay).width == Image.open(image).width
+
+    metrics = tmp_path / "metrics.json"
+    splits = ["--split", "val", "--split", "testB"]
+    evaluated = runner.invoke(
+        app,
+        [
+            "evaluate",
+            *model,
+            "--shards",
+            str(shards),
+            *splits,
+            "--protocol",
+            "original",
+            "--out",
+            str(metrics),
+        ],
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads(metrics.read_text())
+    assert "original size" in report["protocol"]
+    assert report["metrics"]["val/n"] > 0 and 0 <= report["metrics"]["testB/oIoU"] <= 100
+
+    refused = runner.invoke(app, ["evaluate", "--model", "no-such-model", "--shards", str(shards)])
+    assert refused.exit_code != 0 and "no-such-model" in refused.output
