@@ -404,7 +404,10 @@ def _scheduler(space: SweepSpace, cfg: Config) -> Any:
     from ray.tune.schedulers import AsyncHyperBandScheduler
 
     settings = space.scheduler
-    max_t = settings.max_t or (cfg.train.max_steps if settings.time_attr == "step" else None) or 10**6
+    # ASHA stops every trial that reaches max_t: past the last step, so a finishing trial returns
+    # from its Train run (and closes its MLflow run) instead of being killed at its last report
+    last_step = cfg.train.max_steps if settings.time_attr == "step" else None
+    max_t = settings.max_t or (last_step + 1 if last_step else 10**9)
     return AsyncHyperBandScheduler(
         time_attr=settings.time_attr,
         grace_period=settings.grace_period,
@@ -489,7 +492,8 @@ def _finish_trials(results: Any, parent: dict[str, str], space: SweepSpace) -> l
         status = run.info.status if run else "UNKNOWN"
         if result.error is not None:
             status = "FAILED"
-        early = status == "RUNNING"  # its driver was stopped by ASHA before it could close the run
+        # a trial ASHA stopped never closed its run (or was marked by an earlier wrap-up)
+        early = status == "RUNNING" or (run is not None and run.data.tags.get("tune.early_stopped") == "true")
         checkpoint = (run.data.tags.get("checkpoint.best") if run else None) or metrics.get(
             CHECKPOINT_PATH_KEY
         )
@@ -519,6 +523,7 @@ def _finish_trials(results: Any, parent: dict[str, str], space: SweepSpace) -> l
         )
     reverse = space.mode == "max"
     fallback = -math.inf if reverse else math.inf
+    rows.sort(key=lambda r: r["trial"])  # ties keep the trials' order, resumed or not
     rows.sort(key=lambda r: r[space.metric] if r[space.metric] is not None else fallback, reverse=reverse)
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
@@ -557,14 +562,20 @@ def _register_best(
     """Register the best-ranked finished trial's best checkpoint as a new version of `magnet`."""
     from pipelines import tracking
     from pipelines.flows.train import first_example, local_checkpoint
-    from pipelines.registry import log_and_register
+    from pipelines.registry import MODEL_NAME, log_and_register
 
     for row in rows:
         if row["status"] != "FINISHED" or not row["checkpoint"] or row["run_id"] is None:
             continue
-        child = {"tracking_uri": parent["tracking_uri"], "run_id": row["run_id"]}
-        version = log_and_register(child, local_checkpoint(row["checkpoint"]), first_example(shards, split))
         client = tracking.client_for(parent["tracking_uri"])
+        registered = client.search_model_versions(f"name = '{MODEL_NAME}' and run_id = '{row['run_id']}'")
+        if registered:  # a resumed sweep: the best trial was registered the first time
+            version = str(max(int(v.version) for v in registered))
+        else:
+            child = {"tracking_uri": parent["tracking_uri"], "run_id": row["run_id"]}
+            version = log_and_register(
+                child, local_checkpoint(row["checkpoint"]), first_example(shards, split)
+            )
         client.set_tag(parent["run_id"], "tune.best_run_id", row["run_id"])
         client.set_tag(parent["run_id"], "tune.best_model_version", version)
         return row["run_id"], version
@@ -739,7 +750,9 @@ def run_sweep(
     }
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        # with the dashboard: the state API is how Train's PlacementGroupCleaner notices that ASHA
+        # killed a trial and releases that trial's worker group
+        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS"))
     try:
         trainable = tune.with_resources(tune.with_parameters(_run_trial, sweep=sweep), {"CPU": 1})
         if resume:
@@ -872,3 +885,57 @@ def _log_bytes(parent: dict[str, str], data: bytes, name: str) -> None:
         tracking.client_for(parent["tracking_uri"]).log_artifact(
             parent["run_id"], str(path), directory or None
         )
+
+
+# ------------------------------------------------------------------------------------ the demo
+DEMO_SWEEP_OVERRIDES = (
+    "data.loader_workers=0",
+    "data.eval_splits=[val]",
+    "train.max_steps=6",
+    "train.eval_every=2",
+    "train.checkpoint_every=2",
+    "train.log_every=1",
+)
+
+
+def run_demo_sweep(
+    workdir: Path,
+    shards: str | Path,
+    *,
+    tracking_uri: str,
+    experiment: str = "magnet-demo-sweeps",
+    trials: int = 3,
+    config: str = "tiny",
+    overrides: Sequence[str] = DEMO_SWEEP_OVERRIDES,
+) -> dict[str, Any]:
+    """A short sweep of the loss weights (a few tiny trials, one CPU worker each, ASHA with a
+    2-step grace period) and a promotion of its best model, so a newcomer finds a parent run with
+    child runs and a `champion` in the MLflow UI.
+
+    Returns ``{"sweep": SweepResult, "promotion": Promotion}``.
+    """
+    from dataclasses import replace
+
+    from magnet.config import CONFIG_DIR, load_config
+    from pipelines.promote import promote
+
+    cfg = load_config(config, list(overrides))
+    space = load_space(CONFIG_DIR / "sweeps" / "loss-weights.yaml", cfg)
+    space = replace(space, scheduler=Scheduler(grace_period=2, reduction_factor=2))
+    sweep = run_sweep(
+        cfg,
+        space,
+        shards,
+        storage_path=Path(workdir).resolve() / "ray-results",
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        num_samples=trials,
+        search="random",
+        max_concurrent=1,
+    )
+    promotion = promote(
+        shards=shards, experiment=experiment, sweep_run_id=sweep.parent_run_id, tracking_uri=tracking_uri
+    )
+    print(f"[demo] sweep {sweep.sweep_name}: {len(sweep.trials)} trials\n{sweep.table_markdown}")
+    print(f"[demo] {promotion.summary}")
+    return {"sweep": sweep, "promotion": promotion}

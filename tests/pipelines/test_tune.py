@@ -88,6 +88,21 @@ def test_bad_space_entries_are_named(tmp_path, text, message):
     assert message in str(err.value)
 
 
+def test_tune_command_refuses_a_bad_space_before_starting_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    space = write(tmp_path, "params: {model.loss.lambda_mg: {loguniform: [-1, 1]}}")
+    outcome = CliRunner().invoke(app, ["tune", "--space", str(space), "--shards", str(tmp_path)])
+    assert outcome.exit_code == 2 and "loguniform needs low > 0" in outcome.output
+    outcome = CliRunner().invoke(
+        app,
+        ["tune", "--space", "configs/sweeps/ablation.yaml", "--shards", str(tmp_path), "--search", "optuna"],
+    )
+    assert outcome.exit_code == 2 and "optuna cannot search grid params" in outcome.output
+
+
 def test_ablation_report_aggregates_seeds_per_variant():
     rows = [
         {"variant": "baseline", "final": {"val/oIoU": 50.0, "val/mIoU": 40.0}},
@@ -123,11 +138,14 @@ def sweep(shards, tmp_path_factory: pytest.TempPathFactory) -> dict:
     cfg = load_config("tiny", TINY)
     space = load_space(write(root, SWEEP), cfg)
     uri = tracking.resolve_tracking_uri(default_dir=root)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # 4 CPUs, one trial at a time (its driver and its worker): a trial ASHA kills leaves its
+    # worker's CPU reserved when the state API (dashboard) is off; there is room for two such
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         result = run_sweep(
-            cfg, space, shards, storage_path=root / "ray", tracking_uri=uri, experiment="sweep-test"
-        )
+            cfg, space, shards, storage_path=root / "ray", tracking_uri=uri, experiment="sweep-test",
+            max_concurrent=1,
+        )  # fmt: skip
     finally:
         ray.shutdown()
     return {"result": result, "uri": uri, "root": root}
@@ -193,3 +211,40 @@ def test_a_finished_sweep_name_cannot_be_started_again(sweep, shards):
             cfg, space, shards, storage_path=sweep["root"] / "ray", tracking_uri=sweep["uri"],
             sweep_name=result.sweep_name,
         )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_sweep_reruns_nothing_and_registers_nothing_new(sweep, shards):
+    import ray
+
+    result = sweep["result"]
+    cfg = load_config("tiny", TINY)
+    space = load_space(write(sweep["root"], SWEEP), cfg)
+    with pytest.raises(FileNotFoundError, match="no sweep 'nope'"):
+        run_sweep(cfg, space, shards, storage_path=sweep["root"] / "ray", sweep_name="nope", resume=True)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        again = run_sweep(
+            cfg, space, shards, storage_path=sweep["root"] / "ray", tracking_uri=sweep["uri"],
+            experiment="sweep-test", sweep_name=result.sweep_name, resume=True,
+        )  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert again.parent_run_id == result.parent_run_id and again.model_version == result.model_version
+    assert [(r["trial"], r["status"], r["step"]) for r in again.trials] == [
+        (r["trial"], r["status"], r["step"]) for r in result.trials
+    ]
+    client = tracking.client_for(sweep["uri"])
+    assert len(client.search_model_versions("name = 'magnet'")) == 1
+
+
+@pytest.mark.slow
+def test_promoting_the_sweeps_best_makes_it_champion(sweep, shards):
+    from pipelines.promote import promote
+
+    result = sweep["result"]
+    promotion = promote(
+        shards=shards, experiment="sweep-test", sweep_run_id=result.parent_run_id, tracking_uri=sweep["uri"]
+    )
+    assert promotion.decision == "first-champion" and promotion.champion_version == result.model_version
+    assert promotion.challenger.run_id == result.best_run_id and promotion.challenger.value > 0
