@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import math
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ TRIAL_TAG = "tune.trial_id"
 SWEEP_TAG = "tune.sweep"
 TRIALS_CSV = "trials.csv"
 TRIALS_MD = "trials.md"
+_TRIAL_DIR = re.compile(r"_([0-9a-f]+_\d{5})_")  # <trainable>_<experiment hash>_<index>_<params>_<time>
 
 
 # ----------------------------------------------------------------------------------- the space
@@ -482,7 +484,7 @@ def _finish_trials(results: Any, parent: dict[str, str], space: SweepSpace) -> l
     rows = []
     for result in results:
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or Path(result.path).name.split("_", 1)[-1]
+        trial_id = metrics.get("trial_id") or _TRIAL_DIR.search(Path(result.path).name).group(1)
         run = children.get(trial_id)
         history = result.metrics_dataframe
         best = None

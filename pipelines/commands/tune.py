@@ -43,7 +43,6 @@ def tune(
 ) -> None:
     """Sweep loss weights (or run the ablation) with Ray Tune; each trial is a Ray Train run."""
     from magnet.config import ConfigError, load_config
-    from pipelines.flows.tune import tune_magnet
     from pipelines.tune import SEARCHES, SpaceError, check_search, load_space
 
     if search is not None and search not in SEARCHES:
@@ -64,6 +63,8 @@ def tune(
         raise typer.BadParameter(
             f"{shards} holds no summary.json: not a prepared dataset", param_hint="--shards"
         )
+    from pipelines.flows.tune import tune_magnet  # Prefect only once the arguments are good
+
     result = tune_magnet(
         space=str(space),
         config=config,
@@ -102,9 +103,6 @@ def promote(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Move `champion` to the best finished run's model when it beats the current champion."""
-    from pipelines.flows.tune import promote_magnet
-    from pipelines.promote import PromotionError
-
     if protocol not in ("lavt", "original"):
         raise typer.BadParameter(
             f"{protocol!r} is not a protocol; use lavt or original", param_hint="--protocol"
@@ -113,6 +111,9 @@ def promote(
         raise typer.BadParameter(
             f"{shards} holds no summary.json: not a prepared dataset", param_hint="--shards"
         )
+    from pipelines.flows.tune import promote_magnet
+    from pipelines.promote import PromotionError
+
     try:
         result = promote_magnet(
             experiment=experiment,

@@ -126,7 +126,8 @@ def tune_magnet(
         "experiment_path": result.experiment_path,
         "best_run_id": result.best_run_id,
         "model_version": result.model_version,
-        "trials": len(result.trials),
+        "metric": result.metric,
+        "trials": result.trials,
         "early_stopped": sum(bool(r["early_stopped"]) for r in result.trials),
     }
 

@@ -3,8 +3,10 @@ stops the trials that cannot win, tracked as MLflow parent and child runs, the b
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -88,6 +90,15 @@ def test_bad_space_entries_are_named(tmp_path, text, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("search", ["optuna", "random"])
+def test_searchers_accept_the_loss_weight_space(search):
+    from pipelines.tune import _searcher, tune_param_space
+
+    space = load_space("configs/sweeps/loss-weights.yaml", load_config("tiny"))
+    searcher = _searcher(search, seed=0, concurrency=2)
+    assert searcher.set_search_properties(space.metric, space.mode, tune_param_space(space))
+
+
 def test_tune_command_refuses_a_bad_space_before_starting_anything(tmp_path):
     from typer.testing import CliRunner
 
@@ -130,25 +141,43 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def sweep(shards, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    with prefect_test_harness():
+        yield
+
+
+@pytest.fixture(scope="module")
+def sweep(shards, harness, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tune-magnet flow on local Ray: 4 CPUs, one trial at a time (its driver and its worker).
+    A trial ASHA kills leaves its worker's CPU reserved when the state API (dashboard) is off;
+    there is room for two such."""
     import ray
+    from prefect.artifacts import Artifact
+
+    from pipelines.flows.tune import tune_magnet
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     root = tmp_path_factory.mktemp("sweep")
-    cfg = load_config("tiny", TINY)
-    space = load_space(write(root, SWEEP), cfg)
     uri = tracking.resolve_tracking_uri(default_dir=root)
-    # 4 CPUs, one trial at a time (its driver and its worker): a trial ASHA kills leaves its
-    # worker's CPU reserved when the state API (dashboard) is off; there is room for two such
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        result = run_sweep(
-            cfg, space, shards, storage_path=root / "ray", tracking_uri=uri, experiment="sweep-test",
+        summary = tune_magnet(
+            space=str(write(root, SWEEP)),
+            config="tiny",
+            shards=shards,
+            overrides=TINY,
+            experiment="sweep-test",
+            tracking_uri=uri,
+            storage_path=str(root / "ray"),
             max_concurrent=1,
-        )  # fmt: skip
+        )
     finally:
         ray.shutdown()
-    return {"result": result, "uri": uri, "root": root}
+    table = Artifact.get(f"tune-magnet-{summary['sweep_name']}")
+    return {"result": SimpleNamespace(**summary), "uri": uri, "root": root, "table": table}
 
 
 @pytest.mark.slow
@@ -161,6 +190,8 @@ def test_asha_stops_the_losing_trials_early(sweep):
     finished = [r for r in rows if r["status"] == "FINISHED"]
     assert finished and all(r["step"] == 6 for r in finished)
     assert rows[0]["eval.threshold"] == 0.05 and rows[0]["val/oIoU"] > 0  # ranked best first
+    table = json.loads(sweep["table"].data)  # the flow's Prefect table artifact
+    assert [row["trial"] for row in table] == [row["trial"] for row in rows] and table[0]["rank"] == 1
 
 
 @pytest.mark.slow
@@ -240,11 +271,11 @@ def test_resuming_a_finished_sweep_reruns_nothing_and_registers_nothing_new(swee
 
 @pytest.mark.slow
 def test_promoting_the_sweeps_best_makes_it_champion(sweep, shards):
-    from pipelines.promote import promote
+    from pipelines.flows.tune import promote_magnet
 
     result = sweep["result"]
-    promotion = promote(
-        shards=shards, experiment="sweep-test", sweep_run_id=result.parent_run_id, tracking_uri=sweep["uri"]
+    promotion = promote_magnet(
+        experiment="sweep-test", shards=shards, sweep=result.parent_run_id, tracking_uri=sweep["uri"]
     )
-    assert promotion.decision == "first-champion" and promotion.champion_version == result.model_version
-    assert promotion.challenger.run_id == result.best_run_id and promotion.challenger.value > 0
+    assert promotion["decision"] == "first-champion" and promotion["champion_version"] == result.model_version
+    assert promotion["challenger"]["run_id"] == result.best_run_id and promotion["challenger"]["value"] > 0
