@@ -125,8 +125,14 @@ def evaluate_final(
     tracking: dict[str, str],
     step: int,
     pictures_dir: Path | None,
+    scored: dict[str, float],
 ) -> dict[str, Any]:
-    """Score the final checkpoint on whole splits; metrics and pictures go to the run."""
+    """Whole-split metrics of the final checkpoint, and a picture of predictions per split.
+
+    ``scored`` holds the metrics training already computed on this very checkpoint (sharded over
+    the Ray workers); only the splits it lacks are scored here. Pictures need a few samples
+    each, so splits already scored are re-run on PICTURE_EXAMPLES samples only.
+    """
     import torch
 
     from magnet.checkpoint import load_model_from_checkpoint
@@ -134,18 +140,30 @@ def evaluate_final(
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg = load_model_from_checkpoint(checkpoint, device=device)
-    result = evaluate(model, shards, cfg, splits=splits, device=device, keep_examples=PICTURE_EXAMPLES)
     logger = mlflow_tracking.MlflowRunLogger(**tracking)
+    metrics = {key: value for key, value in scored.items() if key.split("/", 1)[0] in splits}
+    missing = [split for split in splits if f"{split}/oIoU" not in metrics]
+    result = evaluate(model, shards, cfg, splits=missing, device=device, keep_examples=PICTURE_EXAMPLES)
     logger.log_metrics(result.metrics, step=step)
-    for split, outcome in result.splits.items():
-        if not outcome.examples:
+    metrics.update(result.metrics)
+    examples = {split: outcome.examples for split, outcome in result.splits.items()}
+    done = [split for split in splits if split not in missing]
+    if done:
+        glimpse = cfg.model_copy(
+            update={"eval": cfg.eval.model_copy(update={"max_samples": PICTURE_EXAMPLES})}
+        )
+        sample = evaluate(model, shards, glimpse, splits=done, device=device, keep_examples=PICTURE_EXAMPLES)
+        examples.update({split: outcome.examples for split, outcome in sample.splits.items()})
+    for split in splits:
+        if not examples.get(split):
             continue
-        figure = prediction_figure(outcome.examples, title=f"{split}: final model")
-        logger.log_predictions(figure, f"final-{split}", step=step)
+        figure = prediction_figure(examples[split], title=f"{split}: final model")
+        logger.log_predictions(figure, f"final_{split}_step{step:08d}.png", step=step)
         if pictures_dir is not None:
             pictures_dir.mkdir(parents=True, exist_ok=True)
             (pictures_dir / f"predictions-{split}.png").write_bytes(figure)
-    return {"protocol": result.describe(), "metrics": result.metrics}
+    ordered = {key: metrics[key] for split in splits for key in metrics if key.split("/", 1)[0] == split}
+    return {"protocol": result.describe(), "metrics": ordered}
 
 
 @task(name="register")
@@ -262,6 +280,7 @@ def train_magnet(
             tracking,
             step,
             Path(pictures_dir).resolve() if pictures_dir else None,
+            result.metrics if result.best_checkpoint == result.last_checkpoint else {},
         )
         version = (
             register(tracking, checkpoint, shard_root, splits[0], aliases or []) if register_model else None

@@ -33,7 +33,7 @@ def flow_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from pipelines.flows.train import train_magnet
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
     root = tmp_path_factory.mktemp("flow")
     shards = ensure_synthetic_shards(root, images=20, image_size=64)
     with prefect_test_harness():
@@ -72,7 +72,8 @@ def test_mlflow_run_has_params_tags_curves_and_pictures(flow_run):
     assert [m.step for m in client.get_metric_history(result["run_id"], "train/loss")] == [1, 2, 3]
     assert "testB/oIoU" in run.data.metrics and "val/P_0.5" in run.data.metrics
     pictures = {a.path for a in client.list_artifacts(result["run_id"], "predictions")}
-    assert {f"predictions/final-{s}_step0000003.png" for s in ("val", "testA", "testB")} <= pictures
+    assert {f"predictions/final_{s}_step00000003.png" for s in ("val", "testA", "testB")} <= pictures
+    assert "predictions/predictions_val_step00000003.png" in pictures  # drawn during training
     assert "config.yaml" in {a.path for a in client.list_artifacts(result["run_id"])}
     assert sorted(p.name for p in (flow_run["root"] / "pictures").glob("*.png")) == [
         "predictions-testA.png",
