@@ -83,12 +83,7 @@ def evaluate(
     if protocol is not None:
         cfg.eval.protocol = protocol
     result = run_evaluation(net, str(shards), cfg, splits=splits, device=device)
-    report = {
-        "model": model,
-        "shards": str(shards.resolve()),
-        "protocol": result.describe(),
-        "metrics": result.metrics,
-    }
+    report = {"model": model, "shards": str(shards.resolve()), **result.as_dict()}
     text = json.dumps(report, indent=2)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

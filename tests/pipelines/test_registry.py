@@ -149,7 +149,7 @@ def test_predict_and_evaluate_commands(checkpoint, tmp_path):
     )
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads(metrics.read_text())
-    assert "original size" in report["protocol"]
+    assert report["protocol"] == "original" and "original size" in report["description"]
     assert report["metrics"]["val/n"] > 0 and 0 <= report["metrics"]["testB/oIoU"] <= 100
 
     refused = runner.invoke(app, ["evaluate", "--model", "no-such-model", "--shards", str(shards)])
