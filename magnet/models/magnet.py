@@ -8,7 +8,7 @@ alignment loss). Swin stages come from timm and BERT layers from transformers; o
 between them is written here (``fusion.py``). See ../shared/design/magnet-architecture.md.
 
 Names follow the published checkpoint (``image_model``, ``language_model``, ``classifier``), so
-``checkpoint_filter_fn`` maps it with two renames. The differences, by design: timm's Swin stage k
+``magnet.weights`` maps it with two renames. The differences, by design: timm's Swin stage k
 starts with the patch merging that the reference keeps at the end of stage k-1
 (``layers.{k-1}.downsample`` -> ``layers.{k}.downsample``), and the CAM of a stage sits under
 ``layers.{k}.cam`` instead of directly on the stage. Training-only weights (the Mask Grounding
@@ -423,35 +423,6 @@ def _init_linear(module: nn.Module) -> None:
         trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-
-
-REFERENCE_ONLY_KEYS = re.compile(r"(^lang_proj\.|\.relative_position_index$)")
-"""Published-checkpoint tensors with no counterpart here: timm keeps the relative-position index
-as a non-persistent buffer (it is recomputed), and ``lang_proj`` (768 -> 256) serves only the
-reference's training; our CAL projections live in ``criterion.alignment``."""
-
-
-def checkpoint_filter_fn(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Published MagNet state dict (``torch.load(path)['model']``) -> this model's names.
-
-    Two renames, and the tensors of ``REFERENCE_ONLY_KEYS`` dropped; shapes are unchanged:
-    - the patch merging at the END of reference stage k is timm's at the START of stage k+1;
-    - the CAM parameters of a stage (``pyramids``, ``fusions``, ``mixer``) sit under ``cam``.
-    """
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        if REFERENCE_ONLY_KEYS.search(key):
-            continue
-        key = re.sub(
-            r"^image_model\.layers\.(\d+)\.downsample\.",
-            lambda m: f"image_model.layers.{int(m.group(1)) + 1}.downsample.",
-            key,
-        )
-        key = re.sub(
-            r"^image_model\.layers\.(\d+)\.(pyramids|fusions|mixer)\.", r"image_model.layers.\1.cam.\2.", key
-        )
-        out[key] = value
-    return out
 
 
 # --------------------------------------------------------------------------------- builders
