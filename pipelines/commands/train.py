@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -101,6 +102,9 @@ def predict(
     mask_out: Path | None = typer.Option(None, "--mask-out", help="Also write the mask (PNG, 0/255)."),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="For models:/ and runs:/ URIs."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    logits_out: Path | None = typer.Option(
+        None, "--logits-out", help="Also write the raw mask logits, float32 [S/4, S/4] (.npy)."
+    ),
 ) -> None:
     """Segment the object an expression refers to; write an overlay (and the mask)."""
     from PIL import Image
@@ -119,10 +123,29 @@ def predict(
     if mask_out is not None:
         mask_out.parent.mkdir(parents=True, exist_ok=True)
         mask_to_png_image(mask).save(mask_out)
+    if logits_out is not None:
+        _save_logits(net, cfg.model, picture, text, logits_out)
     share = 100 * mask.mean()
     typer.echo(
         f"mask covers {share:.1f}% of the image; overlay: {out}" + (f", mask: {mask_out}" if mask_out else "")
     )
+
+
+def _save_logits(net: Any, model_cfg: Any, picture: Any, text: str, path: Path) -> None:
+    """The model's raw mask logits for one pair, at its output resolution (S/4 x S/4, before
+    any resize or sigmoid), so they compare number by number with the reference model's."""
+    import numpy as np
+    import torch
+
+    from magnet.inference import preprocess_images, tokenize
+
+    device = next(net.parameters()).device
+    ids, attention = tokenize([text], model_cfg)  # [1, L]
+    with torch.inference_mode():
+        pixels = preprocess_images([picture], model_cfg.image_size).to(device)  # [1, 3, S, S]
+        logits = net.eval()(pixels, ids.to(device), attention.to(device)).mask_logits  # [1, 1, S/4, S/4]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, logits[0, 0].float().cpu().numpy())
 
 
 def demo(

@@ -248,3 +248,53 @@ def test_import_load_forward_and_round_trips(tmp_path: Path) -> None:
         logits = model(torch.randn(1, 3, 96, 96), ids, (ids != 0).long()).mask_logits
     assert logits.shape == (1, 1, 24, 24)
     assert np.isfinite(logits.numpy()).all()
+
+
+# ------------------------------------------------------------------- predict --logits-out
+def test_predict_writes_raw_logits(tmp_path: Path) -> None:
+    """`magnet predict --logits-out` saves the mask logits at the model's output resolution
+    (S/4 x S/4, float32), as the model computes them, for number-by-number comparisons."""
+    import yaml
+    from PIL import Image
+
+    from magnet.checkpoint import CONFIG_FILE, MODEL_FILE
+    from magnet.config import load_config
+    from magnet.inference import preprocess_images, tokenize
+    from pipelines.cli import app
+
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    torch.save(model.state_dict(), checkpoint / MODEL_FILE)
+    (checkpoint / CONFIG_FILE).write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    image = tmp_path / "scene.png"
+    Image.fromarray((np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)).save(image)
+    text, logits_file = "the red square on the left", tmp_path / "logits.npy"
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            "--model",
+            str(checkpoint),
+            "--image",
+            str(image),
+            "--text",
+            text,
+            "--out",
+            str(tmp_path / "overlay.png"),
+            "--logits-out",
+            str(logits_file),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    saved = np.load(logits_file)
+    ids, attention = tokenize([text], cfg.model)
+    with torch.no_grad():
+        expected = model(
+            preprocess_images([Image.open(image)], cfg.model.image_size), ids, attention
+        ).mask_logits
+    assert saved.dtype == np.float32 and saved.shape == (cfg.model.image_size // 4,) * 2
+    np.testing.assert_allclose(saved, expected[0, 0].numpy(), rtol=1e-5, atol=1e-5)
