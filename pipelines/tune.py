@@ -67,6 +67,7 @@ class Scheduler:
     reduction_factor: int = 2
     time_attr: str = "step"
     max_t: int | None = None
+    early_stopping: bool = True  # False: every trial runs to its end (ablations compare finished runs)
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,10 @@ def load_space(path: str | Path, config: Config | None = None) -> SweepSpace:
         raise SpaceError(f"{source}: scheduler: {err}") from None
     if scheduler.grace_period < 1 or scheduler.reduction_factor < 2:
         raise SpaceError(f"{source}: scheduler needs grace_period >= 1 and reduction_factor >= 2")
+    if scheduler.max_t is not None and scheduler.grace_period > scheduler.max_t:
+        raise SpaceError(
+            f"{source}: scheduler.grace_period {scheduler.grace_period} > max_t {scheduler.max_t}"
+        )
     report = data.get("report") or {}
     group_by = report.get("group_by")
     if group_by is not None and group_by not in params:
@@ -402,14 +407,22 @@ def _searcher(search: str, seed: int, concurrency: int) -> Any:
     return BasicVariantGenerator(random_state=seed, max_concurrent=concurrency)
 
 
-def _scheduler(space: SweepSpace, cfg: Config) -> Any:
-    from ray.tune.schedulers import AsyncHyperBandScheduler
+def build_scheduler(space: SweepSpace, cfg: Config) -> Any:
+    """ASHA on ``space.metric`` (FIFO when early stopping is off); refuses rungs past the last step."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
     settings = space.scheduler
+    if not settings.early_stopping:
+        return FIFOScheduler()
     # ASHA stops every trial that reaches max_t: past the last step, so a finishing trial returns
     # from its Train run (and closes its MLflow run) instead of being killed at its last report
     last_step = cfg.train.max_steps if settings.time_attr == "step" else None
     max_t = settings.max_t or (last_step + 1 if last_step else 10**9)
+    if settings.grace_period >= max_t:
+        raise SpaceError(
+            f"{space.source}: scheduler.grace_period {settings.grace_period} is not before the end of "
+            f"training ({settings.time_attr} {max_t - 1}): lower it, or set scheduler.early_stopping: false"
+        )
     return AsyncHyperBandScheduler(
         time_attr=settings.time_attr,
         grace_period=settings.grace_period,
@@ -443,7 +456,7 @@ def _open_parent(
             "tune.kind": "sweep",
             SWEEP_TAG: sweep_name,
             "tune.search": search,
-            "tune.scheduler": "asha",
+            "tune.scheduler": "asha" if space.scheduler.early_stopping else "fifo",
         },
     )
     client = tracking.client_for(settings["tracking_uri"])
@@ -454,8 +467,12 @@ def _open_parent(
         params = {
             "sweep.space": space.as_json(),
             "sweep.search": search,
-            "sweep.scheduler": f"asha(time_attr={sched.time_attr}, grace_period={sched.grace_period}, "
-            f"reduction_factor={sched.reduction_factor}, max_t={sched.max_t})",
+            "sweep.scheduler": (
+                f"asha(time_attr={sched.time_attr}, grace_period={sched.grace_period}, "
+                f"reduction_factor={sched.reduction_factor}, max_t={sched.max_t})"
+                if sched.early_stopping
+                else "fifo (no early stopping)"
+            ),
             "sweep.metric": space.metric,
             "sweep.mode": space.mode,
             "sweep.num_samples": str(num_samples),
@@ -721,6 +738,7 @@ def run_sweep(
     if space.overrides:
         cfg = _with_overrides(cfg, space.overrides)
     check_against(space, cfg)
+    scheduler = build_scheduler(space, cfg)
     shards = shard_location(str(shards))
     storage = absolute_storage(str(storage_path))
     if resume and not sweep_name:
@@ -775,7 +793,7 @@ def run_sweep(
                             max_concurrent, workers_per_trial, cpus_per_worker, gpus_per_trial > 0
                         ),
                     ),
-                    scheduler=_scheduler(space, cfg),
+                    scheduler=scheduler,
                     num_samples=samples,
                 ),
                 run_config=tune.RunConfig(name=sweep_name, storage_path=storage, verbose=0),
@@ -906,13 +924,14 @@ def run_demo_sweep(
     *,
     tracking_uri: str,
     experiment: str = "magnet-demo-sweeps",
-    trials: int = 3,
+    trials: int = 2,
     config: str = "tiny",
     overrides: Sequence[str] = DEMO_SWEEP_OVERRIDES,
 ) -> dict[str, Any]:
-    """A short sweep of the loss weights (a few tiny trials, one CPU worker each, ASHA with a
-    2-step grace period) and a promotion of its best model, so a newcomer finds a parent run with
-    child runs and a `champion` in the MLflow UI.
+    """A short sweep of the loss weights (a few tiny trials, one CPU worker each) and a promotion
+    of its best model, so a newcomer finds a parent run with child runs and a `champion` in the
+    MLflow UI. No early stopping here: the worker group of a trial ASHA kills is released through
+    Ray's state API, which a machine running several Ray instances cannot reach.
 
     Returns ``{"sweep": SweepResult, "promotion": Promotion}``.
     """
@@ -923,7 +942,7 @@ def run_demo_sweep(
 
     cfg = load_config(config, list(overrides))
     space = load_space(CONFIG_DIR / "sweeps" / "loss-weights.yaml", cfg)
-    space = replace(space, scheduler=Scheduler(grace_period=2, reduction_factor=2))
+    space = replace(space, scheduler=Scheduler(early_stopping=False))
     sweep = run_sweep(
         cfg,
         space,

@@ -43,7 +43,7 @@ def tune(
 ) -> None:
     """Sweep loss weights (or run the ablation) with Ray Tune; each trial is a Ray Train run."""
     from magnet.config import ConfigError, load_config
-    from pipelines.tune import SEARCHES, SpaceError, check_search, load_space
+    from pipelines.tune import SEARCHES, SpaceError, build_scheduler, check_search, load_space
 
     if search is not None and search not in SEARCHES:
         raise typer.BadParameter(f"{search!r} is not one of {', '.join(SEARCHES)}", param_hint="--search")
@@ -55,8 +55,10 @@ def tune(
             param_hint="--workers-per-trial",
         )
     try:  # fail here, before Prefect and Ray start
-        parsed = load_space(space, load_config(config, overrides))
+        cfg = load_config(config, overrides)
+        parsed = load_space(space, cfg)
         check_search(parsed, search or parsed.search)
+        build_scheduler(parsed, cfg)
     except (ConfigError, SpaceError) as err:
         raise typer.BadParameter(str(err), param_hint="--space/--config/--search") from None
     if not (shards / "summary.json").is_file():

@@ -42,7 +42,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {
         "root": root,
         "shards": root / "shards" / "refcoco-unc",
-        "uri": tracking.resolve_tracking_uri(default_dir=root),
+        "uri": f"sqlite:///{root}/mlflow.db",  # explicit: MLflow exports the last URI it was set to
     }
 
 

@@ -99,6 +99,11 @@ def test_searchers_accept_the_loss_weight_space(search):
     assert searcher.set_search_properties(space.metric, space.mode, tune_param_space(space))
 
 
+def flat(output: str) -> str:
+    """Typer's error box wraps lines: the words alone."""
+    return " ".join(output.replace("│", " ").split())
+
+
 def test_tune_command_refuses_a_bad_space_before_starting_anything(tmp_path):
     from typer.testing import CliRunner
 
@@ -106,12 +111,25 @@ def test_tune_command_refuses_a_bad_space_before_starting_anything(tmp_path):
 
     space = write(tmp_path, "params: {model.loss.lambda_mg: {loguniform: [-1, 1]}}")
     outcome = CliRunner().invoke(app, ["tune", "--space", str(space), "--shards", str(tmp_path)])
-    assert outcome.exit_code == 2 and "loguniform needs low > 0" in outcome.output
+    assert outcome.exit_code == 2 and "loguniform needs low > 0" in flat(outcome.output)
     outcome = CliRunner().invoke(
         app,
         ["tune", "--space", "configs/sweeps/ablation.yaml", "--shards", str(tmp_path), "--search", "optuna"],
     )
-    assert outcome.exit_code == 2 and "optuna cannot search grid params" in outcome.output
+    assert outcome.exit_code == 2 and "optuna cannot search grid params" in flat(outcome.output)
+    outcome = CliRunner().invoke(
+        app,
+        [
+            "tune",
+            "--space",
+            "configs/sweeps/loss-weights.yaml",
+            "--shards",
+            str(tmp_path),
+            "--set",
+            "train.max_steps=6",
+        ],
+    )
+    assert outcome.exit_code == 2 and "grace_period 2000 is not before the end" in flat(outcome.output)
 
 
 def test_ablation_report_aggregates_seeds_per_variant():
@@ -161,7 +179,7 @@ def sweep(shards, harness, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     root = tmp_path_factory.mktemp("sweep")
-    uri = tracking.resolve_tracking_uri(default_dir=root)
+    uri = f"sqlite:///{root}/mlflow.db"  # explicit: MLflow exports the last URI set as MLFLOW_TRACKING_URI
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         summary = tune_magnet(
