@@ -132,8 +132,9 @@ class PWAM(nn.Module):
 class WordPixelAttention(nn.Module):
     """Each word attends over the stage's pixels (language side, one head).
 
-    As in the reference, queries are multiplied by the word mask and instance-normalised over
-    the word positions, and padded queries get ``PADDING_BIAS`` on their scores. Handing the
+    As in the reference, queries are multiplied by the word mask (not normalised), keys and
+    values are instance-normalised over the pixels, the output over the word positions, and
+    padded queries get ``PADDING_BIAS`` on their scores. Handing the
     ADDITIVE mask (0 / -10000) in place of the 0/1 one reproduces the published model's quirk
     (real words' queries zeroed); see ``LanguageFusion``.
 
@@ -144,9 +145,9 @@ class WordPixelAttention(nn.Module):
 
     def __init__(self, word_dim: int, pixel_dim: int) -> None:
         super().__init__()
-        self.f_query = nn.Sequential(Pointwise1d(word_dim, word_dim), TokenInstanceNorm())
-        self.f_key = nn.Sequential(Pointwise1d(pixel_dim, word_dim))
-        self.f_value = nn.Sequential(Pointwise1d(pixel_dim, word_dim))
+        self.f_query = nn.Sequential(Pointwise1d(word_dim, word_dim))
+        self.f_key = nn.Sequential(Pointwise1d(pixel_dim, word_dim), TokenInstanceNorm())  # over pixels
+        self.f_value = nn.Sequential(Pointwise1d(pixel_dim, word_dim), TokenInstanceNorm())
         self.W = nn.Sequential(Pointwise1d(word_dim, word_dim), TokenInstanceNorm())
 
     def forward(self, words: Tensor, pixels: Tensor, word_mask: Tensor) -> Tensor:
@@ -196,7 +197,7 @@ def pyramid_branch(dim: int, pool_size: int) -> nn.Sequential:
     return nn.Sequential(
         ChannelsLastPool(pool_size),  # [B, C, H, W] -> [B, s, s, C]
         Pointwise2d(dim, 4 * dim, bias=False),
-        nn.LayerNorm(4 * dim),
+        nn.LayerNorm(4 * dim, eps=1e-6),  # the reference's channels-first LayerNorm
         Pointwise2d(4 * dim, dim, bias=False),
         nn.GELU(),
         Pointwise2d(dim, dim // 4, bias=False),  # -> [B, s, s, C/4]
@@ -234,7 +235,7 @@ class CrossModalAlignment(nn.Module):
         """x, residual [B, H, W, C] (stage pixels, multimodal residual), words [B, L, D] -> [B, H, W, C]."""
         height, width = x.shape[1:3]
         grid = x.permute(0, 3, 1, 2)  # [B, C, H, W]
-        branches = [residual]
+        branches = []
         for pyramid, fusion in zip(self.pyramids, self.fusions, strict=True):
             pooled = pyramid(grid)  # [B, s, s, C/4]
             fused = fusion(pooled.flatten(1, 2), words, word_mask).view(pooled.shape)  # [B, s, s, C/4]
@@ -242,4 +243,5 @@ class CrossModalAlignment(nn.Module):
                 fused.permute(0, 3, 1, 2), size=(height, width), mode="bilinear", align_corners=True
             )
             branches.append(up.permute(0, 2, 3, 1))  # [B, C/4, H, W] -> [B, H, W, C/4]
+        branches.append(residual)  # after the pooled branches, as the reference concatenates
         return self.mixer(torch.cat(branches, dim=-1))  # [B, H, W, C + n*C/4] -> [B, H, W, C]

@@ -28,8 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from timm.layers import PatchEmbed, trunc_normal_
-from timm.models.swin_transformer import SwinTransformerStage
+from timm.models.swin_transformer import (
+    SwinTransformerBlock,
+    SwinTransformerStage,
+    window_partition,
+    window_reverse,
+)
 from torch import Tensor, nn
 from transformers import BertConfig, BertModel
 from transformers.utils import logging as hf_logging
@@ -51,6 +57,16 @@ log = logging.getLogger(__name__)
 
 TRAINING_ONLY_PREFIX = "criterion."
 """State-dict prefix of every training-only parameter (Mask Grounding head, CAL projections)."""
+
+NO_GRADIENT_BY_DESIGN = (
+    "classifier.predictor.class_embed.",
+    "image_model.layers.3.res_gate.",
+    "language_model.norms.",
+)
+"""Parameters kept only so the published checkpoint loads as it is, which no loss reaches: the
+decoder's class head (MagNet's loss ignores it), the last stage's vision gate (its main path feeds
+no further stage) and the language-side norms (the reference normalises only a residual it never
+uses at inference). DDP therefore runs with find_unused_parameters."""
 
 SWIN_KEY = re.compile(r"patch_embed\.|layers\.\d+\.(blocks|downsample)\.")
 """Parameters of the image side that are plain Swin (timm names), i.e. what pretrained weights fill."""
@@ -91,6 +107,30 @@ class EncoderOutput:
 
 
 # ------------------------------------------------------------------------------------ blocks
+class PadThenShiftBlock(SwinTransformerBlock):
+    """timm's Swin block with the reference's order on grids that are not a window multiple:
+    pad (bottom / right) first, then roll and mask on the padded grid; timm rolls the unpadded
+    grid, then pads, which mixes other pixels into the shifted windows (stage 3 and 4 at 480,
+    every stage at 448)."""
+
+    def _attn(self, x: Tensor) -> Tensor:
+        """x [B, H, W, C] -> [B, H, W, C]."""
+        _, height, width, channels = x.shape
+        win_h, win_w = self.window_size
+        pad_h, pad_w = (win_h - height % win_h) % win_h, (win_w - width % win_w) % win_w
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # [B, Hp, Wp, C]
+        shifted = any(self.shift_size)
+        if shifted:
+            x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
+        padded_h, padded_w = x.shape[1:3]
+        windows = window_partition(x, self.window_size).view(-1, self.window_area, channels)  # [B*nW, N, C]
+        windows = self.attn(windows, mask=self.get_attn_mask(x))  # mask of the padded grid
+        x = window_reverse(windows.view(-1, win_h, win_w, channels), self.window_size, padded_h, padded_w)
+        if shifted:
+            x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
+        return x[:, :height, :width, :].contiguous()
+
+
 class MultiModalStage(SwinTransformerStage):
     """One Swin stage of timm (patch merging, then blocks) followed by MagNet's vision-side fusion.
 
@@ -143,6 +183,9 @@ class MultiModalStage(SwinTransformerStage):
             mlp_ratio=mlp_ratio,
             drop_path=drop_path,
         )
+        for block in self.blocks:
+            # timm's stage takes no block class: swap it in (same parameters and state dict).
+            block.__class__ = PadThenShiftBlock
         self.fusion = PWAM(out_dim, word_dim)
         self.res_gate = tanh_gate(out_dim, nn.GELU)
         self.cam = CrossModalAlignment(out_dim, word_dim, cam_pool_sizes) if use_cam else None
@@ -264,7 +307,7 @@ class FusedLanguageModel(nn.Module):
     def fuse(self, k: int, words: Tensor, pixels: Tensor, fusion_mask: Tensor) -> Tensor:
         """words [B, L, D] read the stage-k pixels [B, H, W, C] -> [B, L, D]."""
         residual = self.pwams[k](words, pixels.flatten(1, 2), fusion_mask)  # [B, L, D]
-        return self.norms[k](words + self.res_gates[k](residual) * residual)
+        return words + self.res_gates[k](residual) * residual
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, stage_pixels: list[Tensor]) -> Tensor:
         """The whole language path against given stage pixels (used for the masked expression)."""
