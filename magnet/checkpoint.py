@@ -161,6 +161,38 @@ def load_training_state(
     return state, saved["rng"]
 
 
+def load_initial_weights(model: nn.Module, directory: str | Path) -> list[str]:
+    """Fill ``model`` from a checkpoint's weights to start a new run (fine-tuning).
+
+    Every weight the checkpoint has must fit; the only keys allowed to be absent are training-only
+    heads (an imported published model has none), which keep their fresh initialisation and are
+    returned. Anything else missing, unexpected or misshapen is an error naming the keys.
+    """
+    from magnet.models.magnet import TRAINING_ONLY_PREFIX
+
+    weights = torch.load(_require(Path(directory), MODEL_FILE), map_location="cpu", weights_only=True)
+    target = unwrap_model(model)
+    ours = target.state_dict()
+    misshapen = [
+        f"{key} {list(value.shape)} (ours {list(ours[key].shape)})"
+        for key, value in weights.items()
+        if key in ours and value.shape != ours[key].shape
+    ]
+    unexpected = sorted(set(weights) - set(ours))
+    missing = sorted(set(ours) - set(weights))
+    fresh = [key for key in missing if key.startswith(TRAINING_ONLY_PREFIX)]
+    missing = [key for key in missing if not key.startswith(TRAINING_ONLY_PREFIX)]
+    if misshapen or unexpected or missing:
+        problems = [
+            f"{label}: {', '.join(keys)}"
+            for label, keys in (("misshapen", misshapen), ("unexpected", unexpected), ("missing", missing))
+            if keys
+        ]
+        raise ValueError(f"{directory} does not fit this model ({'; '.join(problems)})")
+    target.load_state_dict(weights, strict=False)
+    return fresh
+
+
 def load_model_from_checkpoint(
     directory: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, Config]:

@@ -165,6 +165,11 @@ class TrainConfig(_Section):
     epochs: int = Field(40, gt=0)
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     lr: float = Field(5e-5, gt=0)
+    init_from: str | None = Field(
+        None,
+        description="Checkpoint directory (e.g. from `magnet import-weights`) whose weights start the run; "
+        "optimizer and schedule start fresh. A run resuming from its own checkpoint ignores it.",
+    )
     weight_decay: float = Field(0.01, ge=0, description="None on norms, biases and position tables.")
     betas: tuple[float, float] = (0.9, 0.999)
     poly_power: float = Field(0.9, ge=0, description="lr * (1 - it/total)**power, stepped per iteration.")

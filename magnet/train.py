@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from magnet.checkpoint import (
     TrainState,
+    load_initial_weights,
     load_training_state,
     rng_state,
     save_checkpoint,
@@ -452,7 +453,11 @@ def train(
     plan = _plan(cfg, train_batches_per_epoch(train_shards, cfg.data, world_size))
 
     _seed_everything(cfg.train.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model)
+    if cfg.train.init_from:  # a resumed run's own checkpoint, restored below, takes precedence
+        fresh = load_initial_weights(model, cfg.train.init_from)
+        log.info("initialised from %s (%d training-only tensors fresh)", cfg.train.init_from, len(fresh))
+    model = model.to(device)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, plan.total_steps)
     _seed_everything(cfg.train.seed + rank)  # different masking and sampling draws per rank

@@ -171,3 +171,41 @@ def test_restored_run_continues_exactly_like_an_uninterrupted_one(shards, tmp_pa
     final_whole = torch.load(tmp_path / "whole" / "checkpoint_00000002" / "model.pt")
     final_split = torch.load(tmp_path / "split" / "checkpoint_00000002" / "model.pt")
     assert all(torch.equal(final_whole[k], final_split[k]) for k in final_whole)
+
+
+def test_init_from_starts_a_run_from_a_checkpoints_weights(shards, tmp_path):
+    """Fine-tuning: weights come from the checkpoint (training-only heads may be absent, as in an
+    imported published model), while optimizer and schedule start fresh."""
+    from magnet.models import build_model
+
+    source = build_model(tiny_config().model)
+    with torch.no_grad():
+        source.classifier.predictor.query_feat.weight.fill_(0.25)
+    start = tmp_path / "start"
+    start.mkdir()
+    torch.save(source.inference_state_dict(), start / "model.pt")
+
+    seen: list[int] = []
+    cfg = tiny_config("train.max_steps=1", f"train.init_from={start}", "train.lr=1e-12")
+    train(cfg, shards, reporter=LocalReporter(tmp_path / "run"), hooks=[lambda e: seen.append(e.step)])
+    trained = torch.load(tmp_path / "run" / "checkpoint_00000001" / "model.pt")
+    assert seen == [1]
+    torch.testing.assert_close(trained["classifier.predictor.query_feat.weight"], torch.full((1, 64), 0.25))
+    assert any(key.startswith("criterion.") for key in trained)  # the heads were built fresh
+
+
+def test_init_from_refuses_weights_of_another_architecture(tmp_path):
+    from magnet.checkpoint import load_initial_weights
+    from magnet.models import build_model
+
+    model = build_model(tiny_config().model)
+    weights = model.inference_state_dict()
+    weights["classifier.predictor.query_feat.weight"] = torch.zeros(1, 32)
+    del weights["image_model.norm0.weight"]
+    (tmp_path / "model.pt").write_bytes(b"")
+    torch.save(weights, tmp_path / "model.pt")
+    with pytest.raises(
+        ValueError,
+        match=r"misshapen: classifier\.predictor\.query_feat\.weight.*missing: image_model\.norm0\.weight",
+    ):
+        load_initial_weights(model, tmp_path)
