@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +33,27 @@ def isolated_mlflow() -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Prepared shards of a generated RefCOCO-format set: ``make(num_images, image_size, seed,
+    samples_per_shard)`` -> the ``refcoco-unc`` shard root. Built once per argument set and
+    session; tests must not modify what they get."""
+    from data_prep.shards import prepare_dataset
+    from data_prep.synth import synthesize
+
+    built: dict[tuple[int, int, int, int], Path] = {}
+
+    def make(num_images: int = 24, image_size: int = 64, seed: int = 0, samples_per_shard: int = 8) -> Path:
+        key = (num_images, image_size, seed, samples_per_shard)
+        if key not in built:
+            root = tmp_path_factory.mktemp("synthetic")
+            synthesize(root / "refer", num_images=num_images, image_size=image_size, seed=seed, workers=1)
+            out = prepare_dataset(
+                root / "refer", "refcoco", "unc", root / "shards", samples_per_shard=samples_per_shard
+            )
+            built[key] = out.out_dir
+        return built[key]
+
+    return make

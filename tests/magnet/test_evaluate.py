@@ -12,14 +12,8 @@ from magnet.models import MagNetOutput
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from data_prep.shards import prepare_dataset
-    from data_prep.synth import synthesize
-
-    root = tmp_path_factory.mktemp("data")
-    synthesize(root / "refer", num_images=40, image_size=48, seed=1, workers=1)
-    prepare_dataset(root / "refer", "refcoco", "unc", root / "shards", samples_per_shard=6)
-    return str(root / "shards" / "refcoco-unc")
+def shards(synthetic_shards) -> str:
+    return str(synthetic_shards(num_images=40, image_size=48, seed=1, samples_per_shard=6))
 
 
 class Everywhere(nn.Module):

@@ -113,14 +113,8 @@ def test_gradient_accumulation_matches_one_big_batch():
 
 # ------------------------------------------------------------------ the loop on tiny shards
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from data_prep.shards import prepare_dataset
-    from data_prep.synth import synthesize
-
-    root = tmp_path_factory.mktemp("data")
-    synthesize(root / "refer", num_images=24, image_size=64, seed=0, workers=1)
-    prepare_dataset(root / "refer", "refcoco", "unc", root / "shards", samples_per_shard=8)
-    return str(root / "shards" / "refcoco-unc")
+def shards(synthetic_shards) -> str:
+    return str(synthetic_shards(num_images=24, image_size=64, seed=0, samples_per_shard=8))
 
 
 def tiny_config(*overrides: str):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -31,17 +30,11 @@ EXPERIMENT = "promote-test"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from data_prep.shards import prepare_dataset
-    from data_prep.synth import synthesize
-
-    os.environ["HF_HUB_OFFLINE"] = "1"
+def store(tmp_path_factory: pytest.TempPathFactory, synthetic_shards) -> dict:
     root = tmp_path_factory.mktemp("promote")
-    synthesize(root / "refer", num_images=12, image_size=64, seed=0, workers=1)
-    prepare_dataset(root / "refer", "refcoco", "unc", root / "shards", samples_per_shard=8)
     return {
         "root": root,
-        "shards": root / "shards" / "refcoco-unc",
+        "shards": synthetic_shards(num_images=12, image_size=64, seed=0, samples_per_shard=8),
         "uri": f"sqlite:///{root}/mlflow.db",  # explicit: MLflow exports the last URI it was set to
     }
 
