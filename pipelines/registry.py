@@ -10,9 +10,12 @@ MagNet from them without going through the pyfunc wrapper.
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -103,6 +106,26 @@ def _requirements() -> list[str]:
     return pins
 
 
+@contextmanager
+def _mlflow_target(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (start_run, log_model) at ``uri`` for a while, then put back the
+    previous target: set_tracking_uri also exports MLFLOW_TRACKING_URI to every later subprocess."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {name: os.environ.get(name) for name in names}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def log_and_register(
     tracking: dict[str, str],
     checkpoint: str | Path,
@@ -125,9 +148,7 @@ def log_and_register(
         if not (checkpoint / name).is_file():
             raise FileNotFoundError(f"{checkpoint} is not a MagNet checkpoint: {name} is missing")
     uri = tracking["tracking_uri"]
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    with tempfile.TemporaryDirectory() as tmp:
+    with _mlflow_target(uri), tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / CHECKPOINT_ARTIFACT
         weights.mkdir()
         for name in (MODEL_FILE, CONFIG_FILE, META_FILE):
@@ -186,6 +207,6 @@ def load_model(
     if not resolved.startswith(("models:/", "runs:/")):
         return load_model_from_checkpoint(_checkpoint_dir(Path(resolved)), device=device)
     uri = resolve_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=resolved, tracking_uri=uri)
+    with _mlflow_target(uri):  # runs:/ URIs of MLflow 3 logged models resolve through the fluent target
+        local = mlflow.artifacts.download_artifacts(artifact_uri=resolved)
     return load_model_from_checkpoint(_checkpoint_dir(Path(local)), device=device)

@@ -188,7 +188,8 @@ def up(
     _wait_for(addresses.mlflow + "/health", state_dir, "mlflow", timeout)
 
     if _running_pid(state_dir, "deployments") is None:
-        env = {**base_env, "PREFECT_API_URL": addresses.prefect_api, "MLFLOW_TRACKING_URI": addresses.mlflow}
+        mlflow_env = {"MLFLOW_TRACKING_URI": addresses.mlflow, "MLFLOW_REGISTRY_URI": addresses.mlflow}
+        env = {**base_env, "PREFECT_API_URL": addresses.prefect_api, **mlflow_env}
         argv = [sys.executable, "-m", "pipelines.stack", "serve", str(project_file.resolve())]
         _start(state_dir, "deployments", argv, env, marker="pipelines.stack")
         lines.append(f"deployments: serving {', '.join(_deployment_names(project_file))}")

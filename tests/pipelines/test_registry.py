@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -52,19 +53,30 @@ def registered(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> di
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     example = (buffer.getvalue(), "the left square")
+    env_before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
     first = registry.log_and_register(settings, checkpoint, example, aliases=("demo",))
     second = registry.log_and_register(settings, checkpoint, example)
-    return {"uri": uri, "run_id": settings["run_id"], "versions": (first, second), "image": image}
+    env_after = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    return {
+        "uri": uri,
+        "run_id": settings["run_id"],
+        "versions": (first, second),
+        "image": image,
+        "env_before": env_before,
+        "env_after": env_after,
+    }
 
 
 def test_each_registration_is_a_new_version_with_alias(registered):
     assert registered["versions"] == ("1", "2")
+    assert registered["env_after"] == registered["env_before"]  # the process's MLflow target is kept
     client = tracking.client_for(registered["uri"])
     assert str(client.get_model_version_by_alias("magnet", "demo").version) == "1"
     assert client.get_model_version("magnet", "2").run_id == registered["run_id"]
 
 
 def test_model_carries_signature_example_and_raw_weights(registered, tmp_path):
+    mlflow.set_tracking_uri(registered["uri"])
     mlflow.set_registry_uri(registered["uri"])
     info = mlflow.models.get_model_info("models:/magnet/1")
     assert info.signature.inputs.input_names() == ["image", "text"]
@@ -91,6 +103,7 @@ def test_load_model_by_any_reference(registered, checkpoint, kind):
 
 
 def test_pyfunc_returns_masks_at_the_image_size(registered, checkpoint):
+    mlflow.set_tracking_uri(registered["uri"])
     mlflow.set_registry_uri(registered["uri"])
     pyfunc = mlflow.pyfunc.load_model("models:/magnet@demo")
     image = registered["image"]

@@ -62,6 +62,7 @@ def test_deployment_runs_by_name_on_the_local_stack(tmp_path: Path):
     }
     env.pop("PREFECT_API_URL", None)
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_REGISTRY_URI", None)
     magnet = [str(BIN / "magnet"), "stack"]
     where = ["--state-dir", str(state)]
     up = subprocess.run(
