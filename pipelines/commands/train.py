@@ -28,11 +28,20 @@ def train(
         None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or sqlite ./mlflow.db."
     ),
     register_model: bool = typer.Option(True, "--register/--no-register", help="Register the model."),
+    init_from: Path | None = typer.Option(
+        None, "--init-from", help="Checkpoint whose weights start the run (e.g. from import-weights)."
+    ),
 ) -> None:
     """Train MagNet with Ray Train through the train-magnet flow, tracked in MLflow."""
     from magnet.config import ConfigError, load_config
     from pipelines.flows.train import train_magnet
 
+    if init_from is not None:
+        if not (init_from / "model.pt").is_file():
+            raise typer.BadParameter(
+                f"{init_from} holds no model.pt: not a checkpoint", param_hint="--init-from"
+            )
+        overrides = [*overrides, f"train.init_from={init_from.resolve()}"]  # absolute: Ray changes cwd
     try:
         load_config(config, overrides)  # fail here, before Prefect and Ray start
     except ConfigError as err:
