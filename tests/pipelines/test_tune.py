@@ -35,7 +35,9 @@ TINY = [
 
 # Deterministic by design: with a 0.95 threshold a barely trained model predicts no foreground,
 # so its val oIoU is 0 while a 0.05 threshold scores above 0. The grid lists 0.05 first, so a
-# 0.95 trial always meets a better trial at its first rung and ASHA (grace 1, factor 2) stops it.
+# 0.95 trial always meets a better trial at its first rung and ASHA (grace 1, factor 2) stops at
+# least one of them. Which 0.05 trial survives is not fixed: the two seeds score differently,
+# and the weaker may fall below the rung's cutoff too.
 SWEEP = """
 metric: val/oIoU
 mode: max
@@ -197,7 +199,7 @@ def test_asha_stops_the_losing_trials_early(sweep):
     rows = sweep["result"].trials
     assert len(rows) == 4
     stopped = [r for r in rows if r["early_stopped"]]
-    assert stopped and all(r["eval.threshold"] == 0.95 for r in stopped)
+    assert any(r["eval.threshold"] == 0.95 for r in stopped)
     assert all(r["step"] < 6 and r["status"] == "KILLED" for r in stopped)
     finished = [r for r in rows if r["status"] == "FINISHED"]
     assert finished and all(r["step"] == 6 for r in finished)
