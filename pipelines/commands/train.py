@@ -167,6 +167,52 @@ def demo(
     run_demo(workdir)
 
 
+def register_checkpoint(
+    checkpoint: Path = typer.Option(
+        ..., "--checkpoint", help="Checkpoint directory (from magnet import-weights, or a run's)."
+    ),
+    shards: Path = typer.Option(
+        ..., "--shards", help="Prepared dataset it is meant for: tagged on the run, first sample = example."
+    ),
+    split: str = typer.Option("val", "--split", help="Split whose first sample is the input example."),
+    experiment: str = typer.Option("magnet", "--experiment", help="MLflow experiment."),
+    aliases: list[str] = typer.Option([], "--alias", help="Registry alias to point at the new version."),
+    tracking_uri: str | None = typer.Option(
+        None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or sqlite ./mlflow.db."
+    ),
+) -> None:
+    """Register a checkpoint that no training run produced (e.g. imported published weights) as a
+    new version of `magnet`, in a run of its own carrying its config and the dataset's tags."""
+    from magnet.checkpoint import load_config_from_checkpoint
+    from pipelines import registry
+    from pipelines import tracking as mlflow_tracking
+    from pipelines.flows.train import first_example
+
+    if not (shards / "summary.json").is_file():
+        raise typer.BadParameter(
+            f"{shards} holds no summary.json: not a prepared dataset", param_hint="--shards"
+        )
+    try:
+        cfg = load_config_from_checkpoint(checkpoint)
+    except FileNotFoundError as err:
+        raise typer.BadParameter(str(err), param_hint="--checkpoint") from None
+    tracking = mlflow_tracking.start_run(
+        cfg,
+        shards=shards,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        run_name=f"register-{checkpoint.resolve().name}",
+    )
+    try:
+        example = first_example(str(shards.resolve()), split)
+        version = registry.log_and_register(tracking, checkpoint, example, aliases=tuple(aliases))
+    except BaseException:
+        mlflow_tracking.end_run(tracking, status="FAILED")
+        raise
+    mlflow_tracking.end_run(tracking)
+    typer.echo(json.dumps({"version": version, "run_id": tracking["run_id"], "aliases": aliases}))
+
+
 @stack_app.command("up")
 def stack_up(
     state_dir: Path = typer.Option(Path(".magnet-stack"), "--state-dir", help="Databases, pid files, logs."),
@@ -204,5 +250,6 @@ def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("evaluate")(evaluate)
     app.command("predict")(predict)
+    app.command("register")(register_checkpoint)
     app.command("demo")(demo)
     app.add_typer(stack_app, name="stack")

@@ -167,3 +167,30 @@ def test_predict_and_evaluate_commands(checkpoint, tmp_path):
 
     refused = runner.invoke(app, ["evaluate", "--model", "no-such-model", "--shards", str(shards)])
     assert refused.exit_code != 0 and "no-such-model" in refused.output
+
+
+def test_register_command_versions_a_checkpoint_no_run_produced(checkpoint, synthetic_shards, tmp_path):
+    """The path of imported published weights: a checkpoint directory -> a new version of `magnet`
+    with an alias, in a finished run tagged with the dataset, loadable by alias."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    shards = synthetic_shards(num_images=12)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["register", "--checkpoint", str(checkpoint), "--shards", str(shards), "--tracking-uri", uri]
+    result = CliRunner().invoke(app, [*args, "--alias", "imported"])
+    assert result.exit_code == 0, result.output
+    registered = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+
+    client = tracking.client_for(uri)
+    version = client.get_model_version_by_alias("magnet", "imported")
+    assert str(version.version) == str(registered["version"]) and version.run_id == registered["run_id"]
+    run = client.get_run(registered["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dataset.summary_sha256"] == tracking.dataset_tags(shards)["dataset.summary_sha256"]
+    model, cfg = registry.load_model("models:/magnet@imported", tracking_uri=uri)
+    assert cfg.model.image_size == 64 and not model.training
+
+    refused = CliRunner().invoke(app, ["register", "--checkpoint", str(tmp_path), "--shards", str(shards)])
+    assert refused.exit_code != 0 and "config.yaml is missing" in refused.output
