@@ -11,6 +11,7 @@ rows time train_step alone on random batches, so they measure the model, not the
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -108,6 +109,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per measurement")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the generated data here")
+    parser.add_argument(
+        "--demo-summary",
+        type=Path,
+        default=Path("demo-run/demo-summary.json"),
+        help="demo-summary.json of a `magnet demo` run, tabled against its baselines when present",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -126,6 +133,21 @@ def main() -> None:
     print(f"{'setting':<40} {'samples/s':>10} {'vs first':>9}")
     for label, rate in rows:
         print(f"{label:<40} {rate:>10.2f} {rate / base:>8.2f}x")
+    print_demo_scores(args.demo_summary)
+
+
+def print_demo_scores(summary_path: Path) -> None:
+    """The demo's final oIoU per split beside the language-blind baselines, as ratios."""
+    if not summary_path.is_file():
+        print(f"\ndemo scores: skipped ({summary_path} not found; run `magnet demo` first)")
+        return
+    summary = json.loads(summary_path.read_text())
+    print(f"\ndemo ({summary['config']}, {summary['protocol']}, {summary['seconds']['total']:.0f} s)")
+    print(f"{'split':<8} {'oIoU':>7} {'largest':>8} {'random':>7} {'vs largest':>11} {'vs random':>10}")
+    for split, row in summary["splits"].items():
+        largest, rand = row["baseline_largest"], row["baseline_random"]
+        ratios = f"{row['oIoU'] / largest:>10.2f}x {row['oIoU'] / rand:>9.2f}x"
+        print(f"{split:<8} {row['oIoU']:>7.2f} {largest:>8.2f} {rand:>7.2f} {ratios}")
 
 
 if __name__ == "__main__":
