@@ -355,11 +355,8 @@ def _chunk_fingerprint(settings: PrepareSettings, vocab_hash: str, chunk: Chunk,
 
 
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _part_paths(out_dir: Path, chunk: Chunk) -> tuple[Path, Path, Path]:
