@@ -24,7 +24,7 @@ TINY_CHANNELS = (8, 16, 24, 32)
 PAPER_CHANNELS = (128, 256, 512, 1024)
 # Sum of the shapes of the 258 `classifier.*` tensors in the reference checkpoint's inventory.
 OFFICIAL_CLASSIFIER_NUMEL = 17_997_314
-INVENTORY = Path("/work/shared/reference/official_magnet_state_dict.json")
+INVENTORY = Path(__file__).resolve().parents[2].parent / "shared/reference/official_magnet_state_dict.json"
 
 
 def tiny_cfg(kind: str = "mask2former") -> DecoderConfig:
