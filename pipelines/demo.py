@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 DEMO_CONFIG = "demo"
-DEMO_IMAGES = 400
+DEMO_IMAGES = 800
 DEMO_IMAGE_SIZE = 64
 DEMO_SEED = 0
 DEMO_WORKERS = 2
