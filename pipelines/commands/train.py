@@ -8,6 +8,8 @@ from typing import Any
 
 import typer
 
+from pipelines.commands import require_prepared
+
 stack_app = typer.Typer(help="The local stack: Prefect server, MLflow server and the served deployments.")
 
 
@@ -46,10 +48,7 @@ def train(
         load_config(config, overrides)  # fail here, before Prefect and Ray start
     except ConfigError as err:
         raise typer.BadParameter(str(err), param_hint="--config/--set") from None
-    if not (shards / "summary.json").is_file():
-        raise typer.BadParameter(
-            f"{shards} holds no summary.json: not a prepared dataset", param_hint="--shards"
-        )
+    require_prepared(shards)
     result = train_magnet(
         config=config,
         shards=str(shards),
@@ -188,10 +187,7 @@ def register_checkpoint(
     from pipelines import tracking as mlflow_tracking
     from pipelines.flows.train import first_example
 
-    if not (shards / "summary.json").is_file():
-        raise typer.BadParameter(
-            f"{shards} holds no summary.json: not a prepared dataset", param_hint="--shards"
-        )
+    require_prepared(shards)
     try:
         cfg = load_config_from_checkpoint(checkpoint)
     except FileNotFoundError as err:

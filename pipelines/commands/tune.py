@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from pipelines.commands import require_prepared
+
 
 def tune(
     config: str = typer.Option(
@@ -61,10 +63,7 @@ def tune(
         build_scheduler(parsed, cfg)
     except (ConfigError, SpaceError) as err:
         raise typer.BadParameter(str(err), param_hint="--space/--config/--search") from None
-    if not (shards / "summary.json").is_file():
-        raise typer.BadParameter(
-            f"{shards} holds no summary.json: not a prepared dataset", param_hint="--shards"
-        )
+    require_prepared(shards)
     from pipelines.flows.tune import tune_magnet  # Prefect only once the arguments are good
 
     result = tune_magnet(
@@ -109,10 +108,7 @@ def promote(
         raise typer.BadParameter(
             f"{protocol!r} is not a protocol; use lavt or original", param_hint="--protocol"
         )
-    if not (shards / "summary.json").is_file():
-        raise typer.BadParameter(
-            f"{shards} holds no summary.json: not a prepared dataset", param_hint="--shards"
-        )
+    require_prepared(shards)
     from pipelines.flows.tune import promote_magnet
     from pipelines.promote import PromotionError
 
