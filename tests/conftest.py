@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from object_store import s3_store  # noqa: F401  (fixture)
 
 # Nothing in the suite may reach a model hub or phone home.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
