@@ -6,6 +6,11 @@
     <out>/<dataset>-<splitBy>/summary.json        counts, shard checksums, tokenizer, versions
     <out>/<dataset>-<splitBy>/_work/              per-shard parts and completion markers
 
+`out` may be an fsspec URL (s3://bucket/prefix; credentials and endpoint from the environment):
+each chunk is then written in a local temporary directory and uploaded with its parts, its
+completion marker last, so object storage holds the same layout and the same bytes, and a re-run
+finds the finished chunks there.
+
 The work is cut into chunks that are the shards themselves: a split's images, ordered by id,
 are taken in order until a chunk holds `samples_per_shard` expressions (cut at an image
 boundary, so a ref never straddles two shards). A chunk is a pure function of its inputs and
@@ -26,14 +31,16 @@ import multiprocessing
 import os
 import sys
 import tarfile
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 from typing import NamedTuple
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -153,7 +160,7 @@ class PreparePlan:
     """The chunks of a preparation and where they go."""
 
     settings: PrepareSettings
-    out_dir: Path
+    out_dir: Path | str  # a local directory, or a URL on object storage
     image_dir: Path
     splits: tuple[str, ...]
     chunks: tuple[Chunk, ...]
@@ -186,7 +193,7 @@ class SplitCounts:
 class PrepareResult:
     """The outcome of a whole preparation."""
 
-    out_dir: Path
+    out_dir: Path | str
     counts: dict[str, SplitCounts]
     rejects_by_reason: dict[str, dict[str, int]]
     shards: list[dict[str, object]]
@@ -194,8 +201,15 @@ class PrepareResult:
     summary: dict[str, object] = field(default_factory=dict)
 
 
-def dataset_dir(out: str | Path, dataset: str, split_by: str) -> Path:
-    """`<out>/<dataset>-<splitBy>`: where one preparation writes."""
+def is_url(location: str | PurePath) -> bool:
+    """Whether a location is an fsspec URL (s3://...) rather than a local path."""
+    return "://" in str(location)
+
+
+def dataset_dir(out: str | Path, dataset: str, split_by: str) -> Path | str:
+    """`<out>/<dataset>-<splitBy>`: where one preparation writes (a URL when `out` is one)."""
+    if is_url(out):
+        return f"{str(out).rstrip('/')}/{dataset}-{split_by}"
     return Path(out) / f"{dataset}-{split_by}"
 
 
@@ -359,7 +373,7 @@ def _file_sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _part_paths(out_dir: Path, chunk: Chunk) -> tuple[Path, Path, Path]:
+def _part_paths(out_dir: PurePath, chunk: Chunk) -> tuple[PurePath, PurePath, PurePath]:
     stem = out_dir / "_work" / chunk.split / f"shard-{chunk.index:06d}"
     return (
         stem.with_suffix(".manifest.parquet"),
@@ -380,6 +394,8 @@ def finished_chunk(
 ) -> ChunkResult | None:
     """The chunk's result (skipped=True) if an earlier run finished it with the same fingerprint
     and its shard is intact, else None."""
+    if is_url(out_dir):
+        return _finished_remote_chunk(settings, vocab_hash, chunk, str(out_dir), Path(image_dir))
     out_dir = Path(out_dir)
     _, _, done_path = _part_paths(out_dir, chunk)
     shard_path = out_dir / chunk.shard
@@ -397,10 +413,15 @@ def prepare_chunk(
 ) -> ChunkResult:
     """Write one chunk's shard and its manifest / rejects parts; skip it when its completion
     marker matches. Every expression of the chunk becomes a sample or a reject row."""
-    out_dir, image_dir = Path(out_dir), Path(image_dir)
     done = finished_chunk(settings, vocab_hash, chunk, out_dir, image_dir)
     if done is not None:
         return done
+    if is_url(out_dir):
+        with tempfile.TemporaryDirectory(prefix="magnet-chunk-") as staging:
+            result = prepare_chunk(settings, vocab_hash, chunk, staging, image_dir)
+            _upload_chunk(Path(staging), str(out_dir), chunk)
+        return result
+    out_dir, image_dir = Path(out_dir), Path(image_dir)
     manifest_path, rejects_path, done_path = _part_paths(out_dir, chunk)
     shard_path = out_dir / chunk.shard
     fingerprint = _chunk_fingerprint(settings, vocab_hash, chunk, image_dir)
@@ -518,11 +539,42 @@ def prepare_chunk(
     )
     if result.read != result.written + result.rejected:
         raise AssertionError(f"{chunk.shard}: read {result.read} != written + rejected")
-    marker = {"fingerprint": fingerprint, "sha256": result.sha256, "result": asdict(result)}
+    marker = {
+        "fingerprint": fingerprint,
+        "sha256": result.sha256,
+        "size": shard_path.stat().st_size,
+        "result": asdict(result),
+    }
     tmp_done = done_path.with_name(done_path.name + ".tmp")
     tmp_done.write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
     os.replace(tmp_done, done_path)
     return result
+
+
+def _upload_chunk(staging: Path, out_url: str, chunk: Chunk) -> None:
+    """Copy a chunk written under `staging` to `out_url`, its completion marker last: an upload
+    cut short leaves no marker, so the next run redoes the chunk."""
+    fs, root = fsspec.core.url_to_fs(out_url)
+    for local in (staging / chunk.shard, *_part_paths(staging, chunk)):
+        fs.put_file(str(local), f"{root}/{Path(local).relative_to(staging).as_posix()}")
+
+
+def _finished_remote_chunk(
+    settings: PrepareSettings, vocab_hash: str, chunk: Chunk, out_url: str, image_dir: Path
+) -> ChunkResult | None:
+    """`finished_chunk` on object storage: the marker must match and the shard must have the
+    size it had when the marker was written (uploads are whole objects: no torn writes)."""
+    fs, root = fsspec.core.url_to_fs(out_url)
+    _, _, done_path = _part_paths(PurePosixPath(root), chunk)
+    try:
+        marker = json.loads(fs.cat_file(str(done_path)))
+        shard_size = fs.size(f"{root}/{chunk.shard}")
+    except FileNotFoundError:
+        return None
+    fingerprint = _chunk_fingerprint(settings, vocab_hash, chunk, image_dir)
+    if marker.get("fingerprint") != fingerprint or marker.get("size") != shard_size:
+        return None
+    return ChunkResult(**{**marker["result"], "skipped": True})
 
 
 def _expressions(chunk: Chunk) -> Iterable[tuple]:
@@ -557,6 +609,8 @@ def _tool_versions() -> dict[str, str]:
 def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult:
     """Join the chunks' parts into manifest.parquet and rejects.parquet, write summary.json,
     and remove shards a previous run with other settings left behind."""
+    if is_url(plan.out_dir):
+        return _assemble_remote(plan, results)
     by_chunk = {(r.split, r.index): r for r in results}
     missing = [c.shard for c in plan.chunks if (c.split, c.index) not in by_chunk]
     if missing:
@@ -629,6 +683,28 @@ def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult
         chunks_skipped=sum(r.skipped for r in by_chunk.values()),
         summary=summary,
     )
+
+
+def _assemble_remote(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult:
+    """`assemble` for a plan on object storage: fetch the chunks' parts into a local directory,
+    assemble there, remove stale remote shards, then upload manifest, rejects and summary.json
+    (last, so a summary is only there once what it describes is)."""
+    fs, root = fsspec.core.url_to_fs(str(plan.out_dir))
+    with tempfile.TemporaryDirectory(prefix="magnet-assemble-") as tmp:
+        staging = Path(tmp)
+        for chunk in plan.chunks:
+            for local in _part_paths(staging, chunk)[:2]:
+                Path(local).parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{root}/{Path(local).relative_to(staging).as_posix()}", str(local))
+        result = assemble(replace(plan, out_dir=staging), results)
+        planned = {c.shard for c in plan.chunks}
+        for split in plan.splits:
+            for stale in sorted(fs.glob(f"{root}/{split}/shard-*.tar")):
+                if f"{split}/{PurePosixPath(stale).name}" not in planned:
+                    fs.rm_file(stale)
+        for name in ("manifest.parquet", "rejects.parquet", "summary.json"):
+            fs.put_file(str(staging / name), f"{root}/{name}")
+    return replace(result, out_dir=plan.out_dir)
 
 
 def prepare_dataset(

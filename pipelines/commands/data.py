@@ -14,7 +14,11 @@ def prepare(
     splits: list[str] = typer.Option(
         [], "--splits", help="Split to prepare (repeat the option); default every stored split."
     ),
-    out: Path = typer.Option(..., "--out", help="Output root; writes <out>/<dataset>-<splitBy>/."),
+    out: str = typer.Option(
+        ...,
+        "--out",
+        help="Output root: a directory or a URL (s3://bucket/prefix); writes <out>/<dataset>-<splitBy>/.",
+    ),
     tokenizer: str = typer.Option(
         "all-minilm-l6-v2", "--tokenizer", help="Hugging Face tokenizer name or path, or the offline alias."
     ),
@@ -32,13 +36,14 @@ def prepare(
 ) -> None:
     """Run the `prepare-refcoco` Prefect flow: refer-format data into WebDataset shards,
     manifest.parquet, rejects.parquet and summary.json. A re-run skips finished chunks."""
+    from data_prep.shards import dataset_dir, is_url
     from pipelines.flows.prepare import run_prepare
 
     try:
         summary = run_prepare(
             workers=workers,
             refer_root=str(refer_root.resolve()),
-            out=str(out.resolve()),
+            out=out if is_url(out) else str(Path(out).resolve()),
             dataset=dataset,
             split_by=split_by,
             splits=list(splits) or None,
@@ -50,7 +55,7 @@ def prepare(
         )
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from None
-    typer.echo(f"wrote {out / f'{dataset}-{split_by}'}: {len(summary['shards'])} shards")
+    typer.echo(f"wrote {dataset_dir(out, dataset, split_by)}: {len(summary['shards'])} shards")
     typer.echo(f"{'split':<8} {'read':>8} {'written':>8} {'rejected':>8}")
     for split, counts in summary["counts"].items():
         typer.echo(f"{split:<8} {counts['read']:>8} {counts['written']:>8} {counts['rejected']:>8}")

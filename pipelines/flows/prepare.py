@@ -74,7 +74,7 @@ def finished_chunks_task(plan: PreparePlan) -> list[ChunkResult]:
     task_run_name="chunk-{chunk.split}-{chunk.index:06d}",
 )
 def chunk_task(
-    settings: PrepareSettings, vocab_hash: str, chunk: Chunk, out_dir: Path, image_dir: Path
+    settings: PrepareSettings, vocab_hash: str, chunk: Chunk, out_dir: Path | str, image_dir: Path
 ) -> ChunkResult:
     """Write one shard and its manifest / rejects parts (or find them already done)."""
     return prepare_chunk(settings, vocab_hash, chunk, out_dir, image_dir)
