@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from mlflow_server import mlflow_server, postgres_server  # noqa: F401  (fixtures)
 from object_store import s3_store  # noqa: F401  (fixture)
 
 # Nothing in the suite may reach a model hub or phone home.

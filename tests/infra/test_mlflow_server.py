@@ -1,0 +1,87 @@
+"""The MLflow server of infra/mlflow/serve.sh, used for real: PostgreSQL rows, S3 objects, registry."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _listen_addresses(port: int) -> set[str]:
+    """Local addresses of every socket LISTENing on ``port`` (IPv4 and IPv6), from /proc/net."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, port_hex = local.split(":")
+            if state == "0A" and int(port_hex, 16) == port:  # 0A: TCP_LISTEN
+                if len(address) == 8:  # IPv4, little-endian hex
+                    found.add(".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+                else:
+                    found.add("ipv6:" + address)
+    return found
+
+
+def test_runs_and_registry_land_in_postgres_and_s3(mlflow_server, postgres_server, tmp_path):
+    import fsspec
+    import mlflow
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    class Double(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+            return model_input * 2
+
+    mlflow.set_tracking_uri(mlflow_server.url)
+    mlflow.set_registry_uri(mlflow_server.url)
+    client = MlflowClient(mlflow_server.url, mlflow_server.url)
+    name = f"infra-test-{uuid.uuid4().hex[:8]}"
+    experiment_id = client.create_experiment(name)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("shards: s3://magnet/shards\n")
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        mlflow.log_params({"train.lr": 0.001, "model.name": "magnet"})
+        for step in range(3):
+            mlflow.log_metric("train/loss", 1.0 / (step + 1), step=step)
+        mlflow.log_artifact(str(notes))
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=Double(), pip_requirements=[], registered_model_name=name
+        )
+    run_id = run.info.run_id
+    version = info.registered_model_version
+    client.set_registered_model_alias(name, "champion", version)
+
+    # The artifact is an object in the bucket, under the server's artifacts destination.
+    fs = fsspec.filesystem("s3")
+    prefix = mlflow_server.artifacts_destination.removeprefix("s3://")
+    matches = [key for key in fs.find(prefix) if key.endswith(f"{run_id}/artifacts/notes.txt")]
+    assert len(matches) == 1, fs.find(prefix)
+    assert fs.cat(matches[0]).decode() == notes.read_text()
+    # Clients never touch the bucket: the run's artifacts are proxied URIs.
+    assert client.get_run(run_id).info.artifact_uri.startswith("mlflow-artifacts:")
+
+    # The alias resolves and the model loads back through the server.
+    assert client.get_model_version_by_alias(name, "champion").version == version
+    loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    assert loaded.predict(pd.DataFrame({"x": [1, 2]}))["x"].tolist() == [2, 4]
+
+    # And the rows are in PostgreSQL.
+    with postgres_server.connect() as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT key, value FROM params WHERE run_uuid = %s ORDER BY key", [run_id])
+        assert cursor.fetchall() == [("model.name", "magnet"), ("train.lr", "0.001")]
+        cursor.execute("SELECT step, value FROM metrics WHERE run_uuid = %s ORDER BY step", [run_id])
+        assert cursor.fetchall() == [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
+        cursor.execute("SELECT alias, version FROM registered_model_aliases WHERE name = %s", [name])
+        assert cursor.fetchall() == [("champion", int(version))]
+        cursor.execute("SELECT run_id FROM model_versions WHERE name = %s", [name])
+        assert cursor.fetchall() == [(run_id,)]
+
+
+def test_servers_listen_on_loopback_only(mlflow_server, postgres_server):
+    assert _listen_addresses(mlflow_server.port) == {"127.0.0.1"}
+    assert _listen_addresses(postgres_server.port) == {"127.0.0.1"}

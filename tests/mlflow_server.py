@@ -1,0 +1,245 @@
+"""A real PostgreSQL and an MLflow tracking server on it, both on 127.0.0.1, for tests.
+
+``postgres_server`` runs the installed PostgreSQL (``initdb`` + ``pg_ctl``) on a throw-away data
+directory as the ``postgres`` user (PostgreSQL refuses to run as root), with password
+authentication, and creates a role and a database for MLflow. ``mlflow_server`` starts the server
+through ``infra/mlflow/serve.sh`` (so the script users run is what is tested) with that database as
+the backend and the ``s3_store`` bucket (tests/object_store.py) as the proxied artifact store.
+CI installs PostgreSQL first (scripts/ensure_postgres.sh); without it these fixtures skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SERVE_SCRIPT = Path(__file__).resolve().parent.parent / "infra" / "mlflow" / "serve.sh"
+HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    """A running PostgreSQL and the role + database made for MLflow."""
+
+    host: str
+    port: int
+    database: str
+    user: str
+    password: str
+
+    def env(self) -> dict[str, str]:
+        """The libpq variables serve.sh (and psql, psycopg2) connect with."""
+        return {
+            "PGHOST": self.host,
+            "PGPORT": str(self.port),
+            "PGDATABASE": self.database,
+            "PGUSER": self.user,
+            "PGPASSWORD": self.password,
+        }
+
+    def connect(self):  # -> psycopg2 connection
+        import psycopg2
+
+        return psycopg2.connect(
+            host=self.host, port=self.port, dbname=self.database, user=self.user, password=self.password
+        )
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    """A tracking server started by serve.sh; ``url`` is what MLFLOW_TRACKING_URI takes."""
+
+    url: str
+    port: int
+    pid: int
+    artifacts_destination: str
+    log: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def postgres_bin_dir() -> Path | None:
+    """The newest ``/usr/lib/postgresql/<v>/bin`` (Debian's layout), else the directory of
+    ``initdb`` on PATH; None when PostgreSQL's server binaries are not installed."""
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    if candidates:
+        return candidates[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).resolve().parent if initdb else None
+
+
+def _as_postgres(argv: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: run its programs as the ``postgres`` user then."""
+    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+
+
+def _run(argv: list[str], what: str) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{what} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+
+
+@contextlib.contextmanager
+def running_postgres(database: str = "mlflow", user: str = "mlflow") -> Iterator[PostgresServer]:
+    """initdb a fresh cluster, start it on a free loopback port, create ``user`` and ``database``."""
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        pytest.skip(
+            "no PostgreSQL server binaries (initdb, pg_ctl): scripts/ensure_postgres.sh installs them"
+        )
+    # Not under pytest's tmp dirs: they are private to root, and the server runs as `postgres`.
+    root = Path(tempfile.mkdtemp(prefix="magnet-postgres-"))
+    data, sockets = root / "data", root / "sockets"
+    sockets.mkdir()
+    superuser_password, password = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+    pwfile = root / "pwfile"
+    pwfile.write_text(superuser_password + "\n")
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        shutil.chown(sockets, "postgres")
+        shutil.chown(pwfile, "postgres")
+    port = _free_port()
+    options = f"-c listen_addresses={HOST} -c port={port} -c unix_socket_directories={sockets} -c fsync=off"
+    pg_ctl = [str(bin_dir / "pg_ctl"), "-D", str(data)]
+    try:
+        _run(
+            _as_postgres(
+                [
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    "postgres",
+                    "--pwfile",
+                    str(pwfile),
+                    "--auth",
+                    "scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--no-instructions",
+                ]
+            ),
+            "initdb",
+        )
+        pwfile.unlink()
+        _run(
+            _as_postgres([*pg_ctl, "-o", options, "-l", str(root / "postgres.log"), "-w", "start"]),
+            "pg_ctl start",
+        )
+        import psycopg2
+        from psycopg2 import sql
+
+        admin = psycopg2.connect(
+            host=HOST, port=port, dbname="postgres", user="postgres", password=superuser_password
+        )
+        admin.autocommit = True
+        with admin.cursor() as cursor:
+            cursor.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD %s").format(sql.Identifier(user)), [password]
+            )
+            cursor.execute(
+                sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(database), sql.Identifier(user))
+            )
+        admin.close()
+        yield PostgresServer(host=HOST, port=port, database=database, user=user, password=password)
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run(_as_postgres([*pg_ctl, "-m", "immediate", "-w", "stop"]), capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait_for_health(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"serve.sh exited ({process.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"MLflow did not answer {url}/health in {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+@contextlib.contextmanager
+def running_mlflow(
+    postgres: PostgresServer, artifacts_destination: str, log_dir: Path, timeout_s: float = 120.0
+) -> Iterator[MlflowServer]:
+    """``infra/mlflow/serve.sh`` with ``postgres`` as backend and ``artifacts_destination`` (s3://)
+    as the artifact store; AWS_* (credentials, endpoint) are taken from this process's environment."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        **postgres.env(),
+        "MLFLOW_ARTIFACTS_DESTINATION": artifacts_destination,
+        "MLFLOW_PORT": str(port),
+        "MLFLOW_WORKERS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+        # The tests' interpreter's mlflow: serve.sh finds it on PATH as users' images do.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    env.pop("MLFLOW_HOST", None)  # the default bind address is part of what is tested
+    log = log_dir / "mlflow-server.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            ["bash", str(SERVE_SCRIPT)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    url = f"http://{HOST}:{port}"
+    try:
+        _wait_for_health(url, process, log, timeout_s)
+        yield MlflowServer(
+            url=url, port=port, pid=process.pid, artifacts_destination=artifacts_destination, log=log
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)  # the server and its uvicorn workers
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL on 127.0.0.1 for the session, with role and database ``mlflow``."""
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(
+    postgres_server: PostgresServer, s3_store, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MlflowServer]:
+    """An MLflow tracking server for the session, started by infra/mlflow/serve.sh: PostgreSQL
+    backend, artifacts under ``s3_store.url("mlflow")``. Tests set MLFLOW_TRACKING_URI to ``.url``."""
+    log_dir = tmp_path_factory.mktemp("mlflow-server")
+    with running_mlflow(postgres_server, s3_store.url("mlflow"), log_dir) as server:
+        yield server
