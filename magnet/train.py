@@ -77,6 +77,9 @@ NO_DECAY_NAMES = (
     "type_embed",
 )
 PICTURE_EXAMPLES = 4
+# Train shards dropped for a failed checksum (data.skip_corrupt_shards): logged at the run's first
+# step and carried in every report, so a run that trained on less data says so where it is read.
+SKIPPED_SHARDS_KEY = "data/skipped_shards"
 
 
 # ----------------------------------------------------------------------------- the protocols
@@ -433,8 +436,8 @@ def train(
         hooks: called on every rank after every optimizer step.
 
     Returns:
-        The metrics of the last report: step, epoch, the latest logged train curves, and
-        ``<split>/oIoU`` etc. of the final evaluation.
+        The metrics of the last report: step, epoch, data/skipped_shards, the latest logged train
+        curves, and ``<split>/oIoU`` etc. of the final evaluation.
     """
     rank, world_size = _world()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -473,6 +476,8 @@ def train(
 
     curves = _Curves(cfg.data.batch_size * cfg.train.grad_accum * world_size)
     metrics: dict[str, float] = {"step": state.step, "epoch": state.epoch}
+    metrics[SKIPPED_SHARDS_KEY] = len(train_shards.skipped)
+    logger.log_metrics({SKIPPED_SHARDS_KEY: metrics[SKIPPED_SHARDS_KEY]}, state.step)
     while state.step < plan.total_steps:
         for micro_batches in _epoch_steps(
             cfg, train_shards, plan, DataPosition(**state.data_position), rank, world_size

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from magnet.config import Config, config_from_dict
+from magnet.data import open_split
 from magnet.train import NOT_EVALUATED, SCORE_KEY, StepHook
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,17 @@ def run_training(
         raise FileExistsError(
             f"run {run_name!r} already exists under {storage}: resume it, or choose another name"
         )
+
+    # Checked before any worker starts: restarts cannot cure a corrupt shard, so failing inside
+    # the workers would only hash every shard again max_failures times before giving up.
+    train_shards = open_split(
+        _absolute(shards),
+        cfg.data.train_split,
+        verify=cfg.data.verify_checksums,
+        skip_corrupt=cfg.data.skip_corrupt_shards,
+    )
+    if train_shards.skipped:
+        log.warning("training skips corrupt shards: %s", ", ".join(train_shards.skipped))
 
     started_ray = not ray.is_initialized()
     if started_ray:

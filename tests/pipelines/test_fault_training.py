@@ -1,0 +1,267 @@
+"""Training faults made for real: a Ray Train worker process SIGKILLed from outside mid-epoch, and
+a shard with flipped bytes. Steps are traced through a per-step JSON-lines file the workers append
+to (a StepHook that only records); the kill comes from the test's own watcher thread."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from magnet.config import load_config
+from magnet.data import DataPosition, ShardError, build_train_loader, open_split, train_batches_per_epoch
+from magnet.train import SKIPPED_SHARDS_KEY
+from pipelines.ray_train import CHECKPOINT_PREFIX, run_training
+
+WORKERS = 2
+
+
+@pytest.fixture(scope="module")
+def shards(synthetic_shards) -> Path:
+    return synthetic_shards(num_images=24, image_size=64, seed=0, samples_per_shard=8)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+    import ray.cloudpickle
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # StepTrace travels to workers
+    ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def tiny_config(*overrides: str):
+    return load_config(
+        "tiny",
+        [
+            "model.image_size=64",
+            "data.batch_size=2",
+            "data.loader_workers=0",
+            "data.eval_splits=[]",
+            "train.log_every=1",
+            "train.keep_checkpoints=null",
+            *overrides,
+        ],
+    )
+
+
+@dataclass
+class StepTrace:
+    """Appends one JSON line per worker step: pid, rank, step, epoch, sent ids, time."""
+
+    log_file: str
+
+    def __call__(self, event) -> None:
+        record = {
+            "pid": os.getpid(),
+            "rank": event.rank,
+            "step": event.step,
+            "epoch": event.epoch,
+            "sent_ids": event.sent_ids,
+            "time": time.time(),
+        }
+        with open(self.log_file, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def records(log_file: Path) -> list[dict]:
+    if not log_file.exists():
+        return []
+    return [json.loads(line) for line in log_file.read_text().splitlines() if line.endswith("}")]
+
+
+def lifetimes(log_file: Path, rank: int) -> list[list[dict]]:
+    """The records of one rank split by worker process (one list per pid, in order)."""
+    runs: list[list[dict]] = []
+    for record in records(log_file):
+        if record["rank"] != rank:
+            continue
+        if not runs or runs[-1][-1]["pid"] != record["pid"]:
+            runs.append([])
+        runs[-1].append(record)
+    return runs
+
+
+def process_title(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+class Killer(threading.Thread):
+    """Watches the step trace and SIGKILLs one worker once, when it is ``steps_past`` steps past a
+    checkpoint that has been on storage for ``settle_s`` (Ray's controller learns of reports when it
+    polls its workers, so a checkpoint only just written may not be the one a restart uses)."""
+
+    def __init__(
+        self,
+        log_file: Path,
+        run_dir: Path,
+        *,
+        rank: int,
+        checkpoint_step: int,
+        kill_step: int,
+        settle_s: float,
+    ) -> None:
+        super().__init__(daemon=True)
+        self.log_file, self.run_dir = log_file, run_dir
+        self.rank, self.checkpoint_step, self.kill_step, self.settle_s = (
+            rank,
+            checkpoint_step,
+            kill_step,
+            settle_s,
+        )
+        self.killed: tuple[int, int, str] | None = None  # pid, the step it had done, its process title
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        checkpoint = self.run_dir / f"{CHECKPOINT_PREFIX}{self.checkpoint_step:08d}"
+        seen_at: float | None = None
+        while not self.stop.wait(0.05):
+            if seen_at is None and checkpoint.exists():
+                seen_at = time.time()
+            done = [r for r in records(self.log_file) if r["rank"] == self.rank]
+            if seen_at is None or not done or time.time() - seen_at < self.settle_s:
+                continue
+            if done[-1]["step"] >= self.kill_step:
+                pid = done[-1]["pid"]
+                title = process_title(pid)
+                os.kill(pid, signal.SIGKILL)
+                self.killed = (pid, done[-1]["step"], title)
+                return
+
+
+def expected_batches(shards: Path, cfg, rank: int, steps: int) -> list[list[int]]:
+    """The sent ids of each of rank's first ``steps`` batches in an uninterrupted run, read straight
+    from the loader (grad_accum 1: one batch a step)."""
+    split = open_split(str(shards), cfg.data.train_split)
+    per_epoch = train_batches_per_epoch(split, cfg.data, WORKERS)
+    batches: list[list[int]] = []
+    epoch = 0
+    while len(batches) < steps:
+        loader = build_train_loader(
+            split, cfg.data, image_size=cfg.model.image_size, seed=cfg.train.seed, rank=rank,
+            world_size=WORKERS, position=DataPosition(epoch, 0),
+        )  # fmt: skip
+        epoch_batches = [[int(i) for i in batch["sent_id"]] for batch in loader]
+        assert len(epoch_batches) == per_epoch
+        batches += epoch_batches
+        epoch += 1
+    return batches[:steps]
+
+
+@pytest.mark.slow
+def test_worker_sigkilled_mid_epoch_resumes_and_does_every_step_once(shards, local_ray, tmp_path):
+    cfg = tiny_config("train.max_steps=10", "train.checkpoint_every=3")
+    per_epoch = train_batches_per_epoch(open_split(str(shards), "train"), cfg.data, WORKERS)
+    assert per_epoch > 5, "the kill at step 5 must fall inside the first epoch, after checkpoint 3"
+    steps, runs, name = tmp_path / "steps.jsonl", tmp_path / "runs", "killed-run"
+    killer = Killer(steps, runs / name, rank=1, checkpoint_step=3, kill_step=5, settle_s=4.0)
+    killer.start()
+    try:
+        result = run_training(
+            cfg, shards, num_workers=WORKERS, storage_path=runs, run_name=name, max_failures=2,
+            hooks=[StepTrace(str(steps))],
+        )  # fmt: skip
+    finally:
+        killer.stop.set()
+        killer.join()
+    assert killer.killed is not None, "the run ended before the worker could be killed"
+    pid, killed_after, title = killer.killed
+    assert "RayTrainWorker" in title, f"killed pid {pid} is not a Ray Train worker: {title!r}"
+    assert result.metrics["step"] == cfg.train.max_steps
+
+    for rank in range(WORKERS):
+        lives = lifetimes(steps, rank)
+        assert len(lives) == 2, f"rank {rank}: expected one restart, saw {len(lives)} worker processes"
+        first, second = lives
+        if rank == 1:
+            assert first[0]["pid"] == pid and first[-1]["step"] == killed_after
+        # the restart continues after checkpoint 3 (not from scratch, not from a later step)
+        resumed_from = second[0]["step"] - 1
+        assert resumed_from == 3, f"rank {rank} resumed after step {resumed_from}, not checkpoint 3"
+        # every step 1..N exactly once in what the final model went through: the first life up to
+        # the checkpoint it resumed from, then the second life, no gap, no repeat
+        lineage = first[:resumed_from] + second
+        assert [r["step"] for r in lineage] == list(range(1, cfg.train.max_steps + 1))
+        assert [r["epoch"] for r in lineage] == [
+            (s - 1) // per_epoch for s in range(1, cfg.train.max_steps + 1)
+        ]
+        # and the samples an uninterrupted run reads, in its order, epoch boundary included
+        assert [r["sent_ids"] for r in lineage] == expected_batches(shards, cfg, rank, cfg.train.max_steps)
+        # the steps the kill threw away were redone on the same samples
+        redone = {r["step"]: r["sent_ids"] for r in first[resumed_from:]}
+        assert redone and all(second[s - resumed_from - 1]["sent_ids"] == ids for s, ids in redone.items())
+
+    saved = sorted(
+        int(p.name.removeprefix(CHECKPOINT_PREFIX)) for p in (runs / name).glob(f"{CHECKPOINT_PREFIX}*")
+    )
+    assert saved == [3, 6, 9, 10]
+
+
+# ------------------------------------------------------------------------------ corrupt shards
+@pytest.fixture
+def corrupt_copy(shards: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A copy of the prepared shards with 64 bytes flipped in the middle of the second train shard."""
+    copy = tmp_path / shards.name
+    shutil.copytree(shards, copy)
+    name = json.loads((copy / "summary.json").read_text())["shards"][1]["path"]
+    assert name.startswith("train/")
+    data = bytearray((copy / name).read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    (copy / name).write_bytes(bytes(data))
+    return copy, name
+
+
+def test_corrupt_shard_refused_before_training_starts(corrupt_copy, tmp_path):
+    copy, name = corrupt_copy
+    steps = tmp_path / "steps.jsonl"
+    with pytest.raises(ShardError, match=f"{name}.* is corrupt"):
+        run_training(
+            tiny_config("train.max_steps=2"), copy, num_workers=1, storage_path=tmp_path / "runs",
+            hooks=[StepTrace(str(steps))],
+        )  # fmt: skip
+    # refused by the driver: no worker started, no step ran, no run directory
+    assert not steps.exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_corrupt_shard_skipped_and_counted_in_the_run(corrupt_copy, local_ray, tmp_path):
+    import mlflow
+    import pyarrow.parquet as pq
+
+    from pipelines import tracking
+
+    copy, name = corrupt_copy
+    cfg = tiny_config("train.max_steps=2", "train.checkpoint_every=2", "data.skip_corrupt_shards=true")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    settings = tracking.start_run(cfg, shards=copy, tracking_uri=uri, experiment="faults", run_name="skip")
+    steps = tmp_path / "steps.jsonl"
+    result = run_training(
+        cfg,
+        copy,
+        num_workers=1,
+        storage_path=tmp_path / "runs",
+        tracking=settings,
+        hooks=[StepTrace(str(steps))],
+    )
+    tracking.end_run(settings)
+
+    assert result.metrics[SKIPPED_SHARDS_KEY] == 1
+    run = mlflow.MlflowClient(uri).get_run(settings["run_id"])
+    assert run.data.metrics[SKIPPED_SHARDS_KEY] == 1
+    # nothing of the skipped shard was trained on
+    manifest = pq.read_table(copy / "manifest.parquet", columns=["shard", "sent_id"]).to_pylist()
+    in_corrupt = {row["sent_id"] for row in manifest if row["shard"] == name}
+    trained = {i for record in records(steps) for i in record["sent_ids"]}
+    assert in_corrupt and trained and not trained & in_corrupt
