@@ -30,18 +30,16 @@ def _listen_addresses(port: int) -> set[str]:
 def test_runs_and_registry_land_in_postgres_and_s3(mlflow_server, postgres_server, tmp_path):
     import fsspec
     import mlflow
-    import pandas as pd
     from mlflow.tracking import MlflowClient
-
-    class Double(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-            return model_input * 2
 
     mlflow.set_tracking_uri(mlflow_server.url)
     mlflow.set_registry_uri(mlflow_server.url)
     client = MlflowClient(mlflow_server.url, mlflow_server.url)
     name = f"infra-test-{uuid.uuid4().hex[:8]}"
     experiment_id = client.create_experiment(name)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model.pt").write_bytes(b"weights")
     notes = tmp_path / "notes.txt"
     notes.write_text("shards: s3://magnet/shards\n")
     with mlflow.start_run(experiment_id=experiment_id) as run:
@@ -49,26 +47,28 @@ def test_runs_and_registry_land_in_postgres_and_s3(mlflow_server, postgres_serve
         for step in range(3):
             mlflow.log_metric("train/loss", 1.0 / (step + 1), step=step)
         mlflow.log_artifact(str(notes))
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=Double(), pip_requirements=[], registered_model_name=name
-        )
+        mlflow.log_artifacts(str(model_dir), "model")
     run_id = run.info.run_id
-    version = info.registered_model_version
+    artifact_uri = client.get_run(run_id).info.artifact_uri
+    # Clients never touch the bucket: the run's artifacts are proxied by the server.
+    assert artifact_uri.startswith("mlflow-artifacts:")
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"{artifact_uri}/model", run_id=run_id).version
     client.set_registered_model_alias(name, "champion", version)
 
-    # The artifact is an object in the bucket, under the server's artifacts destination.
+    # The artifacts are objects in the bucket, under the server's artifacts destination.
     fs = fsspec.filesystem("s3")
     prefix = mlflow_server.artifacts_destination.removeprefix("s3://")
-    matches = [key for key in fs.find(prefix) if key.endswith(f"{run_id}/artifacts/notes.txt")]
-    assert len(matches) == 1, fs.find(prefix)
-    assert fs.cat(matches[0]).decode() == notes.read_text()
-    # Clients never touch the bucket: the run's artifacts are proxied URIs.
-    assert client.get_run(run_id).info.artifact_uri.startswith("mlflow-artifacts:")
+    keys = [key for key in fs.find(prefix) if f"/{run_id}/artifacts/" in key]
+    assert sorted(key.split("/artifacts/")[1] for key in keys) == ["model/model.pt", "notes.txt"]
+    assert fs.cat(next(key for key in keys if key.endswith("notes.txt"))).decode() == notes.read_text()
 
-    # The alias resolves and the model loads back through the server.
+    # The alias resolves, and the version's files come back through the server.
     assert client.get_model_version_by_alias(name, "champion").version == version
-    loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")
-    assert loaded.predict(pd.DataFrame({"x": [1, 2]}))["x"].tolist() == [2, 4]
+    downloaded = Path(
+        mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(tmp_path / "dl"))
+    )
+    assert (downloaded / "model.pt").read_bytes() == b"weights"
 
     # And the rows are in PostgreSQL.
     with postgres_server.connect() as connection, connection.cursor() as cursor:
