@@ -24,6 +24,7 @@
 #       MLFLOW_AUTH_ADMIN_PASSWORD           the admin's password on first start (user: admin,
 #                                            or MLFLOW_AUTH_ADMIN_USERNAME)
 #       MLFLOW_FLASK_SERVER_SECRET_KEY       the CSRF secret, the same on every replica
+#     optional: MLFLOW_AUTH_DEFAULT_PERMISSION (READ) for users without a grant
 #     users and permissions live in the same PostgreSQL database (tables of their own)
 set -euo pipefail
 
