@@ -7,11 +7,30 @@ The comparison is written on the challenger's model version (tags and a descript
 MLflow UI tells why an alias sits where it does. Scores are cached on each version as tags keyed by
 split, protocol and the dataset's summary.json hash, and every write happens only when the value
 differs: running a promotion twice changes nothing the second time.
+
+Promotions at once (two sweeps finishing together, a flow retried beside a manual run) are
+serialised by a lock kept in the registry itself: the registered model ``<model>.promotion-lock``,
+created to take the lock and deleted to release it. MLflow has no transactions or conditional
+writes, so two promoters that both read champion v1 and then both write would leave the last
+writer's champion without comparing the two challengers (and `challenger` pointing at v1). Creating
+a registered model is the one atomic check-and-set the registry offers: the database-backed stores
+(the tracking server, SQLite) refuse a second model of that name, so the lock holds across machines,
+where a file lock would only cover one. Scoring (the slow part, cached in tags and idempotent) runs
+outside it; reading the champion, deciding and writing run inside, so every outcome is the one of
+some serial order of the promotions. A lock older than ``LOCK_STALE_S`` belongs to a crashed
+promoter and is broken. The file-based registry store checks before it creates, so it is not safe
+for concurrent promoters.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +47,9 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 DATASET_TAG = "dataset.summary_sha256"
 PARENT_TAG = "mlflow.parentRunId"
+LOCK_SUFFIX = ".promotion-lock"
+LOCK_STALE_S = 600.0  # far above the seconds a holder needs: it reads and writes tags only
+LOCK_WAIT_S = 1800.0
 
 
 class PromotionError(ValueError):
@@ -230,6 +252,54 @@ def registry_state(client: MlflowClient, model_name: str = MODEL_NAME) -> dict[s
     }
 
 
+@contextmanager
+def registry_lock(
+    client: MlflowClient, model_name: str, *, wait_s: float = LOCK_WAIT_S, stale_s: float = LOCK_STALE_S
+) -> Iterator[None]:
+    """Hold the promotion lock of ``model_name``: the registered model ``<model_name>.promotion-lock``
+    exists exactly while someone holds it (see the module docstring for why).
+
+    Args:
+        client: MLflow client of the registry.
+        model_name: registered model whose aliases the holder will move.
+        wait_s: give up with PromotionError after waiting this long for another holder.
+        stale_s: break a lock created longer ago than this (its holder died).
+    """
+    from mlflow.exceptions import MlflowException
+
+    name = f"{model_name}{LOCK_SUFFIX}"
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.create_registered_model(
+                name, tags={"holder": holder}, description="held while a promotion moves aliases"
+            )
+            break
+        except MlflowException as err:
+            # RESOURCE_DOES_NOT_EXIST: the holder released it between our create and the store's look-up
+            if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                raise
+        try:
+            lock = client.get_registered_model(name)
+        except MlflowException:
+            continue  # released meanwhile: try again at once
+        age_s = time.time() - lock.creation_timestamp / 1000
+        if age_s > stale_s:
+            client.delete_registered_model(name)  # its holder died: a live one finishes in seconds
+            continue
+        if time.monotonic() > deadline:
+            raise PromotionError(
+                f"registered model {name!r} (the promotion lock) held by {lock.tags.get('holder')} "
+                f"for {age_s:.0f} s; delete it if no promotion is running"
+            )
+        time.sleep(0.2 + 0.3 * random.random())
+    try:
+        yield
+    finally:
+        client.delete_registered_model(name)
+
+
 # -------------------------------------------------------------------------------- the decision
 def _describe(
     decision: str, metric: str, challenger: Score, champion: Score | None, gain: float | None, min_gain: float
@@ -289,9 +359,6 @@ def promote(
         client, experiment, key, sweep_run_id=sweep_run_id, model_name=model_name
     )
     _check_same_data(run, dataset_sha, protocol, "challenger")
-    champion_version = _current_champion(client, model_name)
-    if champion_version is not None:
-        _check_same_data(client.get_run(champion_version.run_id), dataset_sha, protocol, "champion")
 
     def score(v: ModelVersion) -> Score:
         return score_version(
@@ -299,42 +366,49 @@ def promote(
             dataset_sha256=dataset_sha, tracking_uri=uri, device=device,
         )  # fmt: skip
 
-    challenger = score(version)
-    changed = False
-    if champion_version is None:
-        decision, champion, gain = "first-champion", None, None
-        changed |= _set_alias(client, model_name, CHAMPION, challenger.version)
-    elif str(champion_version.version) == str(version.version):
-        decision, champion, gain = "already-champion", challenger, 0.0
-    else:
-        champion = score(champion_version)
-        gain = challenger.value - champion.value
-        if gain >= min_gain:
-            decision = "promoted"
+    challenger = score(version)  # the slow part, outside the lock: cached on the version, idempotent
+    with registry_lock(client, model_name):
+        # read again under the lock: another promoter may have moved the alias or written tags
+        version = client.get_model_version(model_name, version.version)
+        champion_version = _current_champion(client, model_name)
+        if champion_version is not None:
+            _check_same_data(client.get_run(champion_version.run_id), dataset_sha, protocol, "champion")
+        changed = False
+        if champion_version is None:
+            decision, champion, gain = "first-champion", None, None
             changed |= _set_alias(client, model_name, CHAMPION, challenger.version)
-            changed |= _set_alias(client, model_name, CHALLENGER, champion.version)
+        elif str(champion_version.version) == str(version.version):
+            decision, champion, gain = "already-champion", challenger, 0.0
         else:
-            decision = "kept"
-            changed |= _set_alias(client, model_name, CHALLENGER, challenger.version)
-    summary = _describe(decision, f"{split}/{score_name}", challenger, champion, gain, min_gain)
-    if decision != "already-champion":
-        tags = {
-            "promotion.decision": decision,
-            "promotion.metric": f"{split}/{score_name}",
-            "promotion.protocol": protocol,
-            "promotion.min_gain": f"{min_gain:g}",
-            "promotion.score": f"{challenger.value:.6f}",
-            "promotion.dataset_sha256": dataset_sha,
-        }
-        if champion is not None:
-            tags |= {
-                "promotion.against_version": champion.version,
-                "promotion.against_score": f"{champion.value:.6f}",
-                "promotion.gain": f"{gain:.6f}",
+            champion = score(champion_version)
+            gain = challenger.value - champion.value
+            if gain >= min_gain:
+                decision = "promoted"
+                changed |= _set_alias(client, model_name, CHAMPION, challenger.version)
+                changed |= _set_alias(client, model_name, CHALLENGER, champion.version)
+            else:
+                decision = "kept"
+                changed |= _set_alias(client, model_name, CHALLENGER, challenger.version)
+        summary = _describe(decision, f"{split}/{score_name}", challenger, champion, gain, min_gain)
+        if decision != "already-champion":
+            tags = {
+                "promotion.decision": decision,
+                "promotion.metric": f"{split}/{score_name}",
+                "promotion.protocol": protocol,
+                "promotion.min_gain": f"{min_gain:g}",
+                "promotion.score": f"{challenger.value:.6f}",
+                "promotion.dataset_sha256": dataset_sha,
             }
-        for name, value in tags.items():
-            changed |= _set_version_tag(client, version, name, value)
-        changed |= _set_description(client, version, summary)
+            if champion is not None:
+                tags |= {
+                    "promotion.against_version": champion.version,
+                    "promotion.against_score": f"{champion.value:.6f}",
+                    "promotion.gain": f"{gain:.6f}",
+                }
+            for name, value in tags.items():
+                changed |= _set_version_tag(client, version, name, value)
+            changed |= _set_description(client, version, summary)
+        champion_now = str(client.get_model_version_by_alias(model_name, CHAMPION).version)
     return Promotion(
         decision=decision,
         metric=f"{split}/{score_name}",
@@ -342,7 +416,7 @@ def promote(
         champion=champion,
         gain=gain,
         min_gain=min_gain,
-        champion_version=str(client.get_model_version_by_alias(model_name, CHAMPION).version),
+        champion_version=champion_now,
         changed=changed,
         summary=summary,
     )
