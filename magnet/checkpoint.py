@@ -9,13 +9,15 @@ Layout of a checkpoint directory:
     config.yaml     the resolved Config the run trained with
     meta.json       step, epoch, world size and the metrics reported with the checkpoint
 
-Ray Train copies the directory to the run's storage; this module knows nothing of Ray.
+Ray Train copies the directory to the run's storage (a local directory or object storage); this
+module knows nothing of Ray. Loading takes a local directory or a URL (s3://..., copied down).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,14 +195,34 @@ def load_initial_weights(model: nn.Module, directory: str | Path) -> list[str]:
     return fresh
 
 
+def fetch_checkpoint(location: str | Path, into: str | Path) -> Path:
+    """A checkpoint directory on this machine: a local path as it is, a URL (s3://...; credentials
+    and endpoint from the environment) copied to ``<into>/<its name>``."""
+    if "://" not in str(location):
+        return Path(location)
+    import fsspec
+
+    filesystem, path = fsspec.core.url_to_fs(str(location))
+    target = Path(into) / Path(path.rstrip("/")).name
+    try:
+        filesystem.get(f"{path.rstrip('/')}/", str(target), recursive=True)  # "dir/": its content into target
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{location} is not a MagNet checkpoint: nothing is stored there") from None
+    return target
+
+
 def load_model_from_checkpoint(
     directory: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, Config]:
     """The trained MagNet (eval mode, on ``device``) and its config, from a checkpoint directory.
 
     The model is built without loading pretrained backbone or text weights: the checkpoint
-    holds every weight, so nothing is read from the network or the hub.
+    holds every weight, so nothing is read from the network or the hub. ``directory`` may be a
+    URL on object storage.
     """
+    if "://" in str(directory):
+        with tempfile.TemporaryDirectory(prefix="magnet-checkpoint-") as tmp:
+            return load_model_from_checkpoint(fetch_checkpoint(directory, tmp), device)
     from magnet.models import build_model
 
     directory = Path(directory)

@@ -177,9 +177,10 @@ def resolve_model_uri(ref: str) -> str:
     """What the user typed -> a local checkpoint path or an MLflow model URI.
 
     Accepted: ``models:/magnet@alias``, ``models:/magnet/3``, ``runs:/<run id>/model``, a bare
-    run id, a checkpoint directory, or a directory holding a downloaded pyfunc model.
+    run id, a checkpoint directory (or its URL on object storage, e.g. where Ray Train left it),
+    or a directory holding a downloaded pyfunc model.
     """
-    if ref.startswith(("models:/", "runs:/")):
+    if ref.startswith(("models:/", "runs:/")) or "://" in ref:
         return ref
     if Path(ref).exists():
         return str(Path(ref).resolve())
@@ -204,6 +205,8 @@ def load_model(
 ) -> tuple[torch.nn.Module, Config]:
     """The plain PyTorch MagNet (eval mode) and its config from any model reference."""
     resolved = resolve_model_uri(ref)
+    if "://" in resolved:
+        return load_model_from_checkpoint(resolved, device=device)
     if not resolved.startswith(("models:/", "runs:/")):
         return load_model_from_checkpoint(_checkpoint_dir(Path(resolved)), device=device)
     uri = resolve_tracking_uri(tracking_uri)

@@ -15,7 +15,9 @@ stack_app = typer.Typer(help="The local stack: Prefect server, MLflow server and
 
 def train(
     config: str = typer.Option("tiny", "--config", "-c", help="Preset name or YAML path."),
-    shards: Path = typer.Option(..., "--shards", help="Prepared dataset root <out>/<dataset>-<splitBy>."),
+    shards: str = typer.Option(
+        ..., "--shards", help="Prepared dataset root <out>/<dataset>-<splitBy> (directory or s3:// URL)."
+    ),
     num_workers: int = typer.Option(2, "--num-workers", min=1, help="Ray Train workers."),
     use_gpu: bool = typer.Option(False, "--use-gpu", help="One GPU per worker."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted override, e.g. train.lr=1e-4."),
@@ -48,10 +50,10 @@ def train(
         load_config(config, overrides)  # fail here, before Prefect and Ray start
     except ConfigError as err:
         raise typer.BadParameter(str(err), param_hint="--config/--set") from None
-    require_prepared(shards)
+    shards = require_prepared(shards)
     result = train_magnet(
         config=config,
-        shards=str(shards),
+        shards=shards,
         overrides=overrides,
         ray_address=ray_address,
         num_workers=num_workers,
@@ -70,7 +72,7 @@ def evaluate(
     model: str = typer.Option(
         ..., "--model", help="models:/magnet@alias, models:/magnet/N, run id, or checkpoint."
     ),
-    shards: Path = typer.Option(..., "--shards", help="Prepared dataset root."),
+    shards: str = typer.Option(..., "--shards", help="Prepared dataset root (directory or s3:// URL)."),
     splits: list[str] = typer.Option(["val"], "--split", help="Split to score (repeatable)."),
     protocol: str | None = typer.Option(None, "--protocol", help="lavt (480 resize) or original size."),
     out: Path | None = typer.Option(None, "--out", help="Write the metrics JSON here."),
@@ -85,14 +87,15 @@ def evaluate(
         raise typer.BadParameter(
             f"{protocol!r} is not a protocol; use lavt or original", param_hint="--protocol"
         )
+    shards = require_prepared(shards)
     try:
         net, cfg = load_model(model, tracking_uri=tracking_uri, device=device)
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err), param_hint="--model") from None
     if protocol is not None:
         cfg.eval.protocol = protocol
-    result = run_evaluation(net, str(shards), cfg, splits=splits, device=device)
-    report = {"model": model, "shards": str(shards.resolve()), **result.as_dict()}
+    result = run_evaluation(net, shards, cfg, splits=splits, device=device)
+    report = {"model": model, "shards": shards, **result.as_dict()}
     text = json.dumps(report, indent=2)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +173,7 @@ def register_checkpoint(
     checkpoint: Path = typer.Option(
         ..., "--checkpoint", help="Checkpoint directory (from magnet import-weights, or a run's)."
     ),
-    shards: Path = typer.Option(
+    shards: str = typer.Option(
         ..., "--shards", help="Prepared dataset it is meant for: tagged on the run, first sample = example."
     ),
     split: str = typer.Option("val", "--split", help="Split whose first sample is the input example."),
@@ -187,7 +190,7 @@ def register_checkpoint(
     from pipelines import tracking as mlflow_tracking
     from pipelines.flows.train import first_example
 
-    require_prepared(shards)
+    shards = require_prepared(shards)
     try:
         cfg = load_config_from_checkpoint(checkpoint)
     except FileNotFoundError as err:
@@ -200,7 +203,7 @@ def register_checkpoint(
         run_name=f"register-{checkpoint.resolve().name}",
     )
     try:
-        example = first_example(str(shards.resolve()), split)
+        example = first_example(shards, split)
         version = registry.log_and_register(tracking, checkpoint, example, aliases=tuple(aliases))
     except BaseException:
         mlflow_tracking.end_run(tracking, status="FAILED")

@@ -15,7 +15,9 @@ def tune(
         "tiny", "--config", "-c", help="Preset name or YAML path every trial starts from."
     ),
     space: Path = typer.Option(..., "--space", help="Sweep file, e.g. configs/sweeps/loss-weights.yaml."),
-    shards: Path = typer.Option(..., "--shards", help="Prepared dataset root <out>/<dataset>-<splitBy>."),
+    shards: str = typer.Option(
+        ..., "--shards", help="Prepared dataset root <out>/<dataset>-<splitBy> (directory or s3:// URL)."
+    ),
     overrides: list[str] = typer.Option([], "--set", help="Dotted override, e.g. train.max_steps=2000."),
     trials: int | None = typer.Option(
         None, "--trials", min=1, help="Samples (times the grid); default: the space's."
@@ -63,13 +65,13 @@ def tune(
         build_scheduler(parsed, cfg)
     except (ConfigError, SpaceError) as err:
         raise typer.BadParameter(str(err), param_hint="--space/--config/--search") from None
-    require_prepared(shards)
+    shards = require_prepared(shards)
     from pipelines.flows.tune import tune_magnet  # Prefect only once the arguments are good
 
     result = tune_magnet(
         space=str(space),
         config=config,
-        shards=str(shards),
+        shards=shards,
         overrides=overrides,
         trials=trials,
         search=search,
@@ -90,7 +92,7 @@ def promote(
     experiment: str = typer.Option(
         ..., "--experiment", help="MLflow experiment whose finished runs compete."
     ),
-    shards: Path = typer.Option(..., "--shards", help="Prepared dataset root both models are scored on."),
+    shards: str = typer.Option(..., "--shards", help="Prepared dataset root both models are scored on."),
     metric: str = typer.Option("val_oIoU", "--metric", help="Picks the challenger; val_oIoU or val/oIoU."),
     sweep: str | None = typer.Option(
         None, "--sweep", help="Only the child runs of this sweep (parent run id)."
@@ -108,14 +110,14 @@ def promote(
         raise typer.BadParameter(
             f"{protocol!r} is not a protocol; use lavt or original", param_hint="--protocol"
         )
-    require_prepared(shards)
+    shards = require_prepared(shards)
     from pipelines.flows.tune import promote_magnet
     from pipelines.promote import PromotionError
 
     try:
         result = promote_magnet(
             experiment=experiment,
-            shards=str(shards),
+            shards=shards,
             metric=metric,
             sweep=sweep,
             min_gain=min_gain,

@@ -64,15 +64,11 @@ def local_checkpoint(location: str | None) -> Path:
     """A checkpoint directory on this machine: local paths as they are, URLs copied down."""
     if location is None:
         raise RuntimeError("training finished without a checkpoint: nothing to evaluate or register")
-    if "://" not in location:
-        return Path(location)
     import tempfile
 
-    import pyarrow.fs
+    from magnet.checkpoint import fetch_checkpoint
 
-    target = Path(tempfile.mkdtemp(prefix="magnet-checkpoint-")) / Path(location).name
-    pyarrow.fs.copy_files(location, str(target))
-    return target
+    return fetch_checkpoint(location, tempfile.mkdtemp(prefix="magnet-checkpoint-"))
 
 
 # ----------------------------------------------------------------------------------- tasks

@@ -1,0 +1,120 @@
+"""prepare -> train -> evaluate with everything on object storage: moto's S3 server on 127.0.0.1
+(``s3_store``) holds the shards, Ray Train's checkpoints and the artifacts of the MLflow server
+(``mlflow_server``, on PostgreSQL); the commands get s3:// URLs and nothing else."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fsspec
+import pytest
+from typer.testing import CliRunner
+
+from data_prep.shards import prepare_dataset
+from data_prep.synth import synthesize
+from magnet.config import load_config
+from pipelines import tracking as mlflow_tracking
+from pipelines.cli import app
+from pipelines.ray_train import run_training
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
+def _files(root: Path) -> dict[str, Path]:
+    return {path.relative_to(root).as_posix(): path for path in root.rglob("*") if path.is_file()}
+
+
+def test_prepare_train_evaluate_on_object_storage(
+    s3_store, mlflow_server, prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cwd = tmp_path / "cwd"  # anything written to a relative path by mistake would land here
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    refer = tmp_path / "refer"
+    synthesize(refer, num_images=16, image_size=64, seed=3, workers=1)
+    runner = CliRunner()
+
+    # prepare: the same files and bytes as a local run, in the bucket
+    prepared = runner.invoke(
+        app,
+        [
+            *("prepare", "--refer-root", str(refer), "--out", s3_store.url("e2e/data")),
+            *("--samples-per-shard", "8", "--workers", "1"),
+        ],
+    )
+    assert prepared.exit_code == 0, prepared.output
+    shards = s3_store.url("e2e/data/refcoco-unc")
+    local = _files(prepare_dataset(refer, "refcoco", "unc", tmp_path / "local", samples_per_shard=8).out_dir)
+    prefix = "e2e/data/refcoco-unc/"
+    assert s3_store.keys(prefix) == sorted(prefix + name for name in local)
+    s3 = fsspec.filesystem("s3")
+    for name in ("summary.json", "manifest.parquet", "rejects.parquet", "train/shard-000000.tar"):
+        assert s3.cat_file(f"{s3_store.bucket}/{prefix}{name}") == local[name].read_bytes(), name
+
+    # train on Ray: shards streamed from the bucket, checkpoints written to it, tracked in MLflow
+    cfg = load_config(
+        "tiny",
+        [
+            "model.image_size=64",
+            "data.batch_size=2",
+            "data.loader_workers=0",
+            "data.eval_splits=[val]",
+            "eval.eval_size=64",
+            f"train.max_steps={MAX_STEPS}",
+            "train.checkpoint_every=2",
+            "train.log_every=1",
+        ],
+    )
+    tracking = mlflow_tracking.start_run(
+        cfg, shards=shards, tracking_uri=mlflow_server.url, experiment="object-storage", run_name="s3-e2e"
+    )
+    result = run_training(cfg, shards, num_workers=2, storage_path=s3_store.url("e2e/ray"), tracking=tracking)
+    mlflow_tracking.end_run(tracking)
+    assert result.metrics["step"] == MAX_STEPS
+    run_prefix = f"e2e/ray/{result.run_name}/"
+    assert result.last_checkpoint == s3_store.url(f"{run_prefix}checkpoint_step{MAX_STEPS:08d}")
+    checkpoints = {
+        key[len(run_prefix) :].split("/")[0] for key in s3_store.keys(f"{run_prefix}checkpoint_step")
+    }
+    assert sorted(checkpoints) == ["checkpoint_step00000002", f"checkpoint_step{MAX_STEPS:08d}"]
+    stored = {key.rsplit("/", 1)[1] for key in s3_store.keys(f"{run_prefix}checkpoint_step{MAX_STEPS:08d}/")}
+    assert {"model.pt", "train_state.pt", "config.yaml", "meta.json"} <= stored
+
+    # evaluate: the checkpoint where training left it, the shards where prepare put them
+    report = tmp_path / "metrics.json"
+    evaluated = runner.invoke(
+        app,
+        [
+            *("evaluate", "--model", result.last_checkpoint, "--shards", shards),
+            *("--split", "val", "--out", str(report)),
+        ],
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads(report.read_text())
+    summary = json.loads(local["summary.json"].read_text())
+    assert metrics["shards"] == shards
+    assert metrics["metrics"]["val/n"] == summary["counts"]["val"]["written"]
+    assert 0 <= metrics["metrics"]["val/oIoU"] <= 100
+
+    # MLflow: the run's metrics on the server, its artifacts in the bucket
+    run = mlflow_tracking.client_for(mlflow_server.url).get_run(tracking["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["val/oIoU"] == pytest.approx(result.metrics["val/oIoU"])
+    assert run.data.tags["dataset.summary_sha256"]
+    artifacts = s3_store.keys("mlflow/")
+    assert any(key.endswith(f"{tracking['run_id']}/artifacts/config.yaml") for key in artifacts), artifacts
+    assert any(f"{tracking['run_id']}/artifacts/predictions/" in key for key in artifacts), artifacts
+
+    # nothing landed on local disk in place of the bucket
+    assert not any(cwd.iterdir()), sorted(cwd.rglob("*"))
