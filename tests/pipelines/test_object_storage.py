@@ -118,3 +118,30 @@ def test_prepare_train_evaluate_on_object_storage(
 
     # nothing landed on local disk in place of the bucket
     assert not any(cwd.iterdir()), sorted(cwd.rglob("*"))
+
+
+def test_prepare_on_object_storage_reuses_finished_chunks_and_checks_shards(s3_store, tmp_path: Path) -> None:
+    from magnet.data import ShardError, open_split
+
+    refer = tmp_path / "refer"
+    synthesize(refer, num_images=12, image_size=64, seed=5, workers=1)
+    first = prepare_dataset(refer, "refcoco", "unc", s3_store.url("rerun"), samples_per_shard=8)
+    assert first.out_dir == s3_store.url("rerun/refcoco-unc")
+    s3 = fsspec.filesystem("s3")
+    prefix = f"{s3_store.bucket}/rerun/refcoco-unc"
+    written = {key: s3.cat_file(f"{s3_store.bucket}/{key}") for key in s3_store.keys("rerun/")}
+
+    # a crash between a shard's upload and its marker's: that chunk is redone, the others reused
+    s3.rm_file(f"{prefix}/_work/train/shard-000001.done.json")
+    again = prepare_dataset(refer, "refcoco", "unc", s3_store.url("rerun"), samples_per_shard=8)
+    assert again.chunks_skipped == len(first.shards) - 1
+    assert {key: s3.cat_file(f"{s3_store.bucket}/{key}") for key in s3_store.keys("rerun/")} == written
+
+    # checksums are verified on object storage too
+    shard = f"{prefix}/train/shard-000000.tar"
+    damaged = bytearray(written["rerun/refcoco-unc/train/shard-000000.tar"])
+    damaged[700] ^= 0xFF
+    s3.pipe_file(shard, bytes(damaged))
+    with pytest.raises(ShardError, match=r"train/shard-000000\.tar is corrupt"):
+        open_split(first.out_dir, "train")
+    assert open_split(first.out_dir, "train", skip_corrupt=True).skipped == ("train/shard-000000.tar",)
