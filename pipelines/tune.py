@@ -348,6 +348,34 @@ def _run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------- the driver
+CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Ray worker setup hook (``runtime_env={"worker_process_setup_hook": ...}``) quieting Train's
+    PlacementGroupCleaner.
+
+    Every Train run starts that detached actor, which asks Ray's state API once a second whether
+    the run's controller still lives. The state API is served by the dashboard, which needs
+    ray[default] (not installed: its opencensus, aiohttp-cors and colorful are not among this
+    project's dependencies), so every ask fails with a warning "Failed to query Ray Train
+    Controller actor state" (about 120 lines in a demo); muting that logger loses nothing, as
+    without the state API the cleaner cannot act either way (see ``run_sweep`` on early stopping).
+    With several Ray instances on the machine the ask cannot even tell which cluster is meant and
+    the cleaner's thread dies with a ConnectionError traceback: pointing RAY_ADDRESS at the
+    worker's own cluster (what any ray.init in that worker would join anyway) settles that.
+    """
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    logging.getLogger(CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
+QUIET_WORKERS = {"worker_process_setup_hook": f"{__name__}.quiet_placement_group_cleaner"}  # a runtime_env
+
+
 @dataclass(frozen=True)
 class SweepResult:
     """What a sweep left: the parent run, a row per trial (ranked best first), the registered model."""
@@ -770,9 +798,9 @@ def run_sweep(
     }
     started_ray = not ray.is_initialized()
     if started_ray:
-        # with the dashboard: the state API is how Train's PlacementGroupCleaner notices that ASHA
-        # killed a trial and releases that trial's worker group
-        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS"))
+        # with the dashboard (ray[default]), the state API is how Train's PlacementGroupCleaner
+        # notices that ASHA killed a trial and releases that trial's worker group
+        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS"), runtime_env=QUIET_WORKERS)
     try:
         trainable = tune.with_resources(tune.with_parameters(_run_trial, sweep=sweep), {"CPU": 1})
         if resume:
@@ -908,12 +936,11 @@ def _log_bytes(parent: dict[str, str], data: bytes, name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ the demo
-DEMO_SWEEP_OVERRIDES = (
-    "data.loader_workers=0",
+DEMO_SWEEP_OVERRIDES = (  # on the demo preset: a few steps, one evaluation (of val) at the end
     "data.eval_splits=[val]",
     "train.max_steps=6",
-    "train.eval_every=2",
-    "train.checkpoint_every=2",
+    "train.eval_every=6",
+    "train.checkpoint_every=6",
     "train.log_every=1",
 )
 
@@ -925,13 +952,14 @@ def run_demo_sweep(
     tracking_uri: str,
     experiment: str = "magnet-demo-sweeps",
     trials: int = 2,
-    config: str = "tiny",
+    config: str = "demo",
     overrides: Sequence[str] = DEMO_SWEEP_OVERRIDES,
+    protocol: str = "original",
 ) -> dict[str, Any]:
     """A short sweep of the loss weights (a few tiny trials, one CPU worker each) and a promotion
     of its best model, so a newcomer finds a parent run with child runs and a `champion` in the
     MLflow UI. No early stopping here: the worker group of a trial ASHA kills is released through
-    Ray's state API, which a machine running several Ray instances cannot reach.
+    Ray's state API, which needs the dashboard (ray[default]), not installed here.
 
     Returns ``{"sweep": SweepResult, "promotion": Promotion}``.
     """
@@ -952,11 +980,12 @@ def run_demo_sweep(
         experiment=experiment,
         num_samples=trials,
         search="random",
-        max_concurrent=1,
     )
     promotion = promote(
-        shards=shards, experiment=experiment, sweep_run_id=sweep.parent_run_id, tracking_uri=tracking_uri
+        shards=shards,
+        experiment=experiment,
+        sweep_run_id=sweep.parent_run_id,
+        tracking_uri=tracking_uri,
+        protocol=protocol,
     )
-    print(f"[demo] sweep {sweep.sweep_name}: {len(sweep.trials)} trials\n{sweep.table_markdown}")
-    print(f"[demo] {promotion.summary}")
     return {"sweep": sweep, "promotion": promotion}

@@ -293,3 +293,30 @@ def test_promoting_the_sweeps_best_makes_it_champion(sweep, shards):
     )
     assert promotion["decision"] == "first-champion" and promotion["champion_version"] == result.model_version
     assert promotion["challenger"]["run_id"] == result.best_run_id and promotion["challenger"]["value"] > 0
+
+
+@pytest.mark.slow
+def test_quiet_workers_mute_the_placement_group_cleaner_in_every_ray_worker():
+    """The demo and `magnet tune` start Ray with QUIET_WORKERS: the hook runs in each worker process,
+    where Train's PlacementGroupCleaner would warn once a second that the state API is missing, or
+    die with a traceback when several Ray instances share the machine."""
+    import logging
+
+    import ray
+
+    from pipelines.tune import CLEANER_LOGGER, QUIET_WORKERS
+
+    def worker_settings() -> tuple[int, str | None, str]:
+        return (
+            logging.getLogger(CLEANER_LOGGER).getEffectiveLevel(),
+            os.environ.get("RAY_ADDRESS"),
+            ray.get_runtime_context().gcs_address,
+        )
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, runtime_env=QUIET_WORKERS)
+    try:
+        level, address, own = ray.get(ray.remote(worker_settings).remote())
+    finally:
+        ray.shutdown()
+    assert level == logging.ERROR
+    assert address == own  # the state API asks this cluster, not any other on the machine

@@ -1,0 +1,138 @@
+"""A sweep whose driver dies for real (SIGKILL to `magnet tune`'s process group, Ray included) is
+continued by `magnet tune --resume NAME`: the finished trial is not run again, the cut-off trial
+continues from its checkpoint, and MLflow ends with one parent run and one child per trial."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines import tracking
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "model.image_size=64",
+    "data.batch_size=2",
+    "data.loader_workers=0",
+    "data.eval_splits=[val]",
+    "eval.eval_size=64",
+    "train.max_steps=6",
+    "train.eval_every=2",
+    "train.checkpoint_every=2",
+    "train.log_every=1",
+]
+# two trials, one at a time (2 CPUs: a trial's driver and its one Train worker), no early stopping
+SWEEP = """
+metric: val/oIoU
+mode: max
+search: grid
+num_samples: 1
+scheduler: {early_stopping: false}
+params:
+  train.seed: {grid: [0, 1]}
+"""
+EXPERIMENT = "resume-test"
+DEADLINE_S = 600  # a safety net on a loaded machine; idle, the kill comes after about a minute
+
+
+def magnet_tune(root: Path, shards: str, *extra: str) -> list[str]:
+    sets = [arg for override in TINY for arg in ("--set", override)]
+    return [
+        str(Path(sys.executable).parent / "magnet"), "tune", "--config", "tiny",
+        "--space", str(root / "space.yaml"), "--shards", shards, *sets,
+        "--experiment", EXPERIMENT, "--storage-path", str(root / "ray"),
+        "--tracking-uri", f"sqlite:///{root}/mlflow.db", "--no-register", *extra,
+    ]  # fmt: skip
+
+
+def children(client, parent_id: str) -> list:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    )
+
+
+def sweep_parent(client):
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return None
+    parents = client.search_runs([experiment.experiment_id], filter_string="tags.`tune.kind` = 'sweep'")
+    assert len(parents) <= 1
+    return parents[0] if parents else None
+
+
+def wait_for_one_finished_and_one_checkpointed(client, root: Path, driver: subprocess.Popen) -> str:
+    """Poll until a trial's child run is FINISHED and the other trial's Train run holds a checkpoint
+    short of the end; returns the sweep's parent run id."""
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        assert driver.poll() is None, "the sweep ended before it could be killed"
+        parent = sweep_parent(client)
+        if parent is not None:
+            runs = children(client, parent.info.run_id)
+            finished = [r for r in runs if r.info.status == "FINISHED"]
+            running = [r for r in runs if r.info.status == "RUNNING"]
+            if finished and running:
+                train = root / "ray" / parent.info.run_name / "train" / running[0].info.run_name
+                steps = sorted(p.name for p in train.glob("checkpoint_step*"))
+                if steps and steps[-1] != "checkpoint_step00000006":
+                    return parent.info.run_id
+        time.sleep(0.5)
+    raise AssertionError(f"no finished and running trial pair within {DEADLINE_S} s")
+
+
+def test_a_killed_sweep_resumes_where_it_stopped(synthetic_shards, tmp_path):
+    shards = str(synthetic_shards(num_images=16, image_size=64, seed=0, samples_per_shard=8))
+    (tmp_path / "space.yaml").write_text(SWEEP)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(tmp_path / "prefect")}
+    client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
+    log = (tmp_path / "first.log").open("w")
+    driver = subprocess.Popen(
+        magnet_tune(tmp_path, shards), env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        parent_id = wait_for_one_finished_and_one_checkpointed(client, tmp_path, driver)
+        before = {r.data.tags["tune.trial_id"]: r for r in children(client, parent_id)}
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, all at once
+        driver.wait()
+    (done_trial,) = [t for t, r in before.items() if r.info.status == "FINISHED"]
+    (cut_trial,) = [t for t, r in before.items() if r.info.status == "RUNNING"]
+    sweep_name = client.get_run(parent_id).info.run_name
+
+    resumed = subprocess.run(
+        magnet_tune(tmp_path, shards, "--resume", sweep_name), env=env, cwd=tmp_path,
+        capture_output=True, text=True, timeout=DEADLINE_S,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    parent = sweep_parent(client)  # still exactly one parent run, now finished
+    assert parent.info.run_id == parent_id and parent.info.status == "FINISHED"
+    after = {r.data.tags["tune.trial_id"]: r for r in children(client, parent_id)}
+    assert sorted(after) == sorted([done_trial, cut_trial])  # one child per trial, no duplicates
+    assert all(r.info.status == "FINISHED" for r in after.values())
+    # the finished trial was not run again: its run untouched, its curve logged once
+    assert after[done_trial].info.end_time == before[done_trial].info.end_time
+    for trial in (done_trial, cut_trial):  # a rerun from scratch would log step 2 twice
+        history = client.get_metric_history(after[trial].info.run_id, "val/oIoU")
+        assert [m.step for m in history] == [2, 4, 6], (trial, [m.step for m in history])
+    # the cut-off trial continued its own Train run from its checkpoints (no second run directory)
+    train_root = tmp_path / "ray" / sweep_name / "train"
+    assert sorted(p.name for p in train_root.iterdir() if p.is_dir()) == sorted(
+        r.info.run_name for r in after.values()
+    )
+    table = Path(client.download_artifacts(parent_id, "trials.csv", str(tmp_path))).read_text()
+    rows = list(csv.DictReader(io.StringIO(table)))
+    assert sorted(r["trial"] for r in rows) == sorted(after)
+    assert [r["rank"] for r in rows] == ["1", "2"] and all(r["status"] == "FINISHED" for r in rows)
+    assert all(r["step"] == "6" and r["val/oIoU"] for r in rows)
