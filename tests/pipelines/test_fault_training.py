@@ -1,6 +1,7 @@
 """Training faults made for real: a Ray Train worker process SIGKILLed from outside mid-epoch, and
 a shard with flipped bytes. Steps are traced through a per-step JSON-lines file the workers append
-to (a StepHook that only records); the kill comes from the test's own watcher thread."""
+to (a StepHook that records, and holds one worker still at a chosen step so that the kill lands
+there on a fast machine as on a slow one); the SIGKILL comes from the test's own watcher thread."""
 
 from __future__ import annotations
 
@@ -58,9 +59,17 @@ def tiny_config(*overrides: str):
 
 @dataclass
 class StepTrace:
-    """Appends one JSON line per worker step: pid, rank, step, epoch, sent ids, time."""
+    """Appends one JSON line per worker step: pid, rank, step, epoch, sent ids.
+
+    With ``hold_step`` set, rank ``hold_rank`` then waits after that step until the file
+    ``release`` exists: the run stands still mid-epoch, whatever the machine's speed, until the
+    test's watcher has killed the process (and released the restarted one). Nothing here fails.
+    """
 
     log_file: str
+    hold_rank: int = -1
+    hold_step: int = -1
+    release: str = ""
 
     def __call__(self, event) -> None:
         record = {
@@ -69,10 +78,13 @@ class StepTrace:
             "step": event.step,
             "epoch": event.epoch,
             "sent_ids": event.sent_ids,
-            "time": time.time(),
         }
         with open(self.log_file, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if (event.rank, event.step) == (self.hold_rank, self.hold_step):
+            deadline = time.monotonic() + 300
+            while not os.path.exists(self.release) and time.monotonic() < deadline:
+                time.sleep(0.05)
 
 
 def records(log_file: Path) -> list[dict]:
@@ -98,28 +110,15 @@ def process_title(pid: int) -> str:
 
 
 class Killer(threading.Thread):
-    """Watches the step trace and SIGKILLs one worker once, when it is ``steps_past`` steps past a
-    checkpoint that has been on storage for ``settle_s`` (Ray's controller learns of reports when it
-    polls its workers, so a checkpoint only just written may not be the one a restart uses)."""
+    """SIGKILLs the worker of ``rank`` once it stands at ``kill_step`` and checkpoint
+    ``checkpoint_step`` has been on storage for ``settle_s`` (Ray's controller learns of reports
+    when it polls its workers, about every 2 s: a checkpoint only just written may not be the one
+    a restart uses); then creates ``release`` so the restarted worker runs through."""
 
-    def __init__(
-        self,
-        log_file: Path,
-        run_dir: Path,
-        *,
-        rank: int,
-        checkpoint_step: int,
-        kill_step: int,
-        settle_s: float,
-    ) -> None:
+    def __init__(self, trace: StepTrace, run_dir: Path, *, checkpoint_step: int, settle_s: float) -> None:
         super().__init__(daemon=True)
-        self.log_file, self.run_dir = log_file, run_dir
-        self.rank, self.checkpoint_step, self.kill_step, self.settle_s = (
-            rank,
-            checkpoint_step,
-            kill_step,
-            settle_s,
-        )
+        self.trace, self.run_dir = trace, run_dir
+        self.checkpoint_step, self.settle_s = checkpoint_step, settle_s
         self.killed: tuple[int, int, str] | None = None  # pid, the step it had done, its process title
         self.stop = threading.Event()
 
@@ -128,15 +127,16 @@ class Killer(threading.Thread):
         seen_at: float | None = None
         while not self.stop.wait(0.05):
             if seen_at is None and checkpoint.exists():
-                seen_at = time.time()
-            done = [r for r in records(self.log_file) if r["rank"] == self.rank]
-            if seen_at is None or not done or time.time() - seen_at < self.settle_s:
+                seen_at = time.monotonic()
+            done = [r for r in records(Path(self.trace.log_file)) if r["rank"] == self.trace.hold_rank]
+            if seen_at is None or time.monotonic() - seen_at < self.settle_s:
                 continue
-            if done[-1]["step"] >= self.kill_step:
+            if done and done[-1]["step"] == self.trace.hold_step:
                 pid = done[-1]["pid"]
                 title = process_title(pid)
                 os.kill(pid, signal.SIGKILL)
                 self.killed = (pid, done[-1]["step"], title)
+                Path(self.trace.release).touch()
                 return
 
 
@@ -165,13 +165,13 @@ def test_worker_sigkilled_mid_epoch_resumes_and_does_every_step_once(shards, loc
     per_epoch = train_batches_per_epoch(open_split(str(shards), "train"), cfg.data, WORKERS)
     assert per_epoch > 5, "the kill at step 5 must fall inside the first epoch, after checkpoint 3"
     steps, runs, name = tmp_path / "steps.jsonl", tmp_path / "runs", "killed-run"
-    killer = Killer(steps, runs / name, rank=1, checkpoint_step=3, kill_step=5, settle_s=4.0)
+    trace = StepTrace(str(steps), hold_rank=1, hold_step=5, release=str(tmp_path / "release"))
+    killer = Killer(trace, runs / name, checkpoint_step=3, settle_s=4.0)
     killer.start()
     try:
         result = run_training(
-            cfg, shards, num_workers=WORKERS, storage_path=runs, run_name=name, max_failures=2,
-            hooks=[StepTrace(str(steps))],
-        )  # fmt: skip
+            cfg, shards, num_workers=WORKERS, storage_path=runs, run_name=name, max_failures=2, hooks=[trace]
+        )
     finally:
         killer.stop.set()
         killer.join()
@@ -185,7 +185,7 @@ def test_worker_sigkilled_mid_epoch_resumes_and_does_every_step_once(shards, loc
         assert len(lives) == 2, f"rank {rank}: expected one restart, saw {len(lives)} worker processes"
         first, second = lives
         if rank == 1:
-            assert first[0]["pid"] == pid and first[-1]["step"] == killed_after
+            assert first[0]["pid"] == pid and first[-1]["step"] == killed_after == 5
         # the restart continues after checkpoint 3 (not from scratch, not from a later step)
         resumed_from = second[0]["step"] - 1
         assert resumed_from == 3, f"rank {rank} resumed after step {resumed_from}, not checkpoint 3"
