@@ -22,9 +22,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 
@@ -184,24 +185,33 @@ def _wait_for_health(url: str, process: subprocess.Popen, log: Path, timeout_s: 
 
 @contextlib.contextmanager
 def running_mlflow(
-    postgres: PostgresServer, artifacts_destination: str, log_dir: Path, timeout_s: float = 120.0
+    postgres: PostgresServer,
+    artifacts_destination: str,
+    log_dir: Path,
+    extra_env: Mapping[str, str] = MappingProxyType({}),
+    timeout_s: float = 120.0,
 ) -> Iterator[MlflowServer]:
     """``infra/mlflow/serve.sh`` with ``postgres`` as backend and ``artifacts_destination`` (s3://)
-    as the artifact store; AWS_* (credentials, endpoint) are taken from this process's environment."""
+    as the artifact store; AWS_* (credentials, endpoint) are taken from this process's environment,
+    ``extra_env`` adds serve.sh settings (e.g. MLFLOW_AUTH=basic-auth)."""
     port = _free_port()
     env = {
         **os.environ,
+        **extra_env,
         **postgres.env(),
         "MLFLOW_ARTIFACTS_DESTINATION": artifacts_destination,
         "MLFLOW_PORT": str(port),
         "MLFLOW_WORKERS": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        # MLflow's GenAI job runner (online scoring, trace archival) serves nothing MagNet logs,
+        # and its consumer outlives SIGTERM by ~20 s; users keep MLflow's default.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "DO_NOT_TRACK": "true",
         # The tests' interpreter's mlflow: serve.sh finds it on PATH as users' images do.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     env.pop("MLFLOW_HOST", None)  # the default bind address is part of what is tested
-    log = log_dir / "mlflow-server.log"
+    log = log_dir / f"mlflow-server-{port}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
             ["bash", str(SERVE_SCRIPT)],

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import secrets
+import urllib.error
+import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mlflow_server import MlflowServer, running_mlflow
 
 pytestmark = pytest.mark.slow
 
@@ -85,3 +91,41 @@ def test_runs_and_registry_land_in_postgres_and_s3(mlflow_server, postgres_serve
 def test_servers_listen_on_loopback_only(mlflow_server, postgres_server):
     assert _listen_addresses(mlflow_server.port) == {"127.0.0.1"}
     assert _listen_addresses(postgres_server.port) == {"127.0.0.1"}
+
+
+@pytest.fixture(scope="module")
+def basic_auth_server(postgres_server, s3_store, tmp_path_factory) -> Iterator[tuple[MlflowServer, str]]:
+    """serve.sh with MLFLOW_AUTH=basic-auth on the same database; yields (server, admin password)."""
+    password = secrets.token_urlsafe(16)
+    env = {
+        "MLFLOW_AUTH": "basic-auth",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+    }
+    log_dir = tmp_path_factory.mktemp("mlflow-auth")
+    with running_mlflow(postgres_server, s3_store.url("mlflow-auth"), log_dir, env) as server:
+        yield server, password
+
+
+def _status(url: str, user: str | None = None, password: str | None = None) -> int:
+    request = urllib.request.Request(url)
+    if user is not None:
+        request.add_header(
+            "Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_basic_auth_refuses_strangers_and_admits_the_admin(basic_auth_server, postgres_server):
+    server, password = basic_auth_server
+    search = f"{server.url}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert _status(search) == 401
+    assert _status(search, "admin", "wrong") == 401
+    assert _status(search, "admin", password) == 200  # clients: MLFLOW_TRACKING_USERNAME/PASSWORD
+    with postgres_server.connect() as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT username, is_admin FROM users")
+        assert cursor.fetchall() == [("admin", True)]  # the auth app's users live in PostgreSQL too
