@@ -21,11 +21,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from magnet.config import Config, config_from_dict
 from magnet.data import open_split
 from magnet.train import NOT_EVALUATED, SCORE_KEY, StepHook
+
+if TYPE_CHECKING:
+    from pipelines.tracking import MlflowRunLogger
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,40 @@ class RayReporter:
         )
 
 
+class OncePerStep:
+    """A RunLogger that drops metrics an earlier life of the run already logged at that step.
+
+    A restarted worker group (a lost worker, or ``resume=True``) redoes the steps after its
+    checkpoint; the killed group logged some of them before it died, and MLflow would keep both
+    points. Resume is exact, so the points are the same: keeping the first makes each step's point
+    appear once. What was logged is read from the run once per key, on the key's first use.
+
+    Args:
+        logger: the logger that writes (``pipelines.tracking.MlflowRunLogger``).
+    """
+
+    def __init__(self, logger: MlflowRunLogger) -> None:
+        self.logger = logger
+        self._last_step: dict[str, int] = {}
+
+    def _logged_up_to(self, key: str) -> int:
+        from pipelines.tracking import client_for, metric_key
+
+        if key not in self._last_step:
+            client = client_for(self.logger.tracking_uri)
+            history = client.get_metric_history(self.logger.run_id, metric_key(key))
+            self._last_step[key] = max((point.step for point in history), default=-1)
+        return self._last_step[key]
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        fresh = {key: value for key, value in metrics.items() if step > self._logged_up_to(key)}
+        if fresh:
+            self.logger.log_metrics(fresh, step)
+
+    def log_predictions(self, figure_png: bytes, name: str, step: int) -> None:
+        self.logger.log_predictions(figure_png, name, step)  # the name carries the step: replaced
+
+
 def _train_worker(config: dict[str, Any]) -> None:
     """The per-worker entry: rebuild the config, pick the device and logger, run the loop."""
     import ray.train
@@ -95,7 +132,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     if config["tracking"] and ray.train.get_context().get_world_rank() == 0:
         from pipelines.tracking import MlflowRunLogger
 
-        logger = MlflowRunLogger(**config["tracking"])
+        logger = OncePerStep(MlflowRunLogger(**config["tracking"]))
     train(cfg, config["shards"], reporter=RayReporter(), logger=logger, device=device, hooks=config["hooks"])
 
 

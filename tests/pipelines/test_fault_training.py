@@ -20,6 +20,7 @@ import pytest
 from magnet.config import load_config
 from magnet.data import DataPosition, ShardError, build_train_loader, open_split, train_batches_per_epoch
 from magnet.train import SKIPPED_SHARDS_KEY
+from pipelines import tracking
 from pipelines.ray_train import CHECKPOINT_PREFIX, run_training
 
 WORKERS = 2
@@ -167,14 +168,18 @@ def test_worker_sigkilled_mid_epoch_resumes_and_does_every_step_once(shards, loc
     steps, runs, name = tmp_path / "steps.jsonl", tmp_path / "runs", "killed-run"
     trace = StepTrace(str(steps), hold_rank=1, hold_step=5, release=str(tmp_path / "release"))
     killer = Killer(trace, runs / name, checkpoint_step=3, settle_s=4.0)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    settings = tracking.start_run(cfg, shards=shards, tracking_uri=uri, experiment="faults", run_name=name)
     killer.start()
     try:
         result = run_training(
-            cfg, shards, num_workers=WORKERS, storage_path=runs, run_name=name, max_failures=2, hooks=[trace]
-        )
+            cfg, shards, num_workers=WORKERS, storage_path=runs, run_name=name, max_failures=2,
+            tracking=settings, hooks=[trace],
+        )  # fmt: skip
     finally:
         killer.stop.set()
         killer.join()
+        tracking.end_run(settings)
     assert killer.killed is not None, "the run ended before the worker could be killed"
     pid, killed_after, title = killer.killed
     assert "RayTrainWorker" in title, f"killed pid {pid} is not a Ray Train worker: {title!r}"
@@ -201,6 +206,10 @@ def test_worker_sigkilled_mid_epoch_resumes_and_does_every_step_once(shards, loc
         # the steps the kill threw away were redone on the same samples
         redone = {r["step"]: r["sent_ids"] for r in first[resumed_from:]}
         assert redone and all(second[s - resumed_from - 1]["sent_ids"] == ids for s, ids in redone.items())
+
+    # the run's curves hold each step once, though the killed group had logged some redone steps
+    history = tracking.client_for(uri).get_metric_history(settings["run_id"], "train/loss")
+    assert sorted(point.step for point in history) == list(range(1, cfg.train.max_steps + 1))
 
     saved = sorted(
         int(p.name.removeprefix(CHECKPOINT_PREFIX)) for p in (runs / name).glob(f"{CHECKPOINT_PREFIX}*")
@@ -239,8 +248,6 @@ def test_corrupt_shard_refused_before_training_starts(corrupt_copy, tmp_path):
 def test_corrupt_shard_skipped_and_counted_in_the_run(corrupt_copy, local_ray, tmp_path):
     import mlflow
     import pyarrow.parquet as pq
-
-    from pipelines import tracking
 
     copy, name = corrupt_copy
     cfg = tiny_config("train.max_steps=2", "train.checkpoint_every=2", "data.skip_corrupt_shards=true")
