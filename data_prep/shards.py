@@ -38,7 +38,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path, PurePath, PurePosixPath
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import fsspec
 import numpy as np
@@ -373,7 +373,10 @@ def _file_sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _part_paths(out_dir: PurePath, chunk: Chunk) -> tuple[PurePath, PurePath, PurePath]:
+_P = TypeVar("_P", bound=PurePath)
+
+
+def _part_paths(out_dir: _P, chunk: Chunk) -> tuple[_P, _P, _P]:
     stem = out_dir / "_work" / chunk.split / f"shard-{chunk.index:06d}"
     return (
         stem.with_suffix(".manifest.parquet"),
@@ -556,7 +559,7 @@ def _upload_chunk(staging: Path, out_url: str, chunk: Chunk) -> None:
     cut short leaves no marker, so the next run redoes the chunk."""
     fs, root = fsspec.core.url_to_fs(out_url)
     for local in (staging / chunk.shard, *_part_paths(staging, chunk)):
-        fs.put_file(str(local), f"{root}/{Path(local).relative_to(staging).as_posix()}")
+        fs.put_file(str(local), f"{root}/{local.relative_to(staging).as_posix()}")
 
 
 def _finished_remote_chunk(
@@ -694,8 +697,8 @@ def _assemble_remote(plan: PreparePlan, results: Iterable[ChunkResult]) -> Prepa
         staging = Path(tmp)
         for chunk in plan.chunks:
             for local in _part_paths(staging, chunk)[:2]:
-                Path(local).parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(f"{root}/{Path(local).relative_to(staging).as_posix()}", str(local))
+                local.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{root}/{local.relative_to(staging).as_posix()}", str(local))
         result = assemble(replace(plan, out_dir=staging), results)
         planned = {c.shard for c in plan.chunks}
         for split in plan.splits:
@@ -725,7 +728,8 @@ def prepare_dataset(
 
     Args:
         refer_root, dataset, split_by, splits, image_dir: the input (see `plan_prepare`).
-        out: output root; writes `<out>/<dataset>-<splitBy>/`.
+        out: output root, a directory or an fsspec URL (s3://bucket/prefix); writes
+            `<out>/<dataset>-<splitBy>/`.
         tokenizer: Hugging Face name or path, or the offline alias `all-minilm-l6-v2`.
         max_tokens: token ids per expression (20 in the reference models).
         samples_per_shard: expressions per shard before it is cut at the next image.

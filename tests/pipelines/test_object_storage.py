@@ -79,7 +79,7 @@ def test_prepare_train_evaluate_on_object_storage(
     tracking = mlflow_tracking.start_run(
         cfg, shards=shards, tracking_uri=mlflow_server.url, experiment="object-storage", run_name="s3-e2e"
     )
-    result = run_training(cfg, shards, num_workers=2, storage_path=s3_store.url("e2e/ray"), tracking=tracking)
+    result = run_training(cfg, shards, num_workers=1, storage_path=s3_store.url("e2e/ray"), tracking=tracking)
     mlflow_tracking.end_run(tracking)
     assert result.metrics["step"] == MAX_STEPS
     run_prefix = f"e2e/ray/{result.run_name}/"
