@@ -62,10 +62,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's random states: python, numpy, torch and (when present) every CUDA device."""
+    """This process's random states: python, numpy, torch and (when present) every CUDA device.
+
+    Only plain Python values and tensors (numpy's key array becomes a list of ints), so the train
+    state loads with ``torch.load(weights_only=True)`` like every other file of a checkpoint.
+    """
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, keys.tolist(), pos, has_gauss, cached_gaussian),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -76,7 +81,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` captured."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -156,7 +162,7 @@ def load_training_state(
     directory = Path(directory)
     weights = torch.load(_require(directory, MODEL_FILE), map_location="cpu", weights_only=True)
     unwrap_model(model).load_state_dict(weights)
-    saved = torch.load(_require(directory, TRAIN_STATE_FILE), map_location="cpu", weights_only=False)
+    saved = torch.load(_require(directory, TRAIN_STATE_FILE), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     state = TrainState(step=saved["step"], epoch=saved["epoch"], data_position=saved["data_position"])

@@ -367,25 +367,13 @@ def _torch_loads(package: str) -> list[tuple[str, int, ast.Call]]:
     return calls
 
 
-# Loads of files a run wrote for itself (optimizer, RNG states), not of weights from elsewhere.
-# Tracked in infra/README.md (Security); the remaining work is an allow-list of numpy's RNG types.
-KNOWN_FULL_PICKLE_LOADS = {("magnet/checkpoint.py", "load_training_state")}
-
-
 def test_checkpoints_load_with_weights_only():
-    full = set()
     for package in ("magnet", "pipelines", "data_prep"):
         for path, _, call in _torch_loads(package):
             flag = {k.arg: k.value for k in call.keywords}.get("weights_only")
-            assert flag is not None, f"{path}: torch.load without weights_only"
-            if not (isinstance(flag, ast.Constant) and flag.value is True):
-                tree = ast.parse((ROOT / path).read_text())
-                (function,) = [
-                    f.name for f in ast.walk(tree)
-                    if isinstance(f, ast.FunctionDef) and f.lineno <= call.lineno <= f.end_lineno
-                ]  # fmt: skip
-                full.add((path, function))
-    assert full <= KNOWN_FULL_PICKLE_LOADS, full - KNOWN_FULL_PICKLE_LOADS
+            assert isinstance(flag, ast.Constant) and flag.value is True, (
+                f"{path}:{call.lineno}: torch.load without weights_only=True"
+            )
 
 
 def test_refs_pickles_only_through_the_restricted_unpickler():
