@@ -3,12 +3,15 @@
     <workdir>/data/             synthetic RefCOCO in the refer layout + synth_report.json (baselines)
     <workdir>/shards/refcoco-unc/  WebDataset shards, manifest, rejects, summary.json
     <workdir>/mlflow.db, mlartifacts/   the MLflow store (runs, the registered model `magnet`)
-    <workdir>/ray-results/      Ray Train checkpoints
+    <workdir>/ray-results/      Ray Train checkpoints, and the Tune sweep's trials
     <workdir>/pictures/         predictions per split (predicted red, true green)
     <workdir>/demo-summary.json metrics per split beside the language-blind baselines
 
-Data and shards are reused when present, so a second run only trains again. Training settings
-are the `demo` preset (configs/demo.yaml); the data size is set here.
+After the training, the model is promoted to `champion` (its score recorded on the version), then
+a short sweep of the loss weights runs (`SWEEP_TRIALS` tiny trials: an MLflow parent run with a
+child run per trial), so the MLflow UI shows every piece of the pipeline. Data and shards are
+reused when present, so a second run only trains again. Training settings are the `demo` preset
+(configs/demo.yaml); the data size is set here.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ DEMO_SEED = 0
 DEMO_WORKERS = 2
 DATASET, SPLIT_BY = "refcoco", "unc"
 EXPERIMENT = "magnet-demo"
+SWEEP_EXPERIMENT = "magnet-demo-sweeps"
+SWEEP_TRIALS = 2
 ALIAS = "demo"
 TIDY_ENV = {  # a readable console: no per-worker weight-loading bars and reports
     "TRANSFORMERS_VERBOSITY": "error",
@@ -96,8 +101,48 @@ def _try_it_example(workdir: Path, shards: Path) -> tuple[Path, str]:
     return workdir / "data" / IMAGE_SUBDIR / image_file_name(row["image_id"]), row["raw"]
 
 
+def _start_ray() -> None:
+    """Local Ray for the whole demo (or RAY_ADDRESS's cluster), workers' cleaner warnings muted.
+
+    Locally it counts at least two CPUs per sweep trial, so the trials run side by side: a trial's
+    driver only waits on its one Train worker, and 2 cores carry the 2 workers.
+    """
+    import ray
+
+    from pipelines.tune import QUIET_WORKERS
+
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=QUIET_WORKERS)
+    else:
+        cpus = max(os.cpu_count() or 1, DEMO_WORKERS, 2 * SWEEP_TRIALS)
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=QUIET_WORKERS)
+
+
+def _ui_guide(summary: dict[str, Any]) -> str:
+    """Where the demo's runs, sweep and aliases sit in the MLflow UI."""
+    mlflow, sweep, champion = summary["mlflow"], summary["sweep"], summary["champion"]
+    return "\n".join(
+        [
+            f"MLflow UI: mlflow ui --backend-store-uri {mlflow['tracking_uri']}   (then http://127.0.0.1:5000)",
+            f"  Experiments > {EXPERIMENT}: the training run {mlflow['run_id']} "
+            "(params, loss curves, metrics, predictions/)",
+            f"  Experiments > {SWEEP_EXPERIMENT}: the sweep {sweep['name']}, expand it: "
+            f"{len(sweep['trials'])} child runs, one per trial; its artifacts hold trials.md (ranked)",
+            f"  Models > magnet: `champion` = version {champion['champion_version']}, "
+            + ", ".join(
+                f"`{alias}` = version {version}"
+                for alias, version in summary["aliases"].items()
+                if alias != "champion"
+            )
+            + "; each version's description and promotion.* tags tell why",
+        ]
+    )
+
+
 def run_demo(workdir: Path, num_workers: int = DEMO_WORKERS, config: str = DEMO_CONFIG) -> dict[str, Any]:
-    """Synthetic data -> shards -> Ray training -> evaluation -> registry, then the summary."""
+    """Synthetic data -> shards -> Ray training -> evaluation -> registry -> `champion` -> a short
+    sweep, then the summary and where to look in the MLflow UI."""
     start = time.perf_counter()
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -113,18 +158,43 @@ def run_demo(workdir: Path, num_workers: int = DEMO_WORKERS, config: str = DEMO_
 
     shards = ensure_synthetic_shards(workdir)
     data_seconds = time.perf_counter() - start
-    from pipelines.flows.train import train_magnet
+    import ray
 
-    result = train_magnet(
-        config=config,
-        shards=str(shards),
-        num_workers=num_workers,
-        experiment=EXPERIMENT,
-        tracking_uri=tracking_uri,
-        storage_path=str(workdir / "ray-results"),
-        aliases=[ALIAS],
-        pictures_dir=str(workdir / "pictures"),
-    )
+    from magnet.config import load_config
+    from pipelines.flows.train import train_magnet
+    from pipelines.promote import promote
+    from pipelines.registry import MODEL_NAME
+    from pipelines.tracking import client_for
+    from pipelines.tune import run_demo_sweep
+
+    _start_ray()
+    try:
+        result = train_magnet(
+            config=config,
+            shards=str(shards),
+            num_workers=num_workers,
+            experiment=EXPERIMENT,
+            tracking_uri=tracking_uri,
+            storage_path=str(workdir / "ray-results"),
+            aliases=[ALIAS],
+            pictures_dir=str(workdir / "pictures"),
+        )
+        train_seconds = time.perf_counter() - start
+        promotion = promote(
+            shards=shards,
+            experiment=EXPERIMENT,
+            tracking_uri=tracking_uri,
+            protocol=load_config(config).eval.protocol,  # as the run was scored: `original`
+        )
+        print(f"[demo] {promotion.summary}")
+        print(f"[demo] a short sweep of the loss weights: {SWEEP_TRIALS} tiny trials")
+        sweep = run_demo_sweep(
+            workdir, shards, tracking_uri=tracking_uri, experiment=SWEEP_EXPERIMENT, trials=SWEEP_TRIALS
+        )
+    finally:
+        ray.shutdown()
+    print(f"[demo] sweep {sweep.sweep_name}, trials ranked by {sweep.metric}:\n{sweep.table_markdown}")
+    aliases = client_for(tracking_uri).get_registered_model(MODEL_NAME).aliases or {}
     baselines = _baselines(workdir / "data")
     rows: dict[str, dict[str, float]] = {}
     for split, base in baselines.items():
@@ -150,7 +220,32 @@ def run_demo(workdir: Path, num_workers: int = DEMO_WORKERS, config: str = DEMO_
             "model": f"models:/magnet@{ALIAS}",
             "model_version": result["model_version"],
         },
-        "seconds": {"data": round(data_seconds, 1), "total": round(time.perf_counter() - start, 1)},
+        "sweep": {
+            "name": sweep.sweep_name,
+            "experiment": SWEEP_EXPERIMENT,
+            "parent_run_id": sweep.parent_run_id,
+            "trials": [
+                {
+                    "trial": r["trial"],
+                    "run_id": r["run_id"],
+                    "status": r["status"],
+                    sweep.metric: r[sweep.metric],
+                }
+                for r in sweep.trials
+            ],
+        },
+        "champion": {
+            "decision": promotion.decision,
+            "champion_version": promotion.champion_version,
+            "summary": promotion.summary,
+        },
+        "aliases": {alias: str(version) for alias, version in sorted(aliases.items())},
+        "seconds": {
+            "data": round(data_seconds, 1),
+            "train": round(train_seconds - data_seconds, 1),
+            "sweep_and_promotion": round(time.perf_counter() - train_seconds, 1),
+            "total": round(time.perf_counter() - start, 1),
+        },
         "pictures": sorted(str(p) for p in (workdir / "pictures").glob("*.png")),
     }
     (workdir / "demo-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -159,7 +254,7 @@ def run_demo(workdir: Path, num_workers: int = DEMO_WORKERS, config: str = DEMO_
     print(_table(rows))
     print()
     print(f"summary: {workdir / 'demo-summary.json'}   pictures: {workdir / 'pictures'}")
-    print(f"MLflow UI: mlflow ui --backend-store-uri {result['tracking_uri']}")
+    print(_ui_guide(summary))
     image, text = _try_it_example(workdir, shards)
     print(
         f"Try it: MLFLOW_TRACKING_URI={result['tracking_uri']} magnet predict --model models:/magnet@{ALIAS} "

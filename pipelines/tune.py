@@ -537,6 +537,8 @@ def _finish_trials(results: Any, parent: dict[str, str], space: SweepSpace) -> l
             series = history[space.metric].dropna()
             best = float(series.max() if space.mode == "max" else series.min()) if len(series) else None
         status = run.info.status if run else "UNKNOWN"
+        # a trial that failed before its first report has no config in its result; its run has
+        params = result.config or (json.loads(run.data.tags.get("tune.params", "{}")) if run else {})
         if result.error is not None:
             status = "FAILED"
         # a trial ASHA stopped never closed its run (or was marked by an earlier wrap-up)
@@ -565,7 +567,7 @@ def _finish_trials(results: Any, parent: dict[str, str], space: SweepSpace) -> l
                 f"best {space.metric}": best,
                 "step": metrics.get("step"),
                 "checkpoint": checkpoint,
-                **{key: (result.config or {}).get(key) for key in space.params},
+                **{key: params.get(key) for key in space.params},
             }
         )
     reverse = space.mode == "max"
@@ -954,24 +956,23 @@ def run_demo_sweep(
     trials: int = 2,
     config: str = "demo",
     overrides: Sequence[str] = DEMO_SWEEP_OVERRIDES,
-    protocol: str = "original",
-) -> dict[str, Any]:
-    """A short sweep of the loss weights (a few tiny trials, one CPU worker each) and a promotion
-    of its best model, so a newcomer finds a parent run with child runs and a `champion` in the
-    MLflow UI. No early stopping here: the worker group of a trial ASHA kills is released through
-    Ray's state API, which needs the dashboard (ray[default]), not installed here.
+) -> SweepResult:
+    """A short sweep of the loss weights for the demo (a few tiny trials, one CPU worker each), so
+    a newcomer finds a parent run with a child run per trial in the MLflow UI.
 
-    Returns ``{"sweep": SweepResult, "promotion": Promotion}``.
+    Its trials are too short to compete with the demo's trained model, so none is registered: that
+    spares a model logging and, in a promotion, an evaluation, a minute on 2 cores. No early
+    stopping here: the worker group of a trial ASHA kills is released through Ray's state API,
+    which needs the dashboard (ray[default]), not installed here.
     """
     from dataclasses import replace
 
     from magnet.config import CONFIG_DIR, load_config
-    from pipelines.promote import promote
 
     cfg = load_config(config, list(overrides))
     space = load_space(CONFIG_DIR / "sweeps" / "loss-weights.yaml", cfg)
     space = replace(space, scheduler=Scheduler(early_stopping=False))
-    sweep = run_sweep(
+    return run_sweep(
         cfg,
         space,
         shards,
@@ -980,12 +981,5 @@ def run_demo_sweep(
         experiment=experiment,
         num_samples=trials,
         search="random",
+        register_best=False,
     )
-    promotion = promote(
-        shards=shards,
-        experiment=experiment,
-        sweep_run_id=sweep.parent_run_id,
-        tracking_uri=tracking_uri,
-        protocol=protocol,
-    )
-    return {"sweep": sweep, "promotion": promotion}
