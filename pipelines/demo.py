@@ -109,7 +109,7 @@ def _start_ray() -> None:
     """
     import ray
 
-    from pipelines.tune import QUIET_WORKERS
+    from pipelines.ray_workers import QUIET_WORKERS
 
     address = os.environ.get("RAY_ADDRESS")
     if address:

@@ -348,34 +348,6 @@ def _run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------- the driver
-CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-
-
-def quiet_placement_group_cleaner() -> None:
-    """Ray worker setup hook (``runtime_env={"worker_process_setup_hook": ...}``) quieting Train's
-    PlacementGroupCleaner.
-
-    Every Train run starts that detached actor, which asks Ray's state API once a second whether
-    the run's controller still lives. The state API is served by the dashboard, which needs
-    ray[default] (not installed: its opencensus, aiohttp-cors and colorful are not among this
-    project's dependencies), so every ask fails with a warning "Failed to query Ray Train
-    Controller actor state" (about 120 lines in a demo); muting that logger loses nothing, as
-    without the state API the cleaner cannot act either way (see ``run_sweep`` on early stopping).
-    With several Ray instances on the machine the ask cannot even tell which cluster is meant and
-    the cleaner's thread dies with a ConnectionError traceback: pointing RAY_ADDRESS at the
-    worker's own cluster (what any ray.init in that worker would join anyway) settles that.
-    """
-    import os
-
-    import ray
-
-    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
-    logging.getLogger(CLEANER_LOGGER).setLevel(logging.ERROR)
-
-
-QUIET_WORKERS = {"worker_process_setup_hook": f"{__name__}.quiet_placement_group_cleaner"}  # a runtime_env
-
-
 @dataclass(frozen=True)
 class SweepResult:
     """What a sweep left: the parent run, a row per trial (ranked best first), the registered model."""
@@ -757,6 +729,7 @@ def run_sweep(
     from ray import tune
 
     from pipelines.flows.train import absolute_storage, shard_location
+    from pipelines.ray_workers import QUIET_WORKERS
 
     search = search or space.search
     check_search(space, search)

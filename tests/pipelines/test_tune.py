@@ -304,7 +304,7 @@ def test_quiet_workers_mute_the_placement_group_cleaner_in_every_ray_worker():
 
     import ray
 
-    from pipelines.tune import CLEANER_LOGGER, QUIET_WORKERS
+    from pipelines.ray_workers import CLEANER_LOGGER, QUIET_WORKERS
 
     def worker_settings() -> tuple[int, str | None, str]:
         return (
