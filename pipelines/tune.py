@@ -626,18 +626,24 @@ def _score_trials(
 
 
 def aggregate(
-    rows: Sequence[Mapping[str, Any]], group_by: str, splits: Sequence[str]
+    rows: Sequence[Mapping[str, Any]],
+    group_by: str,
+    splits: Sequence[str],
+    order: Sequence[Any] = (),
 ) -> list[dict[str, Any]]:
     """Mean and sample std of oIoU and mIoU per value of ``group_by``, over the trials that have
-    final scores (the seeds of an ablation variant)."""
+    final scores (the seeds of an ablation variant); groups in ``order`` (the sweep file's, e.g.
+    baseline first), others after them as met."""
     import numpy as np
 
-    groups: dict[Any, list[Mapping[str, float]]] = {}
+    groups: dict[Any, list[Mapping[str, float]]] = {value: [] for value in order}
     for row in rows:
         if row.get("final"):
             groups.setdefault(row[group_by], []).append(row["final"])
     table = []
     for value, finals in groups.items():
+        if not finals:
+            continue
         entry: dict[str, Any] = {group_by: value, "n": len(finals)}
         for split in splits:
             for name in ("oIoU", "mIoU"):
@@ -862,7 +868,9 @@ def _wrap_up(
     if space.report_splits:
         _score_trials(rows, parent, shards, space.report_splits)
         if space.group_by:
-            summary = aggregate(rows, space.group_by, space.report_splits)
+            summary = aggregate(
+                rows, space.group_by, space.report_splits, space.params[space.group_by].values
+            )
             summary_columns = [space.group_by, "n"] + [
                 f"{s}/{m} {stat}"
                 for s in space.report_splits

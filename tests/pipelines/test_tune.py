@@ -141,7 +141,9 @@ def test_ablation_report_aggregates_seeds_per_variant():
         {"variant": "all", "final": {"val/oIoU": 60.0, "val/mIoU": 50.0}},
         {"variant": "all", "final": None},  # early-stopped or failed: no final scores
     ]
-    table = {row["variant"]: row for row in aggregate(rows, "variant", ["val"])}
+    ordered = aggregate(rows, "variant", ["val"], order=["baseline", "+MG", "all"])
+    assert [row["variant"] for row in ordered] == ["baseline", "all"]  # the file's order, +MG had none
+    table = {row["variant"]: row for row in ordered}
     assert table["baseline"]["n"] == 2 and table["baseline"]["val/oIoU mean"] == 52.0
     assert table["baseline"]["val/oIoU std"] == pytest.approx(2.8284, abs=1e-3)
     assert table["all"]["n"] == 1 and table["all"]["val/mIoU std"] == 0.0
