@@ -6,11 +6,12 @@ rasterise the object's mask with pycocotools from instances.json, tokenise the e
 readers then apply the same transforms (``magnet.data.resize_pair`` and ``collate``) with the
 same batch size and the same number of DataLoader workers, over the same synthetic train split,
 in one run. Object storage is moto's S3 server on 127.0.0.1 (tests/object_store.py) holding the
-same refer layout and the same shards: the naive reader opens each image through fsspec
+same refer layout and the same shards: the naive reader fetches each image with one GET
 (instances.json and the refs are parsed once before timing, as the refer toolkit does), the shard
-reader streams its tars. Prints a table with the ratio per storage (target: shard reader >= 5x).
-Loopback moto answers in about a millisecond; real S3 takes tens of milliseconds per request, so
-the per-image requests of the naive reader cost far more there and real ratios are larger.
+reader streams its tars. Both readers reach moto through the same relay (benchmarks/_latency_proxy.py)
+and the same AWS_ENDPOINT_URL, twice: as it is on loopback (0 ms added) and with a modelled
+first-byte latency added to every response (``--s3-latency-ms``; kernel netem is not available
+here). Prints a table with samples/s and the shard/naive ratio per storage (target: >= 5x).
 
     .venv/bin/python benchmarks/bench_reader.py --images 1000 --input-sizes 480 --workers 2
 """
@@ -26,10 +27,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import fsspec
+from _latency_proxy import LatencyProxy
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -42,7 +45,47 @@ from magnet.config import DataConfig
 from magnet.data import SplitShards, build_train_loader, collate, open_split, resize_pair
 
 NAIVE, SHARDS = "naive refer reader", "shard reader"
-LOCAL, S3 = "local disk", "S3 (moto, loopback)"
+
+# AWS: "When you make small requests (for example, less than 512 KB), where median latencies are
+# often in the tens of milliseconds range, ..." (Amazon S3 User Guide, "Performance guidelines for
+# Amazon S3", retry requests for latency-sensitive applications,
+# https://docs.aws.amazon.com/AmazonS3/latest/userguide/optimizing-performance-guidelines.html, and
+# the whitepaper "Best Practices Design Patterns: Optimizing Amazon S3 Performance"). 20 ms is the
+# low end of "tens of milliseconds", so the modelled figure is conservative.
+AWS_SMALL_GET_LATENCY = "AWS S3 performance guidelines: tens of ms median for GETs < 512 KB"
+_S3_NOTE = """
+Measured: every figure above, on this machine, in this run. Object storage is moto on 127.0.0.1 behind
+a TCP relay (benchmarks/_latency_proxy.py) that both readers go through with the same AWS_ENDPOINT_URL.
+Modelled: only the network/service latency of object storage, as a fixed {latency_ms:g} ms added before
+the first byte of every response (kernel netem is not available here). AWS documents median latencies of
+tens of ms for small GETs (< 512 KB): docs.aws.amazon.com/AmazonS3/latest/userguide/optimizing-performance-
+guidelines.html. Not modelled: TCP/TLS handshakes, bandwidth limits, latency variance and tails, request
+prices. Neither reader issues parallel GETs: each loader worker has one request in flight at a time."""
+# The naive reader's GET: s3fs's cat_file asks for the size first (a HEAD) unless max_concurrency=1.
+ONE_GET_PER_IMAGE = {"max_concurrency": 1}
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where both readers read from in one column of the table.
+
+    Args:
+        name: column title.
+        refer_root: the refer layout's root (directory or s3:// URL).
+        shard_root: the prepared dataset's ``<dataset>-<splitBy>`` root.
+        proxy: the relay both readers' requests go through (object storage only).
+        max_batches: batches timed per reader.
+    """
+
+    name: str
+    refer_root: str
+    shard_root: str
+    proxy: LatencyProxy | None
+    max_batches: int
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return ONE_GET_PER_IMAGE if self.proxy else {}
 
 
 class NaiveReferDataset(Dataset):
@@ -53,16 +96,24 @@ class NaiveReferDataset(Dataset):
         split: the split to read.
         image_size: model input size S.
         image_root: where the image files are: a directory or an fsspec URL (s3://...).
+        storage_options: fsspec options of ``image_root``'s filesystem.
         max_tokens: token ids per expression.
     """
 
     def __init__(
-        self, refer: ReferData, split: str, image_size: int, image_root: str, max_tokens: int = 20
+        self,
+        refer: ReferData,
+        split: str,
+        image_size: int,
+        image_root: str,
+        storage_options: dict[str, Any],
+        max_tokens: int = 20,
     ) -> None:
         self.refer = refer
         self.items = [(ref, sent) for ref in refer.select(split) for sent in ref.sentences]
         self.image_size = image_size
         self.image_root = image_root.rstrip("/")
+        self.storage_options = storage_options
         self.max_tokens = max_tokens
 
     def __len__(self) -> int:
@@ -72,8 +123,7 @@ class NaiveReferDataset(Dataset):
         ref, sent = self.items[index]
         info = self.refer.images[ref.image_id]
         annotation = self.refer.annotations[ref.ann_id]
-        with fsspec.open(f"{self.image_root}/{info.file_name}", "rb") as handle:
-            image = Image.open(io.BytesIO(handle.read()))
+        image = Image.open(io.BytesIO(_read(f"{self.image_root}/{info.file_name}", self.storage_options)))
         mask = rasterize(annotation.segmentation, info.height, info.width)  # [H,W] {0,1}
         ids, attention, _ = encode_expressions(load_tokenizer(), [sent.raw], self.max_tokens)
         rgb, small = resize_pair(image, mask, self.image_size, self.image_size)
@@ -89,53 +139,89 @@ class NaiveReferDataset(Dataset):
         }
 
 
+def _read(url: str, storage_options: dict[str, Any]) -> bytes:
+    """The whole file at ``url``: one GET on object storage (fsspec caches the filesystem per process)."""
+    filesystem, path = fsspec.core.url_to_fs(url, **storage_options)
+    return filesystem.cat_file(path)
+
+
 def _time(loader: DataLoader, max_batches: int) -> tuple[int, float]:
-    """Samples read and seconds, loader start-up (worker spawn) included."""
-    start = time.perf_counter()
-    samples = 0
+    """Samples read and seconds over ``max_batches`` batches after the first one: the steady rate of a
+    long epoch, without worker start-up (spawn, S3 client set-up), which both readers pay once per epoch."""
+    samples, start = 0, 0.0
     for index, batch in enumerate(loader):
+        if index == 0:
+            start = time.perf_counter()
+            continue
         samples += len(batch["raw"])
-        if index + 1 >= max_batches:
+        if index >= max_batches:
             break
+    if samples == 0:
+        raise RuntimeError(
+            f"the loader gave fewer than 2 batches: nothing to time (max_batches={max_batches})"
+        )
     return samples, time.perf_counter() - start
 
 
+@dataclass
+class Rate:
+    """The best timed pass of one reader on one storage."""
+
+    samples: int
+    seconds: float
+    requests: int | None  # object-storage requests answered meanwhile (prefetched batches included)
+
+    @property
+    def per_s(self) -> float:
+        return self.samples / self.seconds
+
+
 def _best_rates(
-    readers: dict[str, tuple[NaiveReferDataset, SplitShards]], input_size: int, args: argparse.Namespace
-) -> dict[tuple[str, str], tuple[int, float]]:
-    """Best (samples, seconds) per (storage, reader) over ``args.repeats`` interleaved passes."""
+    readers: dict[str, tuple[Storage, NaiveReferDataset, SplitShards]],
+    input_size: int,
+    args: argparse.Namespace,
+) -> dict[tuple[str, str], Rate]:
+    """Best rate per (storage, reader) over ``args.repeats`` interleaved passes."""
     cfg = DataConfig(batch_size=args.batch_size, loader_workers=args.workers, one_expression_per_object=False)
-    best: dict[tuple[str, str], tuple[int, float]] = {}
+    best: dict[tuple[str, str], Rate] = {}
     for repeat in range(args.repeats):
-        for storage, (naive, shards) in readers.items():
+        for storage, naive, shards in readers.values():
+            if storage.proxy:  # both readers' workers (forked when iteration starts) inherit it
+                os.environ["AWS_ENDPOINT_URL"] = storage.proxy.endpoint
             naive.image_size = input_size
             naive_loader = DataLoader(
                 naive, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, collate_fn=collate
             )
             shard_loader = build_train_loader(shards, cfg, image_size=input_size, seed=repeat)
             for name, loader in ((NAIVE, naive_loader), (SHARDS, shard_loader)):
-                samples, seconds = _time(loader, args.max_batches)
-                key = (storage, name)
-                if key not in best or samples / seconds > best[key][0] / best[key][1]:
-                    best[key] = (samples, seconds)
+                answered = storage.proxy.responses if storage.proxy else 0
+                samples, seconds = _time(loader, storage.max_batches)  # its workers have stopped
+                requests = storage.proxy.responses - answered if storage.proxy else None
+                rate = Rate(samples, seconds, requests)
+                key = (storage.name, name)
+                if key not in best or rate.per_s > best[key].per_s:
+                    best[key] = rate
     return best
 
 
-def _open_read_ms(url: str, times: int = 20) -> float:
-    """Median milliseconds to open and read one file through fsspec: the naive reader's I/O per image."""
+def _read_ms(storage: Storage, path: str, times: int = 20) -> float:
+    """Median milliseconds of the naive reader's I/O for one image, on ``storage``."""
+    if storage.proxy:
+        os.environ["AWS_ENDPOINT_URL"] = storage.proxy.endpoint
+    options = {**storage.storage_options, "skip_instance_cache": True} if storage.proxy else {}
+    filesystem, path = fsspec.core.url_to_fs(f"{storage.refer_root}/{path}", **options)
     durations = []
     for _ in range(times):
         start = time.perf_counter()
-        with fsspec.open(url, "rb") as handle:
-            handle.read()
+        filesystem.cat_file(path)
         durations.append(time.perf_counter() - start)
     return 1000 * statistics.median(durations)
 
 
 @contextlib.contextmanager
-def _object_store(refer_root: Path, shards_dir: Path) -> Iterator[tuple[str, str]]:
+def _object_store(refer_root: Path, shards_dir: Path) -> Iterator[tuple[str, str, str]]:
     """Moto's S3 server on 127.0.0.1 holding copies of the refer layout and the shards:
-    (refer root URL, shard root URL)."""
+    (its endpoint, refer root URL, shard root URL)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from object_store import moto_s3
 
@@ -143,7 +229,7 @@ def _object_store(refer_root: Path, shards_dir: Path) -> Iterator[tuple[str, str
         filesystem = fsspec.filesystem("s3")
         filesystem.put(f"{refer_root}/", f"{store.bucket}/refer", recursive=True)
         filesystem.put(f"{shards_dir}/", f"{store.bucket}/shards/{shards_dir.name}", recursive=True)
-        yield store.url("refer"), store.url(f"shards/{shards_dir.name}")
+        yield store.endpoint, store.url("refer"), store.url(f"shards/{shards_dir.name}")
 
 
 def main() -> None:
@@ -156,10 +242,23 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers, both readers")
     parser.add_argument("--max-batches", type=int, default=100, help="batches timed per reader")
+    parser.add_argument(
+        "--latency-batches", type=int, default=40, help="batches timed per reader on S3 with added latency"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per reader (best is kept)")
+    parser.add_argument(
+        "--s3-latency-ms",
+        type=float,
+        default=20.0,
+        help=f"first-byte latency added to each response in the modelled S3 column ({AWS_SMALL_GET_LATENCY})",
+    )
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the data here (default: temp)")
     parser.add_argument(
-        "--storages", nargs="+", choices=("local", "s3"), default=["local", "s3"], help="where data is read"
+        "--storages",
+        nargs="+",
+        choices=("local", "s3", "s3-latency"),
+        default=["local", "s3", "s3-latency"],
+        help="where data is read: local disk, loopback S3, S3 with --s3-latency-ms added",
     )
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -180,52 +279,74 @@ def main() -> None:
         refer = load_refer(refer_root, "refcoco", "unc")  # parsed once, whatever the storage
         image_subdir = refer.image_dir.relative_to(refer_root).as_posix()
         with contextlib.ExitStack() as stack:
-            roots: dict[str, tuple[str, str]] = {}
+            storages: list[Storage] = []
             if "local" in args.storages:
-                roots[LOCAL] = (str(refer_root), str(prepared.out_dir))
-            if "s3" in args.storages:
-                roots[S3] = stack.enter_context(_object_store(refer_root, prepared.out_dir))
-            readers = {
-                storage: (
-                    NaiveReferDataset(refer, "train", args.input_sizes[0], f"{refer_url}/{image_subdir}"),
-                    open_split(shard_url, "train"),
+                storages.append(
+                    Storage("local disk", str(refer_root), str(prepared.out_dir), None, args.max_batches)
                 )
-                for storage, (refer_url, shard_url) in roots.items()
+            if {"s3", "s3-latency"} & set(args.storages):
+                endpoint, refer_url, shard_url = stack.enter_context(
+                    _object_store(refer_root, prepared.out_dir)
+                )
+                for choice, latency_ms, batches, name in (
+                    ("s3", 0.0, args.max_batches, "S3 loopback (+0 ms)"),
+                    (
+                        "s3-latency",
+                        args.s3_latency_ms,
+                        args.latency_batches,
+                        f"S3 +{args.s3_latency_ms:g} ms",
+                    ),
+                ):
+                    if choice in args.storages:
+                        proxy = stack.enter_context(LatencyProxy(endpoint, latency_ms))
+                        storages.append(Storage(name, refer_url, shard_url, proxy, batches))
+            readers = {
+                storage.name: (
+                    storage,
+                    NaiveReferDataset(
+                        refer,
+                        "train",
+                        args.input_sizes[0],
+                        f"{storage.refer_root}/{image_subdir}",
+                        storage.storage_options,
+                    ),
+                    open_split(storage.shard_root, "train"),
+                )
+                for storage in storages
             }
             results = {size: _best_rates(readers, size, args) for size in args.input_sizes}
             first_image = f"{image_subdir}/{next(iter(refer.images.values())).file_name}"
-            open_ms = {
-                storage: _open_read_ms(f"{refer_url}/{first_image}")
-                for storage, (refer_url, _) in roots.items()
-            }
+            read_ms = {storage.name: _read_ms(storage, first_image) for storage in storages}
 
-    expressions = len(next(iter(readers.values()))[0])
+    expressions = len(next(iter(readers.values()))[1])
     print(
         f"\ntrain split: {expressions} expressions of {args.image_size}px images, batch {args.batch_size}, "
-        f"{args.workers} loader workers each, {args.max_batches} batches timed, "
-        f"best of {args.repeats} interleaved passes"
+        f"{args.workers} loader workers each, timed after the first batch, best of {args.repeats} passes of "
+        + ", ".join(f"{s.max_batches} batches ({s.name})" for s in storages)
     )
-    header = f"{'input':>6}  {'reader':<20}"
-    for storage in readers:
-        header += f"{storage + ' samples/s':>32}{'ratio':>8}"
+    header = f"{'input':>5}  {'reader':<19}" + "".join(f"{s.name + ' /s':>26}{'ratio':>7}" for s in storages)
     print(header)
     for size, best in results.items():
         for name in (NAIVE, SHARDS):
-            row = f"{size:>6}  {name:<20}"
-            for storage in readers:
-                samples, seconds = best[(storage, name)]
-                naive_rate = best[(storage, NAIVE)][0] / best[(storage, NAIVE)][1]
-                row += f"{samples / seconds:>32.1f}{samples / seconds / naive_rate:>7.2f}x"
+            row = f"{size:>5}  {name:<19}"
+            for storage in storages:
+                rate, naive = best[(storage.name, name)], best[(storage.name, NAIVE)]
+                row += f"{rate.per_s:>26.1f}{rate.per_s / naive.per_s:>6.2f}x"
             print(row)
-    print(
-        "\nOpening and reading one image through fsspec (median of 20): "
-        + ", ".join(f"{ms:.2f} ms from {storage}" for storage, ms in open_ms.items())
-    )
-    if S3 in readers:
+    first, on_s3 = results[args.input_sizes[0]], [s for s in storages if s.proxy]
+    if on_s3:
+        print(f"\nS3 requests per sample at input {args.input_sizes[0]} (relay count, prefetch included):")
+    for storage in on_s3:
+        rates = {name: first[(storage.name, name)] for name in (NAIVE, SHARDS)}
         print(
-            "S3 here is moto on 127.0.0.1: its requests cost far less than real S3's (tens of ms each, paid "
-            "per image by the\nnaive reader and per shard by the shard reader), so real ratios are larger."
+            f"  {storage.name}: " + ", ".join(f"{n} {r.requests / r.samples:.3f}" for n, r in rates.items())
         )
+    print(
+        "One image read as the naive reader does (median of 20): "
+        + ", ".join(f"{ms:.2f} ms from {name}" for name, ms in read_ms.items())
+    )
+    if on_s3:
+        print(_S3_NOTE.format(latency_ms=args.s3_latency_ms))
     print(f"\nprepare (for reference): {written} expressions in {prepare_s:.1f} s")
 
 
