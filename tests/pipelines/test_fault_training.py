@@ -110,35 +110,41 @@ def process_title(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
-class Killer(threading.Thread):
-    """SIGKILLs the worker of ``rank`` once it stands at ``kill_step`` and checkpoint
-    ``checkpoint_step`` has been on storage for ``settle_s`` (Ray's controller learns of reports
-    when it polls its workers, about every 2 s: a checkpoint only just written may not be the one
-    a restart uses); then creates ``release`` so the restarted worker runs through."""
+def registered_checkpoints(run_dir: Path) -> list[str]:
+    """Checkpoints Ray Train's controller has registered: those a restart may resume from."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or being rewritten
+        return []
+    return [entry["checkpoint_dir_name"] for entry in snapshot["checkpoint_results"]]
 
-    def __init__(self, trace: StepTrace, run_dir: Path, *, checkpoint_step: int, settle_s: float) -> None:
+
+class Killer(threading.Thread):
+    """SIGKILLs the worker of ``trace.hold_rank`` once it stands at ``trace.hold_step`` and Ray's
+    controller has registered checkpoint ``checkpoint_step`` (it learns of reports when it polls
+    its workers: a checkpoint written just before a crash may not be the one a restart uses), then
+    creates ``trace.release`` so the restarted worker runs through."""
+
+    def __init__(self, trace: StepTrace, run_dir: Path, *, checkpoint_step: int) -> None:
         super().__init__(daemon=True)
         self.trace, self.run_dir = trace, run_dir
-        self.checkpoint_step, self.settle_s = checkpoint_step, settle_s
+        self.checkpoint = f"{CHECKPOINT_PREFIX}{checkpoint_step:08d}"
         self.killed: tuple[int, int, str] | None = None  # pid, the step it had done, its process title
         self.stop = threading.Event()
 
     def run(self) -> None:
-        checkpoint = self.run_dir / f"{CHECKPOINT_PREFIX}{self.checkpoint_step:08d}"
-        seen_at: float | None = None
         while not self.stop.wait(0.05):
-            if seen_at is None and checkpoint.exists():
-                seen_at = time.monotonic()
             done = [r for r in records(Path(self.trace.log_file)) if r["rank"] == self.trace.hold_rank]
-            if seen_at is None or time.monotonic() - seen_at < self.settle_s:
+            if not done or done[-1]["step"] != self.trace.hold_step:
                 continue
-            if done and done[-1]["step"] == self.trace.hold_step:
-                pid = done[-1]["pid"]
-                title = process_title(pid)
-                os.kill(pid, signal.SIGKILL)
-                self.killed = (pid, done[-1]["step"], title)
-                Path(self.trace.release).touch()
-                return
+            if self.checkpoint not in registered_checkpoints(self.run_dir):
+                continue
+            pid = done[-1]["pid"]
+            title = process_title(pid)
+            os.kill(pid, signal.SIGKILL)
+            self.killed = (pid, done[-1]["step"], title)
+            Path(self.trace.release).touch()
+            return
 
 
 def expected_batches(shards: Path, cfg, rank: int, steps: int) -> list[list[int]]:
@@ -167,7 +173,7 @@ def test_worker_sigkilled_mid_epoch_resumes_and_does_every_step_once(shards, loc
     assert per_epoch > 5, "the kill at step 5 must fall inside the first epoch, after checkpoint 3"
     steps, runs, name = tmp_path / "steps.jsonl", tmp_path / "runs", "killed-run"
     trace = StepTrace(str(steps), hold_rank=1, hold_step=5, release=str(tmp_path / "release"))
-    killer = Killer(trace, runs / name, checkpoint_step=3, settle_s=4.0)
+    killer = Killer(trace, runs / name, checkpoint_step=3)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     settings = tracking.start_run(cfg, shards=shards, tracking_uri=uri, experiment="faults", run_name=name)
     killer.start()
