@@ -243,7 +243,7 @@ def run_demo(workdir: Path, num_workers: int = DEMO_WORKERS, config: str = DEMO_
         "seconds": {
             "data": round(data_seconds, 1),
             "train": round(train_seconds - data_seconds, 1),
-            "sweep_and_promotion": round(time.perf_counter() - train_seconds, 1),
+            "promotion_and_sweep": round(time.perf_counter() - start - train_seconds, 1),
             "total": round(time.perf_counter() - start, 1),
         },
         "pictures": sorted(str(p) for p in (workdir / "pictures").glob("*.png")),
