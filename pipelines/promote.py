@@ -188,6 +188,7 @@ def score_version(
             f"models:/{version.name}/{version.version}", tracking_uri=tracking_uri, device=device
         )
         cfg.eval.protocol = protocol
+        cfg.eval.max_samples = None  # the whole split: a run's quick-check cap must not shrink its test
         metrics = evaluate(model, shards, cfg, splits=[split], device=device).metrics
         key = f"{split}/{score_name}"
         if key not in metrics:

@@ -39,7 +39,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, synthetic_shards) -> dict:
     }
 
 
-def checkpoint(directory: Path, threshold: float) -> Path:
+def checkpoint(directory: Path, threshold: float, max_samples: int | None = None) -> Path:
     """A tiny MagNet whose mask logits are all 0 (mask embedding zeroed): probability 0.5 everywhere.
     With threshold 0.3 it predicts the whole image (oIoU > 0), with 0.7 nothing (oIoU = 0)."""
     cfg = load_config(
@@ -50,6 +50,7 @@ def checkpoint(directory: Path, threshold: float) -> Path:
             "data.loader_workers=0",
             "eval.eval_size=64",
             f"eval.threshold={threshold}",
+            f"eval.max_samples={'null' if max_samples is None else max_samples}",
         ],
     )
     torch.manual_seed(0)
@@ -71,14 +72,22 @@ def example() -> tuple[bytes, str]:
     return buffer.getvalue(), "the thing"
 
 
-def trained_run(store: dict, name: str, threshold: float, val_oiou: float, shards: Path | None = None) -> str:
+def trained_run(
+    store: dict,
+    name: str,
+    threshold: float,
+    val_oiou: float,
+    shards: Path | None = None,
+    max_samples: int | None = None,
+) -> str:
     """A finished run with a logged val/oIoU and a registered model; returns its version."""
     cfg = load_config("tiny")
     settings = tracking.start_run(
         cfg, shards=shards or store["shards"], tracking_uri=store["uri"], experiment=EXPERIMENT, run_name=name
     )
     tracking.MlflowRunLogger(**settings).log_metrics({"val/oIoU": val_oiou}, step=1)
-    version = registry.log_and_register(settings, checkpoint(store["root"] / name, threshold), example())
+    weights = checkpoint(store["root"] / name, threshold, max_samples)
+    version = registry.log_and_register(settings, weights, example())
     tracking.end_run(settings)
     return version
 
@@ -159,3 +168,20 @@ def test_promotion_story(store):
     with pytest.raises(PromotionError, match="different data"):
         run_promotion(store, min_gain=1.0)
     assert registry_state(client) == state
+
+
+def test_promotion_scores_the_whole_split_whatever_the_run_capped(store, tmp_path):
+    """A run trained with eval.max_samples (a quick-check cap) is still scored on every sample, so
+    it is compared with the champion on the same data."""
+    from magnet.evaluate import evaluate
+
+    own = store | {"root": tmp_path, "uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    capped = trained_run(own, "capped", threshold=0.3, val_oiou=5.0, max_samples=1)
+    result = run_promotion(own)
+    model, cfg = registry.load_model(f"models:/magnet/{capped}", tracking_uri=own["uri"])
+    assert cfg.eval.max_samples == 1
+    capped_score = evaluate(model, str(own["shards"]), cfg, splits=["val"]).metrics["val/oIoU"]
+    cfg.eval.max_samples = None
+    whole = evaluate(model, str(own["shards"]), cfg, splits=["val"]).metrics["val/oIoU"]
+    assert abs(whole - capped_score) > 1e-3, "the fixture must make the cap matter"
+    assert result.challenger.value == pytest.approx(whole, abs=1e-5)
