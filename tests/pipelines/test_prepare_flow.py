@@ -12,14 +12,6 @@ from pipelines.cli import app
 
 
 @pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
-        yield
-
-
-@pytest.fixture(scope="module")
 def refer_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from data_prep.synth import synthesize
 

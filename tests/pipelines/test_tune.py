@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from trial_settings import tiny_trial
 
 from magnet.config import load_config
 from pipelines import tracking
@@ -21,17 +22,7 @@ from pipelines.tune import (
     run_sweep,
 )
 
-TINY = [
-    "model.image_size=64",
-    "data.batch_size=2",
-    "data.loader_workers=0",
-    "data.eval_splits=[val]",
-    "eval.eval_size=64",
-    "train.max_steps=6",
-    "train.eval_every=2",
-    "train.checkpoint_every=2",
-    "train.log_every=1",
-]
+TINY = tiny_trial()
 
 # Deterministic by design: with a 0.95 threshold a barely trained model predicts no foreground,
 # so its val oIoU is 0 while a 0.05 threshold scores above 0. The grid lists 0.05 first, so a

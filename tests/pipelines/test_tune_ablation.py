@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from trial_settings import tiny_trial
 
 from magnet.config import CONFIG_DIR, load_config
 from pipelines import tracking
@@ -18,17 +19,7 @@ from pipelines.tune import Param, load_space, run_sweep
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "model.image_size=64",
-    "data.batch_size=2",
-    "data.loader_workers=0",
-    "data.eval_splits=[val]",
-    "eval.eval_size=64",
-    "train.max_steps=2",
-    "train.eval_every=2",
-    "train.checkpoint_every=2",
-    "train.log_every=1",
-]
+TINY = tiny_trial(max_steps=2)
 VARIANTS = ("baseline", "all")
 SEEDS = (0, 1)
 

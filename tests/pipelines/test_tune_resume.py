@@ -14,22 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+from trial_settings import tiny_trial
 
 from pipelines import tracking
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "model.image_size=64",
-    "data.batch_size=2",
-    "data.loader_workers=0",
-    "data.eval_splits=[val]",
-    "eval.eval_size=64",
-    "train.max_steps=6",
-    "train.eval_every=2",
-    "train.checkpoint_every=2",
-    "train.log_every=1",
-]
+TINY = tiny_trial()
 # two trials, one at a time (2 CPUs: a trial's driver and its one Train worker), no early stopping
 SWEEP = """
 metric: val/oIoU
