@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,19 +23,52 @@ ROOT = Path(__file__).resolve().parents[2]
 POOLS = ROOT / "infra" / "prefect" / "pools.sh"
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A temporary Prefect server on 127.0.0.1 and the environment a CLI user would have for it."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield {
-            **os.environ,
-            "PREFECT_API_URL": PREFECT_API_URL.value(),
-            "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        }
+    """A Prefect server on 127.0.0.1 in its own process (as users run it; an in-process test
+    server leaves threads behind that break forked DataLoader workers of later tests), and the
+    environment a CLI user would have for it."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    api = f"http://127.0.0.1:{_free_port()}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    env.pop("PREFECT_API_URL", None)
+    port = api.rsplit(":", 1)[1].removesuffix("/api")
+    log = (home / "server.log").open("w")
+    server = subprocess.Popen(
+        ["prefect", "server", "start", "--host", "127.0.0.1", "--port", port],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2):
+                    break
+            except OSError as err:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"Prefect server did not start: {(home / 'server.log').read_text()[-2000:]}"
+                    ) from err
+                time.sleep(0.5)
+        yield {**env, "PREFECT_API_URL": api}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
 
 
 def _run(argv: list[str], env: dict[str, str]) -> str:
@@ -48,13 +85,17 @@ def test_pools_script_refuses_without_a_server():
 
 def test_pools_and_deployments_on_a_real_server(prefect_env):
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     _run(["bash", str(POOLS)], prefect_env)
     _run(["prefect", "--no-prompt", "deploy", "--all"], prefect_env)
 
     template = json.loads((ROOT / "infra" / "prefect" / "kubernetes-base-job-template.json").read_text())
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
-    with get_client(sync_client=True) as client:
+    with (
+        temporary_settings({PREFECT_API_URL: prefect_env["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
         kubernetes = client.read_work_pool("magnet-kubernetes")
         assert kubernetes.type == "kubernetes"
         assert kubernetes.base_job_template == template
