@@ -243,7 +243,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers, both readers")
     parser.add_argument("--max-batches", type=int, default=100, help="batches timed per reader")
     parser.add_argument(
-        "--latency-batches", type=int, default=40, help="batches timed per reader on S3 with added latency"
+        "--latency-batches", type=int, default=100, help="batches timed per reader on S3 with added latency"
     )
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per reader (best is kept)")
     parser.add_argument(
