@@ -13,6 +13,12 @@ and the same AWS_ENDPOINT_URL, twice: as it is on loopback (0 ms added) and with
 first-byte latency added to every response (``--s3-latency-ms``; kernel netem is not available
 here). Prints a table with samples/s and the shard/naive ratio per storage (target: >= 5x).
 
+A second table says where one sample's time goes, timed in one process on the same samples: the
+work both readers do (decode and resize the image, normalise the batch), the work only the naive
+reader does (read the image, rasterise, tokenise; plus one GET on object storage), and the work
+only the shard reader does (tar members, mask PNG, .npy). Its last column is the ceiling on the
+ratio: naive time / shared time, what a shard reader whose own work cost nothing would reach.
+
     .venv/bin/python benchmarks/bench_reader.py --images 1000 --input-sizes 480 --workers 2
 """
 
@@ -21,12 +27,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +49,15 @@ from data_prep.shards import prepare_dataset
 from data_prep.synth import synthesize
 from data_prep.tokenize import encode_expressions, load_tokenizer
 from magnet.config import DataConfig
-from magnet.data import SplitShards, build_train_loader, collate, open_split, resize_pair
+from magnet.data import (
+    SplitShards,
+    build_train_loader,
+    collate,
+    decode_sample,
+    open_split,
+    read_shard,
+    resize_pair,
+)
 
 NAIVE, SHARDS = "naive refer reader", "shard reader"
 
@@ -218,6 +233,53 @@ def _read_ms(storage: Storage, path: str, times: int = 20) -> float:
     return 1000 * statistics.median(durations)
 
 
+@dataclass(frozen=True)
+class Costs:
+    """Milliseconds per sample, one process, one thread, the same samples for every figure."""
+
+    shared: float  # image decode + resize + batch normalisation: both readers
+    naive: float  # a whole naive item (local read, rasterise, tokenise, the shared work) + collate
+    shard: float  # a whole shard sample (tar members, PNG, .npy, the shared work) + collate
+
+    def ceiling(self, extra_read_ms: float = 0.0) -> float:
+        """Best possible shard/naive ratio when the naive reader also pays ``extra_read_ms`` per image."""
+        return (self.naive + extra_read_ms) / self.shared
+
+
+def _per_sample_costs(naive: NaiveReferDataset, shards: SplitShards, input_size: int, batch: int) -> Costs:
+    """Where one sample's time goes, for the samples of the split's first shard (local storage)."""
+    naive.image_size = input_size
+    start = time.perf_counter()
+    raws = list(read_shard(shards.shards[0].url))
+    tar_ms = 1000 * (time.perf_counter() - start) / len(raws)
+    index_of = {sent.sent_id: i for i, (_, sent) in enumerate(naive.items)}
+    items = [index_of[json.loads(raw["json"])["sent_id"]] for raw in raws]
+    masks = [decode_sample(raw, 1, 1, keep_orig_mask=True)["orig_mask"] for raw in raws]
+
+    def timed(make: Callable[[int], Any]) -> tuple[list[Any], float]:
+        start = time.perf_counter()
+        made = [make(i) for i in range(len(raws))]
+        return made, 1000 * (time.perf_counter() - start) / len(raws)
+
+    def collate_ms(samples: list[dict[str, Any]]) -> float:
+        start = time.perf_counter()
+        for first in range(0, len(samples), batch):
+            collate(samples[first : first + batch])
+        return 1000 * (time.perf_counter() - start) / len(samples)
+
+    shard_samples, shard_ms = timed(lambda i: decode_sample(raws[i], input_size, input_size, False))
+    naive_samples, naive_ms = timed(lambda i: naive[items[i]])
+    _, resize_ms = timed(
+        lambda i: resize_pair(Image.open(io.BytesIO(raws[i]["jpg"])), masks[i], input_size, input_size)
+    )
+    normalise_ms = collate_ms(shard_samples)
+    return Costs(
+        shared=resize_ms + normalise_ms,
+        naive=naive_ms + collate_ms(naive_samples),
+        shard=tar_ms + shard_ms + normalise_ms,
+    )
+
+
 @contextlib.contextmanager
 def _object_store(refer_root: Path, shards_dir: Path) -> Iterator[tuple[str, str, str]]:
     """Moto's S3 server on 127.0.0.1 holding copies of the refer layout and the shards:
@@ -278,12 +340,17 @@ def main() -> None:
         load_tokenizer()  # loaded once before the workers fork, as a real naive loader would
         refer = load_refer(refer_root, "refcoco", "unc")  # parsed once, whatever the storage
         image_subdir = refer.image_dir.relative_to(refer_root).as_posix()
+        local = Storage("local disk", str(refer_root), str(prepared.out_dir), None, args.max_batches)
+        local_naive = NaiveReferDataset(refer, "train", args.input_sizes[0], str(refer.image_dir), {})
+        local_shards = open_split(local.shard_root, "train")
+        costs = {
+            size: _per_sample_costs(local_naive, local_shards, size, args.batch_size)
+            for size in args.input_sizes
+        }
         with contextlib.ExitStack() as stack:
             storages: list[Storage] = []
             if "local" in args.storages:
-                storages.append(
-                    Storage("local disk", str(refer_root), str(prepared.out_dir), None, args.max_batches)
-                )
+                storages.append(local)
             if {"s3", "s3-latency"} & set(args.storages):
                 endpoint, refer_url, shard_url = stack.enter_context(
                     _object_store(refer_root, prepared.out_dir)
@@ -316,7 +383,9 @@ def main() -> None:
             }
             results = {size: _best_rates(readers, size, args) for size in args.input_sizes}
             first_image = f"{image_subdir}/{next(iter(refer.images.values())).file_name}"
-            read_ms = {storage.name: _read_ms(storage, first_image) for storage in storages}
+            read_ms = {
+                storage.name: _read_ms(storage, first_image) for storage in dict.fromkeys([local, *storages])
+            }
 
     expressions = len(next(iter(readers.values()))[1])
     print(
@@ -333,6 +402,25 @@ def main() -> None:
                 rate, naive = best[(storage.name, name)], best[(storage.name, NAIVE)]
                 row += f"{rate.per_s:>26.1f}{rate.per_s / naive.per_s:>6.2f}x"
             print(row)
+    print(
+        f"\nWhere one sample's time goes (ms, one process, the {local_shards.shards[0].samples} samples of "
+        f"{local_shards.shards[0].name}, batch {args.batch_size}); ceiling = naive / shared, plus a GET:"
+    )
+    print(
+        f"{'input':>5}{'shared':>9}{'naive only':>12}{'shard only':>12}"
+        + "".join(f"{'ceiling ' + s.name:>28}" for s in storages)
+    )
+    for size, cost in costs.items():
+        row = f"{size:>5}{cost.shared:>9.3f}"
+        row += f"{cost.naive - cost.shared:>12.3f}{cost.shard - cost.shared:>12.3f}"
+        for storage in storages:
+            extra = read_ms[storage.name] - read_ms[local.name] if storage.proxy else 0.0
+            row += f"{cost.ceiling(extra):>27.2f}x"
+        print(row)
+    print(
+        "shared: JPEG decode + resize + normalisation; naive only: read the file, rasterise, tokenise; "
+        "shard only: tar members, mask PNG, .npy, json."
+    )
     first, on_s3 = results[args.input_sizes[0]], [s for s in storages if s.proxy]
     if on_s3:
         print(f"\nS3 requests per sample at input {args.input_sizes[0]} (relay count, prefetch included):")

@@ -207,7 +207,9 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def _decode(raw: dict[str, Any], image_size: int, mask_size: int, keep_orig_mask: bool) -> dict[str, Any]:
+def decode_sample(
+    raw: dict[str, Any], image_size: int, mask_size: int, keep_orig_mask: bool
+) -> dict[str, Any]:
     """One tar sample (member suffix -> bytes) -> arrays ready for ``collate``."""
     key = raw["__key__"]
     image_bytes = next((raw[m] for m in _IMAGE_MEMBERS if m in raw), None)
@@ -242,7 +244,7 @@ def _decode(raw: dict[str, Any], image_size: int, mask_size: int, keep_orig_mask
 
 
 # --------------------------------------------------------------------------- reading units
-def _read_shard(url: str) -> Iterator[dict[str, Any]]:
+def read_shard(url: str) -> Iterator[dict[str, Any]]:
     """Raw samples (member suffix -> bytes) of one shard, in stored order."""
     with fsspec.open(url, "rb") as handle:
         files = wds.tariterators.tar_file_expander([{"url": url, "stream": handle}])
@@ -274,7 +276,7 @@ class _Segment:
 
 
 def _read_segment(segment: _Segment, pick_seed: str | None) -> Iterator[dict[str, Any]]:
-    samples = _read_shard(segment.url)
+    samples = read_shard(segment.url)
     units = samples if pick_seed is None else _pick_per_ref(samples, pick_seed)
     count = 0
     for unit in islice(units, segment.first, segment.stop):
@@ -366,7 +368,9 @@ class _ShardStream(IterableDataset):
             raw = list(islice(units, self.batch_size))
             if index < plan.skip:
                 continue
-            yield collate([_decode(r, self.image_size, self.mask_size, self.keep_orig_mask) for r in raw])
+            yield collate(
+                [decode_sample(r, self.image_size, self.mask_size, self.keep_orig_mask) for r in raw]
+            )
 
 
 def _split_batches(total: int, parts: int) -> list[int]:

@@ -1,0 +1,54 @@
+"""The benchmarks run end to end on tiny settings and print the tables their docstrings promise.
+
+Only their mechanics are checked here (every row, a number in every cell): speed targets are
+read from a full run of the benchmark, never asserted in a timed test.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+NUMBER = r"\d+(?:\.\d+)?"
+
+
+def _run(script: str, *args: str, timeout: int = 300) -> str:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=BENCHMARKS,
+    )
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_reader_benchmark_prints_rates_ratios_and_ceilings() -> None:
+    out = _run(
+        "bench_reader.py",
+        *("--images", "40", "--input-sizes", "96", "64", "--max-batches", "3", "--latency-batches", "3"),
+        *("--repeats", "1", "--storages", "local", "s3-latency", "--s3-latency-ms", "5"),
+    )
+    for size in (96, 64):
+        for reader in ("naive refer reader", "shard reader"):  # rate and ratio on both storages
+            assert re.search(rf"^\s*{size}\s+{reader}(\s+{NUMBER}\s+{NUMBER}x){{2}}\s*$", out, re.M), out
+        # shared, naive only, shard only (ms), then a ceiling per storage
+        assert re.search(rf"^\s*{size}(\s+-?{NUMBER}){{3}}(\s+{NUMBER}x){{2}}\s*$", out, re.M), out
+    requests = re.search(rf"S3 \+5 ms: naive refer reader ({NUMBER}), shard reader ({NUMBER})", out)
+    assert requests and float(requests[1]) > float(requests[2]), out  # one GET per image vs per shard
+
+
+def test_prepare_benchmark_prints_throughput_and_identical_outputs() -> None:
+    out = _run("bench_prepare.py", "--expressions", "60", "--samples-per-shard", "20")
+    assert "outputs byte-identical across the runs: True" in out, out
+    rows = re.findall(rf"^\| (.+?)\s+\|\s+{NUMBER} \|\s+{NUMBER} \|\s+{NUMBER}x \|$", out, re.M)
+    assert rows == [
+        "library, 1 worker",
+        "library, 2 workers",
+        "magnet prepare (Prefect flow), 2 workers",
+        "magnet prepare re-run (all chunks done)",
+    ], out
