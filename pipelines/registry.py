@@ -9,6 +9,7 @@ MagNet from them without going through the pyfunc wrapper.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -33,6 +34,8 @@ from pipelines.tracking import client_for, resolve_tracking_uri
 MODEL_NAME = "magnet"
 MODEL_ARTIFACT = "model"
 CHECKPOINT_ARTIFACT = "checkpoint"
+CHECKPOINT_DIGEST_TAG = "checkpoint_sha256"  # on every version: which weights it carries
+_DIGEST_CHUNK = 1 << 20
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _REQUIREMENTS = (
     "torch",
@@ -126,6 +129,25 @@ def _mlflow_target(uri: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
+def checkpoint_digest(checkpoint: Path) -> str:
+    """sha256 of the weights and config a version carries: two registrations of one run with the
+    same digest are the same model."""
+    digest = hashlib.sha256()
+    for name in (MODEL_FILE, CONFIG_FILE):
+        digest.update(name.encode())
+        with (checkpoint / name).open("rb") as handle:
+            while chunk := handle.read(_DIGEST_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def registered_version(uri: str, model_name: str, run_id: str, digest: str) -> str | None:
+    """The version of ``model_name`` already holding this run's checkpoint ``digest``, if any."""
+    versions = client_for(uri).search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    same = [int(v.version) for v in versions if v.tags.get(CHECKPOINT_DIGEST_TAG) == digest]
+    return str(min(same)) if same else None
+
+
 def log_and_register(
     tracking: dict[str, str],
     checkpoint: str | Path,
@@ -134,42 +156,52 @@ def log_and_register(
     model_name: str = MODEL_NAME,
     aliases: tuple[str, ...] = (),
 ) -> str:
-    """Log the checkpoint as the run's pyfunc model and register it; returns the new version.
+    """Log the checkpoint as the run's pyfunc model and register it; returns its version.
+
+    Idempotent: a checkpoint this run already registered (same weights and config) returns that
+    version instead of a new one, so a retried or re-run registration never duplicates a model.
+    Aliases are (re)pointed at the version either way.
 
     Args:
         tracking: ``{"tracking_uri", "run_id"}`` from `pipelines.tracking.start_run`.
         checkpoint: a checkpoint directory (``magnet.checkpoint`` layout).
         example: (image file bytes, expression): the input example stored with the model.
         model_name: registered model name.
-        aliases: registry aliases to point at the new version (e.g. 'demo').
+        aliases: registry aliases to point at the version (e.g. 'demo').
     """
     checkpoint = Path(checkpoint)
     for name in (MODEL_FILE, CONFIG_FILE):
         if not (checkpoint / name).is_file():
             raise FileNotFoundError(f"{checkpoint} is not a MagNet checkpoint: {name} is missing")
-    uri = tracking["tracking_uri"]
-    with _mlflow_target(uri), tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / CHECKPOINT_ARTIFACT
-        weights.mkdir()
-        for name in (MODEL_FILE, CONFIG_FILE, META_FILE):
-            if (checkpoint / name).is_file():
-                shutil.copy2(checkpoint / name, weights / name)
-        image, text = example
-        with mlflow.start_run(run_id=tracking["run_id"]):
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_ARTIFACT,
-                python_model=MagNetPyfunc(),
-                artifacts={CHECKPOINT_ARTIFACT: str(weights)},
-                signature=signature(),
-                input_example=pd.DataFrame({"image": [image], "text": [text]}),
-                pip_requirements=_requirements(),
-                registered_model_name=model_name,
+    uri, run_id = tracking["tracking_uri"], tracking["run_id"]
+    digest = checkpoint_digest(checkpoint)
+    version = registered_version(uri, model_name, run_id, digest)
+    if version is None:
+        with _mlflow_target(uri), tempfile.TemporaryDirectory() as tmp:
+            weights = Path(tmp) / CHECKPOINT_ARTIFACT
+            weights.mkdir()
+            for name in (MODEL_FILE, CONFIG_FILE, META_FILE):
+                if (checkpoint / name).is_file():
+                    shutil.copy2(checkpoint / name, weights / name)
+            image, text = example
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name=MODEL_ARTIFACT,
+                    python_model=MagNetPyfunc(),
+                    artifacts={CHECKPOINT_ARTIFACT: str(weights)},
+                    signature=signature(),
+                    input_example=pd.DataFrame({"image": [image], "text": [text]}),
+                    pip_requirements=_requirements(),
+                    tags={CHECKPOINT_DIGEST_TAG: digest},
+                )
+            registered = mlflow.register_model(
+                info.model_uri, model_name, tags={CHECKPOINT_DIGEST_TAG: digest}
             )
-    new_version = str(info.registered_model_version)
+        version = str(registered.version)
     client = client_for(uri)
     for alias in aliases:
-        client.set_registered_model_alias(model_name, alias, new_version)
-    return new_version
+        client.set_registered_model_alias(model_name, alias, version)
+    return version
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -177,8 +209,8 @@ def resolve_model_uri(ref: str) -> str:
     """What the user typed -> a local checkpoint path or an MLflow model URI.
 
     Accepted: ``models:/magnet@alias``, ``models:/magnet/3``, ``runs:/<run id>/model``, a bare
-    run id, a checkpoint directory (or its URL on object storage, e.g. where Ray Train left it),
-    or a directory holding a downloaded pyfunc model.
+    run id (the run's latest logged model), a checkpoint directory (or its URL on object storage,
+    e.g. where Ray Train left it), or a directory holding a downloaded pyfunc model.
     """
     if ref.startswith(("models:/", "runs:/")) or "://" in ref:
         return ref

@@ -580,23 +580,18 @@ def trial_columns(space: SweepSpace) -> list[str]:
 def _register_best(
     rows: list[dict[str, Any]], parent: dict[str, str], shards: str, split: str
 ) -> tuple[str | None, str | None]:
-    """Register the best-ranked finished trial's best checkpoint as a new version of `magnet`."""
+    """Register the best-ranked finished trial's best checkpoint as a version of `magnet` (the one
+    registered before when a resumed sweep ends on the same trial)."""
     from pipelines import tracking
     from pipelines.flows.train import first_example, local_checkpoint
-    from pipelines.registry import MODEL_NAME, log_and_register
+    from pipelines.registry import log_and_register
 
     for row in rows:
         if row["status"] != "FINISHED" or not row["checkpoint"] or row["run_id"] is None:
             continue
+        child = {"tracking_uri": parent["tracking_uri"], "run_id": row["run_id"]}
+        version = log_and_register(child, local_checkpoint(row["checkpoint"]), first_example(shards, split))
         client = tracking.client_for(parent["tracking_uri"])
-        registered = client.search_model_versions(f"name = '{MODEL_NAME}' and run_id = '{row['run_id']}'")
-        if registered:  # a resumed sweep: the best trial was registered the first time
-            version = str(max(int(v.version) for v in registered))
-        else:
-            child = {"tracking_uri": parent["tracking_uri"], "run_id": row["run_id"]}
-            version = log_and_register(
-                child, local_checkpoint(row["checkpoint"]), first_example(shards, split)
-            )
         client.set_tag(parent["run_id"], "tune.best_run_id", row["run_id"])
         client.set_tag(parent["run_id"], "tune.best_model_version", version)
         return row["run_id"], version

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,24 +60,46 @@ def registered(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> di
     example = (buffer.getvalue(), "the left square")
     env_before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
     first = registry.log_and_register(settings, checkpoint, example, aliases=("demo",))
-    second = registry.log_and_register(settings, checkpoint, example)
+    # A registration that fails after MLflow created the version ('latest' is a reserved alias),
+    # then its retry: both must land on version 1, not add versions.
+    with pytest.raises(mlflow.exceptions.MlflowException, match="latest"):
+        registry.log_and_register(settings, checkpoint, example, aliases=("latest",))
+    retried = registry.log_and_register(settings, checkpoint, example, aliases=("retried",))
+    later = root / "checkpoint_later"  # the same run's later checkpoint: other weights
+    shutil.copytree(checkpoint, later)
+    weights = torch.load(later / MODEL_FILE, weights_only=True)
+    torch.save(
+        {name: tensor + 1 if tensor.is_floating_point() else tensor for name, tensor in weights.items()},
+        later / MODEL_FILE,
+    )
+    second = registry.log_and_register(settings, later, example)
     env_after = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
     return {
         "uri": uri,
         "run_id": settings["run_id"],
-        "versions": (first, second),
+        "versions": (first, retried, second),
+        "later": later,
         "image": image,
         "env_before": env_before,
         "env_after": env_after,
     }
 
 
-def test_each_registration_is_a_new_version_with_alias(registered):
-    assert registered["versions"] == ("1", "2")
+def test_a_version_per_checkpoint_of_a_run_and_retries_add_none(registered, checkpoint):
+    assert registered["versions"] == ("1", "1", "2")
     assert registered["env_after"] == registered["env_before"]  # the process's MLflow target is kept
     client = tracking.client_for(registered["uri"])
+    versions = client.search_model_versions("name = 'magnet'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert all(v.run_id == registered["run_id"] for v in versions)
     assert str(client.get_model_version_by_alias("magnet", "demo").version) == "1"
-    assert client.get_model_version("magnet", "2").run_id == registered["run_id"]
+    assert str(client.get_model_version_by_alias("magnet", "retried").version) == "1"
+    tags = {str(v.version): v.tags[registry.CHECKPOINT_DIGEST_TAG] for v in versions}
+    assert tags == {
+        "1": registry.checkpoint_digest(checkpoint),
+        "2": registry.checkpoint_digest(registered["later"]),
+    }
+    assert tags["1"] != tags["2"]
 
 
 def test_model_carries_signature_example_and_raw_weights(registered, tmp_path):
@@ -95,13 +118,14 @@ def test_model_carries_signature_example_and_raw_weights(registered, tmp_path):
 def test_load_model_by_any_reference(registered, checkpoint, kind):
     ref = {
         "alias": "models:/magnet@demo",
-        "version": "models:/magnet/2",
+        "version": "models:/magnet/1",
         "run id": registered["run_id"],
         "checkpoint": str(checkpoint),
     }[kind]
     model, cfg = registry.load_model(ref, tracking_uri=registered["uri"])
     assert cfg.model.image_size == 64 and not model.training
-    saved = torch.load(checkpoint / MODEL_FILE, weights_only=True)
+    expected = registered["later"] if kind == "run id" else checkpoint  # a run id: its latest model
+    saved = torch.load(expected / MODEL_FILE, weights_only=True)
     loaded = model.state_dict()
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
 
