@@ -26,7 +26,8 @@ def shards(synthetic_shards) -> str:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(s3_store):
+    """Ray for this module, started after the object store so its workers inherit AWS_*."""
     import ray
     import ray.cloudpickle
 
@@ -129,8 +130,9 @@ def test_worker_killed_mid_run_resumes_and_does_every_step_once(shards, local_ra
     assert cfg.train.max_steps == MAX_STEPS and not model.training
 
 
-def test_stopped_run_resumes_by_name(shards, local_ray, tmp_path):
-    runs = tmp_path / "runs"
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_stopped_run_resumes_by_name(shards, local_ray, s3_store, tmp_path, storage):
+    runs = str(tmp_path / "runs") if storage == "local" else s3_store.url(f"resume-{tmp_path.name}")
     steps = tmp_path / "steps.jsonl"
     trace = StepTrace(str(steps), fault_rank=0, fault_step=3, marker=str(tmp_path / "stop"), kill=False)
     name = new_run_name(tiny_config())
@@ -144,6 +146,7 @@ def test_stopped_run_resumes_by_name(shards, local_ray, tmp_path):
     first, second = attempts(steps, 0)
     assert [r["step"] for r in first] == [1, 2, 3]
     assert [r["step"] for r in second] == [3, 4, 5]
+    assert result.last_checkpoint == f"{runs}/{name}/{CHECKPOINT_PREFIX}{MAX_STEPS:08d}"
 
 
 def test_resume_needs_an_existing_run(tmp_path):
