@@ -235,7 +235,7 @@ def _read_ms(storage: Storage, path: str, times: int = 20) -> float:
 
 @dataclass(frozen=True)
 class Costs:
-    """Milliseconds per sample, one process, one thread, the same samples for every figure."""
+    """Milliseconds per sample in one process (no loader workers), the same samples for every figure."""
 
     shared: float  # image decode + resize + batch normalisation: both readers
     naive: float  # a whole naive item (local read, rasterise, tokenise, the shared work) + collate
