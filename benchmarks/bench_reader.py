@@ -340,9 +340,18 @@ def main() -> None:
         load_tokenizer()  # loaded once before the workers fork, as a real naive loader would
         refer = load_refer(refer_root, "refcoco", "unc")  # parsed once, whatever the storage
         image_subdir = refer.image_dir.relative_to(refer_root).as_posix()
+
+        def readers_on(storage: Storage) -> tuple[Storage, NaiveReferDataset, SplitShards]:
+            """Both readers of one storage: the naive one over its refer layout, its verified shards."""
+            image_root = f"{storage.refer_root}/{image_subdir}"
+            naive = NaiveReferDataset(
+                refer, "train", args.input_sizes[0], image_root, storage.storage_options
+            )
+            return storage, naive, open_split(storage.shard_root, "train")
+
         local = Storage("local disk", str(refer_root), str(prepared.out_dir), None, args.max_batches)
-        local_naive = NaiveReferDataset(refer, "train", args.input_sizes[0], str(refer.image_dir), {})
-        local_shards = open_split(local.shard_root, "train")
+        on_local = readers_on(local)
+        _, local_naive, local_shards = on_local
         costs = {
             size: _per_sample_costs(local_naive, local_shards, size, args.batch_size)
             for size in args.input_sizes
@@ -367,20 +376,7 @@ def main() -> None:
                     if choice in args.storages:
                         proxy = stack.enter_context(LatencyProxy(endpoint, latency_ms))
                         storages.append(Storage(name, refer_url, shard_url, proxy, batches))
-            readers = {
-                storage.name: (
-                    storage,
-                    NaiveReferDataset(
-                        refer,
-                        "train",
-                        args.input_sizes[0],
-                        f"{storage.refer_root}/{image_subdir}",
-                        storage.storage_options,
-                    ),
-                    open_split(storage.shard_root, "train"),
-                )
-                for storage in storages
-            }
+            readers = {s.name: on_local if s is local else readers_on(s) for s in storages}
             results = {size: _best_rates(readers, size, args) for size in args.input_sizes}
             first_image = f"{image_subdir}/{next(iter(refer.images.values())).file_name}"
             read_ms = {
