@@ -35,7 +35,6 @@ MODEL_NAME = "magnet"
 MODEL_ARTIFACT = "model"
 CHECKPOINT_ARTIFACT = "checkpoint"
 CHECKPOINT_DIGEST_TAG = "checkpoint_sha256"  # on every version: which weights it carries
-_DIGEST_CHUNK = 1 << 20
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _REQUIREMENTS = (
     "torch",
@@ -134,16 +133,14 @@ def checkpoint_digest(checkpoint: Path) -> str:
     same digest are the same model."""
     digest = hashlib.sha256()
     for name in (MODEL_FILE, CONFIG_FILE):
-        digest.update(name.encode())
         with (checkpoint / name).open("rb") as handle:
-            while chunk := handle.read(_DIGEST_CHUNK):
-                digest.update(chunk)
+            digest.update(f"{name}:{hashlib.file_digest(handle, 'sha256').hexdigest()}\n".encode())
     return digest.hexdigest()
 
 
-def registered_version(uri: str, model_name: str, run_id: str, digest: str) -> str | None:
+def _registered_version(client: mlflow.MlflowClient, model_name: str, run_id: str, digest: str) -> str | None:
     """The version of ``model_name`` already holding this run's checkpoint ``digest``, if any."""
-    versions = client_for(uri).search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
     same = [int(v.version) for v in versions if v.tags.get(CHECKPOINT_DIGEST_TAG) == digest]
     return str(min(same)) if same else None
 
@@ -175,7 +172,8 @@ def log_and_register(
             raise FileNotFoundError(f"{checkpoint} is not a MagNet checkpoint: {name} is missing")
     uri, run_id = tracking["tracking_uri"], tracking["run_id"]
     digest = checkpoint_digest(checkpoint)
-    version = registered_version(uri, model_name, run_id, digest)
+    client = client_for(uri)
+    version = _registered_version(client, model_name, run_id, digest)
     if version is None:
         with _mlflow_target(uri), tempfile.TemporaryDirectory() as tmp:
             weights = Path(tmp) / CHECKPOINT_ARTIFACT
@@ -198,7 +196,6 @@ def log_and_register(
                 info.model_uri, model_name, tags={CHECKPOINT_DIGEST_TAG: digest}
             )
         version = str(registered.version)
-    client = client_for(uri)
     for alias in aliases:
         client.set_registered_model_alias(model_name, alias, version)
     return version
