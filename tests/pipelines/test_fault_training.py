@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tiny_runs import TINY_RUN, lifetimes, step_records
 
 from magnet.config import load_config
 from magnet.data import DataPosition, ShardError, build_train_loader, open_split, train_batches_per_epoch
@@ -44,18 +45,7 @@ def local_ray():
 
 
 def tiny_config(*overrides: str):
-    return load_config(
-        "tiny",
-        [
-            "model.image_size=64",
-            "data.batch_size=2",
-            "data.loader_workers=0",
-            "data.eval_splits=[]",
-            "train.log_every=1",
-            "train.keep_checkpoints=null",
-            *overrides,
-        ],
-    )
+    return load_config("tiny", [*TINY_RUN, "data.eval_splits=[]", "train.keep_checkpoints=null", *overrides])
 
 
 @dataclass
@@ -88,24 +78,6 @@ class StepTrace:
                 time.sleep(0.05)
 
 
-def records(log_file: Path) -> list[dict]:
-    if not log_file.exists():
-        return []
-    return [json.loads(line) for line in log_file.read_text().splitlines() if line.endswith("}")]
-
-
-def lifetimes(log_file: Path, rank: int) -> list[list[dict]]:
-    """The records of one rank split by worker process (one list per pid, in order)."""
-    runs: list[list[dict]] = []
-    for record in records(log_file):
-        if record["rank"] != rank:
-            continue
-        if not runs or runs[-1][-1]["pid"] != record["pid"]:
-            runs.append([])
-        runs[-1].append(record)
-    return runs
-
-
 def process_title(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
@@ -134,7 +106,7 @@ class Killer(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.wait(0.05):
-            done = [r for r in records(Path(self.trace.log_file)) if r["rank"] == self.trace.hold_rank]
+            done = [r for r in step_records(Path(self.trace.log_file)) if r["rank"] == self.trace.hold_rank]
             if not done or done[-1]["step"] != self.trace.hold_step:
                 continue
             if self.checkpoint not in registered_checkpoints(self.run_dir):
@@ -276,5 +248,5 @@ def test_corrupt_shard_skipped_and_counted_in_the_run(corrupt_copy, local_ray, t
     # nothing of the skipped shard was trained on
     manifest = pq.read_table(copy / "manifest.parquet", columns=["shard", "sent_id"]).to_pylist()
     in_corrupt = {row["sent_id"] for row in manifest if row["shard"] == name}
-    trained = {i for record in records(steps) for i in record["sent_ids"]}
+    trained = {i for record in step_records(steps) for i in record["sent_ids"]}
     assert in_corrupt and trained and not trained & in_corrupt

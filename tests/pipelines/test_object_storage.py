@@ -9,6 +9,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from tiny_runs import SCORE_VAL, TINY_RUN
 from typer.testing import CliRunner
 
 from data_prep.shards import prepare_dataset
@@ -56,17 +57,7 @@ def test_prepare_train_evaluate_on_object_storage(
 
     # train on Ray: shards streamed from the bucket, checkpoints written to it, tracked in MLflow
     cfg = load_config(
-        "tiny",
-        [
-            "model.image_size=64",
-            "data.batch_size=2",
-            "data.loader_workers=0",
-            "data.eval_splits=[val]",
-            "eval.eval_size=64",
-            f"train.max_steps={MAX_STEPS}",
-            "train.checkpoint_every=2",
-            "train.log_every=1",
-        ],
+        "tiny", [*TINY_RUN, *SCORE_VAL, f"train.max_steps={MAX_STEPS}", "train.checkpoint_every=2"]
     )
     tracking = mlflow_tracking.start_run(
         cfg, shards=shards, tracking_uri=mlflow_server.url, experiment="object-storage", run_name="s3-e2e"

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tiny_runs import SCORE_VAL, TINY_RUN, lifetimes
 
 from magnet.checkpoint import META_FILE, load_model_from_checkpoint
 from magnet.config import load_config
@@ -42,14 +43,10 @@ def tiny_config(max_steps: int = MAX_STEPS):
     return load_config(
         "tiny",
         [
-            "model.image_size=64",
-            "data.batch_size=2",
-            "data.loader_workers=0",
-            "data.eval_splits=[val]",
-            "eval.eval_size=64",
+            *TINY_RUN,
+            *SCORE_VAL,
             f"train.max_steps={max_steps}",
             "train.checkpoint_every=2",
-            "train.log_every=1",
             "train.keep_checkpoints=null",
         ],
     )
@@ -80,19 +77,6 @@ class StepTrace:
             raise RuntimeError("stopping the run on purpose")
 
 
-def attempts(log_file: Path, rank: int) -> list[list[dict]]:
-    """The records of one rank split into worker lifetimes (one list per process)."""
-    runs: list[list[dict]] = []
-    for line in log_file.read_text().splitlines():
-        record = json.loads(line)
-        if record["rank"] != rank:
-            continue
-        if not runs or runs[-1][-1]["pid"] != record["pid"]:
-            runs.append([])
-        runs[-1].append(record)
-    return runs
-
-
 def checkpoint_steps(result: TrainResult) -> list[int]:
     return sorted(
         json.loads((path / META_FILE).read_text())["step"]
@@ -120,7 +104,7 @@ def test_worker_killed_mid_run_resumes_and_does_every_step_once(shards, local_ra
     assert result.best_checkpoint == result.last_checkpoint  # the only evaluated one
 
     for rank in (0, 1):
-        first, second = attempts(steps, rank)
+        first, second = lifetimes(steps, rank)
         # killed after step 3: restart from the checkpoint of step 2, so step 3 is redone once
         assert [r["step"] for r in first][-1] >= 3
         assert [r["step"] for r in second] == [3, 4, 5]
@@ -143,7 +127,7 @@ def test_stopped_run_resumes_by_name(shards, local_ray, s3_store, tmp_path, stor
         run_training(tiny_config(), shards, storage_path=runs, run_name=name)
     result = run_training(tiny_config(), shards, storage_path=runs, run_name=name, resume=True, hooks=[trace])
     assert result.run_name == name and result.metrics["step"] == MAX_STEPS
-    first, second = attempts(steps, 0)
+    first, second = lifetimes(steps, 0)
     assert [r["step"] for r in first] == [1, 2, 3]
     assert [r["step"] for r in second] == [3, 4, 5]
     assert result.last_checkpoint == f"{runs}/{name}/{CHECKPOINT_PREFIX}{MAX_STEPS:08d}"

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from trial_settings import tiny_trial
+from tiny_runs import tiny_trial
 
 from magnet.config import load_config
 from pipelines import tracking

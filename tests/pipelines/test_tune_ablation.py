@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from trial_settings import tiny_trial
+from tiny_runs import tiny_trial
 
 from magnet.config import CONFIG_DIR, load_config
 from pipelines import tracking

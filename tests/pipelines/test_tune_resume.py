@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from trial_settings import tiny_trial
+from tiny_runs import tiny_trial
 
 from pipelines import tracking
 
