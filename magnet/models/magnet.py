@@ -66,7 +66,11 @@ NO_GRADIENT_BY_DESIGN = (
 """Parameters kept only so the published checkpoint loads as it is, which no loss reaches: the
 decoder's class head (MagNet's loss ignores it), the last stage's vision gate (its main path feeds
 no further stage) and the language-side norms (the reference normalises only a residual it never
-uses at inference). DDP therefore runs with find_unused_parameters."""
+uses at inference). With the CAM on, the backbone's output norms ``image_model.norm0..3`` join
+them (``MagNet.no_gradient_by_design``). DDP therefore runs with find_unused_parameters."""
+
+OUTPUT_NORMS_PREFIX = "image_model.norm"
+"""The backbone's per-stage output norms: applied by LAVT (no CAM), never by MagNet's forward."""
 
 SWIN_KEY = re.compile(r"patch_embed\.|layers\.\d+\.(blocks|downsample)\.")
 """Parameters of the image side that are plain Swin (timm names), i.e. what pretrained weights fill."""
@@ -211,7 +215,7 @@ class MultiModalSwin(nn.Module):
 
     Parameter names are timm's SwinTransformer ones (``patch_embed``, ``layers.k.blocks``,
     ``layers.k.downsample``), so timm / ImageNet checkpoints load as they are; ``norm0..3``
-    normalise what the decoder sees, as in the reference.
+    normalise what the decoder sees only without the CAM (LAVT); see ``decoder_feature``.
 
     Args:
         cfg: the model config (vision sizes and fusion switches).
@@ -256,9 +260,19 @@ class MultiModalSwin(nn.Module):
         self.layers = nn.ModuleList(layers)
         for k, channels in enumerate(self.channels):
             self.add_module(f"norm{k}", nn.LayerNorm(channels))
+        self.use_cam = cfg.fusion.use_cam
 
-    def output_norm(self, k: int) -> nn.LayerNorm:
-        return getattr(self, f"norm{k}")
+    def decoder_feature(self, k: int, out: Tensor) -> Tensor:
+        """Stage k's output [B, H_k, W_k, C_k] as the decoder sees it, [B, C_k, H_k, W_k].
+
+        MagNet hands the decoder the CAM mixer output as it is: ``norm0..3`` are in the published
+        checkpoint but its forward never applies them (reference-forward.md, point 6; applying
+        them moves the logits by 3e-1 to 9e-1). LAVT, the model without the CAM, normalises the
+        fused residual with them, as its own code does.
+        """
+        if not self.use_cam:
+            out = getattr(self, f"norm{k}")(out)
+        return out.permute(0, 3, 1, 2)
 
 
 class FusedLanguageModel(nn.Module):
@@ -390,7 +404,7 @@ class MagNet(nn.Module):
             words = language.run_group(k, words, attend)
             x, pixels, out = stage(x, words, word_mask)  # each [B, H_k, W_k, C_k]
             words = language.fuse(k, words, pixels, fusion_mask)
-            features.append(self.image_model.output_norm(k)(out).permute(0, 3, 1, 2))  # [B, C_k, H_k, W_k]
+            features.append(self.image_model.decoder_feature(k, out))  # [B, C_k, H_k, W_k]
             stage_pixels.append(pixels)
         return EncoderOutput(features=features, words=words, stage_pixels=stage_pixels)
 
@@ -440,6 +454,10 @@ class MagNet(nn.Module):
         )
 
     # ----------------------------------------------------------------------------- weights
+    def no_gradient_by_design(self) -> tuple[str, ...]:
+        """Prefixes of the parameters no loss reaches in this configuration (see NO_GRADIENT_BY_DESIGN)."""
+        return NO_GRADIENT_BY_DESIGN + ((OUTPUT_NORMS_PREFIX,) if self.cfg.fusion.use_cam else ())
+
     def inference_state_dict(self) -> dict[str, Tensor]:
         """The state dict without training-only weights (Mask Grounding head, CAL projections)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(TRAINING_ONLY_PREFIX)}

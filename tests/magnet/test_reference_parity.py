@@ -181,3 +181,44 @@ def test_stage_blocks_match_the_reference(grid: int) -> None:
         ours = stage.blocks(x)  # the Swin blocks alone (no merging: downsample=False)
         expected = ref_block(stage.blocks[1], ref_block(stage.blocks[0], x, 12, 0), 12, 6)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------ point 6: what the decoder receives
+def stage_outputs(model, image: Tensor, ids: Tensor) -> list[Tensor]:
+    """Each stage's third output (CAM mixer output, or the fused residual without the CAM),
+    captured as the stage returns it, channels-last [B, H_k, W_k, C_k]."""
+    captured: list[Tensor] = []
+    hooks = [
+        stage.register_forward_hook(lambda _m, _i, out: captured.append(out[2]))
+        for stage in model.image_model.layers
+    ]
+    try:
+        with torch.no_grad():
+            features = model.encode(image, ids, (ids != 0).long()).features
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured, features
+
+
+@pytest.mark.parametrize("use_cam", [True, False])
+def test_decoder_receives_the_cam_output_as_it_is(use_cam: bool) -> None:
+    """Reference point 6: ``outputs['s1'] = i1_residual`` straight from the CAM mixer; the
+    backbone's norm0..3 are never applied. LAVT (no CAM) normalises the fused residual."""
+    from magnet.config import load_config
+    from magnet.models import build_model
+
+    torch.manual_seed(0)
+    cfg = load_config("tiny", ["model.text.pretrained=false", f"model.fusion.use_cam={use_cam}"]).model
+    model = build_model(cfg).eval()
+    for k in range(4):  # norms far from identity, so applying one shows
+        randomise(getattr(model.image_model, f"norm{k}"), seed=k)
+    g = torch.Generator().manual_seed(3)
+    image = torch.randn(2, 3, 64, 64, generator=g)
+    ids = torch.zeros(2, 20, dtype=torch.long)
+    ids[:, 0], ids[:, 1:6], ids[:, 6] = 101, torch.randint(1000, 5000, (2, 5), generator=g), 102
+    outs, features = stage_outputs(model, image, ids)
+    for k, (out, feature) in enumerate(zip(outs, features, strict=True)):
+        norm = getattr(model.image_model, f"norm{k}")
+        expected = out if use_cam else F.layer_norm(out, out.shape[-1:], norm.weight, norm.bias, norm.eps)
+        torch.testing.assert_close(feature, expected.permute(0, 3, 1, 2))
