@@ -52,3 +52,29 @@ def test_prepare_benchmark_prints_throughput_and_identical_outputs() -> None:
         "magnet prepare (Prefect flow), 2 workers",
         "magnet prepare re-run (all chunks done)",
     ], out
+
+
+def test_step_benchmark_splits_the_step_into_parts_that_add_up() -> None:
+    """Two trees side by side (this one against HEAD); per part a time and a share for each, and
+    the parts add up to the measured step."""
+    out = _run("bench_step.py", "--steps", "2", "--warmup", "1", "--against", "HEAD")
+    for part in (
+        "data",
+        "vision stages",
+        "text groups",
+        "fusions + CAM",
+        "decoder",
+        "Mask Grounding",
+        "alignment loss",
+        "segmentation loss",
+        "backward",
+        "optimizer step",
+        "other",
+    ):
+        assert re.search(rf"^{re.escape(part)}(\s+{NUMBER}\s+{NUMBER}%){{2}}\s*$", out, re.M), out
+    sums = [float(v) for v in re.search(rf"^sum of parts\s+({NUMBER})\s+({NUMBER})", out, re.M).groups()]
+    steps = [float(v) for v in re.search(rf"^measured step\s+({NUMBER})\s+({NUMBER})", out, re.M).groups()]
+    for total, step in zip(sums, steps, strict=True):
+        assert abs(total - step) <= 0.02 * step, out
+    assert re.search(rf"GFLOP/s fp32 matmul peak \({NUMBER}%\)", out), out
+    assert re.search(rf"this tree vs HEAD: {NUMBER}x samples/s", out), out
