@@ -29,6 +29,7 @@ import io
 import json
 import multiprocessing
 import os
+import reprlib
 import sys
 import tarfile
 import tempfile
@@ -50,7 +51,7 @@ from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, rasteriz
 from data_prep.refer import Annotation, ImageInfo, Ref, Sentence, load_refer
 from data_prep.tokenize import DEFAULT_TOKENIZER, encode_expressions, load_tokenizer, vocabulary_hash
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped when the bytes written for the same input change, so old chunk markers are redone."""
 
 REJECT_REASONS: dict[str, str] = {
@@ -59,9 +60,12 @@ REJECT_REASONS: dict[str, str] = {
     "corrupt_image": "the image file does not decode (truncated or not an image)",
     "image_size_mismatch": "the decoded image size differs from instances.json",
     "missing_annotation": "the ref's ann_id is not in instances.json",
+    "annotation_image_mismatch": "the ref's ann_id outlines an object of another image",
     "unusable_segmentation": "the annotation's segmentation gives no mask",
+    "expression_not_text": "the stored expression is not text (None, a number, bytes not in UTF-8)",
     "empty_expression": "the expression is empty or whitespace only",
     "empty_tokens": "the expression tokenises to no word ids",
+    "no_known_words": "every word id the model sees is [UNK] (emoji, symbols, unknown scripts)",
     "duplicate_sent_id": "an earlier expression of the split has the same sent_id",
 }
 
@@ -460,6 +464,12 @@ def prepare_chunk(
             mask_failure = None
             if chunk_ref.annotation is None:
                 mask_failure = ("missing_annotation", f"ann_id {ref.ann_id} not in instances.json")
+            elif chunk_ref.annotation.image_id != ref.image_id:
+                mask_failure = (
+                    "annotation_image_mismatch",
+                    f"ann_id {ref.ann_id} is on image_id {chunk_ref.annotation.image_id}, "
+                    f"the ref on image_id {ref.image_id}",
+                )
             else:
                 try:
                     mask = rasterize(
@@ -478,6 +488,9 @@ def prepare_chunk(
             for position, sentence in enumerate(ref.sentences):
                 if position in chunk_ref.duplicates:
                     reject(ref, sentence.sent_id, "duplicate_sent_id", f"sent_id {sentence.sent_id} repeats")
+                elif not isinstance(sentence.raw, str):
+                    detail = f"{type(sentence.raw).__name__} {reprlib.repr(sentence.raw)}"
+                    reject(ref, sentence.sent_id, "expression_not_text", detail)
                 elif not sentence.raw.strip():
                     reject(ref, sentence.sent_id, "empty_expression", repr(sentence.raw))
                 else:
@@ -487,6 +500,8 @@ def prepare_chunk(
         tokenizer = load_tokenizer(settings.tokenizer)
         texts = [c.sentence.raw for c in candidates]
         ids, attention, n_words = encode_expressions(tokenizer, texts, max_tokens=settings.max_tokens)
+        # [UNK] is a special id: a row holding special ids only gives the model no word.
+        has_known_word = np.isin(ids, tokenizer.all_special_ids, invert=True).any(axis=1)
     manifest: list[dict[str, object]] = []
     shard_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_shard = shard_path.with_name(shard_path.name + ".tmp")
@@ -494,6 +509,9 @@ def prepare_chunk(
         for row, (info, ext, image_bytes, ref, mask, mask_png, sentence) in enumerate(candidates):
             if n_words[row] == 0:
                 reject(ref, sentence.sent_id, "empty_tokens", repr(sentence.raw))
+                continue
+            if not has_known_word[row]:
+                reject(ref, sentence.sent_id, "no_known_words", repr(sentence.raw))
                 continue
             key = f"{sentence.sent_id:010d}"
             meta = {
