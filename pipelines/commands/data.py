@@ -7,6 +7,34 @@ from pathlib import Path
 import typer
 
 
+def _check_input(
+    refer_root: Path, dataset: str, split_by: str, mask_mode: str, image_dir: Path | None
+) -> None:
+    """Refuse what the flow would only find after a Prefect server started (and retry, for a
+    missing file, as if it were a flaky disk): the dataset and splitBy names, the refer files,
+    the image directory and the mask mode."""
+    from data_prep.masks import MASK_MODES
+    from data_prep.refer import DATASETS, IMAGE_SUBDIR, refer_files
+
+    try:
+        refer_files(refer_root, dataset, split_by)
+    except ValueError as err:
+        raise typer.BadParameter(
+            str(err), param_hint="--split-by" if dataset in DATASETS else "--dataset"
+        ) from None
+    except FileNotFoundError as err:
+        raise typer.BadParameter(str(err), param_hint="--refer-root") from None
+    images = image_dir or refer_root / IMAGE_SUBDIR
+    if not images.is_dir():
+        raise typer.BadParameter(
+            f"{images} is not a directory (where the images are)", param_hint="--image-dir"
+        )
+    if mask_mode not in MASK_MODES:
+        raise typer.BadParameter(
+            f"{mask_mode!r} is not one of {', '.join(MASK_MODES)}", param_hint="--mask-mode"
+        )
+
+
 def prepare(
     refer_root: Path = typer.Option(..., "--refer-root", help="Refer-layout root: <dataset>/ and images/."),
     dataset: str = typer.Option("refcoco", "--dataset", help="refcoco, refcoco+ or refcocog."),
@@ -36,6 +64,7 @@ def prepare(
 ) -> None:
     """Run the `prepare-refcoco` Prefect flow: refer-format data into WebDataset shards,
     manifest.parquet, rejects.parquet and summary.json. A re-run skips finished chunks."""
+    _check_input(refer_root, dataset, split_by, mask_mode, image_dir)
     from data_prep.shards import dataset_dir, is_url
     from pipelines.flows.prepare import run_prepare
 
