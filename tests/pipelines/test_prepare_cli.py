@@ -3,6 +3,7 @@ message naming the option, exit code 2, no traceback. The flow is replaced to se
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,33 @@ def test_missing_refer_root_from_the_shell_is_one_message_not_retries(tmp_path: 
     assert (
         "Traceback" not in done.stderr + done.stdout and "prefect" not in (done.stderr + done.stdout).lower()
     )
+
+
+def test_a_folder_dataset_is_named_after_its_folder_and_its_rows_checked(
+    layout: Path, flow_calls: list[dict]
+) -> None:
+    row = {"image": "a.jpg", "mask": "a.png", "expression": "the cat", "split": "train"}
+    (layout / "mine").mkdir()
+    (layout / "mine" / "annotations.jsonl").write_text(json.dumps(row) + "\n")
+    result = CliRunner().invoke(app, ["prepare", "--folder", "mine", "--out", "out"])
+    assert result.exit_code == 0, result.output
+    assert [(c["refer_root"], c["dataset"], c["split_by"]) for c in flow_calls] == [
+        (str(layout / "mine"), "mine", "folder")
+    ]
+
+    refused = [
+        (
+            ["--split-by", "unc"],
+            "Invalid value for --split-by: a folder dataset is prepared as 'folder', not 'unc'",
+        ),
+        (["--image-dir", "."], "Invalid value for --image-dir: is for the refer layout"),
+        (["--dataset", "a/b"], "Invalid value for --dataset: 'a/b' cannot name the output directory"),
+    ]
+    (layout / "mine" / "annotations.jsonl").write_text(json.dumps({**row, "split": ""}) + "\n")
+    refused.append(
+        ([], "Invalid value for --folder: mine/annotations.jsonl: 1 bad row: line 1: 'split' must be")
+    )
+    for args, message in refused:
+        result = CliRunner().invoke(app, ["prepare", "--folder", "mine", "--out", "out", *args])
+        assert result.exit_code == 2 and message in plain(result.output), result.output
+    assert len(flow_calls) == 1
