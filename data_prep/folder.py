@@ -55,7 +55,7 @@ class MaskFile:
 
 
 @dataclass(frozen=True)
-class _Row:
+class AnnotationRow:
     """One annotation row after its structure was checked."""
 
     line: int
@@ -88,7 +88,7 @@ def _inside(value: object, field: str) -> str:
     return str(path)
 
 
-def _row(line: int, record: object) -> _Row:
+def _row(line: int, record: object) -> AnnotationRow:
     """Check one row's structure; ValueError says what is wrong with it."""
     if not isinstance(record, dict):
         raise ValueError(f"expected an object, got {type(record).__name__}")
@@ -106,7 +106,7 @@ def _row(line: int, record: object) -> _Row:
     split = record["split"]
     if not isinstance(split, str) or not split.strip():
         raise ValueError(f"'split' must be a non-empty name, got {split!r}")
-    return _Row(
+    return AnnotationRow(
         line, _inside(record["image"], "image"), _inside(record["mask"], "mask"), tuple(expressions), split
     )
 
@@ -114,7 +114,10 @@ def _row(line: int, record: object) -> _Row:
 def _records(path: Path) -> list[tuple[int, object]]:
     """(line number, parsed record) for each row; a line that does not parse is a ValueError
     standing in for its record."""
-    text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets write a byte-order mark
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets write a byte-order mark
+    except UnicodeDecodeError as err:
+        raise ReferFormatError(f"{path}: not UTF-8 text ({err})") from None
     if path.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))
         absent = [column for column in CSV_COLUMNS if column not in (reader.fieldnames or ())]
@@ -133,13 +136,13 @@ def _records(path: Path) -> list[tuple[int, object]]:
     return records
 
 
-def read_rows(root: str | Path) -> list[_Row]:
+def read_rows(root: str | Path) -> list[AnnotationRow]:
     """The annotation rows of a folder dataset, their structure checked; every bad line is named
     in one ReferFormatError, before any image is opened."""
     path = _annotation_file(Path(root))
-    rows: list[_Row] = []
+    rows: list[AnnotationRow] = []
     problems: list[str] = []
-    split_of: dict[tuple[str, str], _Row] = {}
+    split_of: dict[tuple[str, str], AnnotationRow] = {}
     for line, record in _records(path):
         try:
             if isinstance(record, ValueError):

@@ -260,3 +260,8 @@ def test_bad_rows_are_all_named_before_any_work(tmp_path: Path) -> None:
     (root / "annotations.jsonl").unlink()
     with pytest.raises(ReferFormatError, match=r"annotations.csv: no column expression"):
         load_folder(root, "bad")
+    (root / "annotations.csv").write_bytes(
+        "image,mask,expression,split\na,b,caf\xe9,train\n".encode("latin1")
+    )
+    with pytest.raises(ReferFormatError, match=r"annotations.csv: not UTF-8 text"):
+        load_folder(root, "bad")
