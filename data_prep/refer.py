@@ -4,9 +4,10 @@
     <root>/<dataset>/refs(<splitBy>).p   a pickle: a list of refs with their sentences
     <root>/images/mscoco/images/train2014/<file_name>
 
-The refs pickle is read through an unpickler that admits only plain containers, strings and
-numbers, because a pickle can run arbitrary code when loaded. Image names and sizes come from
-instances.json: a ref's own `file_name` names the ref, not the image file.
+The refs pickle is read through an unpickler that admits only plain containers, strings, bytes
+and numbers, because a pickle can run arbitrary code when loaded. Byte strings are text in
+UTF-8, whichever Python wrote them. Image names and sizes come from instances.json: a ref's own
+`file_name` names the ref, not the image file.
 
 Split selection follows the refer toolkit (`REFER.getRefIds`), quirks included:
 `train` and `val` match exactly; `testA` / `testB` / `testC` select every stored split whose
@@ -18,9 +19,10 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 DATASETS: dict[str, tuple[str, ...]] = {
     "refcoco": ("unc", "google"),
@@ -43,10 +45,12 @@ class UnsafePickleError(ReferFormatError):
 
 @dataclass(frozen=True)
 class Sentence:
-    """One referring expression."""
+    """One referring expression. `raw` is the stored value, byte strings decoded: anything but
+    a str (None, a number, bytes that are not UTF-8) is kept as it is, so that preparation
+    rejects that one expression (`expression_not_text`) instead of writing its repr."""
 
     sent_id: int
-    raw: str
+    raw: object
 
 
 @dataclass(frozen=True)
@@ -127,31 +131,77 @@ def _split_sort_key(name: str) -> tuple[int, str]:
     return (_SPLIT_ORDER.index(name) if name in _SPLIT_ORDER else len(_SPLIT_ORDER), name)
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """The pickle names a callable that is not plain data."""
+
+
+def _latin1_bytes(text: str = "", encoding: str = "latin1") -> bytes:
+    """How a protocol-2 pickle written by Python 3 stores bytes: `_codecs.encode(text, "latin1")`.
+    Only that codec is admitted, so the global cannot reach any other."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise _RefusedGlobal(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not a byte string")
+    return text.encode("latin1")
+
+
+def _empty_bytes(*args: object) -> bytes:
+    """How a protocol-2 pickle written by Python 3 stores b"": `bytes()`. Any argument is refused
+    (bytes(n) would allocate n bytes)."""
+    if args:
+        raise _RefusedGlobal(f"bytes() called with {len(args)} arguments is not a byte string")
+    return b""
+
+
 class _PlainDataUnpickler(pickle.Unpickler):
     """Admits the opcodes for containers, strings and numbers; any global is refused, bar the
-    harmless builtins Python 2 pickles use for sets."""
+    harmless builtins Python 2 pickles use for sets and the two Python 3 uses for bytes."""
 
-    _ALLOWED = frozenset(
-        (module, name) for module in ("builtins", "__builtin__") for name in ("set", "frozenset")
-    )
+    _ALLOWED: ClassVar[dict[tuple[str, str], Callable[..., Any]]] = {
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("builtins", "bytes"): _empty_bytes,
+        ("__builtin__", "set"): set,  # Python 2's name (and Python 3's with fix_imports)
+        ("__builtin__", "frozenset"): frozenset,
+        ("__builtin__", "bytes"): _empty_bytes,
+        ("_codecs", "encode"): _latin1_bytes,
+    }
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not plain data")
+            return self._ALLOWED[module, name]
+        raise _RefusedGlobal(f"global '{module}.{name}' is not plain data")
 
 
 def load_refs_pickle(path: str | Path) -> Any:
-    """Load a refs pickle admitting only plain data; anything else raises UnsafePickleError."""
+    """Load a refs pickle admitting only plain data; a refused global raises UnsafePickleError,
+    a file that ends early or is no pickle a ReferFormatError that says which."""
     path = Path(path)
     try:
         with path.open("rb") as handle:
             # Python 2 pickles (the published refs files) keep byte strings: read them as UTF-8.
             return _PlainDataUnpickler(handle, encoding="utf-8").load()
-    except pickle.UnpicklingError as err:
+    except _RefusedGlobal as err:
         raise UnsafePickleError(f"{path}: refused to load, not a plain-data pickle ({err})") from None
-    except (EOFError, UnicodeDecodeError, ValueError, TypeError) as err:
+    except (EOFError, pickle.UnpicklingError) as err:
+        # The C unpickler reports data that stops mid-opcode as "pickle data was truncated".
+        if isinstance(err, EOFError) or "truncated" in str(err):
+            size = path.stat().st_size
+            raise ReferFormatError(
+                f"{path}: truncated file, the pickle stops before its end ({size} bytes); copy it again"
+            ) from None
         raise ReferFormatError(f"{path}: not a readable refs pickle ({err})") from None
+    except (UnicodeDecodeError, ValueError, TypeError) as err:
+        raise ReferFormatError(f"{path}: not a readable refs pickle ({err})") from None
+
+
+def _text(value: object) -> object:
+    """A stored string as str: bytes are UTF-8 text (as the unpickler reads Python 2 strings);
+    bytes that do not decode, and anything else, come back unchanged."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    return value
 
 
 def _int(value: Any, what: str, where: Path) -> int:
@@ -160,12 +210,19 @@ def _int(value: Any, what: str, where: Path) -> int:
     return value
 
 
+def _split_name(value: object, where: Path) -> str:
+    name = _text(value)
+    if not isinstance(name, str):
+        raise ReferFormatError(f"{where}: split must be text, got {value!r}")
+    return name
+
+
 def _parse_ref(item: Any, where: Path) -> Ref:
     if not isinstance(item, dict):
         raise ReferFormatError(f"{where}: each ref must be a dict, got {type(item).__name__}")
     try:
         sentences = tuple(
-            Sentence(sent_id=_int(s["sent_id"], "sent_id", where), raw=str(s["raw"]))
+            Sentence(sent_id=_int(s["sent_id"], "sent_id", where), raw=_text(s["raw"]))
             for s in item["sentences"]
         )
         return Ref(
@@ -173,11 +230,32 @@ def _parse_ref(item: Any, where: Path) -> Ref:
             ann_id=_int(item["ann_id"], "ann_id", where),
             image_id=_int(item["image_id"], "image_id", where),
             category_id=_int(item.get("category_id", 0), "category_id", where),
-            split=str(item["split"]),
+            split=_split_name(item["split"], where),
             sentences=sentences,
         )
     except (KeyError, TypeError) as err:
         raise ReferFormatError(f"{where}: ref {item.get('ref_id', '?')} lacks field {err}") from None
+
+
+def refer_files(refer_root: str | Path, dataset: str, split_by: str) -> tuple[Path, Path]:
+    """The refs pickle and instances.json of `dataset` / `split_by`, checked to exist, without
+    reading them: a ValueError names an unknown dataset or splitBy, a FileNotFoundError the
+    missing root or file."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+    if split_by not in DATASETS[dataset]:
+        raise ValueError(
+            f"{dataset} has no splitBy {split_by!r}: expected one of {', '.join(DATASETS[dataset])}"
+        )
+    root = Path(refer_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory (expected the refer layout there)")
+    refs_path = root / dataset / f"refs({split_by}).p"
+    instances_path = root / dataset / "instances.json"
+    for path in (refs_path, instances_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found (expected the refer layout under {root})")
+    return refs_path, instances_path
 
 
 def load_refer(
@@ -191,19 +269,8 @@ def load_refer(
         split_by: unc or google (refcoco, refcoco+), umd or google (refcocog).
         image_dir: where the image files are; default `<refer_root>/images/mscoco/images/train2014`.
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
-    if split_by not in DATASETS[dataset]:
-        raise ValueError(
-            f"{dataset} has no splitBy {split_by!r}: expected one of {', '.join(DATASETS[dataset])}"
-        )
     root = Path(refer_root)
-    refs_path = root / dataset / f"refs({split_by}).p"
-    instances_path = root / dataset / "instances.json"
-    for path in (refs_path, instances_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found (expected the refer layout under {root})")
-
+    refs_path, instances_path = refer_files(root, dataset, split_by)
     raw_refs = load_refs_pickle(refs_path)
     if not isinstance(raw_refs, list):
         raise ReferFormatError(f"{refs_path}: expected a list of refs, got {type(raw_refs).__name__}")

@@ -1,4 +1,5 @@
-"""Refer-format data into WebDataset tar shards, a manifest, a rejects list and a summary.
+"""Refer-format data (or a folder dataset, data_prep.folder) into WebDataset tar shards, a manifest,
+a rejects list and a summary.
 
     <out>/<dataset>-<splitBy>/<split>/shard-%06d.tar
     <out>/<dataset>-<splitBy>/manifest.parquet    one row per written sample
@@ -29,6 +30,7 @@ import io
 import json
 import multiprocessing
 import os
+import reprlib
 import sys
 import tarfile
 import tempfile
@@ -46,11 +48,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
+from data_prep.folder import MaskFile, MaskFileError, is_folder_dataset, load_folder, read_mask
 from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, rasterize
 from data_prep.refer import Annotation, ImageInfo, Ref, Sentence, load_refer
 from data_prep.tokenize import DEFAULT_TOKENIZER, encode_expressions, load_tokenizer, vocabulary_hash
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped when the bytes written for the same input change, so old chunk markers are redone."""
 
 REJECT_REASONS: dict[str, str] = {
@@ -59,9 +62,14 @@ REJECT_REASONS: dict[str, str] = {
     "corrupt_image": "the image file does not decode (truncated or not an image)",
     "image_size_mismatch": "the decoded image size differs from instances.json",
     "missing_annotation": "the ref's ann_id is not in instances.json",
+    "annotation_image_mismatch": "the ref's ann_id outlines an object of another image",
     "unusable_segmentation": "the annotation's segmentation gives no mask",
+    "missing_mask": "the mask file of a folder dataset does not exist",
+    "corrupt_mask": "the mask file of a folder dataset does not decode",
+    "expression_not_text": "the stored expression is not text (None, a number, bytes not in UTF-8)",
     "empty_expression": "the expression is empty or whitespace only",
     "empty_tokens": "the expression tokenises to no word ids",
+    "no_known_words": "every word id the model sees is [UNK] (emoji, symbols, unknown scripts)",
     "duplicate_sent_id": "an earlier expression of the split has the same sent_id",
 }
 
@@ -223,13 +231,20 @@ def plan_prepare(
     """Read the refer data and cut every requested split into chunks (one per shard).
 
     Args:
-        refer_root: the refer-layout root (holds `<dataset>/` and `images/`).
+        refer_root: the refer-layout root (holds `<dataset>/` and `images/`), or a folder
+            dataset's folder (holds annotations.jsonl or .csv, see data_prep.folder).
         out: the output root; the plan writes under `<out>/<dataset>-<splitBy>/`.
         settings: tokenizer, lengths, shard size and mask mode.
         splits: split names (refer toolkit matching); default every stored split.
-        image_dir: where the images are, if not `<refer_root>/images/mscoco/images/train2014`.
+        image_dir: where the images are, if not `<refer_root>/images/mscoco/images/train2014`
+            (refer layout only: a folder dataset's paths are relative to its folder).
     """
-    data = load_refer(refer_root, settings.dataset, settings.split_by, image_dir)
+    if is_folder_dataset(refer_root):
+        if image_dir is not None:
+            raise ValueError("image_dir is for the refer layout: a folder dataset's paths are relative to it")
+        data = load_folder(refer_root, settings.dataset, settings.split_by)
+    else:
+        data = load_refer(refer_root, settings.dataset, settings.split_by, image_dir)
     chosen = tuple(splits) if splits else tuple(data.stored_splits())
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"splits must not repeat: {list(chosen)}")
@@ -340,6 +355,29 @@ def _load_image(info: ImageInfo, image_dir: Path) -> tuple[str, bytes] | tuple[s
     return ("jpg" if fmt == "JPEG" else "png"), data
 
 
+def _ref_mask(
+    chunk_ref: ChunkRef, info: ImageInfo, image_dir: Path, mode: MaskMode
+) -> np.ndarray | tuple[str, str]:
+    """The ref's mask [H, W] uint8 {0, 1} at the image's size, else (reason, detail). A folder
+    dataset's mask files are read relative to its folder (the image directory)."""
+    ref, annotation = chunk_ref.ref, chunk_ref.annotation
+    if annotation is None:
+        return "missing_annotation", f"ann_id {ref.ann_id} not in instances.json"
+    if annotation.image_id != ref.image_id:
+        return (
+            "annotation_image_mismatch",
+            f"ann_id {ref.ann_id} is on image_id {annotation.image_id}, the ref on image_id {ref.image_id}",
+        )
+    try:
+        if isinstance(annotation.segmentation, MaskFile):
+            return read_mask(image_dir, annotation.segmentation, info.height, info.width)
+        return rasterize(annotation.segmentation, info.height, info.width, mode)
+    except MaskFileError as err:
+        return err.reason, str(err)
+    except UnusableSegmentation as err:
+        return "unusable_segmentation", f"ann_id {ref.ann_id}: {err}"
+
+
 class _Candidate(NamedTuple):
     """An expression whose image and mask are good, waiting for its tokens."""
 
@@ -354,17 +392,23 @@ class _Candidate(NamedTuple):
 
 def _chunk_fingerprint(settings: PrepareSettings, vocab_hash: str, chunk: Chunk, image_dir: Path) -> str:
     """Hash of everything the chunk's bytes depend on: settings, tokenizer, the chunk's refs,
-    annotations and images (identified by size and modification time)."""
+    annotations, images and mask files (files identified by size and modification time)."""
     digest = hashlib.sha256()
     digest.update(json.dumps([FORMAT_VERSION, asdict(settings), vocab_hash], sort_keys=True).encode())
     digest.update(json.dumps(asdict(chunk), sort_keys=True, default=str).encode())
-    for image in chunk.images:
-        if image.info is not None:
-            try:
-                stat = (image_dir / image.info.file_name).stat()
-                digest.update(f"{image.info.file_name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-            except FileNotFoundError:
-                digest.update(f"{image.info.file_name}:missing".encode())
+    files = [image.info.file_name for image in chunk.images if image.info is not None]
+    files += [
+        chunk_ref.annotation.segmentation.path
+        for image in chunk.images
+        for chunk_ref in image.refs
+        if chunk_ref.annotation is not None and isinstance(chunk_ref.annotation.segmentation, MaskFile)
+    ]
+    for name in files:
+        try:
+            stat = (image_dir / name).stat()
+            digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        except FileNotFoundError:
+            digest.update(f"{name}:missing".encode())
     return digest.hexdigest()
 
 
@@ -457,27 +501,18 @@ def prepare_chunk(
                 for sentence in ref.sentences:
                     reject(ref, sentence.sent_id, *loaded)
                 continue
-            mask_failure = None
-            if chunk_ref.annotation is None:
-                mask_failure = ("missing_annotation", f"ann_id {ref.ann_id} not in instances.json")
-            else:
-                try:
-                    mask = rasterize(
-                        chunk_ref.annotation.segmentation,
-                        image.info.height,
-                        image.info.width,
-                        settings.mask_mode,
-                    )
-                except UnusableSegmentation as err:
-                    mask_failure = ("unusable_segmentation", f"ann_id {ref.ann_id}: {err}")
-            if mask_failure is not None:
+            mask = _ref_mask(chunk_ref, image.info, image_dir, settings.mask_mode)
+            if isinstance(mask, tuple):
                 for sentence in ref.sentences:
-                    reject(ref, sentence.sent_id, *mask_failure)
+                    reject(ref, sentence.sent_id, *mask)
                 continue
             mask_png = _png_bytes(mask)
             for position, sentence in enumerate(ref.sentences):
                 if position in chunk_ref.duplicates:
                     reject(ref, sentence.sent_id, "duplicate_sent_id", f"sent_id {sentence.sent_id} repeats")
+                elif not isinstance(sentence.raw, str):
+                    detail = f"{type(sentence.raw).__name__} {reprlib.repr(sentence.raw)}"
+                    reject(ref, sentence.sent_id, "expression_not_text", detail)
                 elif not sentence.raw.strip():
                     reject(ref, sentence.sent_id, "empty_expression", repr(sentence.raw))
                 else:
@@ -487,6 +522,8 @@ def prepare_chunk(
         tokenizer = load_tokenizer(settings.tokenizer)
         texts = [c.sentence.raw for c in candidates]
         ids, attention, n_words = encode_expressions(tokenizer, texts, max_tokens=settings.max_tokens)
+        # [UNK] is a special id: a row holding special ids only gives the model no word.
+        has_known_word = np.isin(ids, tokenizer.all_special_ids, invert=True).any(axis=1)
     manifest: list[dict[str, object]] = []
     shard_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_shard = shard_path.with_name(shard_path.name + ".tmp")
@@ -494,6 +531,9 @@ def prepare_chunk(
         for row, (info, ext, image_bytes, ref, mask, mask_png, sentence) in enumerate(candidates):
             if n_words[row] == 0:
                 reject(ref, sentence.sent_id, "empty_tokens", repr(sentence.raw))
+                continue
+            if not has_known_word[row]:
+                reject(ref, sentence.sent_id, "no_known_words", repr(sentence.raw))
                 continue
             key = f"{sentence.sent_id:010d}"
             meta = {

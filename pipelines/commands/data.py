@@ -7,10 +7,75 @@ from pathlib import Path
 import typer
 
 
+def _refer_names(
+    refer_root: Path, dataset: str | None, split_by: str | None, image_dir: Path | None
+) -> tuple[str, str]:
+    """The refer layout's dataset and splitBy (default refcoco, unc), checked with its files and
+    image directory."""
+    from data_prep.refer import DATASETS, IMAGE_SUBDIR, refer_files
+
+    dataset, split_by = dataset or "refcoco", split_by or "unc"
+    try:
+        refer_files(refer_root, dataset, split_by)
+    except ValueError as err:
+        raise typer.BadParameter(
+            str(err), param_hint="--split-by" if dataset in DATASETS else "--dataset"
+        ) from None
+    except FileNotFoundError as err:
+        raise typer.BadParameter(str(err), param_hint="--refer-root") from None
+    images = image_dir or refer_root / IMAGE_SUBDIR
+    if not images.is_dir():
+        raise typer.BadParameter(
+            f"{images} is not a directory (where the images are)", param_hint="--image-dir"
+        )
+    return dataset, split_by
+
+
+def _folder_names(
+    folder: Path, dataset: str | None, split_by: str | None, image_dir: Path | None
+) -> tuple[str, str]:
+    """A folder dataset's name (default the folder's) and splitBy (`folder`), its annotation
+    rows' structure checked."""
+    from data_prep.folder import FOLDER_SPLIT_BY, read_rows
+    from data_prep.refer import ReferFormatError
+
+    name = dataset or folder.resolve().name
+    if name in ("", ".", "..") or any(separator in name for separator in "/\\"):
+        raise typer.BadParameter(f"{name!r} cannot name the output directory", param_hint="--dataset")
+    if split_by not in (None, FOLDER_SPLIT_BY):
+        raise typer.BadParameter(
+            f"a folder dataset is prepared as {FOLDER_SPLIT_BY!r}, not {split_by!r}", param_hint="--split-by"
+        )
+    if image_dir is not None:
+        raise typer.BadParameter(
+            "is for the refer layout: a folder's paths are relative to the folder", param_hint="--image-dir"
+        )
+    try:
+        read_rows(folder)
+    except ReferFormatError as err:
+        raise typer.BadParameter(str(err), param_hint="--folder") from None
+    return name, FOLDER_SPLIT_BY
+
+
 def prepare(
-    refer_root: Path = typer.Option(..., "--refer-root", help="Refer-layout root: <dataset>/ and images/."),
-    dataset: str = typer.Option("refcoco", "--dataset", help="refcoco, refcoco+ or refcocog."),
-    split_by: str = typer.Option("unc", "--split-by", help="unc / google (refcoco, refcoco+), umd / google."),
+    refer_root: Path = typer.Option(
+        ...,
+        "--refer-root",
+        "--folder",
+        help="Refer-layout root (<dataset>/ and images/), or a folder of one's own holding "
+        "annotations.jsonl or annotations.csv (see README).",
+    ),
+    dataset: str | None = typer.Option(
+        None,
+        "--dataset",
+        help="refcoco (default), refcoco+ or refcocog; for a folder, the name to write under "
+        "(default: the folder's name).",
+    ),
+    split_by: str | None = typer.Option(
+        None,
+        "--split-by",
+        help="unc (default) / google (refcoco, refcoco+), umd / google; a folder's is folder.",
+    ),
     splits: list[str] = typer.Option(
         [], "--splits", help="Split to prepare (repeat the option); default every stored split."
     ),
@@ -34,8 +99,19 @@ def prepare(
         None, "--image-dir", help="Image directory, if not <refer-root>/images/mscoco/images/train2014."
     ),
 ) -> None:
-    """Run the `prepare-refcoco` Prefect flow: refer-format data into WebDataset shards,
-    manifest.parquet, rejects.parquet and summary.json. A re-run skips finished chunks."""
+    """Run the `prepare-refcoco` Prefect flow: refer-format data, or a folder of one's own, into
+    WebDataset shards, manifest.parquet, rejects.parquet and summary.json. A re-run skips
+    finished chunks."""
+    from data_prep.folder import is_folder_dataset
+    from data_prep.masks import MASK_MODES
+
+    # Checked here, before the flow starts a Prefect server (and retries a missing file as I/O).
+    names = _folder_names if is_folder_dataset(refer_root) else _refer_names
+    dataset, split_by = names(refer_root, dataset, split_by, image_dir)
+    if mask_mode not in MASK_MODES:
+        raise typer.BadParameter(
+            f"{mask_mode!r} is not one of {', '.join(MASK_MODES)}", param_hint="--mask-mode"
+        )
     from data_prep.shards import dataset_dir, is_url
     from pipelines.flows.prepare import run_prepare
 

@@ -1,8 +1,10 @@
 """A small hand-built refer-format fixture holding every hard case the preparation must handle.
 
 Layout under the root: refcoco/instances.json, refcoco/refs(unc).p, images in
-images/mscoco/images/train2014, and refcoco+/refs(unc).p as a malicious pickle. `EXPECTED`
-says what a preparation of refcoco (unc) must count, split by split and reject by reject.
+images/mscoco/images/train2014, and refcoco+/refs(unc).p as a malicious pickle. refcoco's refs
+are a protocol-2 pickle as Python 3 writes it, so the byte strings among its expressions are
+stored through `_codecs.encode`. `EXPECTED` says what a preparation of refcoco (unc) must
+count, split by split and reject by reject.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ ANNOTATIONS = {
     111: (7, 0, [_square(1, 1, 10, 10)]),
 }
 
-# Refs: ref_id -> (ann_id, image_id, split, [(sent_id, raw)])
+# Refs: ref_id -> (ann_id, image_id, split, [(sent_id, raw)]); raw as stored, not always text
 REFS = {
     1: (
         101,
@@ -106,17 +108,38 @@ REFS = {
     13: (999, 1, "testA", [(20, "annotation not in instances")]),
     14: (101, 1, "testA", [(21, "first of a repeated id"), (21, "second of a repeated id")]),
     15: (110, 8, "testB", [(22, "the crowd at the bottom"), (23, "crowd again")]),
+    16: (102, 1, "train", [(24, "an object of image 2 on image 1")]),  # ann 102 is on image 2
+    17: (
+        101,
+        1,
+        "train",
+        [
+            (25, None),
+            (26, 42),
+            (27, b"\xff\xfe not utf-8"),
+            (28, "the café table".encode()),  # UTF-8 bytes: text
+            (29, "😀😀"),  # every word piece [UNK]
+            (30, "the 😀 dog"),
+        ],
+    ),
 }
 
 EXPECTED = {
     "counts": {
-        "train": {"read": 12, "written": 7, "rejected": 5},
+        "train": {"read": 19, "written": 9, "rejected": 10},
         "val": {"read": 5, "written": 1, "rejected": 4},
         "testA": {"read": 5, "written": 1, "rejected": 4},
         "testB": {"read": 2, "written": 2, "rejected": 0},
     },
     "rejects": {
-        "train": {"empty_expression": 2, "empty_tokens": 1, "unusable_segmentation": 2},
+        "train": {
+            "annotation_image_mismatch": 1,
+            "empty_expression": 2,
+            "empty_tokens": 1,
+            "expression_not_text": 3,
+            "no_known_words": 1,
+            "unusable_segmentation": 2,
+        },
         "val": {"corrupt_image": 2, "missing_image": 2},
         "testA": {
             "duplicate_sent_id": 1,
@@ -145,6 +168,13 @@ def _image_bytes(width: int, height: int, fmt: str, seed: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     return buffer.getvalue()
+
+
+def _sentence(sent_id: int, raw: object) -> dict[str, object]:
+    """A refs sentence; the toolkit's normalised `sent` and `tokens` are left empty where raw is
+    not text."""
+    text = raw.lower() if isinstance(raw, str) else ""
+    return {"raw": raw, "sent": text, "sent_id": sent_id, "tokens": text.split()}
 
 
 def build_refer_fixture(root: Path, evil_marker: Path) -> Path:
@@ -192,10 +222,7 @@ def build_refer_fixture(root: Path, evil_marker: Path) -> Path:
             "split": split,
             "sent_ids": [s for s, _ in sentences],
             "file_name": f"COCO_train2014_{image_id:012d}_{ref_id}.jpg",  # the ref's name, not the image's
-            "sentences": [
-                {"raw": raw, "sent": raw.lower(), "sent_id": s, "tokens": raw.lower().split()}
-                for s, raw in sentences
-            ],
+            "sentences": [_sentence(s, raw) for s, raw in sentences],
         }
         for ref_id, (ann_id, image_id, split, sentences) in REFS.items()
     ]

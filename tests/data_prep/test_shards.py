@@ -41,7 +41,8 @@ def test_counts_and_every_reject_reason(prepared: Path) -> None:
     assert summary["counts"] == EXPECTED["counts"]
     assert summary["rejects_by_reason"] == EXPECTED["rejects"]
     found = {r for split in EXPECTED["rejects"].values() for r in split}
-    assert found == set(REJECT_REASONS)  # the fixture exercises every reason
+    # The fixture exercises every reason but those of mask files (test_folder.py).
+    assert found == set(REJECT_REASONS) - {"missing_mask", "corrupt_mask"}
 
 
 def test_read_equals_written_plus_rejected(prepared: Path) -> None:
@@ -55,6 +56,16 @@ def test_read_equals_written_plus_rejected(prepared: Path) -> None:
     reasons = {(r["sent_id"], r["reason"]) for r in rejects}
     assert {(4, "empty_expression"), (5, "empty_expression"), (6, "empty_tokens")} <= reasons
     assert {(15, "corrupt_image"), (16, "corrupt_image"), (13, "missing_image")} <= reasons
+    # Silently wrong before: another image's mask, "None" / "42" / "b'...'" as text, all-[UNK] ids.
+    assert {(24, "annotation_image_mismatch"), (29, "no_known_words")} <= reasons
+    assert {(25, "expression_not_text"), (26, "expression_not_text"), (27, "expression_not_text")} <= reasons
+    details = {r["sent_id"]: r["detail"] for r in rejects}
+    assert details[24] == "ann_id 102 is on image_id 2, the ref on image_id 1"
+    assert (details[25], details[26], details[27]) == (
+        "NoneType None",
+        "int 42",
+        "bytes b'\\xff\\xfe not utf-8'",
+    )
     assert all(r["detail"] for r in rejects)
 
 
@@ -125,6 +136,8 @@ def test_overlong_and_unicode_expressions(prepared: Path) -> None:
     manifest = {r["sent_id"]: r for r in pq.read_table(prepared / "manifest.parquet").to_pylist()}
     assert manifest[2]["raw"] == "le café à gauche, 左边的椅子"
     assert manifest[3]["n_tokens"] > 20  # cut to 20 ids in the shard, full length in the manifest
+    assert manifest[28]["raw"] == "the café table"  # stored as UTF-8 bytes
+    assert manifest[30]["raw"] == "the 😀 dog"  # one [UNK] among known words is kept
 
 
 def test_byte_identical_whatever_the_workers_and_rerun_skips(
