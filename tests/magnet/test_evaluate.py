@@ -2,12 +2,14 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import nn
 
+from data_prep.synth import load_kinds
 from magnet.config import load_config
 from magnet.evaluate import Breakdown, evaluate, evaluate_split, prediction_figure
 from magnet.metrics import GroupScores, IoUAccumulator
@@ -153,3 +155,27 @@ def test_real_data_is_broken_down_by_text_features(shards, tmp_path):
         "n": result.metrics["val/n"],
     }
     assert all(r["group"].startswith("text/") for r in rows[1:])
+
+
+def test_kinds_survive_synth_prepare_and_evaluate(shards):
+    """The generator's kinds reach the manifest and the metrics: per split and kind the sample
+    count is the generator's, and the Everywhere model's per-kind oIoU is the manifest's sums."""
+    refer = Path(shards).parent.parent / "refer"
+    report = json.loads((refer / "synth_report.json").read_text())
+    kinds = load_kinds(refer, "refcoco", "unc")
+    rows = pq.read_table(f"{shards}/manifest.parquet").to_pylist()
+    assert [r["kind"] for r in rows] == [kinds[r["sent_id"]] for r in rows]
+    result = evaluate(Everywhere(), shards, config("original"), splits=["val", "testA"])
+    assert result.breakdown == "kind" and result.as_dict()["breakdown"] == "kind"
+    for split in ("val", "testA"):
+        generated = {kind: stats["n_expressions"] for kind, stats in report["splits"][split]["kinds"].items()}
+        scored = {
+            key.split("/")[2]: value
+            for key, value in result.metrics.items()
+            if key.startswith(f"{split}/kind/") and key.endswith("/n")
+        }
+        assert scored == generated
+        for kind in generated:
+            mine = [r for r in rows if r["split"] == split and r["kind"] == kind]
+            expected = 100 * sum(r["mask_area"] for r in mine) / sum(r["height"] * r["width"] for r in mine)
+            assert result.metrics[f"{split}/kind/{kind}/oIoU"] == pytest.approx(expected)
