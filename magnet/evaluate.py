@@ -35,6 +35,7 @@ from torch import nn
 from magnet.config import Config, EvalConfig
 from magnet.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_loader, open_split
 from magnet.metrics import (
+    GROUP_METRICS,
     TEXT_GROUPS,
     GroupScores,
     IoUAccumulator,
@@ -124,14 +125,19 @@ class Evaluation:
             f"{self.align_corners}), probability > {self.threshold}; masks {self.mask_mode or 'unrecorded'}"
         )
 
-    def group_rows(self) -> list[dict[str, Any]]:
-        """One row per split and group (the whole split first): the breakdown table."""
-        rows = []
-        for split, result in self.splits.items():
-            whole = result.scores.compute()
-            rows.append({"split": split, "group": "all", **{k: whole[k] for k in ("oIoU", "mIoU", "n")}})
-            rows += [{"split": split, "group": g, **m} for g, m in result.groups.compute().items()]
-        return rows
+
+def breakdown_rows(metrics: Mapping[str, float]) -> list[dict[str, Any]]:
+    """The breakdown table of flat metrics (``Evaluation.metrics``, or merged from several):
+    per split a row 'all' and one per group, each with oIoU, mIoU and n, in the metrics' order."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for key, value in metrics.items():
+        split, *group, name = key.split("/")
+        if name in GROUP_METRICS and len(group) in (0, 2):
+            row = rows.setdefault(
+                (split, "/".join(group) or "all"), {"split": split, "group": "/".join(group) or "all"}
+            )
+            row[name] = value
+    return list(rows.values())
 
 
 def _autocast(device: torch.device, precision: str) -> Any:
@@ -225,9 +231,9 @@ def _read_json(url: str) -> dict[str, Any]:
         return json.load(handle)
 
 
-def split_breakdowns(shards: str, splits: Sequence[str]) -> dict[str, Breakdown]:
-    """Each split's breakdown from manifest.parquet: by the ``kind`` column where preparation
-    carried one (synthetic data), else by the expression's text features."""
+def split_breakdowns(shards: str, splits: Sequence[str]) -> tuple[str, dict[str, Breakdown]]:
+    """What the data is broken down by ('kind' where preparation carried the generator's ``kind``
+    column, synthetic data; else 'text', the expression's features) and each split's breakdown."""
     with fsspec.open(f"{shards.rstrip('/')}/manifest.parquet", "rb") as handle:
         manifest = pq.ParquetFile(handle)
         by = "kind" if "kind" in manifest.schema_arrow.names else "text"
@@ -244,7 +250,7 @@ def split_breakdowns(shards: str, splits: Sequence[str]) -> dict[str, Breakdown]
     for split, of_sample in of_split.items():
         groups = TEXT_GROUPS if by == "text" else tuple(sorted({g for gs in of_sample.values() for g in gs}))
         breakdowns[split] = Breakdown(by, groups, of_sample)
-    return breakdowns
+    return by, breakdowns
 
 
 def evaluate(
@@ -278,7 +284,7 @@ def evaluate(
     size = cfg.eval.size_for(cfg.model.image_size)
     eval_cfg = cfg.eval.model_copy(update={"eval_size": size})
     settings = _read_json(f"{shards.rstrip('/')}/summary.json").get("settings", {})
-    breakdowns = split_breakdowns(shards, splits)
+    breakdown_by, breakdowns = split_breakdowns(shards, splits)
     results: dict[str, SplitResult] = {}
     metrics: dict[str, float] = {}
     for split in splits:
@@ -314,7 +320,7 @@ def evaluate(
         metrics=metrics,
         splits=results,
         mask_mode=settings.get("mask_mode"),
-        breakdown=next(iter(breakdowns.values())).by if breakdowns else None,
+        breakdown=breakdown_by,
     )
 
 

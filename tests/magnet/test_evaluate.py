@@ -11,7 +11,7 @@ from torch import nn
 
 from data_prep.synth import load_kinds
 from magnet.config import load_config
-from magnet.evaluate import Breakdown, evaluate, evaluate_split, prediction_figure
+from magnet.evaluate import Breakdown, breakdown_rows, evaluate, evaluate_split, prediction_figure
 from magnet.metrics import GroupScores, IoUAccumulator
 from magnet.models import MagNetOutput
 
@@ -146,15 +146,10 @@ def test_real_data_is_broken_down_by_text_features(shards, tmp_path):
     assert result.breakdown == "text"
     lengths = [k for k in result.metrics if k.startswith("val/text/length_") and k.endswith("/n")]
     assert sum(result.metrics[k] for k in lengths) == result.metrics["val/n"]
-    rows = result.group_rows()
-    assert rows[0] == {
-        "split": "val",
-        "group": "all",
-        "oIoU": result.metrics["val/oIoU"],
-        "mIoU": result.metrics["val/mIoU"],
-        "n": result.metrics["val/n"],
-    }
-    assert all(r["group"].startswith("text/") for r in rows[1:])
+    rows = breakdown_rows(result.metrics)
+    whole = {"split": "val", "group": "all", **{k: result.metrics[f"val/{k}"] for k in ("oIoU", "mIoU", "n")}}
+    assert rows[0] == whole and all(r["group"].startswith("text/") for r in rows[1:])
+    assert all(set(r) == {"split", "group", "oIoU", "mIoU", "n"} for r in rows)
 
 
 def test_kinds_survive_synth_prepare_and_evaluate(shards):
