@@ -131,12 +131,10 @@ def breakdown_rows(metrics: Mapping[str, float]) -> list[dict[str, Any]]:
     per split a row 'all' and one per group, each with oIoU, mIoU and n, in the metrics' order."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for key, value in metrics.items():
-        split, *group, name = key.split("/")
+        split, *group, name = key.split("/")  # '<split>/<name>' or '<split>/<prefix>/<group>/<name>'
         if name in GROUP_METRICS and len(group) in (0, 2):
-            row = rows.setdefault(
-                (split, "/".join(group) or "all"), {"split": split, "group": "/".join(group) or "all"}
-            )
-            row[name] = value
+            group_name = "/".join(group) or "all"
+            rows.setdefault((split, group_name), {"split": split, "group": group_name})[name] = value
     return list(rows.values())
 
 
