@@ -190,6 +190,41 @@ class Superlative:
 
 
 Expression = Attribute | Relation | Ordinal | Superlative
+KINDS: tuple[str, ...] = ("attribute", "relation", "ordinal", "superlative")
+"""What an expression tests, one name per expression type (an extreme such as "leftmost" is an
+ordinal of rank 1)."""
+
+
+def kind_of(expr: Expression) -> str:
+    """The kind of an expression: one of ``KINDS``."""
+    match expr:
+        case Attribute():
+            return "attribute"
+        case Relation():
+            return "relation"
+        case Ordinal():
+            return "ordinal"
+        case Superlative():
+            return "superlative"
+    raise TypeError(f"not an expression: {expr!r}")
+
+
+def carrier_words(expr: Expression) -> tuple[str, ...]:
+    """The words of the rendered text that carry the expression's kind: the attributes named,
+    the relation ("left of"), the ordinal and its side ("second", "left"; "leftmost") or the
+    superlative ("largest")."""
+    match expr:
+        case Attribute(desc):
+            return tuple(w for w in (desc.size, desc.colour, desc.shape) if w)
+        case Relation(_, relation, _):
+            return (relation,)
+        case Ordinal(_, direction, 1):
+            return (EXTREME_WORDS[direction],)
+        case Ordinal(_, direction, rank):
+            return (ORDINAL_WORDS[rank], direction)
+        case Superlative(_, extreme):
+            return (extreme,)
+    raise TypeError(f"not an expression: {expr!r}")
 
 
 def render(expr: Expression) -> str:
@@ -332,12 +367,8 @@ def referring_expressions(scene: Scene, target: int) -> dict[str, list[Expressio
     # Relations and ordinals use the short heads ("circle", "red shape", "red circle"); the
     # landmark is named by its shortest unique descriptions.
     heads = [d for d in descs if d.size is None]
-    found: dict[str, list[Expression]] = {
-        "attribute": [Attribute(d) for d in unique],
-        "relation": [],
-        "ordinal": [],
-        "superlative": [],
-    }
+    found: dict[str, list[Expression]] = {kind: [] for kind in KINDS}
+    found["attribute"] = [Attribute(d) for d in unique]
     margin = POSITION_MARGIN * scene.image_size
     counts = Counter(d for o in scene.objects for d in _descs_of(o))  # objects each phrase fits
     for j, other in enumerate(scene.objects):
@@ -366,5 +397,5 @@ def referring_expressions(scene: Scene, target: int) -> dict[str, list[Expressio
                 proposals.append(Ordinal(head, direction, rank))
         for expr in proposals:
             if resolve(expr, scene) == (target,):
-                found["ordinal" if isinstance(expr, Ordinal) else "superlative"].append(expr)
+                found[kind_of(expr)].append(expr)
     return found

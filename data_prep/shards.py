@@ -51,6 +51,7 @@ from PIL import Image, UnidentifiedImageError
 from data_prep.folder import MaskFile, MaskFileError, is_folder_dataset, load_folder, read_mask
 from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, rasterize
 from data_prep.refer import Annotation, ImageInfo, Ref, Sentence, load_refer
+from data_prep.synth import load_kinds
 from data_prep.tokenize import DEFAULT_TOKENIZER, encode_expressions, load_tokenizer, vocabulary_hash
 
 FORMAT_VERSION = 2
@@ -92,7 +93,9 @@ MANIFEST_SCHEMA = pa.schema(
 )
 """`n_tokens`: WordPiece ids of the whole expression with [CLS] and [SEP], before the cut to
 max_tokens (n_tokens > max_tokens marks a cut expression). `mask_area`: mask pixels at the
-original size. `shard`: the shard's path relative to the dataset directory."""
+original size. `shard`: the shard's path relative to the dataset directory. A last column `kind`
+(KIND_FIELD) is added only when the refer root has the synthetic generator's kinds file."""
+KIND_FIELD = pa.field("kind", pa.string())
 
 REJECTS_SCHEMA = pa.schema(
     [
@@ -173,6 +176,7 @@ class PreparePlan:
     splits: tuple[str, ...]
     chunks: tuple[Chunk, ...]
     vocabulary_hash: str
+    kinds: tuple[tuple[int, str], ...] = ()  # (sent_id, kind) from a synthetic kinds file, else empty
 
 
 @dataclass(frozen=True)
@@ -253,6 +257,7 @@ def plan_prepare(
         refs = sorted(data.select(split), key=lambda r: (r.image_id, r.ref_id))
         chunks.extend(_chunk_split(split, refs, data.images, data.annotations, settings.samples_per_shard))
     tokenizer = load_tokenizer(settings.tokenizer)
+    kinds = load_kinds(refer_root, settings.dataset, settings.split_by) or {}
     return PreparePlan(
         settings=settings,
         out_dir=dataset_dir(out, settings.dataset, settings.split_by),
@@ -260,6 +265,7 @@ def plan_prepare(
         splits=chosen,
         chunks=tuple(chunks),
         vocabulary_hash=vocabulary_hash(tokenizer),
+        kinds=tuple(sorted(kinds.items())),
     )
 
 
@@ -666,7 +672,15 @@ def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult
         reject_parts.append(pq.read_table(rejects_path, schema=REJECTS_SCHEMA))
     manifest = pa.concat_tables(manifest_parts) if manifest_parts else MANIFEST_SCHEMA.empty_table()
     rejects = pa.concat_tables(reject_parts) if reject_parts else REJECTS_SCHEMA.empty_table()
-    _write_parquet(manifest.to_pylist(), MANIFEST_SCHEMA, out_dir / "manifest.parquet")
+    manifest_schema = MANIFEST_SCHEMA
+    if plan.kinds:
+        kind_of = dict(plan.kinds)
+        kinds = pa.array([kind_of.get(i) for i in manifest.column("sent_id").to_pylist()], pa.string())
+        manifest, manifest_schema = (
+            manifest.append_column(KIND_FIELD, kinds),
+            MANIFEST_SCHEMA.append(KIND_FIELD),
+        )
+    _write_parquet(manifest.to_pylist(), manifest_schema, out_dir / "manifest.parquet")
     _write_parquet(rejects.to_pylist(), REJECTS_SCHEMA, out_dir / "rejects.parquet")
 
     planned = {c.shard for c in plan.chunks}

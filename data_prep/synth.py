@@ -2,6 +2,7 @@
 
     <out>/refcoco/instances.json
     <out>/refcoco/refs(unc).p
+    <out>/refcoco/kinds(unc).json
     <out>/images/mscoco/images/train2014/COCO_train2014_%012d.jpg
     <out>/synth_report.json
 
@@ -9,7 +10,10 @@ so the real-data path (reader, shards, training, evaluation) runs unchanged on i
 is generated from its own seed ``(seed, index)``, in chunks across worker processes, and ids
 are numbered in image order afterwards: the bytes depend only on the arguments, never on the
 worker count. ``synth_report.json`` holds the scores of two language-blind baselines (the
-largest object; a random object), the floor a model that reads the expression must beat.
+largest object; a random object), the floor a model that reads the expression must beat, over
+each split and each kind of expression. The refer layout has no field for what a sentence
+tests, so ``kinds(unc).json`` lies beside it: per sent_id its kind (data_prep.scenes.KINDS) and
+the words that carry it; preparation carries the kind into the manifest (``load_kinds``).
 """
 
 from __future__ import annotations
@@ -26,8 +30,19 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from data_prep.refer import IMAGE_SUBDIR
-from data_prep.scenes import COLOURS, SHAPES, Scene, make_scene, referring_expressions, render
+from data_prep.refer import IMAGE_SUBDIR, ReferFormatError
+from data_prep.scenes import (
+    COLOURS,
+    KINDS,
+    SHAPES,
+    Expression,
+    Scene,
+    carrier_words,
+    kind_of,
+    make_scene,
+    referring_expressions,
+    render,
+)
 
 SPLITS: tuple[str, ...] = ("train", "val", "testA", "testB")
 PICKLE_PROTOCOL = 4
@@ -38,6 +53,30 @@ CATEGORIES: list[dict] = [
     {"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(SHAPES)
 ]
 CATEGORY_ID: dict[str, int] = {c["name"]: c["id"] for c in CATEGORIES}
+
+
+def kinds_path(refer_root: Path, dataset: str, split_by: str) -> Path:
+    """Where the kinds of a refs file lie: ``<root>/<dataset>/kinds(<splitBy>).json``."""
+    return Path(refer_root) / dataset / f"kinds({split_by}).json"
+
+
+def load_kinds(refer_root: str | Path, dataset: str, split_by: str) -> dict[int, str] | None:
+    """sent_id -> kind from the generator's kinds file, or None when there is none (real data).
+
+    Raises ReferFormatError naming the file when it is not what ``synthesize`` writes.
+    """
+    path = kinds_path(Path(refer_root), dataset, split_by)
+    if not path.is_file():
+        return None
+    try:
+        entries = json.loads(path.read_text())["sentences"]
+        kinds = {int(e["sent_id"]): str(e["kind"]) for e in entries}
+    except (ValueError, KeyError, TypeError) as err:
+        raise ReferFormatError(f"{path}: not a kinds file ({type(err).__name__}: {err})") from None
+    unknown = sorted(set(kinds.values()) - set(KINDS))
+    if unknown:
+        raise ReferFormatError(f"{path}: unknown kinds {unknown}; expected {', '.join(KINDS)}")
+    return kinds
 
 
 def split_of(index: int) -> str:
@@ -55,14 +94,24 @@ def scene_for(seed: int, index: int, image_size: int) -> Scene:
 
 
 @dataclass
+class KindStats:
+    """The expressions of one kind in a split, and the two baselines' overall IoU on them."""
+
+    n_expressions: int = 0
+    baseline_largest_oiou: float = 0.0
+    baseline_random_oiou: float = 0.0
+
+
+@dataclass
 class SplitStats:
-    """One split's size and the overall IoU of the two language-blind baselines."""
+    """One split's size and the overall IoU of the two language-blind baselines, also per kind."""
 
     n_images: int = 0
     n_refs: int = 0
     n_expressions: int = 0
     baseline_largest_oiou: float = 0.0
     baseline_random_oiou: float = 0.0
+    kinds: dict[str, KindStats] = field(default_factory=dict)
 
 
 @dataclass
@@ -132,40 +181,49 @@ def _make_image(seed: int, index: int, image_size: int, image_dir: Path) -> dict
         chosen = _choose(by_kind, rng)
         # Two expressions or more per ref; one only if the image would otherwise have no ref.
         if len(chosen) >= 2 or (chosen and not refs):
-            refs.append({"object": int(target), "sentences": chosen})
+            refs.append(
+                {
+                    "object": int(target),
+                    "sentences": [render(e) for e in chosen],
+                    "kinds": [kind_of(e) for e in chosen],
+                    "words": [list(carrier_words(e)) for e in chosen],
+                }
+            )
 
-    # Language-blind baselines, one sample per expression as in the evaluation protocol.
+    # Language-blind baselines, one sample per expression as in the evaluation protocol; the
+    # sums per kind [n, I largest, I random, U largest, U random] add up to the image's.
     largest = int(np.argmax(areas))
-    inter = np.zeros(2)
-    union = np.zeros(2)
+    per_kind = {kind: np.zeros(5) for kind in KINDS}
     for ref in refs:
         gt = masks[ref["object"]]
-        for _ in ref["sentences"]:
+        for kind in ref["kinds"]:
+            sums = per_kind[kind]
+            sums[0] += 1
             for k, guess in enumerate((largest, int(rng.integers(len(masks))))):
-                inter[k] += np.logical_and(masks[guess], gt).sum()
-                union[k] += np.logical_or(masks[guess], gt).sum()
+                sums[1 + k] += np.logical_and(masks[guess], gt).sum()
+                sums[3 + k] += np.logical_or(masks[guess], gt).sum()
     return {
         "image_id": image_id,
         "split": split_of(index),
         "objects": objects,
         "refs": refs,
-        "inter": inter.tolist(),
-        "union": union.tolist(),
+        "baseline_sums": {kind: sums.tolist() for kind, sums in per_kind.items()},
     }
 
 
-def _choose(by_kind: dict[str, list], rng: np.random.Generator) -> list[str]:
-    """Two or three texts (fewer only if fewer exist), one per kind first, so the data mixes
+def _choose(by_kind: dict[str, list[Expression]], rng: np.random.Generator) -> list[Expression]:
+    """Two or three expressions (fewer only if fewer exist), one per kind first, so the data mixes
     attributes, relations, ordinals and superlatives rather than repeating the easiest."""
     kinds = [k for k in by_kind if by_kind[k]]
     rng.shuffle(kinds)
-    chosen: list[str] = []
+    chosen: list[Expression] = []
     for kind in kinds:
         pool = by_kind[kind]
-        chosen.append(render(pool[int(rng.integers(len(pool)))]))
-    leftovers = sorted({render(e) for pool in by_kind.values() for e in pool} - set(chosen))
+        chosen.append(pool[int(rng.integers(len(pool)))])
+    by_text = {render(e): e for pool in by_kind.values() for e in pool}  # one text per expression
+    leftovers = sorted(set(by_text) - {render(e) for e in chosen})
     while len(chosen) < 2 and leftovers:
-        chosen.append(leftovers.pop(int(rng.integers(len(leftovers)))))
+        chosen.append(by_text[leftovers.pop(int(rng.integers(len(leftovers))))])
     want = int(rng.integers(2, MAX_EXPRESSIONS_PER_REF + 1))
     return chosen[:want]
 
@@ -176,9 +234,9 @@ def _make_chunk(args: tuple[int, list[int], int, str]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------- writing
-def _assemble(records: list[dict], image_size: int) -> tuple[dict, list[dict]]:
-    """instances.json and the refs list, with ids numbered in image order."""
-    images, annotations, refs = [], [], []
+def _assemble(records: list[dict], image_size: int) -> tuple[dict, list[dict], list[dict]]:
+    """instances.json, the refs list and the kinds list, with ids numbered in image order."""
+    images, annotations, refs, kinds = [], [], [], []
     ann_id = ref_id = sent_id = 0
     for rec in records:
         image_id = rec["image_id"]
@@ -199,9 +257,10 @@ def _assemble(records: list[dict], image_size: int) -> tuple[dict, list[dict]]:
             ref_id += 1
             target_ann = ann_ids[ref["object"]]
             sentences = []
-            for text in ref["sentences"]:
+            for text, kind, words in zip(ref["sentences"], ref["kinds"], ref["words"], strict=True):
                 sent_id += 1
                 sentences.append({"raw": text, "sent": text, "sent_id": sent_id, "tokens": text.split()})
+                kinds.append({"sent_id": sent_id, "kind": kind, "words": words})
             refs.append(
                 {
                     "ref_id": ref_id,
@@ -215,7 +274,7 @@ def _assemble(records: list[dict], image_size: int) -> tuple[dict, list[dict]]:
                 }
             )
     instances = {"images": images, "annotations": annotations, "categories": CATEGORIES}
-    return instances, refs
+    return instances, refs, kinds
 
 
 def _canonical_pickle(obj: list[dict]) -> bytes:
@@ -225,19 +284,31 @@ def _canonical_pickle(obj: list[dict]) -> bytes:
     return pickle.dumps(json.loads(json.dumps(obj)), protocol=PICKLE_PROTOCOL)
 
 
+def _baseline_oiou(sums: np.ndarray) -> tuple[float, float]:
+    """(largest, random) overall IoU from summed [n, I largest, I random, U largest, U random]."""
+    oiou = np.divide(sums[1:3], sums[3:5], out=np.zeros(2), where=sums[3:5] > 0)
+    return round(float(oiou[0]), 6), round(float(oiou[1]), 6)
+
+
 def _split_stats(records: list[dict]) -> dict[str, SplitStats]:
     stats = {}
     for split in SPLITS:
         recs = [r for r in records if r["split"] == split]
-        inter = np.sum([r["inter"] for r in recs], axis=0) if recs else np.zeros(2)
-        union = np.sum([r["union"] for r in recs], axis=0) if recs else np.zeros(2)
-        oiou = np.divide(inter, union, out=np.zeros(2), where=union > 0)
+        by_kind = {
+            kind: np.sum([r["baseline_sums"][kind] for r in recs] or [np.zeros(5)], axis=0) for kind in KINDS
+        }
+        largest, random = _baseline_oiou(np.sum(list(by_kind.values()), axis=0))
         stats[split] = SplitStats(
             n_images=len(recs),
             n_refs=sum(len(r["refs"]) for r in recs),
             n_expressions=sum(len(ref["sentences"]) for r in recs for ref in r["refs"]),
-            baseline_largest_oiou=round(float(oiou[0]), 6),
-            baseline_random_oiou=round(float(oiou[1]), 6),
+            baseline_largest_oiou=largest,
+            baseline_random_oiou=random,
+            kinds={
+                kind: KindStats(int(sums[0]), *_baseline_oiou(sums))
+                for kind, sums in by_kind.items()
+                if sums[0]
+            },
         )
     return stats
 
@@ -294,9 +365,10 @@ def synthesize(
         if stale.name not in written:
             stale.unlink()
 
-    instances, refs = _assemble(records, image_size)
+    instances, refs, kinds = _assemble(records, image_size)
     (out / "refcoco" / "instances.json").write_text(json.dumps(instances, separators=(",", ":")))
     (out / "refcoco" / "refs(unc).p").write_bytes(_canonical_pickle(refs))
+    kinds_path(out, "refcoco", "unc").write_text(json.dumps({"sentences": kinds}, separators=(",", ":")))
     report = SynthReport(str(out), num_images, image_size, seed, splits=_split_stats(records))
     (out / "synth_report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
     report.seconds = time.perf_counter() - start

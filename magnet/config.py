@@ -188,12 +188,25 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
+    """How whole splits are scored (../shared/design/refcoco-data-and-eval.md)."""
+
     protocol: Literal["lavt", "original"] = Field(
-        "lavt", description="lavt: IoU at 480x480 (resized GT); original: IoU at the image's own size."
+        "lavt",
+        description="lavt (LAVT, MagNet): logits upsampled with align_corners=True to eval_size, GT resized "
+        "there with NEAREST; original (CRIS): logits upsampled (align_corners=False) to each image's size.",
     )
-    eval_size: int = Field(480, gt=0, description="Square size of the lavt protocol.")
+    eval_size: int | None = Field(
+        None,
+        gt=0,
+        description="Square comparison size of the lavt protocol; None = the model's input size, as the "
+        "reference scores (480, or 448 for the combined-data model). Set only for quick checks.",
+    )
     threshold: float = Field(0.5, gt=0, lt=1)
     max_samples: int | None = Field(None, gt=0, description="Cap per split, for quick checks only.")
+
+    def size_for(self, image_size: int) -> int:
+        """The lavt protocol's comparison size for a model of input size ``image_size``."""
+        return self.eval_size or image_size
 
 
 class Config(_Section):

@@ -4,28 +4,49 @@ Every expression of a split is scored once: the eval loader gives each rank a co
 each rank sums intersections and unions, and one all_reduce per split gives exact split metrics
 (see magnet.metrics). Two protocols (../shared/design/refcoco-data-and-eval.md):
 
-- ``lavt`` (default, LAVT and MagNet): the ground truth resized (nearest) to eval_size x eval_size,
-  logits upsampled to it;
-- ``original`` (CRIS, CGFormer): logits upsampled to each image's own size, compared with the
-  original mask.
+- ``lavt`` (default, LAVT and MagNet, reference-forward.md point 17): the ground truth resized
+  (nearest) to the model's input size (480, or 448 for the combined-data model), logits upsampled
+  to it bilinearly with align_corners=True;
+- ``original`` (CRIS, CGFormer): logits upsampled (align_corners=False) to each image's own size,
+  compared with the original mask.
+
+Every result names its protocol and the mask convention the shards were prepared with
+(summary.json ``settings.mask_mode``: union, or refer as LAVT / MagNet), and breaks the scores down
+by kind of expression: the generator's kinds where the manifest has a ``kind`` column (synthetic
+data), else simple features of the text (magnet.metrics.TEXT_GROUPS).
 """
 
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from magnet.config import Config, EvalConfig
 from magnet.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_loader, open_split
-from magnet.metrics import IoUAccumulator, intersection_union, intersection_union_per_size, predict_masks
+from magnet.metrics import (
+    GROUP_METRICS,
+    TEXT_GROUPS,
+    GroupScores,
+    IoUAccumulator,
+    intersection_union,
+    intersection_union_per_size,
+    predict_masks,
+    text_groups,
+)
+
+ALIGN_CORNERS: dict[str, bool] = {"lavt": True, "original": False}
+"""The logits' bilinear upsampling per protocol: LAVT and MagNet align corners, CRIS does not."""
 
 
 @dataclass
@@ -38,12 +59,27 @@ class Example:
     target: np.ndarray
 
 
+@dataclass(frozen=True)
+class Breakdown:
+    """The groups a split's samples are scored in besides the whole split.
+
+    ``by`` is 'kind' (the synthetic generator's kinds, the manifest's ``kind`` column) or 'text'
+    (features of the expression); group names carry it as a prefix ('kind/relation').
+    """
+
+    by: str
+    groups: tuple[str, ...]
+    of_sample: Mapping[int, tuple[str, ...]]  # sent_id -> the groups it counts in
+
+
 @dataclass
 class SplitResult:
-    """Sums of one split (already reduced across ranks) and a few examples of this rank."""
+    """Sums of one split and of its groups (already reduced across ranks), and a few examples of
+    this rank."""
 
     split: str
     scores: IoUAccumulator
+    groups: GroupScores = field(default_factory=lambda: GroupScores(()))
     examples: list[Example] = field(default_factory=list)
 
 
@@ -51,7 +87,8 @@ class SplitResult:
 class Evaluation:
     """Metrics of every evaluated split, and how they were scored.
 
-    ``metrics`` keys are ``<split>/<name>``: oIoU, mIoU, P@0.5 ... P@0.9 (percent) and n (samples).
+    ``metrics`` keys are ``<split>/<name>``: oIoU, mIoU, P@0.5 ... P@0.9 (percent) and n (samples),
+    and per group ``<split>/<group>/<oIoU|mIoU|n>`` with group 'kind/<kind>' or 'text/<feature>'.
     """
 
     protocol: str
@@ -59,21 +96,46 @@ class Evaluation:
     threshold: float
     metrics: dict[str, float]
     splits: dict[str, SplitResult]
+    mask_mode: str | None = None  # the shards' mask convention (summary.json); None if not recorded
+    breakdown: str | None = None  # 'kind' or 'text': what the group metrics are grouped by
+
+    @property
+    def align_corners(self) -> bool:
+        return ALIGN_CORNERS[self.protocol]
 
     def as_dict(self) -> dict[str, Any]:
-        """What a metrics.json holds: the protocol, its description and the metrics."""
+        """What a metrics.json holds: the protocol, the mask convention, the description and the
+        metrics (the group metrics among them)."""
         return {
             "protocol": self.protocol,
             "eval_size": self.eval_size,
+            "align_corners": self.align_corners,
             "threshold": self.threshold,
+            "mask_mode": self.mask_mode,
+            "breakdown": self.breakdown,
             "description": self.describe(),
             "metrics": self.metrics,
         }
 
     def describe(self) -> str:
-        """One line naming the protocol, for every report."""
+        """One line naming the protocol and the mask convention, for every report."""
         where = f"{self.eval_size}x{self.eval_size}" if self.eval_size else "each image's original size"
-        return f"protocol {self.protocol}: IoU at {where}, probability > {self.threshold}"
+        return (
+            f"protocol {self.protocol}: IoU at {where} (logits bilinear, align_corners="
+            f"{self.align_corners}), probability > {self.threshold}; masks {self.mask_mode or 'unrecorded'}"
+        )
+
+
+def breakdown_rows(metrics: Mapping[str, float]) -> list[dict[str, Any]]:
+    """The breakdown table of flat metrics (``Evaluation.metrics``, or merged from several):
+    per split a row 'all' and one per group, each with oIoU, mIoU and n, in the metrics' order."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for key, value in metrics.items():
+        split, *group, name = key.split("/")  # '<split>/<name>' or '<split>/<prefix>/<group>/<name>'
+        if name in GROUP_METRICS and len(group) in (0, 2):
+            group_name = "/".join(group) or "all"
+            rows.setdefault((split, group_name), {"split": split, "group": group_name})[name] = value
+    return list(rows.values())
 
 
 def _autocast(device: torch.device, precision: str) -> Any:
@@ -90,11 +152,13 @@ def _denormalise(images: torch.Tensor) -> np.ndarray:
     return (images.float().cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
-def _examples(batch: Mapping[str, Any], logits: torch.Tensor, count: int, threshold: float) -> list[Example]:
+def _examples(
+    batch: Mapping[str, Any], logits: torch.Tensor, count: int, threshold: float, align_corners: bool
+) -> list[Example]:
     """The first ``count`` samples of a batch, masks brought to the image's size S."""
     images = batch["image"][:count]
     size = (images.shape[-2], images.shape[-1])
-    pred = predict_masks(logits[:count], size, threshold).cpu().numpy()  # [k,S,S]
+    pred = predict_masks(logits[:count], size, threshold, align_corners).cpu().numpy()  # [k,S,S]
     target = F.interpolate(batch["mask"][:count, None].float(), size=size, mode="nearest")[:, 0]  # [k,S,S]
     return [
         Example(image=img, text=text, pred=p, target=t)
@@ -114,6 +178,7 @@ def evaluate_split(
     device: torch.device,
     precision: str = "fp32",
     keep_examples: int = 0,
+    breakdown: Breakdown | None = None,
 ) -> SplitResult:
     """Score one split's batches (this rank's share) and reduce the sums across ranks.
 
@@ -125,10 +190,13 @@ def evaluate_split(
         device: where the model runs.
         precision: 'bf16' autocasts on GPU.
         keep_examples: samples of the first batch kept for the picture.
+        breakdown: the groups each sample (by sent_id) is also scored in; None = none.
     """
     was_training = model.training
     model.eval()
+    align_corners = ALIGN_CORNERS[eval_cfg.protocol]
     scores = IoUAccumulator()
+    groups = GroupScores(breakdown.groups if breakdown is not None else ())
     examples: list[Example] = []
     for batch in batches:
         with _autocast(device, precision):
@@ -139,15 +207,48 @@ def evaluate_split(
             )
         logits = out.mask_logits.float()  # [B,1,S/4,S/4]
         if eval_cfg.protocol == "original":
-            inter, union = intersection_union_per_size(logits, batch["orig_mask"], eval_cfg.threshold)
+            targets = batch["orig_mask"]
+            inter, union = intersection_union_per_size(logits, targets, eval_cfg.threshold, align_corners)
         else:
-            inter, union = intersection_union(logits, batch["mask"].to(device), eval_cfg.threshold)
+            target = batch["mask"].to(device)
+            inter, union = intersection_union(logits, target, eval_cfg.threshold, align_corners)
         scores.update(inter, union)
+        if breakdown is not None:
+            groups.update(inter, union, [breakdown.of_sample.get(int(i), ()) for i in batch["sent_id"]])
         if len(examples) < keep_examples:
-            examples += _examples(batch, logits.cpu(), keep_examples - len(examples), eval_cfg.threshold)
+            count = keep_examples - len(examples)
+            examples += _examples(batch, logits.cpu(), count, eval_cfg.threshold, align_corners)
     scores.all_reduce()
+    groups.all_reduce()
     model.train(was_training)
-    return SplitResult(split=split, scores=scores, examples=examples)
+    return SplitResult(split=split, scores=scores, groups=groups, examples=examples)
+
+
+def _read_json(url: str) -> dict[str, Any]:
+    with fsspec.open(url, "rt") as handle:
+        return json.load(handle)
+
+
+def split_breakdowns(shards: str, splits: Sequence[str]) -> tuple[str, dict[str, Breakdown]]:
+    """What the data is broken down by ('kind' where preparation carried the generator's ``kind``
+    column, synthetic data; else 'text', the expression's features) and each split's breakdown."""
+    with fsspec.open(f"{shards.rstrip('/')}/manifest.parquet", "rb") as handle:
+        manifest = pq.ParquetFile(handle)
+        by = "kind" if "kind" in manifest.schema_arrow.names else "text"
+        columns = ["split", "sent_id", "kind" if by == "kind" else "raw"]
+        rows = manifest.read(columns=columns).to_pydict()
+    of_split: dict[str, dict[int, tuple[str, ...]]] = {split: {} for split in splits}
+    for split, sent_id, value in zip(*rows.values(), strict=True):
+        if split in of_split:
+            if by == "text":
+                of_split[split][sent_id] = text_groups(value)
+            elif value is not None:
+                of_split[split][sent_id] = (f"kind/{value}",)
+    breakdowns = {}
+    for split, of_sample in of_split.items():
+        groups = TEXT_GROUPS if by == "text" else tuple(sorted({g for gs in of_sample.values() for g in gs}))
+        breakdowns[split] = Breakdown(by, groups, of_sample)
+    return by, breakdowns
 
 
 def evaluate(
@@ -173,19 +274,25 @@ def evaluate(
         keep_examples: samples per split kept (on this rank) for the picture.
 
     Returns:
-        Evaluation with metrics ``<split>/oIoU`` etc., the same on every rank.
+        Evaluation with metrics ``<split>/oIoU`` etc. and ``<split>/<group>/oIoU`` etc., the same on
+        every rank.
     """
     device = torch.device(device)
+    splits = list(splits if splits is not None else cfg.data.eval_splits)
+    size = cfg.eval.size_for(cfg.model.image_size)
+    eval_cfg = cfg.eval.model_copy(update={"eval_size": size})
+    settings = _read_json(f"{shards.rstrip('/')}/summary.json").get("settings", {})
+    breakdown_by, breakdowns = split_breakdowns(shards, splits)
     results: dict[str, SplitResult] = {}
     metrics: dict[str, float] = {}
-    for split in splits if splits is not None else cfg.data.eval_splits:
+    for split in splits:
         split_shards = open_split(
             shards, split, verify=cfg.data.verify_checksums, skip_corrupt=cfg.data.skip_corrupt_shards
         )
         loader = build_eval_loader(
             split_shards,
             cfg.data,
-            cfg.eval,
+            eval_cfg,
             image_size=cfg.model.image_size,
             rank=rank,
             world_size=world_size,
@@ -193,20 +300,25 @@ def evaluate(
         result = evaluate_split(
             model,
             loader,
-            cfg.eval,
+            eval_cfg,
             split=split,
             device=device,
             precision=cfg.train.precision,
             keep_examples=keep_examples,
+            breakdown=breakdowns[split],
         )
         results[split] = result
         metrics.update({f"{split}/{name}": value for name, value in result.scores.compute().items()})
+        for group, values in result.groups.compute().items():
+            metrics.update({f"{split}/{group}/{name}": value for name, value in values.items()})
     return Evaluation(
         protocol=cfg.eval.protocol,
-        eval_size=cfg.eval.eval_size if cfg.eval.protocol == "lavt" else None,
+        eval_size=size if cfg.eval.protocol == "lavt" else None,
         threshold=cfg.eval.threshold,
         metrics=metrics,
         splits=results,
+        mask_mode=settings.get("mask_mode"),
+        breakdown=breakdown_by,
     )
 
 

@@ -4,43 +4,52 @@ The protocol (../shared/design/refcoco-data-and-eval.md): mask logits are upsamp
 the target's size and thresholded on the probability (> threshold); per sample I = |pred & gt|,
 U = |pred | gt| and IoU = I / U (0 where U = 0). Over a split: oIoU = sum I / sum U, mIoU = mean
 IoU, P@t = share of samples with IoU >= t. Scores are reported in percent, like the papers.
+LAVT and MagNet upsample with ``align_corners=True`` (reference-forward.md, point 17).
 
 Everything a split-level metric needs is a sum, so workers each accumulate their share of the
-samples and one all_reduce of the sums gives the exact split metrics.
+samples and one all_reduce of the sums gives the exact split metrics. ``GroupScores`` keeps the
+same sums per group of samples (a kind of expression), so the breakdown is exact too.
 
 Shapes: B batch, h x w logit grid (S/4), H x W target size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 PRECISION_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+GROUP_METRICS: tuple[str, ...] = ("oIoU", "mIoU", "n")
 
 
-def predict_masks(logits: torch.Tensor, size: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
+def predict_masks(
+    logits: torch.Tensor, size: tuple[int, int], threshold: float = 0.5, align_corners: bool = False
+) -> torch.Tensor:
     """Binary masks at ``size`` from mask logits.
 
     Args:
         logits: [B,1,h,w] mask logits.
         size: (H, W) of the target.
         threshold: probability above which a pixel is foreground (strictly greater).
+        align_corners: of the bilinear upsampling; True is what LAVT and MagNet score with.
 
     Returns:
         bool [B,H,W].
     """
     if logits.dim() != 4 or logits.shape[1] != 1:
         raise ValueError(f"mask logits must be [B,1,h,w], got {tuple(logits.shape)}")
-    upsampled = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)  # [B,1,H,W]
+    upsampled = F.interpolate(
+        logits.float(), size=size, mode="bilinear", align_corners=align_corners
+    )  # [B,1,H,W]
     return upsampled.sigmoid()[:, 0] > threshold  # [B,H,W]
 
 
 def intersection_union(
-    logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5
+    logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5, align_corners: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample intersection and union (pixel counts) of predicted and true masks of one size.
 
@@ -48,13 +57,14 @@ def intersection_union(
         logits: [B,1,h,w] mask logits.
         target: [B,H,W] true masks, nonzero = foreground.
         threshold: probability threshold of the prediction.
+        align_corners: of the logits' bilinear upsampling to the target's size.
 
     Returns:
         (I, U), each float64 [B].
     """
     if target.dim() != 3 or target.shape[0] != logits.shape[0]:
         raise ValueError(f"target must be [B,H,W] with B={logits.shape[0]}, got {tuple(target.shape)}")
-    pred = predict_masks(logits, (target.shape[-2], target.shape[-1]), threshold)  # [B,H,W]
+    pred = predict_masks(logits, (target.shape[-2], target.shape[-1]), threshold, align_corners)  # [B,H,W]
     gt = target.to(pred.device) > 0
     inter = (pred & gt).flatten(1).sum(1).double()
     union = (pred | gt).flatten(1).sum(1).double()
@@ -62,7 +72,7 @@ def intersection_union(
 
 
 def intersection_union_per_size(
-    logits: torch.Tensor, targets: Sequence[torch.Tensor], threshold: float = 0.5
+    logits: torch.Tensor, targets: Sequence[torch.Tensor], threshold: float = 0.5, align_corners: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`intersection_union` for targets of different sizes (the original-size protocol).
 
@@ -70,19 +80,33 @@ def intersection_union_per_size(
         logits: [B,1,h,w] mask logits.
         targets: B masks, each [H_i,W_i].
         threshold: probability threshold of the prediction.
+        align_corners: of the logits' bilinear upsampling to each target's size.
 
     Returns:
         (I, U), each float64 [B].
     """
     if len(targets) != logits.shape[0]:
         raise ValueError(f"got {len(targets)} target masks for {logits.shape[0]} predictions")
-    pairs = [intersection_union(logits[i : i + 1], t[None], threshold) for i, t in enumerate(targets)]
+    pairs = [
+        intersection_union(logits[i : i + 1], t[None], threshold, align_corners)
+        for i, t in enumerate(targets)
+    ]
     return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
 
 def iou(inter: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
     """Per-sample IoU, 0 where the union is empty (both masks empty scores 0, as in LAVT)."""
     return torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
+
+
+def _all_reduce_sum(sums: torch.Tensor) -> torch.Tensor:
+    """Sum a float64 tensor over all ranks (a copy); the tensor itself outside torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return sums
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    reduced = sums.to(device) if device is not None else sums.clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced.cpu()
 
 
 class IoUAccumulator:
@@ -116,12 +140,7 @@ class IoUAccumulator:
 
     def all_reduce(self) -> None:
         """Sum the accumulators of all ranks in place; a no-op outside torch.distributed."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-        sums = self.sums.to(device) if device is not None else self.sums.clone()
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        self.sums = sums.cpu()
+        self.sums = _all_reduce_sum(self.sums)
 
     @property
     def count(self) -> int:
@@ -140,3 +159,99 @@ class IoUAccumulator:
             metrics[f"P@{t:g}"] = 100.0 * hits / count
         metrics["n"] = count
         return metrics
+
+
+class GroupScores:
+    """An ``IoUAccumulator`` per group of samples (a kind of expression, a text feature).
+
+    A sample counts in every group it belongs to, or in none. The groups are fixed up front, so
+    every rank reduces a vector of the same shape even when its share lacks some group.
+
+    Args:
+        groups: group names, in the order they are reported.
+        thresholds: IoU thresholds of the precision metrics.
+    """
+
+    def __init__(self, groups: Sequence[str], thresholds: Sequence[float] = PRECISION_THRESHOLDS) -> None:
+        self.groups = {name: IoUAccumulator(thresholds) for name in groups}
+
+    def update(self, inter: torch.Tensor, union: torch.Tensor, memberships: Sequence[Iterable[str]]) -> None:
+        """Add a batch: per-sample I and U (float [B] each) and each sample's group names."""
+        if len(memberships) != len(inter):
+            raise ValueError(f"got group names of {len(memberships)} samples for {len(inter)} scores")
+        names = [set(m) for m in memberships]
+        for name, scores in self.groups.items():
+            keep = torch.tensor([name in sample for sample in names], dtype=torch.bool)
+            if keep.any():
+                scores.update(inter[keep], union[keep])
+
+    def merge(self, other: GroupScores) -> None:
+        """Add another GroupScores of the same groups into this one."""
+        if list(other.groups) != list(self.groups):
+            raise ValueError(f"cannot merge groups {list(other.groups)} into {list(self.groups)}")
+        for name, scores in self.groups.items():
+            scores.merge(other.groups[name])
+
+    def all_reduce(self) -> None:
+        """Sum every group over all ranks with one all_reduce; a no-op outside torch.distributed."""
+        if not self.groups:
+            return
+        stacked = _all_reduce_sum(torch.stack([s.sums for s in self.groups.values()]))  # [G, 4+T]
+        for scores, sums in zip(self.groups.values(), stacked, strict=True):
+            scores.sums = sums.clone()
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        """oIoU, mIoU (percent) and n of every group that has samples, in the groups' order."""
+        return {
+            name: {key: value for key, value in scores.compute().items() if key in GROUP_METRICS}
+            for name, scores in self.groups.items()
+            if scores.count > 0
+        }
+
+
+# ------------------------------------------------------------------- text features (real data)
+# Real RefCOCO-family expressions carry no kind, so the breakdown uses simple features of the text:
+# a word from these lists (lower-cased, split on anything but letters and digits), and the length.
+SPATIAL_WORDS: frozenset[str] = frozenset(
+    """left right top bottom middle center centre front back behind above below under underneath beneath
+    over near next beside between close closest far farther farthest further furthest upper lower side
+    corner edge across leftmost rightmost topmost bottommost uppermost lowermost frontmost""".split()  # noqa: SIM905 (a word list reads better as text)
+)
+ORDINAL_WORDS: frozenset[str] = frozenset(
+    """first second third fourth fifth sixth 1st 2nd 3rd 4th 5th 6th last leftmost rightmost topmost
+    bottommost uppermost lowermost frontmost closest nearest farthest furthest largest biggest smallest
+    tallest shortest longest highest lowest widest darkest lightest brightest oldest youngest""".split()  # noqa: SIM905
+)
+LENGTH_BUCKETS: tuple[tuple[int, int | None], ...] = ((0, 3), (4, 6), (7, 10), (11, None))
+"""Word-count buckets (inclusive; None = no upper bound), named ``length_1-3`` ... ``length_11-plus``."""
+
+
+def _bucket_name(low: int, high: int | None) -> str:
+    return f"text/length_{max(low, 1)}-{high if high is not None else 'plus'}"
+
+
+TEXT_GROUPS: tuple[str, ...] = (
+    "text/spatial",
+    "text/ordinal",
+    "text/plain",
+    *(_bucket_name(low, high) for low, high in LENGTH_BUCKETS),
+)
+"""The text-feature groups in report order: ``spatial`` names a spatial relation or position,
+``ordinal`` an ordinal or superlative, ``plain`` neither; exactly one length bucket each."""
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def text_groups(raw: str) -> tuple[str, ...]:
+    """The text-feature groups (``TEXT_GROUPS``) an expression belongs to."""
+    words = _WORD.findall(raw.lower())
+    groups = [
+        name
+        for name, vocabulary in (("text/spatial", SPATIAL_WORDS), ("text/ordinal", ORDINAL_WORDS))
+        if vocabulary.intersection(words)
+    ]
+    if not groups:
+        groups.append("text/plain")
+    low, high = next(b for b in LENGTH_BUCKETS if b[1] is None or len(words) <= b[1])
+    groups.append(_bucket_name(low, high))
+    return tuple(groups)

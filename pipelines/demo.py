@@ -5,7 +5,8 @@
     <workdir>/mlflow.db, mlartifacts/   the MLflow store (runs, the registered model `magnet`)
     <workdir>/ray-results/      Ray Train checkpoints, and the Tune sweep's trials
     <workdir>/pictures/         predictions per split (predicted red, true green)
-    <workdir>/demo-summary.json metrics per split beside the language-blind baselines
+    <workdir>/demo-summary.json metrics per split and per kind of expression beside the
+                                language-blind baselines
 
 After the training, the model is promoted to `champion` (its score recorded on the version), then
 a short sweep of the loss weights runs (`SWEEP_TRIALS` tiny trials: an MLflow parent run with a
@@ -70,22 +71,61 @@ def ensure_synthetic_shards(
     return shards
 
 
-def _baselines(data: Path) -> dict[str, dict[str, float]]:
+def _baselines(data: Path) -> dict[str, dict[str, Any]]:
+    """synth_report.json's language-blind floors (fractions) per split and per kind of expression."""
     report = json.loads((data / "synth_report.json").read_text())
+
+    def floors(stats: dict[str, Any]) -> dict[str, float]:
+        return {"largest": stats["baseline_largest_oiou"], "random": stats["baseline_random_oiou"]}
+
     return {
-        split: {"largest": stats["baseline_largest_oiou"], "random": stats["baseline_random_oiou"]}
+        split: {**floors(stats), "kinds": {kind: floors(k) for kind, k in stats.get("kinds", {}).items()}}
         for split, stats in report["splits"].items()
     }
 
 
-def _table(rows: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'split':<7} {'model oIoU':>10} {'mIoU':>7} {'largest':>8} {'random':>7}  beats both"]
+def _score_row(metrics: dict[str, float], prefix: str, floors: dict[str, Any]) -> dict[str, float]:
+    """The model's oIoU, mIoU and n under ``prefix`` ('val', 'val/kind/relation') beside the
+    baselines' oIoU, all in percent."""
+    return {
+        "oIoU": metrics[f"{prefix}/oIoU"],
+        "mIoU": metrics[f"{prefix}/mIoU"],
+        "n": metrics[f"{prefix}/n"],
+        "baseline_largest": 100 * floors["largest"],
+        "baseline_random": 100 * floors["random"],
+    }
+
+
+def score_rows(metrics: dict[str, float], baselines: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per evaluated split its row and, under ``kinds``, a row per kind of expression."""
+    rows: dict[str, dict[str, Any]] = {}
+    for split, floors in baselines.items():
+        if f"{split}/oIoU" not in metrics:
+            continue
+        kinds = {
+            kind: _score_row(metrics, f"{split}/kind/{kind}", kind_floors)
+            for kind, kind_floors in floors["kinds"].items()
+            if f"{split}/kind/{kind}/oIoU" in metrics
+        }
+        rows[split] = {**_score_row(metrics, split, floors), "kinds": kinds}
+    return rows
+
+
+def _beats_both(row: dict[str, float]) -> bool:
+    return row["oIoU"] > max(row["baseline_largest"], row["baseline_random"])
+
+
+def score_table(rows: dict[str, dict[str, Any]]) -> str:
+    """The splits, each followed by its kinds (indented), model beside baselines (oIoU, percent)."""
+    header = f"{'split / kind':<14} {'n':>5} {'model oIoU':>10} {'mIoU':>7} {'largest':>8} {'random':>7}"
+    lines = [f"{header}  beats both"]
     for split, row in rows.items():
-        verdict = "yes" if row["oIoU"] > max(row["baseline_largest"], row["baseline_random"]) else "NO"
-        lines.append(
-            f"{split:<7} {row['oIoU']:>10.2f} {row['mIoU']:>7.2f} "
-            f"{row['baseline_largest']:>8.2f} {row['baseline_random']:>7.2f}  {verdict}"
-        )
+        for name, line in ((split, row), *((f"  {kind}", k) for kind, k in row["kinds"].items())):
+            lines.append(
+                f"{name:<14} {line['n']:>5.0f} {line['oIoU']:>10.2f} {line['mIoU']:>7.2f} "
+                f"{line['baseline_largest']:>8.2f} {line['baseline_random']:>7.2f}  "
+                + ("yes" if _beats_both(line) else "NO")
+            )
     return "\n".join(lines)
 
 
@@ -195,25 +235,13 @@ def run_demo(workdir: Path, num_workers: int = DEMO_WORKERS, config: str = DEMO_
         ray.shutdown()
     print(f"[demo] sweep {sweep.sweep_name}, trials ranked by {sweep.metric}:\n{sweep.table_markdown}")
     aliases = client_for(tracking_uri).get_registered_model(MODEL_NAME).aliases or {}
-    baselines = _baselines(workdir / "data")
-    rows: dict[str, dict[str, float]] = {}
-    for split, base in baselines.items():
-        if f"{split}/oIoU" not in result["metrics"]:
-            continue
-        rows[split] = {
-            "oIoU": result["metrics"][f"{split}/oIoU"],
-            "mIoU": result["metrics"][f"{split}/mIoU"],
-            "baseline_largest": 100 * base["largest"],
-            "baseline_random": 100 * base["random"],
-        }
+    rows = score_rows(result["metrics"], _baselines(workdir / "data"))
     summary = {
         "config": config,
         "protocol": result["protocol"],
         "workers": num_workers,
         "splits": rows,
-        "beats_baselines": all(
-            r["oIoU"] > max(r["baseline_largest"], r["baseline_random"]) for r in rows.values()
-        ),
+        "beats_baselines": all(_beats_both(r) for r in rows.values()),
         "mlflow": {
             "tracking_uri": result["tracking_uri"],
             "run_id": result["run_id"],
@@ -250,8 +278,8 @@ def run_demo(workdir: Path, num_workers: int = DEMO_WORKERS, config: str = DEMO_
     }
     (workdir / "demo-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print()
-    print(f"MagNet demo: {result['protocol']}; oIoU in percent")
-    print(_table(rows))
+    print(f"MagNet demo: {result['protocol']}; oIoU in percent, per split and per kind of expression")
+    print(score_table(rows))
     print()
     print(f"summary: {workdir / 'demo-summary.json'}   pictures: {workdir / 'pictures'}")
     print(_ui_guide(summary))

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from magnet.config import Config
+    from magnet.evaluate import Evaluation
 
 DEFAULT_EXPERIMENT = "magnet"
 ARTIFACT_DIR_NAME = "mlartifacts"
@@ -89,7 +90,8 @@ def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str)
 
 # ------------------------------------------------------------------------------------- run tags
 def dataset_tags(shards: str | Path) -> dict[str, str]:
-    """Tags identifying the prepared data: summary.json's sha256, dataset, splitBy, counts."""
+    """Tags identifying the prepared data: summary.json's sha256, dataset, splitBy, counts, and the
+    mask convention (union, or refer as LAVT / MagNet) the figures are scored against."""
     import fsspec
 
     root = str(shards) if "://" in str(shards) else str(Path(shards).resolve())
@@ -104,6 +106,8 @@ def dataset_tags(shards: str | Path) -> dict[str, str]:
     for key in ("dataset", "splitBy"):
         if key in summary:
             tags[f"dataset.{key}"] = str(summary[key])
+    if "mask_mode" in (summary.get("settings") or {}):
+        tags["dataset.mask_mode"] = str(summary["settings"]["mask_mode"])
     for split, count in (summary.get("counts") or {}).items():  # {"read", "written", "rejected"}
         tags[f"dataset.count.{split}"] = str(count["written"] if isinstance(count, dict) else count)
         if isinstance(count, dict) and count.get("rejected"):
@@ -232,6 +236,38 @@ class MlflowRunLogger:
             path = Path(tmp) / _safe_dir_name(name if name.endswith(".png") else f"{name}.png")
             path.write_bytes(figure_png)
             self._client.log_artifact(self.run_id, str(path), artifact_path="predictions")
+
+    def log_evaluation(
+        self, evaluation: Evaluation, step: int, table_metrics: Mapping[str, float] | None = None
+    ) -> None:
+        """An evaluation's metrics, how it was scored (tags ``eval.protocol``, ``eval.mask_mode``,
+        ``eval.breakdown``, ``eval.description``) and its breakdown table (split x group: oIoU,
+        mIoU, n) as ``evaluation/step%08d.json``, shown in the UI's artifact view.
+
+        Args:
+            evaluation: the result of magnet.evaluate.evaluate.
+            step: the checkpoint's step.
+            table_metrics: the table's figures when some splits were scored elsewhere (training's
+                evaluation of the same checkpoint); default the evaluation's own metrics.
+        """
+        from mlflow.entities import RunTag
+
+        from magnet.evaluate import breakdown_rows
+
+        self.log_metrics(evaluation.metrics, step)
+        tags = {
+            "eval.protocol": evaluation.protocol,
+            "eval.mask_mode": str(evaluation.mask_mode),
+            "eval.breakdown": str(evaluation.breakdown),
+            "eval.description": evaluation.describe(),
+        }
+        self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        rows = breakdown_rows(evaluation.metrics if table_metrics is None else table_metrics)
+        if rows:
+            columns = {
+                name: [row.get(name) for row in rows] for name in ("split", "group", "oIoU", "mIoU", "n")
+            }
+            self._client.log_table(self.run_id, data=columns, artifact_file=f"evaluation/step{step:08d}.json")
 
     def log_artifacts(self, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
         for path in paths:

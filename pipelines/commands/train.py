@@ -74,7 +74,7 @@ def evaluate(
     ),
     shards: str = typer.Option(..., "--shards", help="Prepared dataset root (directory or s3:// URL)."),
     splits: list[str] = typer.Option(["val"], "--split", help="Split to score (repeatable)."),
-    protocol: str | None = typer.Option(None, "--protocol", help="lavt (480 resize) or original size."),
+    protocol: str | None = typer.Option(None, "--protocol", help="lavt (model input size) or original."),
     out: Path | None = typer.Option(None, "--out", help="Write the metrics JSON here."),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="For models:/ and runs:/ URIs."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),

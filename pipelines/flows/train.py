@@ -140,8 +140,8 @@ def evaluate_final(
     metrics = {key: value for key, value in scored.items() if key.split("/", 1)[0] in splits}
     missing = [split for split in splits if f"{split}/oIoU" not in metrics]
     result = evaluate(model, shards, cfg, splits=missing, device=device, keep_examples=PICTURE_EXAMPLES)
-    logger.log_metrics(result.metrics, step=step)
     metrics.update(result.metrics)
+    logger.log_evaluation(result, step=step, table_metrics=metrics)
     examples = {split: outcome.examples for split, outcome in result.splits.items()}
     done = [split for split in splits if split not in missing]
     if done:

@@ -14,9 +14,10 @@ from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
 from data_prep.masks import rasterize
-from data_prep.refer import load_refer, load_refs_pickle
+from data_prep.refer import ReferFormatError, load_refer, load_refs_pickle
 from data_prep.scenes import (
     COLOURS,
+    KINDS,
     Attribute,
     Desc,
     Ordinal,
@@ -24,12 +25,13 @@ from data_prep.scenes import (
     Scene,
     SceneObject,
     Superlative,
+    kind_of,
     parse,
     referring_expressions,
     render,
     resolve,
 )
-from data_prep.synth import SPLITS, scene_for, synthesize
+from data_prep.synth import SPLITS, kinds_path, load_kinds, scene_for, synthesize
 
 SEED, SIZE, N_IMAGES = 3, 128, 300
 
@@ -263,6 +265,64 @@ def test_language_blind_baselines_are_weak(dataset: Path) -> None:
         assert 0 < split["baseline_random_oiou"] < 0.5
 
 
+# ------------------------------------------------------------------------------------ kinds
+def test_kinds_file_names_each_sentence_kind_and_its_words(dataset: Path, refs: list[dict]) -> None:
+    entries = json.loads(kinds_path(dataset, "refcoco", "unc").read_text())["sentences"]
+    raw_of = {s["sent_id"]: s["raw"] for ref in refs for s in ref["sentences"]}
+    assert [e["sent_id"] for e in entries] == sorted(raw_of)
+    for entry in entries:
+        raw = raw_of[entry["sent_id"]]
+        assert entry["kind"] == kind_of(parse(raw)), raw  # the kind the text itself reads as
+        assert entry["words"] and all(re.search(rf"\b{w}\b", raw) for w in entry["words"]), (raw, entry)
+    assert load_kinds(dataset, "refcoco", "unc") == {e["sent_id"]: e["kind"] for e in entries}
+    assert {e["kind"] for e in entries} == set(KINDS)
+
+
+def test_baselines_per_kind_add_up_and_match_a_recount(
+    dataset: Path, instances: dict, refs: list[dict]
+) -> None:
+    """Per split and kind: the counts are the kinds file's, and the largest-object floor recounted
+    from the annotations is the report's."""
+    report = json.loads((dataset / "synth_report.json").read_text())
+    kind_of_sent = load_kinds(dataset, "refcoco", "unc")
+    per_image = _annotations_by_image(instances)
+    ann_by_id = {a["id"]: a for a in instances["annotations"]}
+
+    def mask(ann: dict) -> np.ndarray:
+        return rasterize(ann["segmentation"], SIZE, SIZE).astype(bool)
+
+    for split, stats in report["splits"].items():
+        kinds = stats["kinds"]
+        assert sum(k["n_expressions"] for k in kinds.values()) == stats["n_expressions"]
+        inter: dict[str, int] = defaultdict(int)
+        union: dict[str, int] = defaultdict(int)
+        count: dict[str, int] = defaultdict(int)
+        for ref in (r for r in refs if r["split"] == split):
+            largest = mask(max(per_image[ref["image_id"]], key=lambda a: a["area"]))
+            gt = mask(ann_by_id[ref["ann_id"]])
+            for sentence in ref["sentences"]:
+                kind = kind_of_sent[sentence["sent_id"]]
+                count[kind] += 1
+                inter[kind] += int((largest & gt).sum())
+                union[kind] += int((largest | gt).sum())
+        assert {k: v["n_expressions"] for k, v in kinds.items()} == dict(count)
+        for kind, values in kinds.items():
+            assert values["baseline_largest_oiou"] == pytest.approx(inter[kind] / union[kind], abs=1e-6)
+            assert 0 <= values["baseline_random_oiou"] <= 1
+
+
+def test_a_bad_kinds_file_is_named(tmp_path: Path) -> None:
+    assert load_kinds(tmp_path, "refcoco", "unc") is None  # real data has none
+    path = kinds_path(tmp_path, "refcoco", "unc")
+    path.parent.mkdir(parents=True)
+    path.write_text('{"sentences": [{"sent_id": 1}]}')
+    with pytest.raises(ReferFormatError, match=r"kinds\(unc\)\.json: not a kinds file"):
+        load_kinds(tmp_path, "refcoco", "unc")
+    path.write_text('{"sentences": [{"sent_id": 1, "kind": "colour"}]}')
+    with pytest.raises(ReferFormatError, match=r"unknown kinds \['colour'\]"):
+        load_kinds(tmp_path, "refcoco", "unc")
+
+
 # ------------------------------------------------------------------------------ determinism
 def _tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
@@ -273,7 +333,7 @@ def test_same_arguments_same_bytes_whatever_the_worker_count(tmp_path: Path) -> 
     two = synthesize(tmp_path / "two", num_images=24, image_size=96, seed=7, workers=2)
     assert one.splits == two.splits
     first, second = _tree_bytes(tmp_path / "one"), _tree_bytes(tmp_path / "two")
-    assert len(first) == 24 + 3 and first == second
+    assert len(first) == 24 + 4 and first == second
     synthesize(tmp_path / "other", num_images=24, image_size=96, seed=8, workers=1)
     other = _tree_bytes(tmp_path / "other")
     assert other.keys() == first.keys() and other != first

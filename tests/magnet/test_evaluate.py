@@ -1,13 +1,18 @@
 """Evaluation over whole splits: every expression once, both protocols, rank shares adding up."""
 
+import json
+import shutil
+from pathlib import Path
+
 import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import nn
 
+from data_prep.synth import load_kinds
 from magnet.config import load_config
-from magnet.evaluate import evaluate, prediction_figure
-from magnet.metrics import IoUAccumulator
+from magnet.evaluate import Breakdown, breakdown_rows, evaluate, evaluate_split, prediction_figure
+from magnet.metrics import GroupScores, IoUAccumulator
 from magnet.models import MagNetOutput
 
 
@@ -47,12 +52,125 @@ def test_original_protocol_scores_every_expression_at_its_own_size(shards):
 def test_rank_shares_add_up_to_the_whole_split(shards):
     cfg = config("lavt")
     whole = evaluate(Everywhere(), shards, cfg, splits=["val", "testA"])
-    assert whole.eval_size == cfg.eval.eval_size and "480x480" in whole.describe()
+    assert whole.eval_size == cfg.model.image_size and "32x32" in whole.describe()
     merged = {split: IoUAccumulator() for split in ("val", "testA")}
+    merged_groups = {split: GroupScores(list(whole.splits[split].groups.groups)) for split in merged}
     for rank in range(3):
         part = evaluate(Everywhere(), shards, cfg, splits=["val", "testA"], rank=rank, world_size=3)
         for split, acc in merged.items():
             acc.merge(part.splits[split].scores)
+            merged_groups[split].merge(part.splits[split].groups)
     for split, acc in merged.items():
         got = {f"{split}/{k}": v for k, v in acc.compute().items()}
+        for group, values in merged_groups[split].compute().items():
+            got.update({f"{split}/{group}/{k}": v for k, v in values.items()})
         assert got == pytest.approx({k: v for k, v in whole.metrics.items() if k.startswith(f"{split}/")})
+
+
+class LeftColumns(nn.Module):
+    """Foreground logits in the left sixteenth of the S/4 grid (28 of 112 columns for a 448 model)."""
+
+    def forward(self, image, input_ids, attention_mask, target_mask=None) -> MagNetOutput:
+        size = image.shape[-1] // 4
+        logits = torch.full((image.shape[0], 1, size, size), -10.0)
+        logits[..., : size // 4] = 10.0
+        return MagNetOutput(mask_logits=logits, aux_mask_logits=[])
+
+
+def _hand_made_batch(size: int, sent_ids: list[int]) -> dict:
+    """Samples whose true mask is the left quarter of a size x size image."""
+    mask = torch.zeros(len(sent_ids), size, size)
+    mask[..., : size // 4] = 1
+    return {
+        "image": torch.zeros(len(sent_ids), 3, size, size),
+        "mask": mask,
+        "orig_mask": [m.to(torch.uint8) for m in mask],
+        "input_ids": torch.zeros(len(sent_ids), 4, dtype=torch.int64),
+        "attention_mask": torch.ones(len(sent_ids), 4, dtype=torch.int64),
+        "sent_id": torch.tensor(sent_ids),
+        "raw": ["x"] * len(sent_ids),
+    }
+
+
+@pytest.mark.parametrize(("protocol", "expected"), [("lavt", 100 * 111 / 112), ("original", 100.0)])
+def test_a_448_model_under_each_protocol(protocol, expected):
+    # The left 28 of 112 logit columns against the left 112 of 448 pixels: align_corners=True (lavt)
+    # puts the step at 110.7, so 111 columns; align_corners=False (original) at 111.5, so 112.
+    cfg = load_config("tiny", ["model.image_size=448", f"eval.protocol={protocol}"]).eval
+    batch = _hand_made_batch(448, [1])
+    result = evaluate_split(LeftColumns(), [batch], cfg, split="val", device=torch.device("cpu"))
+    assert result.scores.compute()["oIoU"] == pytest.approx(expected)
+
+
+def test_per_kind_scores_of_hand_made_samples():
+    # Sample 1 is hit exactly (kind a); sample 2 (kind b) has twice the true mask: IoU 1/2.
+    batch = _hand_made_batch(16, [1, 2])
+    batch["orig_mask"][1][:, :8] = 1
+    breakdown = Breakdown("kind", ("kind/a", "kind/b"), {1: ("kind/a",), 2: ("kind/b",)})
+    cfg = load_config("tiny", ["eval.protocol=original"]).eval
+    result = evaluate_split(
+        LeftColumns(), [batch], cfg, split="val", device=torch.device("cpu"), breakdown=breakdown
+    )
+    assert result.groups.compute() == {
+        "kind/a": {"oIoU": 100.0, "mIoU": 100.0, "n": 1},
+        "kind/b": {"oIoU": 50.0, "mIoU": 50.0, "n": 1},
+    }
+
+
+def test_lavt_scores_at_the_model_input_size_and_names_the_mask_convention(shards, tmp_path):
+    cfg = load_config(
+        "tiny", ["model.image_size=448", "data.batch_size=2", "data.loader_workers=0", "eval.max_samples=2"]
+    )
+    result = evaluate(Everywhere(), shards, cfg, splits=["val"])
+    assert result.eval_size == 448 and result.metrics["val/n"] == 2
+    assert "448x448" in result.describe() and "align_corners=True" in result.describe()
+    assert result.as_dict()["mask_mode"] == "union" and result.as_dict()["align_corners"] is True
+    refer = tmp_path / "refer-masks"
+    shutil.copytree(shards, refer)
+    summary = json.loads((refer / "summary.json").read_text())
+    summary["settings"]["mask_mode"] = "refer"
+    (refer / "summary.json").write_text(json.dumps(summary))
+    again = evaluate(Everywhere(), str(refer), config("original"), splits=["val"])
+    assert again.as_dict()["mask_mode"] == "refer" and "masks refer" in again.describe()
+    assert again.eval_size is None and "align_corners=False" in again.describe()
+
+
+def test_real_data_is_broken_down_by_text_features(shards, tmp_path):
+    # Shards without a kind column (real data): every sample lands in one length bucket.
+    plain = tmp_path / "no-kinds"
+    shutil.copytree(shards, plain)
+    manifest = pq.read_table(plain / "manifest.parquet")
+    if "kind" in manifest.column_names:
+        pq.write_table(manifest.drop(["kind"]), plain / "manifest.parquet")
+    result = evaluate(Everywhere(), str(plain), config("original"), splits=["val"])
+    assert result.breakdown == "text"
+    lengths = [k for k in result.metrics if k.startswith("val/text/length_") and k.endswith("/n")]
+    assert sum(result.metrics[k] for k in lengths) == result.metrics["val/n"]
+    rows = breakdown_rows(result.metrics)
+    whole = {"split": "val", "group": "all", **{k: result.metrics[f"val/{k}"] for k in ("oIoU", "mIoU", "n")}}
+    assert rows[0] == whole and all(r["group"].startswith("text/") for r in rows[1:])
+    assert all(set(r) == {"split", "group", "oIoU", "mIoU", "n"} for r in rows)
+
+
+def test_kinds_survive_synth_prepare_and_evaluate(shards):
+    """The generator's kinds reach the manifest and the metrics: per split and kind the sample
+    count is the generator's, and the Everywhere model's per-kind oIoU is the manifest's sums."""
+    refer = Path(shards).parent.parent / "refer"
+    report = json.loads((refer / "synth_report.json").read_text())
+    kinds = load_kinds(refer, "refcoco", "unc")
+    rows = pq.read_table(f"{shards}/manifest.parquet").to_pylist()
+    assert [r["kind"] for r in rows] == [kinds[r["sent_id"]] for r in rows]
+    result = evaluate(Everywhere(), shards, config("original"), splits=["val", "testA"])
+    assert result.breakdown == "kind" and result.as_dict()["breakdown"] == "kind"
+    for split in ("val", "testA"):
+        generated = {kind: stats["n_expressions"] for kind, stats in report["splits"][split]["kinds"].items()}
+        scored = {
+            key.split("/")[2]: value
+            for key, value in result.metrics.items()
+            if key.startswith(f"{split}/kind/") and key.endswith("/n")
+        }
+        assert scored == generated
+        for kind in generated:
+            mine = [r for r in rows if r["split"] == split and r["kind"] == kind]
+            expected = 100 * sum(r["mask_area"] for r in mine) / sum(r["height"] * r["width"] for r in mine)
+            assert result.metrics[f"{split}/kind/{kind}/oIoU"] == pytest.approx(expected)

@@ -4,11 +4,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from magnet.metrics import (
+    TEXT_GROUPS,
+    GroupScores,
     IoUAccumulator,
     intersection_union,
     intersection_union_per_size,
     iou,
     predict_masks,
+    text_groups,
 )
 
 
@@ -46,6 +49,32 @@ def test_logits_are_upsampled_bilinearly_to_the_target():
     logits = torch.tensor([[[[-10.0, 10.0]]]])  # [1,1,1,2]
     pred = predict_masks(logits, (1, 8))
     assert pred[0, 0].tolist() == [False] * 4 + [True] * 4
+
+
+def test_align_corners_moves_the_boundary_as_worked_out_by_hand():
+    # Logits [-3, 1] along x, upsampled to 8 columns; foreground where the logit > 0.
+    # align_corners=True: x_in = x_out / 7, logit -3 + 4 x_out / 7 > 0 from x_out = 6;
+    # align_corners=False: x_in = (x_out + 0.5) / 4 - 0.5, logit x_out - 4.5 > 0 from x_out = 5.
+    logits = torch.tensor([[[[-3.0, 1.0]]]])  # [1,1,1,2]
+    assert predict_masks(logits, (1, 8), align_corners=True)[0, 0].tolist() == [False] * 6 + [True] * 2
+    assert predict_masks(logits, (1, 8), align_corners=False)[0, 0].tolist() == [False] * 5 + [True] * 3
+
+
+def test_a_448_model_scored_as_the_reference_does():
+    # A 448 model's logits are 112 wide: the left 28 columns foreground, the ground truth the left
+    # quarter of 448. With align_corners=True the step at x_in = 27.5 lands at
+    # x_out = 27.5 * 447 / 111 = 110.7, so 111 columns are foreground; without, at
+    # (27.5 + 0.5) * 4 - 0.5 = 111.5, so 112 columns.
+    logits = torch.full((1, 1, 112, 112), -10.0)
+    logits[..., :28] = 10.0
+    gt = torch.zeros(1, 448, 448)
+    gt[..., :112] = 1
+    inter, union = intersection_union(logits, gt, align_corners=True)
+    assert inter.tolist() == [111.0 * 448] and union.tolist() == [112.0 * 448]
+    inter, union = intersection_union(logits, gt, align_corners=False)
+    assert inter.tolist() == union.tolist() == [112.0 * 448]
+    inter, union = intersection_union_per_size(logits, [gt[0]], align_corners=True)
+    assert inter.tolist() == [111.0 * 448]
 
 
 def test_precision_thresholds_are_inclusive():
@@ -87,6 +116,37 @@ def test_merged_accumulators_equal_one_over_all_samples():
     assert a.compute() == pytest.approx(whole.compute())
 
 
+def test_group_scores_count_each_sample_in_its_groups():
+    scores = GroupScores(["kind/a", "kind/b", "kind/empty"])
+    # IoU 1/2 (a), 9/10 (a and b), 0/5 (no group)
+    scores.update(
+        torch.tensor([1.0, 9.0, 0.0]), torch.tensor([2.0, 10.0, 5.0]), [["kind/a"], ["kind/a", "kind/b"], []]
+    )
+    got = scores.compute()
+    assert list(got) == ["kind/a", "kind/b"]  # a group without samples is not reported
+    assert got["kind/a"] == pytest.approx({"oIoU": 100 * 10 / 12, "mIoU": 100 * (0.5 + 0.9) / 2, "n": 2})
+    assert got["kind/b"] == pytest.approx({"oIoU": 90.0, "mIoU": 90.0, "n": 1})
+    with pytest.raises(ValueError, match="2 samples for 3"):
+        scores.update(torch.zeros(3), torch.ones(3), [[], []])
+
+
+@pytest.mark.parametrize(
+    ("text", "groups"),
+    [
+        ("red", ("text/plain", "text/length_1-3")),
+        ("guy in blue shirt", ("text/plain", "text/length_4-6")),
+        ("man on the LEFT", ("text/spatial", "text/length_4-6")),
+        ("the largest red shape", ("text/ordinal", "text/length_4-6")),
+        ("2nd car from right", ("text/spatial", "text/ordinal", "text/length_4-6")),
+        ("woman in a white coat holding an umbrella", ("text/plain", "text/length_7-10")),
+        ("the tall man with a hat standing behind the woman in red", ("text/spatial", "text/length_11-plus")),
+    ],
+)
+def test_text_groups_of_hand_made_expressions(text, groups):
+    assert text_groups(text) == groups
+    assert set(groups) <= set(TEXT_GROUPS)
+
+
 def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match=r"\[B,1,h,w\]"):
         predict_masks(torch.zeros(1, 2, 2), (2, 2))
@@ -101,16 +161,24 @@ def _all_reduce_worker(rank: int, init_file: str, result_file: str) -> None:
         acc.update(torch.tensor([1.0, 9.0]), torch.tensor([2.0, 10.0]))
     else:
         acc.update(torch.tensor([0.0]), torch.tensor([5.0]))
-    acc.all_reduce()
+    groups = GroupScores(["kind/a", "kind/b"])  # rank 1 sees no sample of kind/a
     if rank == 0:
-        torch.save(acc.compute(), result_file)
+        groups.update(torch.tensor([1.0, 9.0]), torch.tensor([2.0, 10.0]), [["kind/a"], ["kind/b"]])
+    else:
+        groups.update(torch.tensor([0.0]), torch.tensor([5.0]), [["kind/b"]])
+    acc.all_reduce()
+    groups.all_reduce()
+    if rank == 0:
+        torch.save((acc.compute(), groups.compute()), result_file)
     dist.destroy_process_group()
 
 
 def test_all_reduce_across_two_gloo_ranks(tmp_path):
     result_file = tmp_path / "result.pt"
     mp.spawn(_all_reduce_worker, args=(str(tmp_path / "init"), str(result_file)), nprocs=2)
-    reduced = torch.load(result_file)
+    reduced, reduced_groups = torch.load(result_file)
     single = IoUAccumulator()
     single.update(torch.tensor([1.0, 9.0, 0.0]), torch.tensor([2.0, 10.0, 5.0]))
     assert reduced == pytest.approx(single.compute())
+    assert reduced_groups["kind/a"] == pytest.approx({"oIoU": 50.0, "mIoU": 50.0, "n": 1})
+    assert reduced_groups["kind/b"] == pytest.approx({"oIoU": 60.0, "mIoU": 45.0, "n": 2})

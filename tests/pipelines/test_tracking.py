@@ -88,6 +88,45 @@ def test_logger_writes_metrics_and_pictures(store, shard_root):
     assert pictures == ["predictions/val_step2.png", "predictions/val_step3.png"]
 
 
+def test_evaluation_is_logged_with_its_protocol_mask_convention_and_table(store, shard_root):
+    from magnet.evaluate import Evaluation
+
+    summary = json.loads((shard_root / "summary.json").read_text())
+    summary["settings"] = {"mask_mode": "refer"}
+    (shard_root / "summary.json").write_text(json.dumps(summary))
+    settings = tracking.start_run(load_config("tiny"), shards=shard_root, tracking_uri=store, run_name="e")
+    evaluation = Evaluation(
+        protocol="lavt",
+        eval_size=448,
+        threshold=0.5,
+        metrics={"val/oIoU": 60.0, "val/P@0.5": 70.0, "val/mIoU": 55.0, "val/n": 3,
+                 "val/kind/relation/oIoU": 40.0, "val/kind/relation/mIoU": 35.0, "val/kind/relation/n": 1},
+        splits={},
+        mask_mode="refer",
+        breakdown="kind",
+    )  # fmt: skip
+    logger = tracking.MlflowRunLogger(**settings)
+    logger.log_evaluation(evaluation, step=7, table_metrics={**evaluation.metrics, "test/oIoU": 50.0})
+
+    client = tracking.client_for(store)
+    run = client.get_run(settings["run_id"])
+    assert run.data.tags["dataset.mask_mode"] == "refer"
+    assert run.data.tags["eval.protocol"] == "lavt" and run.data.tags["eval.mask_mode"] == "refer"
+    assert run.data.tags["eval.breakdown"] == "kind"
+    assert (
+        "448x448" in run.data.tags["eval.description"] and "masks refer" in run.data.tags["eval.description"]
+    )
+    assert run.data.metrics["val/kind/relation/oIoU"] == 40.0 and run.data.metrics["val/P_0.5"] == 70.0
+    assert "test/oIoU" not in run.data.metrics  # scored elsewhere: in the table only
+    table = json.loads(
+        Path(client.download_artifacts(settings["run_id"], "evaluation/step00000007.json")).read_text()
+    )
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert rows[0] == {"split": "val", "group": "all", "oIoU": 60.0, "mIoU": 55.0, "n": 3}
+    assert rows[1] == {"split": "val", "group": "kind/relation", "oIoU": 40.0, "mIoU": 35.0, "n": 1}
+    assert rows[2]["split"] == "test" and rows[2]["oIoU"] == 50.0
+
+
 def test_missing_summary_is_a_clear_error(store, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"summary\.json"):
         tracking.start_run(load_config("tiny"), shards=tmp_path, tracking_uri=store, run_name="x")

@@ -71,6 +71,13 @@ def test_mlflow_run_has_params_tags_curves_and_pictures(flow_run):
     assert run.data.tags["dataset.dataset"] == "refcoco" and "mlflow.source.git.commit" in run.data.tags
     assert [m.step for m in client.get_metric_history(result["run_id"], "train/loss")] == [1, 2, 3]
     assert "testB/oIoU" in run.data.metrics and "val/P_0.5" in run.data.metrics
+    # how the figures were scored, the breakdown by kind of expression and its table
+    assert run.data.tags["dataset.mask_mode"] == run.data.tags["eval.mask_mode"] == "union"
+    assert run.data.tags["eval.protocol"] == "lavt" and run.data.tags["eval.breakdown"] == "kind"
+    assert any(key.startswith("testB/kind/") for key in run.data.metrics)
+    assert [a.path for a in client.list_artifacts(result["run_id"], "evaluation")] == [
+        "evaluation/step00000003.json"
+    ]
     pictures = {a.path for a in client.list_artifacts(result["run_id"], "predictions")}
     assert {f"predictions/final_{s}_step00000003.png" for s in ("val", "testA", "testB")} <= pictures
     assert "predictions/predictions_val_step00000003.png" in pictures  # drawn during training
