@@ -97,3 +97,16 @@ def test_paper_preset_states_the_reference_recipe():
     for key in ("global_batch", "lr", "weight_decay", "no_decay_names", "poly_power", "epochs", "grad_clip"):
         assert f"train.{key}" in params
     assert params["train.precision"] == "fp32" and params["data.batch_size"] == 8
+
+
+def test_cli_reports_a_broken_config_in_one_message_with_exit_code_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  lr: [1\n")
+    result = CliRunner().invoke(app, ["config", "--config", str(broken)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    squashed = "".join(result.output.replace("│", "").split())  # the error box wraps long lines
+    assert "broken.yaml:3:invalidYAML" in squashed
