@@ -277,8 +277,9 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
-def _load_yaml(text: str, source: str) -> Any:
-    """``yaml.safe_load``, a syntax error becoming a ConfigError naming ``source`` and the line."""
+def load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load``, a syntax error becoming a ConfigError naming ``source`` and the line
+    (presets, overrides; sweep files can use it too)."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -293,7 +294,7 @@ def _load_yaml(text: str, source: str) -> Any:
 
 def _parse_value(raw: str, source: str) -> Any:
     """YAML, except that '1e-4' is a float (YAML 1.1 would read it as a string)."""
-    value = _load_yaml(raw, source)
+    value = load_yaml(raw, source)
     if isinstance(value, str) and _FLOAT.match(value.strip()):
         return float(value)
     return value
@@ -353,7 +354,7 @@ def _preset_data(preset: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, A
     path = resolve_preset(preset)
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' presets form a cycle")
-    loaded = _load_yaml(path.read_text(), str(path)) or {}
+    loaded = load_yaml(path.read_text(), str(path)) or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
     base = loaded.pop("base", None)
