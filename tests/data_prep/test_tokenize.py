@@ -72,13 +72,15 @@ def test_paper_model_and_its_tokenizer_resolve_offline_without_a_network_attempt
     cfg = load_config("paper").model  # text.name_or_path: bert-base-uncased
     build_model(cfg, "meta")  # warm-up: first imports
     load_tokenizer.cache_clear()
-    start = time.perf_counter()
+    # CPU time for the < 1 s budget (wall time on this shared machine swings with its load); wall
+    # time only to show nothing waits: the hub's retries back off 23 s per file.
+    wall, cpu = time.perf_counter(), time.process_time()
     build_model(cfg, "meta")
-    built = time.perf_counter()
+    built = time.process_time()
     tokenizer = load_tokenizer(cfg.text.name_or_path)
-    loaded = time.perf_counter()
     assert network_attempts == []
-    assert built - start < 1.0 and loaded - built < 1.0  # the hub's retries took 46 s here
+    assert built - cpu < 1.0 and time.process_time() - built < 1.0
+    assert time.perf_counter() - wall < 10.0
     assert len(tokenizer) == 30522 and tokenizer.mask_token_id == 103
 
 
