@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -22,6 +24,8 @@ BERT_BASE_UNCASED = frozenset({"bert-base-uncased", "google-bert/bert-base-uncas
 """Names whose WordPiece vocabulary is the one all-MiniLM-L6-v2 ships (same 30,522 words, uncased)."""
 
 log = logging.getLogger(__name__)
+
+Loaded = TypeVar("Loaded")
 
 
 def resolve_text_model(name_or_path: str) -> str:
@@ -36,24 +40,30 @@ def resolve_text_model(name_or_path: str) -> str:
     return name_or_path
 
 
+def from_local_or_hub(load: Callable[..., Loaded], source: str, **kwargs: Any) -> Loaded:
+    """``load(source, **kwargs)`` (a transformers ``from_pretrained``) from a local directory or the
+    Hugging Face cache first, and from the hub only when neither has it.
+
+    transformers asks the hub first, and offline it retries with back-off for 20 s and more
+    before it looks in its cache.
+    """
+    try:
+        return load(source, local_files_only=True, **kwargs)
+    except OSError:
+        log.info("%s is not available locally; fetching it from the Hugging Face hub", source)
+        return load(source, **kwargs)
+
+
 @lru_cache(maxsize=4)
 def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER) -> PreTrainedTokenizerBase:
     """A fast WordPiece tokenizer from a name, a local directory or the offline alias.
 
-    bert-base-uncased (the paper's text encoder) falls back to the identical vocabulary shipped
-    offline when the hub cannot be reached, so paper-config models tokenise without a network.
+    bert-base-uncased (the paper's text encoder) gets the identical vocabulary and settings shipped
+    offline, so paper-config models tokenise without touching the network; any other hub name is
+    fetched only when it is not in the local cache.
     """
-    try:
-        return AutoTokenizer.from_pretrained(resolve_text_model(name_or_path))
-    except OSError:
-        if name_or_path.lower() not in BERT_BASE_UNCASED:
-            raise
-        log.info(
-            "%s is not reachable; tokenising with the identical uncased vocabulary of %s",
-            name_or_path,
-            MINILM_ALIAS,
-        )
-        return AutoTokenizer.from_pretrained(resolve_text_model(MINILM_ALIAS))
+    source = MINILM_ALIAS if name_or_path.lower() in BERT_BASE_UNCASED else name_or_path
+    return from_local_or_hub(AutoTokenizer.from_pretrained, resolve_text_model(source))
 
 
 def vocabulary_hash(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -159,24 +159,57 @@ class DataConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------- train
+NO_DECAY_NAMES = (
+    "relative_position_bias_table",
+    "absolute_pos_embed",
+    "pos_embed",
+    "position_embeddings",
+    "token_type_embeddings",
+    "level_embed",
+    "query_embed",
+    "query_feat",
+    "type_embed",
+)
+"""Position and query tables (Swin, BERT, the decoders, Mask Grounding) that weight decay would only
+pull towards zero; every 1-d tensor (norms, biases) is left undecayed as well."""
+
+
 class TrainConfig(_Section):
-    """The reference (LAVT) recipe by default."""
+    """Optimisation. The defaults are the reference (LAVT) recipe except gradient clipping and bf16,
+    which configs/paper.yaml turns off so that a paper run is the reference's."""
 
     epochs: int = Field(40, gt=0)
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     lr: float = Field(5e-5, gt=0)
+    global_batch: int | None = Field(
+        None,
+        gt=0,
+        description="Expected samples per optimizer step: workers x data.batch_size x grad_accum (paper: "
+        "4 x 8 x 1 = 32). The Ray driver warns, naming the numbers, when a run's differs; None = any.",
+    )
     init_from: str | None = Field(
         None,
         description="Checkpoint directory (e.g. from `magnet import-weights`) whose weights start the run; "
         "optimizer and schedule start fresh. A run resuming from its own checkpoint ignores it.",
     )
-    weight_decay: float = Field(0.01, ge=0, description="None on norms, biases and position tables.")
+    weight_decay: float = Field(
+        0.01, ge=0, description="AdamW decay, none on no_decay_names and 1-d tensors."
+    )
+    no_decay_names: tuple[str, ...] = Field(
+        NO_DECAY_NAMES,
+        description="Parameters whose name contains one of these get no weight decay, nor do norms and "
+        "biases (every 1-d tensor).",
+    )
     betas: tuple[float, float] = (0.9, 0.999)
     poly_power: float = Field(0.9, ge=0, description="lr * (1 - it/total)**power, stepped per iteration.")
     warmup_steps: int = Field(0, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
+    grad_clip: float | None = Field(
+        1.0, gt=0, description="Max global gradient norm; None clips nothing (the reference)."
+    )
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
-    precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 autocast applies on GPU only.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "bf16", description="fp32 is the reference; bf16 autocast applies on GPU only."
+    )
     compile: bool = False
     seed: int = 0
     log_every: int = Field(10, gt=0, description="Steps between metric reports.")
@@ -242,24 +275,39 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        if not raw.strip():
+            raise ConfigError(f"override {item!r} has no value (write {key.strip()}=null for none)")
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
-        node[parts[-1]] = _parse_value(raw)
+        node[parts[-1]] = _parse_value(raw, f"override {item!r}")
     return nested
 
 
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
-def _parse_value(raw: str) -> Any:
+def load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load``, a syntax error becoming a ConfigError naming ``source`` and the line
+    (presets, overrides; sweep files can use it too)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(err, "problem", None) or str(err)
+        context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and context_mark is not None:
+            problem += f" ({context} at line {context_mark.line + 1})"
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+
+
+def _parse_value(raw: str, source: str) -> Any:
     """YAML, except that '1e-4' is a float (YAML 1.1 would read it as a string)."""
-    if not raw.strip():
-        return None
-    value = yaml.safe_load(raw)
+    value = load_yaml(raw, source)
     if isinstance(value, str) and _FLOAT.match(value.strip()):
         return float(value)
     return value
@@ -275,18 +323,33 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _looks_like_path(preset: str | Path) -> bool:
+    text = str(preset)
+    return (
+        isinstance(preset, Path)
+        or "/" in text
+        or text.startswith((".", "~"))
+        or text.endswith((".yaml", ".yml"))
+    )
+
+
 def resolve_preset(preset: str | Path) -> Path:
-    """A path to a YAML file, or the bare name of a preset in configs/ ('tiny', 'paper')."""
-    path = Path(preset)
-    if path.suffix in {".yaml", ".yml"} or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        return path
-    candidate = CONFIG_DIR / f"{preset}.yaml"
-    if not candidate.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown preset {preset!r}; known presets: {', '.join(known)}")
-    return candidate
+    """The bare name of a preset in configs/ ('tiny', 'paper'), or a path to a YAML file.
+
+    A bare name is a preset even where the working directory holds a file or folder of that name;
+    write ``./tiny`` for the file.
+    """
+    if not _looks_like_path(preset):
+        candidate = CONFIG_DIR / f"{preset}.yaml"
+        if candidate.is_file():
+            return candidate
+        if not Path(preset).is_file():
+            known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            raise ConfigError(f"unknown preset {preset!r}; known presets: {', '.join(known)}")
+    path = Path(preset).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    return path
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
@@ -304,7 +367,7 @@ def _preset_data(preset: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, A
     path = resolve_preset(preset)
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' presets form a cycle")
-    loaded = yaml.safe_load(path.read_text()) or {}
+    loaded = load_yaml(path.read_text(), str(path)) or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
     base = loaded.pop("base", None)

@@ -65,17 +65,6 @@ log = logging.getLogger(__name__)
 # otherwise (finite: Ray's run snapshot is JSON, where NaN would come back as null).
 SCORE_KEY = "score"
 NOT_EVALUATED = -1.0
-NO_DECAY_NAMES = (
-    "relative_position_bias_table",
-    "absolute_pos_embed",
-    "pos_embed",
-    "position_embeddings",
-    "token_type_embeddings",
-    "level_embed",
-    "query_embed",
-    "query_feat",
-    "type_embed",
-)
 PICTURE_EXAMPLES = 4
 # Train shards dropped for a failed checksum (data.skip_corrupt_shards): logged at the run's first
 # step and carried in every report, so a run that trained on less data says so where it is read.
@@ -153,14 +142,16 @@ StepHook = Callable[[StepEvent], None]
 
 
 # ------------------------------------------------------------------------ optimizer, schedule
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: decayed weights, and undecayed norms, biases (any 1-d tensor) and
-    position or query tables, which weight decay would only pull towards zero."""
+def param_groups(
+    model: nn.Module, weight_decay: float, no_decay_names: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Two AdamW groups: decayed weights, and undecayed norms, biases (any 1-d tensor) and the
+    position or query tables named by ``no_decay_names``, which decay would only pull towards zero."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or any(key in name for key in NO_DECAY_NAMES):
+        if param.ndim <= 1 or any(key in name for key in no_decay_names):
             no_decay.append(param)
         else:
             decay.append(param)
@@ -171,7 +162,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    groups = param_groups(model, cfg.weight_decay, cfg.no_decay_names)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def global_batch_mismatch(cfg: Config, world_size: int) -> str | None:
+    """Why a run's samples per optimizer step differ from ``train.global_batch``, or None.
+
+    The recipe's lr and schedule were tuned for that batch, so a run with another is not comparable.
+    """
+    expected = cfg.train.global_batch
+    actual = world_size * cfg.data.batch_size * cfg.train.grad_accum
+    if expected is None or actual == expected:
+        return None
+    return (
+        f"global batch {actual} = {world_size} workers x data.batch_size {cfg.data.batch_size} x "
+        f"train.grad_accum {cfg.train.grad_accum} differs from the preset's train.global_batch {expected}"
+    )
 
 
 def lr_factor(step: int, total_steps: int, power: float, warmup_steps: int = 0) -> float:
@@ -205,7 +212,7 @@ def train_step(
     cfg: TrainConfig,
     device: torch.device,
 ) -> dict[str, float]:
-    """Forward and backward over the micro-batches, then clip, step and schedule once.
+    """Forward and backward over the micro-batches, then clip (if train.grad_clip), step and schedule once.
 
     DDP synchronises gradients only on the last micro-batch (no_sync on the others).
     Returns the loss components averaged over the micro-batches.
@@ -223,8 +230,10 @@ def train_step(
             (out.losses["loss"] / len(micro_batches)).backward()
         for key, value in out.losses.items():
             totals[key] = totals.get(key, 0.0) + float(value.detach()) / len(micro_batches)
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     if cfg.grad_clip is not None:
-        totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.grad_clip, grad_norm)
+    totals["grad_norm"] = float(grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()

@@ -302,7 +302,7 @@ def imported_config(image_size: int = 480, reference_mask_quirk: bool = True) ->
         [
             f"model.image_size={image_size}",
             f"model.fusion.reference_mask_quirk={str(reference_mask_quirk).lower()}",
-            "model.vision.pretrained=",
+            "model.vision.pretrained=null",
             "model.text.pretrained=false",
             "train.precision=fp32",
         ],

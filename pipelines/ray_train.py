@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from magnet.config import Config, config_from_dict
 from magnet.data import open_split
-from magnet.train import NOT_EVALUATED, SCORE_KEY, StepHook
+from magnet.train import NOT_EVALUATED, SCORE_KEY, StepHook, global_batch_mismatch
 
 if TYPE_CHECKING:
     from pipelines.tracking import MlflowRunLogger
@@ -220,6 +220,10 @@ def run_training(
         raise FileExistsError(
             f"run {run_name!r} already exists under {storage}: resume it, or choose another name"
         )
+
+    mismatch = global_batch_mismatch(cfg, num_workers)
+    if mismatch:
+        log.warning("%s: lr and schedule are the recipe's, so the run is not comparable", mismatch)
 
     # Checked before any worker starts: restarts cannot cure a corrupt shard, so failing inside
     # the workers would only hash every shard again max_failures times before giving up.

@@ -75,7 +75,7 @@ OUTPUT_NORMS_PREFIX = "image_model.norm"
 SWIN_KEY = re.compile(r"patch_embed\.|layers\.\d+\.(blocks|downsample)\.")
 """Parameters of the image side that are plain Swin (timm names), i.e. what pretrained weights fill."""
 
-KNOWN_TEXT_CONFIGS: dict[str, dict[str, int]] = {"bert-base-uncased": {}}
+KNOWN_TEXT_CONFIGS: dict[str, dict[str, int]] = {"bert-base-uncased": {}, "google-bert/bert-base-uncased": {}}
 """Text encoders whose config is known without a download (BertConfig's defaults ARE bert-base-uncased)."""
 
 
@@ -504,31 +504,34 @@ def split_layers(
 
 
 def text_encoder_config(name_or_path: str) -> BertConfig:
-    """The BERT config of the text encoder, from a local directory or a known name, offline."""
-    from data_prep.tokenize import resolve_text_model
+    """The BERT config of the text encoder: a known name or a local directory offline, another hub
+    name from the Hugging Face cache, or from the hub when it is not there."""
+    from data_prep.tokenize import from_local_or_hub, resolve_text_model
 
     source = resolve_text_model(name_or_path)
-    if Path(source).is_dir():
-        config = BertConfig.from_pretrained(source)
-    elif source in KNOWN_TEXT_CONFIGS:
-        config = BertConfig(**KNOWN_TEXT_CONFIGS[source])
+    if source.lower() in KNOWN_TEXT_CONFIGS:
+        config = BertConfig(**KNOWN_TEXT_CONFIGS[source.lower()])
     else:
-        config = BertConfig.from_pretrained(source)  # a hub name: needs the network or the HF cache
+        config = from_local_or_hub(BertConfig.from_pretrained, source)
     config._attn_implementation = "sdpa"
     return config
 
 
 def build_text_encoder(cfg: ModelConfig, load_pretrained: bool) -> BertModel:
     """BERT without pooler: pretrained weights of ``text.name_or_path`` or random ones."""
-    from data_prep.tokenize import resolve_text_model
+    from data_prep.tokenize import from_local_or_hub, resolve_text_model
 
     if load_pretrained and cfg.text.pretrained:
         source = resolve_text_model(cfg.text.name_or_path)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # its load report lists the pooler we leave out on purpose
         try:
-            bert, info = BertModel.from_pretrained(
-                source, add_pooling_layer=False, attn_implementation="sdpa", output_loading_info=True
+            bert, info = from_local_or_hub(
+                BertModel.from_pretrained,
+                source,
+                add_pooling_layer=False,
+                attn_implementation="sdpa",
+                output_loading_info=True,
             )
         finally:
             hf_logging.set_verbosity(verbosity)

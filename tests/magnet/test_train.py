@@ -6,11 +6,13 @@ import torch
 from torch import nn
 
 from magnet.config import TrainConfig, load_config
+from magnet.models import build_model
 from magnet.train import (
     LocalReporter,
     StepEvent,
     build_optimizer,
     build_scheduler,
+    global_batch_mismatch,
     lr_factor,
     param_groups,
     train,
@@ -31,7 +33,7 @@ class _Toy(nn.Module):
 
 def test_no_weight_decay_on_norms_biases_and_position_tables():
     model = _Toy()
-    decay, no_decay = param_groups(model, 0.05)
+    decay, no_decay = param_groups(model, 0.05, TrainConfig().no_decay_names)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert {names[id(p)] for p in decay["params"]} == {"proj.weight"}
@@ -43,6 +45,45 @@ def test_no_weight_decay_on_norms_biases_and_position_tables():
         "level_embed",
         "query_embed.weight",
     }
+
+
+def test_paper_model_decays_no_norm_nor_position_or_query_table():
+    cfg = load_config("paper")
+    model = build_model(cfg.model, "meta")
+    decay, _ = param_groups(model, 0.01, cfg.train.no_decay_names)
+    decayed = {id(p) for p in decay["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
+    norm_params = [p for m in model.modules() if isinstance(m, norms) for p in m.parameters()]
+    assert norm_params and not decayed & {id(p) for p in norm_params}
+    tables = {
+        "relative_position_bias_table": 24,  # Swin-B: one per block
+        "language_model.embeddings.position_embeddings.weight": 1,  # BERT
+        "language_model.embeddings.token_type_embeddings.weight": 1,
+        "level_embed": 2,  # pixel decoder and masked-attention decoder
+        "query_embed.weight": 1,
+        "query_feat.weight": 1,
+        "mask_grounding.pos_embed": 1,
+    }
+    for part, count in tables.items():
+        found = [i for i, n in names.items() if part in n]
+        assert len(found) == count and not decayed & set(found), part
+    assert {"image_model.patch_embed.proj.weight", "language_model.embeddings.word_embeddings.weight"} <= {
+        names[id(p)] for p in decay["params"]
+    }
+    assert all(p.ndim >= 2 for p in decay["params"])
+
+
+def test_global_batch_mismatch_names_the_numbers():
+    cfg = load_config("paper")
+    assert global_batch_mismatch(cfg, world_size=4) is None
+    message = global_batch_mismatch(cfg, world_size=2)
+    assert message == (
+        "global batch 16 = 2 workers x data.batch_size 8 x train.grad_accum 1 differs from the "
+        "preset's train.global_batch 32"
+    )
+    assert global_batch_mismatch(load_config("paper", ["train.grad_accum=2"]), world_size=2) is None
+    assert global_batch_mismatch(load_config("tiny"), world_size=3) is None  # no expectation stated
 
 
 def test_poly_schedule_per_step():
@@ -109,6 +150,20 @@ def test_gradient_accumulation_matches_one_big_batch():
     assert split_losses["loss"] == pytest.approx(whole_losses["loss"], abs=1e-6)
     _, clipped = _step_result([batch], grad_clip=1e-3)
     assert clipped["grad_norm"] > 1e-3  # the norm before clipping is reported
+
+
+def test_without_clipping_the_gradient_is_untouched_and_its_norm_still_logged():
+    batch = {
+        "image": torch.full((2, 3, 2, 2), 2.0),
+        "mask": torch.zeros(2, 2, 2),
+        "input_ids": torch.zeros(2, 3, dtype=torch.int64),
+        "attention_mask": torch.ones(2, 3, dtype=torch.int64),
+    }
+    # loss = (2 * scale)**2 at scale 1: gradient 8, so one SGD step of lr 0.1 lands at 1 - 0.8
+    scale, losses = _step_result([batch], grad_clip=None)
+    assert scale == pytest.approx(0.2) and losses["grad_norm"] == pytest.approx(8.0)
+    clipped_scale, clipped = _step_result([batch], grad_clip=1.0)
+    assert clipped_scale == pytest.approx(0.9) and clipped["grad_norm"] == pytest.approx(8.0)
 
 
 # ------------------------------------------------------------------ the loop on tiny shards

@@ -14,6 +14,7 @@ from tiny_runs import SCORE_VAL, TINY_RUN, lifetimes
 
 from magnet.checkpoint import META_FILE, load_model_from_checkpoint
 from magnet.config import load_config
+from magnet.data import ShardError
 from pipelines.ray_train import CHECKPOINT_PREFIX, TrainResult, new_run_name, run_training
 
 pytestmark = pytest.mark.slow
@@ -138,3 +139,12 @@ def test_resume_needs_an_existing_run(tmp_path):
         run_training(tiny_config(), "unused", storage_path=tmp_path, run_name="nope", resume=True)
     with pytest.raises(ValueError, match="run_name"):
         run_training(tiny_config(), "unused", storage_path=tmp_path, resume=True)
+
+
+def test_driver_warns_when_the_global_batch_differs_from_the_presets(tmp_path, caplog):
+    with pytest.raises(ShardError):  # no shards: the warning comes before any slow work
+        run_training(load_config("paper"), tmp_path / "no-shards", num_workers=2, storage_path=tmp_path)
+    assert (
+        "global batch 16 = 2 workers x data.batch_size 8 x train.grad_accum 1 differs from the "
+        "preset's train.global_batch 32" in caplog.text
+    )
