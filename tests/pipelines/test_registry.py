@@ -163,9 +163,11 @@ def test_load_model_by_any_reference(registered, checkpoint, kind):
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
 
 
-def test_pyfunc_returns_masks_at_the_image_size(registered, checkpoint):
+def test_pyfunc_returns_masks_at_the_image_size(registered, checkpoint, monkeypatch):
     mlflow.set_tracking_uri(registered["uri"])
     mlflow.set_registry_uri(registered["uri"])
+    # Loading puts the model's code/ first on sys.path: later modules must not import from there.
+    monkeypatch.setattr(sys, "path", list(sys.path))
     pyfunc = mlflow.pyfunc.load_model("models:/magnet@demo")
     image = registered["image"]
     buffer = io.BytesIO()
