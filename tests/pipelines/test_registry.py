@@ -3,12 +3,19 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+import venv
 from pathlib import Path
 
 import mlflow
@@ -16,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from mlflow_server import _free_port
 from PIL import Image
 
 from magnet.checkpoint import MODEL_FILE, TRAIN_STATE_FILE, TrainState, save_checkpoint
@@ -25,6 +33,31 @@ from magnet.models import build_model
 from pipelines import registry, tracking
 
 MAGNET = str(Path(sys.executable).with_name("magnet"))
+EXPRESSION = "the left square"
+# Run by a Python without the project: loads the registered model through MLflow, predicts once,
+# and reports where the project's modules came from and what they imported from outside.
+LOAD_AND_PREDICT = """
+import builtins, importlib.metadata, json, sys
+imported = set()
+real_import = builtins.__import__
+def recording_import(name, globals=None, locals=None, fromlist=(), level=0):
+    importer = str((globals or {}).get("__name__", "")).partition(".")[0]
+    if level == 0 and importer in {"data_prep", "magnet", "pipelines"}:
+        imported.add(name.partition(".")[0])
+    return real_import(name, globals, locals, fromlist, level)
+builtins.__import__ = recording_import
+import mlflow, pandas
+model = mlflow.pyfunc.load_model(sys.argv[1])
+out = model.predict(pandas.DataFrame({"image": [open(sys.argv[2], "rb").read()], "text": [sys.argv[3]]}))
+import data_prep, magnet, pipelines
+owners = importlib.metadata.packages_distributions()
+outside = imported - set(sys.stdlib_module_names) - {"data_prep", "magnet", "pipelines"}
+print(json.dumps({
+    "files": [data_prep.__file__, magnet.__file__, pipelines.__file__],
+    "owners": {name: owners.get(name, [name]) for name in sorted(outside)},
+    "mask_bytes": len(out["mask"][0]),
+}))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +163,11 @@ def test_load_model_by_any_reference(registered, checkpoint, kind):
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
 
 
-def test_pyfunc_returns_masks_at_the_image_size(registered, checkpoint):
+def test_pyfunc_returns_masks_at_the_image_size(registered, checkpoint, monkeypatch):
     mlflow.set_tracking_uri(registered["uri"])
     mlflow.set_registry_uri(registered["uri"])
+    # Loading puts the model's code/ first on sys.path: later modules must not import from there.
+    monkeypatch.setattr(sys, "path", list(sys.path))
     pyfunc = mlflow.pyfunc.load_model("models:/magnet@demo")
     image = registered["image"]
     buffer = io.BytesIO()
@@ -218,3 +253,152 @@ def test_register_command_versions_a_checkpoint_no_run_produced(checkpoint, synt
 
     refused = CliRunner().invoke(app, ["register", "--checkpoint", str(tmp_path), "--shards", str(shards)])
     assert refused.exit_code != 0 and "config.yaml is missing" in refused.output
+
+
+# --------------------------------------------- the registered model outside this checkout
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Python with this environment's packages but without the project: a venv whose one .pth
+    names the environment's site-packages, whose own .pth files (the editable install's hook)
+    are then never run. ``uvicorn`` in its bin runs on it, for `mlflow models serve`."""
+    root = tmp_path_factory.mktemp("bare-python")
+    venv.EnvBuilder(with_pip=False).create(root)
+    python = root / "bin" / "python"
+    site = Path(
+        subprocess.check_output(
+            [python, "-c", "import site; print(site.getsitepackages()[0])"], text=True
+        ).strip()
+    )
+    (site / "environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    uvicorn = root / "bin" / "uvicorn"
+    uvicorn.write_text(f"#!{python}\nimport sys\nfrom uvicorn.main import main\nsys.exit(main())\n")
+    uvicorn.chmod(0o755)
+    return python
+
+
+def _bare_env(python: Path, tracking_uri: str) -> dict[str, str]:
+    """No PYTHONPATH, the bare Python's bin first on PATH, the registry at ``tracking_uri``."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return {
+        **env,
+        "PATH": os.pathsep.join([str(python.parent), "/usr/bin", "/bin"]),
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_REGISTRY_URI": tracking_uri,
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+def _image_file(registered: dict, directory: Path) -> Path:
+    path = directory / "photo.jpg"
+    registered["image"].save(path, format="JPEG")
+    return path
+
+
+def test_model_loads_from_its_own_artifacts_where_the_project_is_not_installed(
+    registered, bare_python, tmp_path
+):
+    env = _bare_env(bare_python, registered["uri"])
+    absent = subprocess.run([bare_python, "-c", "import magnet"], env=env, cwd=tmp_path, capture_output=True)
+    assert absent.returncode != 0 and b"No module named 'magnet'" in absent.stderr
+
+    image = _image_file(registered, tmp_path)
+    loaded = subprocess.run(
+        [bare_python, "-c", LOAD_AND_PREDICT, "models:/magnet@demo", str(image), EXPRESSION],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    report = json.loads(loaded.stdout.strip().splitlines()[-1])
+    for file in report["files"]:  # the project's packages came out of the model's code/ directory
+        assert f"{os.sep}artifacts{os.sep}code{os.sep}" in file, file
+    assert report["mask_bytes"] > 0
+    required = set(registry.SERVING_REQUIREMENTS)
+    unmet = {  # every import the project makes is satisfied by a requirement (mlflow: 3 owners)
+        name: owners
+        for name, owners in report["owners"].items()
+        if not {owner.lower().replace("_", "-") for owner in owners} & required
+    }
+    assert not unmet, unmet
+
+    pins = registry.serving_requirements()
+    assert not [pin for pin in pins if "+" in pin or pin.startswith("magnet-pipeline")]
+    mlflow.set_tracking_uri(registered["uri"])
+    mlflow.set_registry_uri(registered["uri"])
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/magnet@demo"))
+    assert requirements.read_text().split() == pins
+
+
+@pytest.mark.timeout(420)
+def test_mlflow_models_serve_answers_a_request_with_magnet_predicts_mask(registered, bare_python, tmp_path):
+    """The README's request, sent to `mlflow models serve` running on the bare Python."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    port = _free_port()
+    log = (tmp_path / "serve.log").open("wb")
+    server = subprocess.Popen(
+        [bare_python, "-m", "mlflow", "models", "serve", "-m", "models:/magnet@demo",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        env=_bare_env(bare_python, registered["uri"]),
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        image = _image_file(registered, tmp_path)
+        expected = tmp_path / "mask.png"
+        predicted = CliRunner().invoke(
+            app,
+            ["predict", "--model", "models:/magnet@demo", "--tracking-uri", registered["uri"],
+             "--image", str(image), "--text", EXPRESSION, "--out", str(tmp_path / "overlay.png"),
+             "--mask-out", str(expected)],
+        )  # fmt: skip
+        assert predicted.exit_code == 0, predicted.output
+
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                time.sleep(1)
+        request = {"dataframe_split": {
+            "columns": ["image", "text"],
+            "data": [[base64.b64encode(image.read_bytes()).decode(), EXPRESSION]],
+        }}  # fmt: skip
+        post = urllib.request.Request(
+            f"{base}/invocations",
+            data=json.dumps(request).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(post, timeout=120) as response:
+            (row,) = json.loads(response.read())["predictions"]
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(row["mask"]))))
+        np.testing.assert_array_equal(served, np.asarray(Image.open(expected)))
+        assert served.shape == (registered["image"].height, registered["image"].width)
+    finally:
+        _stop_group(server)
+        log.close()
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM the process's session (the CLI and the uvicorn it started), SIGKILL after 30 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=30)
+            return
+        except subprocess.TimeoutExpired:
+            continue
