@@ -99,6 +99,15 @@ class MaskGroundingConfig(_Section):
     num_layers: int = Field(2, gt=0, description="Transformer layers of the grounding predictor.")
     num_heads: int = Field(8, gt=0)
     mask_grid: int = Field(8, gt=0, description="The ground-truth mask is pooled to mask_grid**2 tokens.")
+    encoder_pass: Literal["shared", "separate"] = Field(
+        "shared",
+        description="How the predictor's language and visual tokens come from the masked expression alone "
+        "(the fused encoders mix words into the image side, so tokens of a pass on the original words would "
+        "carry the answer): 'shared' runs the fused encoders once, on the masked ids, for segmentation and "
+        "MG alike (no extra cost; segmentation trains on masked expressions); 'separate' keeps segmentation "
+        "on the original ids and runs a second fused pass on the masked ids for MG (about twice the "
+        "encoders' cost and activation memory).",
+    )
 
     @model_validator(mode="after")
     def _split_sums_to_at_most_one(self) -> MaskGroundingConfig:

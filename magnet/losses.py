@@ -230,11 +230,15 @@ def total_loss(
 
 @dataclass
 class MaskGroundingInputs:
-    """What the model hands the criterion for Mask Grounding (shapes: ``MaskGroundingHead``)."""
+    """What the model hands the criterion for Mask Grounding (shapes: ``MaskGroundingHead``).
+
+    Every input is a function of the masked expression, the image and the ground-truth mask only:
+    features of a fused pass on the original words would carry the masked words' identity.
+    """
 
     text_features: Tensor  # [B, L, D_t] language features of the masked expression
     attention_mask: Tensor  # [B, L]
-    visual_features: Tensor  # [B, C_mg, h, w]
+    visual_features: Tensor  # [B, C_mg, h, w] image features of the same pass on the masked expression
     labels: Tensor  # [B, L] from mask_tokens
     word_embeddings: Tensor  # [V, D_w] the text encoder's word-embedding weight
 
