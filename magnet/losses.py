@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from magnet.config import AlignmentLossConfig, LossConfig, MaskGroundingConfig
-from magnet.models.mask_grounding import MaskGroundingHead
 
 LOSS_KEYS = ("loss", "bce", "dice", "seg", "mg", "cal")
 """Keys of the loss dict the model's forward returns (DEVELOPERS.md, model contract)."""
@@ -281,6 +280,10 @@ class MagNetCriterion(nn.Module):
         mg_visual_dim: channels of the visual features handed to MG.
         cal_pixel_dim: channels of the pixel features handed to CAL.
         """
+        # Imported here: magnet.models' package init imports the model, which imports this module,
+        # so a top-level import would make `import magnet.losses` on its own a circular import.
+        from magnet.models.mask_grounding import MaskGroundingHead
+
         super().__init__()
         self.loss_cfg = loss_cfg
         self.mask_grounding = (

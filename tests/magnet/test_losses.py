@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -239,6 +241,12 @@ def test_mask_grounding_runs_only_in_training() -> None:
     criterion.train()
     with pytest.raises(ValueError, match="MaskGroundingInputs"):
         criterion(logits, aux, target, mg=None, cal=cal)
+
+
+def test_losses_import_on_their_own() -> None:
+    """`import magnet.losses` first (before magnet.models) is no circular import."""
+    done = subprocess.run([sys.executable, "-c", "import magnet.losses"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_total_loss_reports_zero_tensors_for_missing_parts() -> None:
