@@ -345,6 +345,11 @@ class MagNet(nn.Module):
         )
         self.classifier = build_decoder(self.image_model.channels, cfg.decoder)
         word_embeddings = self.language_model.embeddings.word_embeddings
+        cal_pixel_dim = (
+            self.classifier.mask_feature_dim
+            if cfg.alignment.pixel_features == "mask_features"
+            else self.image_model.channels[0]
+        )
         self.criterion = MagNetCriterion(
             cfg.loss,
             cfg.mask_grounding,
@@ -352,7 +357,7 @@ class MagNet(nn.Module):
             text_dim=word_dim,
             word_embeddings=word_embeddings,
             mg_visual_dim=self.image_model.channels[-1],
-            cal_pixel_dim=self.image_model.channels[0],
+            cal_pixel_dim=cal_pixel_dim,
         )
         self.register_buffer("special_ids", torch.tensor(special_ids, dtype=torch.long), persistent=False)
         self.mask_token_id = mask_token_id
@@ -430,7 +435,9 @@ class MagNet(nn.Module):
             masked = enc if shared else self.encode(image, masked_ids, attention_mask)
             mg = self._mask_grounding_inputs(masked, attention_mask, labels)
         if self.criterion.alignment is not None:
-            cal = AlignmentInputs(enc.features[0], enc.words, attention_mask)
+            on_mask_features = self.cfg.alignment.pixel_features == "mask_features"
+            pixels = dec.mask_features if on_mask_features else enc.features[0]  # [B, C_cal, S_h/4, S_w/4]
+            cal = AlignmentInputs(pixels, enc.words, attention_mask)
         losses = self.criterion(dec.mask_logits, dec.aux_mask_logits, target_mask, mg, cal)
         return MagNetOutput(dec.mask_logits, list(dec.aux_mask_logits), losses)
 
