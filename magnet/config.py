@@ -99,6 +99,15 @@ class MaskGroundingConfig(_Section):
     num_layers: int = Field(2, gt=0, description="Transformer layers of the grounding predictor.")
     num_heads: int = Field(8, gt=0)
     mask_grid: int = Field(8, gt=0, description="The ground-truth mask is pooled to mask_grid**2 tokens.")
+    encoder_pass: Literal["shared", "separate"] = Field(
+        "shared",
+        description="How the predictor's language and visual tokens come from the masked expression alone "
+        "(the fused encoders mix words into the image side, so tokens of a pass on the original words would "
+        "carry the answer): 'shared' runs the fused encoders once, on the masked ids, for segmentation and "
+        "MG alike (no extra cost; segmentation trains on masked expressions); 'separate' keeps segmentation "
+        "on the original ids and runs a second fused pass on the masked ids for MG (about twice the "
+        "encoders' cost and activation memory).",
+    )
 
     @model_validator(mode="after")
     def _split_sums_to_at_most_one(self) -> MaskGroundingConfig:
@@ -111,10 +120,26 @@ class AlignmentLossConfig(_Section):
     """Cross-modal alignment loss (CAL): pixel-to-text and pixel-to-pixel contrastive terms."""
 
     enabled: bool = True
+    pixel_features: Literal["mask_features", "cam_stage1"] = Field(
+        "mask_features",
+        description="Pixels aligned with the sentence. 'mask_features': the decoder's mask features as they "
+        "are, the sentence projected to their width by one Linear (the published checkpoint's lang_proj, "
+        "which an import puts there); 'cam_stage1': the stage-1 CAM output, pixels and sentence each "
+        "through a two-layer MLP into embed_dim.",
+    )
+    negatives: Literal["sentences", "sentences_and_background"] = Field(
+        "sentences",
+        description="What a foreground pixel's own sentence competes with in the pixel-to-text term: "
+        "'sentences', the other sentences of the batch (0 for a batch of one); "
+        "'sentences_and_background', also the own sentence scored against every background pixel of the "
+        "image (thousands of terms at 1/4 of 480, which then dominate the denominator).",
+    )
     temperature: float = Field(0.07, gt=0)
     pixel_to_text_weight: float = Field(1.0, ge=0)
     pixel_to_pixel_weight: float = Field(1.0, ge=0)
-    embed_dim: int = Field(256, gt=0, description="Shared space of pixels and sentences.")
+    embed_dim: int = Field(
+        256, gt=0, description="Shared space of the 'cam_stage1' MLPs ('mask_features': the decoder's width)."
+    )
     max_pixels: int = Field(1024, gt=0, description="Pixels sampled per image for the pixel-to-pixel term.")
 
 

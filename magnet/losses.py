@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from magnet.config import AlignmentLossConfig, LossConfig, MaskGroundingConfig
-from magnet.models.mask_grounding import MaskGroundingHead
 
 LOSS_KEYS = ("loss", "bce", "dice", "seg", "mg", "cal")
 """Keys of the loss dict the model's forward returns (DEVELOPERS.md, model contract)."""
@@ -98,17 +97,31 @@ def mean_pool(text_features: Tensor, attention_mask: Tensor) -> Tensor:
     return (text_features * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
+def _projection_mlp(in_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+
 class CrossModalAlignmentLoss(nn.Module):
     """Contrastive alignment of pixel features with the sentence (CAL).
 
-    Pixels and sentences are projected to a shared E-dimensional space and L2-normalised;
-    scores are cosine similarities over ``temperature``.
+    Pixels and sentences meet in one space, L2-normalised; scores are cosine similarities over
+    ``temperature``. Which pixels and how they get there is ``cfg.pixel_features``:
+
+    - ``mask_features`` (default): the decoder's mask features as they are, and the sentence
+      through ONE Linear to their width. This is where the published checkpoint puts it: it holds
+      ``lang_proj`` (Linear 768 -> 256, the decoder's width) and no pixel-side projection, so the
+      authors aligned the 256-wide mask features with linearly projected language; an imported
+      ``lang_proj`` seeds ``text_proj`` (magnet.weights).
+    - ``cam_stage1``: the stage-1 CAM output (C_0 wide), pixels and sentence each through a
+      two-layer MLP into ``embed_dim``.
 
     Pixel-to-text: each foreground pixel of image i must pick its own sentence i (InfoNCE). Its
-    negatives are the other sentences of the batch scored against that pixel AND the background
-    pixels of image i scored against sentence i. The second set keeps the term meaningful for a
-    batch of one and teaches the sentence where its object is not; with neither negative
-    (batch of one, no background) the term is 0.
+    negatives (``cfg.negatives``) are the other sentences of the batch scored against that pixel,
+    and with ``sentences_and_background`` also sentence i scored against every background pixel of
+    image i. The second set keeps the term alive for a batch of one and teaches the sentence where
+    its object is not, but its thousands of terms (up to 14.4k at 120 x 120, against B - 1
+    sentences) then dominate the denominator. With no negative at all (``sentences`` and a
+    batch of one) the term is 0.
 
     Pixel-to-pixel (supervised-contrastive, per image): up to ``max_pixels`` pixels are sampled,
     half from the foreground and half from the background; each sampled foreground pixel is
@@ -124,16 +137,16 @@ class CrossModalAlignmentLoss(nn.Module):
         """Args:
         pixel_dim: channels C of the pixel features handed in.
         text_dim: width D_t of the language features handed in.
-        cfg: embed_dim, temperature, term weights and max_pixels.
+        cfg: pixel source, negatives, embed_dim, temperature, term weights and max_pixels.
         """
         super().__init__()
         self.cfg = cfg
-        self.pixel_proj = nn.Sequential(
-            nn.Linear(pixel_dim, cfg.embed_dim), nn.GELU(), nn.Linear(cfg.embed_dim, cfg.embed_dim)
-        )
-        self.text_proj = nn.Sequential(
-            nn.Linear(text_dim, cfg.embed_dim), nn.GELU(), nn.Linear(cfg.embed_dim, cfg.embed_dim)
-        )
+        if cfg.pixel_features == "mask_features":
+            self.pixel_proj: nn.Module = nn.Identity()
+            self.text_proj: nn.Module = nn.Linear(text_dim, pixel_dim)
+        else:
+            self.pixel_proj = _projection_mlp(pixel_dim, cfg.embed_dim)
+            self.text_proj = _projection_mlp(text_dim, cfg.embed_dim)
 
     def forward(
         self,
@@ -144,7 +157,7 @@ class CrossModalAlignmentLoss(nn.Module):
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
         """Args:
-        pixel_features: [B, C, h, w] pixel features (e.g. the decoder's mask features).
+        pixel_features: [B, C, h, w] pixel features (see ``cfg.pixel_features``).
         text_features: [B, L, D_t] language features (mean-pooled over real tokens).
         attention_mask: [B, L], 1 on real tokens.
         target_mask: [B, H, W] ground truth in {0, 1}, any size (area-resized, >= 0.5 is fg).
@@ -171,10 +184,11 @@ class CrossModalAlignmentLoss(nn.Module):
         scores = torch.einsum("bne,ke->bnk", pixels, sentences) / self.cfg.temperature  # [B, N, B]
         own = scores.diagonal(dim1=0, dim2=2).transpose(0, 1)  # [B, N]: pixel of image b vs sentence b
         same = torch.eye(batch, dtype=torch.bool, device=scores.device)[:, None, :]  # [B, 1, B]
-        others = scores.masked_fill(same, lowest)
-        other_sentences = others.logsumexp(-1)  # [B, N]
-        background = own.masked_fill(foreground, lowest).logsumexp(-1, keepdim=True)  # [B, 1]
-        denominator = torch.logaddexp(torch.logaddexp(own, other_sentences), background)  # [B, N]
+        other_sentences = scores.masked_fill(same, lowest).logsumexp(-1)  # [B, N]
+        denominator = torch.logaddexp(own, other_sentences)  # [B, N]
+        if self.cfg.negatives == "sentences_and_background":
+            background = own.masked_fill(foreground, lowest).logsumexp(-1, keepdim=True)  # [B, 1]
+            denominator = torch.logaddexp(denominator, background)
         nll = denominator - own  # [B, N]
         return (nll * foreground).sum() / foreground.sum().clamp(min=1)
 
@@ -230,11 +244,15 @@ def total_loss(
 
 @dataclass
 class MaskGroundingInputs:
-    """What the model hands the criterion for Mask Grounding (shapes: ``MaskGroundingHead``)."""
+    """What the model hands the criterion for Mask Grounding (shapes: ``MaskGroundingHead``).
+
+    Every input is a function of the masked expression, the image and the ground-truth mask only:
+    features of a fused pass on the original words would carry the masked words' identity.
+    """
 
     text_features: Tensor  # [B, L, D_t] language features of the masked expression
     attention_mask: Tensor  # [B, L]
-    visual_features: Tensor  # [B, C_mg, h, w]
+    visual_features: Tensor  # [B, C_mg, h, w] image features of the same pass on the masked expression
     labels: Tensor  # [B, L] from mask_tokens
     word_embeddings: Tensor  # [V, D_w] the text encoder's word-embedding weight
 
@@ -277,6 +295,10 @@ class MagNetCriterion(nn.Module):
         mg_visual_dim: channels of the visual features handed to MG.
         cal_pixel_dim: channels of the pixel features handed to CAL.
         """
+        # Imported here: magnet.models' package init imports the model, which imports this module,
+        # so a top-level import would make `import magnet.losses` on its own a circular import.
+        from magnet.models.mask_grounding import MaskGroundingHead
+
         super().__init__()
         self.loss_cfg = loss_cfg
         self.mask_grounding = (

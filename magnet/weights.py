@@ -9,8 +9,10 @@ import is a short table of renames (``RENAMES``), not a re-wiring:
 - timm's Swin starts stage k with the patch merging the reference keeps at the END of stage
   k-1: ``image_model.layers.{k}.downsample`` -> ``image_model.layers.{k+1}.downsample``;
 - our CAM is a module of its stage: ``layers.{k}.pyramids|fusions|mixer`` -> ``layers.{k}.cam.*``;
-- ``lang_proj`` (768 -> 256) is used by no inference path; it seeds the first layer of the
-  alignment loss's text projection when our model has one of that shape, else it is dropped;
+- ``lang_proj`` (768 -> 256) is used by no inference path: it is the alignment loss's text
+  projection onto the decoder's 256-wide mask features, and seeds ours
+  (``criterion.alignment.text_proj``, a single Linear with ``alignment.pixel_features=mask_features``,
+  the default) when our model has one of that shape, else it is dropped;
 - ``relative_position_index`` buffers are derived from the window size (timm does not save
   them): each is checked against the index our model computes, then dropped.
 
@@ -57,7 +59,7 @@ PUBLISHED_IMAGE_SIZES = (480, 448)
 POSITION_INDEX_SUFFIX = ".attn.relative_position_index"
 """Swin buffers the reference saves and timm derives from the window size."""
 
-_FIELDS = {"stage": r"\d+", "cam_part": r"pyramids|fusions|mixer", "rest": r".+"}
+_FIELDS = {"stage": r"\d+", "cam_part": r"pyramids|fusions|mixer", "param": r"weight|bias", "rest": r".+"}
 """What each ``{field}`` of a rename template matches."""
 
 
@@ -70,8 +72,8 @@ class Rename:
     """One key rename between the published layout and ours, usable in both directions.
 
     Args:
-        published: key template in the published checkpoint; ``{stage}``, ``{cam_part}`` and
-            ``{rest}`` are fields (see ``_FIELDS``), copied to the other side.
+        published: key template in the published checkpoint; ``{stage}``, ``{cam_part}``,
+            ``{param}`` and ``{rest}`` are fields (see ``_FIELDS``), copied to the other side.
         ours: the same key in our model.
         stage_shift: added to ``{stage}`` going published -> ours.
         training_only: the tensor feeds a training-only head of ours; without a matching head
@@ -99,7 +101,7 @@ RENAMES: tuple[Rename, ...] = (
     Rename(
         "image_model.layers.{stage}.{cam_part}.{rest}", "image_model.layers.{stage}.cam.{cam_part}.{rest}"
     ),
-    Rename("lang_proj.{rest}", "criterion.alignment.text_proj.0.{rest}", training_only=True),
+    Rename("lang_proj.{param}", "criterion.alignment.text_proj.{param}", training_only=True),
 )
 """Published -> ours, first match wins; a key no rule matches keeps its name."""
 

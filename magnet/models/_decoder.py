@@ -13,6 +13,8 @@ class DecoderOutput:
 
     Attributes:
         mask_logits: final mask logits [B, Q, H/4, W/4] (Q = 1 query: one referred object).
+        mask_features: the per-pixel embedding the mask is read from, [B, C_m, H/4, W/4] with C_m the
+            decoder's ``mask_feature_dim`` (what the cross-modal alignment loss aligns with the words).
         aux_mask_logits: earlier predictions of the same shape for deep supervision, oldest first;
             empty for decoders without intermediate predictions.
         class_logits: final "object / no object" logits [B, Q, 2] where the decoder has a class head
@@ -20,6 +22,7 @@ class DecoderOutput:
     """
 
     mask_logits: Tensor
+    mask_features: Tensor
     aux_mask_logits: list[Tensor] = field(default_factory=list)
     class_logits: Tensor | None = None
 

@@ -18,7 +18,8 @@ def build_decoder(in_channels: tuple[int, int, int, int], cfg: DecoderConfig) ->
     """The decoder named by ``cfg.kind`` for levels of ``in_channels`` (strides 4, 8, 16, 32).
 
     Every decoder's ``forward(features)`` takes the four maps ordered stride 4 -> 32 and returns a
-    ``DecoderOutput`` (mask logits at 1/4 of the input, auxiliary masks, optional class logits).
+    ``DecoderOutput`` (mask logits at 1/4 of the input, the mask features they are read from,
+    auxiliary masks, optional class logits); ``mask_feature_dim`` is the mask features' width.
     """
     if cfg.kind not in DECODERS:
         raise ValueError(f"decoder.kind={cfg.kind!r} is unknown; choose one of {sorted(DECODERS)}")

@@ -43,6 +43,7 @@ class LAVTDecoder(nn.Module):
             raise ValueError(f"LAVTDecoder: expected 4 input levels, got in_channels={in_channels}")
         self.in_channels = tuple(in_channels)
         hidden = cfg.lavt_hidden_dim or max(in_channels[3] // 2, 1)
+        self.mask_feature_dim = hidden
         # fuse[0] takes [up(C_32), C_16], fuse[1] [up(D), C_8], fuse[2] [up(D), C_4]
         inputs = [in_channels[3] + in_channels[2], hidden + in_channels[1], hidden + in_channels[0]]
         self.fuse = nn.ModuleList(
@@ -57,4 +58,4 @@ class LAVTDecoder(nn.Module):
         for fuse, lateral in zip(self.fuse, features[2::-1], strict=True):
             x = F.interpolate(x, size=lateral.shape[-2:], mode="bilinear", align_corners=True)
             x = fuse(torch.cat([x, lateral], dim=1))  # [B, D, h, w] of the lateral's stride
-        return DecoderOutput(mask_logits=self.mask_head(x))
+        return DecoderOutput(mask_logits=self.mask_head(x), mask_features=x)  # x: [B, D, H/4, W/4]

@@ -101,13 +101,10 @@ class EncoderOutput:
     Attributes:
         features: what the decoder sees, four maps [B, C_k, H_k, W_k] (strides 4, 8, 16, 32).
         words: [B, L, D] language features after the last stage.
-        stage_pixels: Swin output of each stage before the vision gate, [B, H_k, W_k, C_k]
-            (what the language side reads; kept to re-run the language path for Mask Grounding).
     """
 
     features: list[Tensor]
     words: Tensor
-    stage_pixels: list[Tensor]
 
 
 # ------------------------------------------------------------------------------------ blocks
@@ -323,15 +320,6 @@ class FusedLanguageModel(nn.Module):
         residual = self.pwams[k](words, pixels.flatten(1, 2), fusion_mask)  # [B, L, D]
         return words + self.res_gates[k](residual) * residual
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, stage_pixels: list[Tensor]) -> Tensor:
-        """The whole language path against given stage pixels (used for the masked expression)."""
-        attend = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, L]
-        fusion_mask = self.fusion_mask(attention_mask)
-        words = self.embeddings(input_ids=input_ids)  # [B, L, D]
-        for k, pixels in enumerate(stage_pixels):
-            words = self.fuse(k, self.run_group(k, words, attend), pixels, fusion_mask)
-        return words
-
 
 # ------------------------------------------------------------------------------------- model
 class MagNet(nn.Module):
@@ -357,6 +345,11 @@ class MagNet(nn.Module):
         )
         self.classifier = build_decoder(self.image_model.channels, cfg.decoder)
         word_embeddings = self.language_model.embeddings.word_embeddings
+        cal_pixel_dim = (
+            self.classifier.mask_feature_dim
+            if cfg.alignment.pixel_features == "mask_features"
+            else self.image_model.channels[0]
+        )
         self.criterion = MagNetCriterion(
             cfg.loss,
             cfg.mask_grounding,
@@ -364,7 +357,7 @@ class MagNet(nn.Module):
             text_dim=word_dim,
             word_embeddings=word_embeddings,
             mg_visual_dim=self.image_model.channels[-1],
-            cal_pixel_dim=self.image_model.channels[0],
+            cal_pixel_dim=cal_pixel_dim,
         )
         self.register_buffer("special_ids", torch.tensor(special_ids, dtype=torch.long), persistent=False)
         self.mask_token_id = mask_token_id
@@ -399,14 +392,13 @@ class MagNet(nn.Module):
         fusion_mask = language.fusion_mask(attention_mask)
         x = self.image_model.patch_embed(image)  # [B, S_h/4, S_w/4, C_0]
         words = language.embeddings(input_ids=input_ids)  # [B, L, D]
-        features, stage_pixels = [], []
+        features = []
         for k, stage in enumerate(self.image_model.layers):
             words = language.run_group(k, words, attend)
             x, pixels, out = stage(x, words, word_mask)  # each [B, H_k, W_k, C_k]
             words = language.fuse(k, words, pixels, fusion_mask)
             features.append(self.image_model.decoder_feature(k, out))  # [B, C_k, H_k, W_k]
-            stage_pixels.append(pixels)
-        return EncoderOutput(features=features, words=words, stage_pixels=stage_pixels)
+        return EncoderOutput(features=features, words=words)
 
     def forward(
         self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor | None = None
@@ -417,38 +409,48 @@ class MagNet(nn.Module):
         attention_mask: [B, L] 1 on real tokens.
         target_mask: [B, S_h, S_w] ground truth in {0, 1}; given, the losses are computed
             (Mask Grounding only in training mode).
+
+        With Mask Grounding on, words are masked first and the predictor's tokens come from a fused
+        pass on the masked ids (``cfg.mask_grounding.encoder_pass``): ``shared`` segments from that
+        same pass, ``separate`` segments from a pass on the original ids.
         """
-        enc = self.encode(image, input_ids, attention_mask)
+        grounding = target_mask is not None and self.training and self.criterion.mask_grounding is not None
+        masked_ids = labels = None
+        if grounding:
+            masked_ids, labels = mask_tokens(
+                input_ids,
+                attention_mask,
+                self.special_ids,
+                self.mask_token_id,
+                self.vocab_size,
+                self.cfg.mask_grounding,
+            )
+        shared = grounding and self.cfg.mask_grounding.encoder_pass == "shared"
+        enc = self.encode(image, masked_ids if shared else input_ids, attention_mask)
         dec = self.classifier(enc.features)
         if target_mask is None:
             return MagNetOutput(dec.mask_logits, list(dec.aux_mask_logits))
         mg = cal = None
-        if self.criterion.mask_grounding is not None and self.training:
-            mg = self._mask_grounding_inputs(enc, input_ids, attention_mask)
+        if grounding:
+            masked = enc if shared else self.encode(image, masked_ids, attention_mask)
+            mg = self._mask_grounding_inputs(masked, attention_mask, labels)
         if self.criterion.alignment is not None:
-            cal = AlignmentInputs(enc.features[0], enc.words, attention_mask)
+            on_mask_features = self.cfg.alignment.pixel_features == "mask_features"
+            pixels = dec.mask_features if on_mask_features else enc.features[0]  # [B, C_cal, S_h/4, S_w/4]
+            cal = AlignmentInputs(pixels, enc.words, attention_mask)
         losses = self.criterion(dec.mask_logits, dec.aux_mask_logits, target_mask, mg, cal)
         return MagNetOutput(dec.mask_logits, list(dec.aux_mask_logits), losses)
 
     def _mask_grounding_inputs(
-        self, enc: EncoderOutput, input_ids: Tensor, attention_mask: Tensor
+        self, masked: EncoderOutput, attention_mask: Tensor, labels: Tensor
     ) -> MaskGroundingInputs:
-        """Mask words of the expression and re-run the language path (BERT groups and language
-        fusions) on them against this pass's stage pixels: the words must be recovered from the
-        image, the mask and what is left of the sentence."""
-        masked_ids, labels = mask_tokens(
-            input_ids,
-            attention_mask,
-            self.special_ids,
-            self.mask_token_id,
-            self.vocab_size,
-            self.cfg.mask_grounding,
-        )
-        words = self.language_model(masked_ids, attention_mask, enc.stage_pixels)  # [B, L, D]
+        """The predictor's inputs from a fused pass on the masked ids: its final words and its last
+        stage, so no token has seen the words to recover (a pass on the original ids fuses them
+        into the image side, and the answer could be read off the visual tokens)."""
         return MaskGroundingInputs(
-            text_features=words,
+            text_features=masked.words,
             attention_mask=attention_mask,
-            visual_features=enc.features[-1],
+            visual_features=masked.features[-1],
             labels=labels,
             word_embeddings=self.language_model.embeddings.word_embeddings.weight,
         )

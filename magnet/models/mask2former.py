@@ -535,6 +535,7 @@ class Mask2FormerDecoder(nn.Module):
         if len(in_channels) != 4:
             raise ValueError(f"Mask2FormerDecoder: expected 4 input levels, got in_channels={in_channels}")
         self.in_channels = tuple(in_channels)
+        self.mask_feature_dim = cfg.hidden_dim
         self.pixel_decoder = PixelDecoder(
             in_channels,
             cfg.hidden_dim,
@@ -557,4 +558,9 @@ class Mask2FormerDecoder(nn.Module):
         check_features(features, self.in_channels, type(self).__name__)
         mask_features, levels = self.pixel_decoder(features)
         masks, classes = self.predictor(levels, mask_features)
-        return DecoderOutput(mask_logits=masks[-1], aux_mask_logits=masks[:-1], class_logits=classes[-1])
+        return DecoderOutput(
+            mask_logits=masks[-1],
+            mask_features=mask_features,
+            aux_mask_logits=masks[:-1],
+            class_logits=classes[-1],
+        )

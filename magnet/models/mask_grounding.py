@@ -4,7 +4,10 @@ Some words of the expression are masked BERT-style (``mask_tokens``); a small pr
 (``MaskGroundingHead``) must recover them from three streams: the language features of the
 masked expression, the image features, and an encoding of the ground-truth mask of the referred
 object. Knowing *where* the object is makes the masked word guessable, so the loss teaches the
-language features where in the image each word lives. Nothing here runs at inference, and the
+language features where in the image each word lives. All three streams must be computed from the
+masked expression: MagNet's encoders fuse words into the image side, so image features of a pass
+on the original words carry the answer (MagNet.forward runs a fused pass on the masked ids, see
+``MaskGroundingConfig.encoder_pass``). Nothing here runs at inference, and the
 published checkpoints carry none of it: the model keeps the head under a name of its own
 (``mask_grounding``) so its weights are dropped from inference checkpoints.
 
@@ -224,7 +227,8 @@ class MaskGroundingHead(nn.Module):
         """Args:
         text_features: [B, L, D_t] language features of the MASKED expression.
         attention_mask: [B, L], 1 on real tokens (padding is hidden from the predictor).
-        visual_features: [B, C, h, w] image features (any stage; the last one is cheapest).
+        visual_features: [B, C, h, w] image features of a pass on the masked expression (any stage;
+            the last one is cheapest).
         target_mask: [B, H, W] ground-truth mask in {0, 1} (any size).
         labels: [B, L] int64 from ``mask_tokens`` (IGNORE_INDEX where nothing is predicted).
         word_embeddings: [V, D_w] the text encoder's word-embedding weight (the tie).

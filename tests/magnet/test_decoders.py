@@ -58,6 +58,9 @@ def test_output_shapes_and_aux_count(kind: str, height: int, width: int) -> None
     decoder = build_decoder(TINY_CHANNELS, cfg)
     out = decoder(features(2, height, width))
     assert out.mask_logits.shape == (2, 1, height // 4, width // 4)
+    # the mask features the alignment loss reads: hidden_dim (Mask2Former) or lavt_hidden_dim wide
+    assert decoder.mask_feature_dim == (cfg.hidden_dim if kind == "mask2former" else cfg.lavt_hidden_dim)
+    assert out.mask_features.shape == (2, decoder.mask_feature_dim, height // 4, width // 4)
     if kind == "mask2former":
         assert isinstance(decoder, Mask2FormerDecoder)
         # the initial query's prediction + one per layer except the last (that one is mask_logits)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -127,17 +129,61 @@ def test_aligned_embeddings_cost_less_than_shuffled_ones() -> None:
     assert aligned["cal"].item() == pytest.approx((aligned["p2t"] + aligned["p2p"]).item())
 
 
-def test_text_term_is_defined_for_a_batch_of_one() -> None:
-    cal = _identity_cal(16, temperature=0.1)
+def test_text_term_of_a_batch_of_one_needs_the_background() -> None:
     pixels, text, attention, masks = _aligned_batch(batch=1)
+    cal = _identity_cal(16, temperature=0.1, negatives="sentences_and_background")
     aligned = cal(pixels, text, attention, masks)
     opposite = cal(pixels, -text, attention, masks)
     assert 0 < aligned["p2t"] < opposite["p2t"]  # background pixels are the negatives
+    alone = _identity_cal(16, temperature=0.1, negatives="sentences")(pixels, -text, attention, masks)
+    assert alone["p2t"].item() == 0  # no other sentence: nothing to tell apart
 
 
+@pytest.mark.parametrize("negatives", ["sentences", "sentences_and_background"])
+def test_pixel_to_text_by_hand(negatives: str) -> None:
+    """-log softmax of the own sentence for each foreground pixel, over the batch's sentences (and,
+    with the background, over own-sentence scores of the image's background pixels)."""
+    temperature = 0.5
+    cal = _identity_cal(16, temperature=temperature, negatives=negatives)
+    pixels, text, attention, masks = _aligned_batch(batch=3)
+    pixels = pixels + torch.randn(pixels.shape, generator=torch.Generator().manual_seed(1))
+    got = cal(pixels, text, attention, masks)["p2t"]
+
+    embedded = nn.functional.normalize(pixels.flatten(2).transpose(1, 2), dim=-1)  # [B, N, E]
+    sentences = nn.functional.normalize(text[:, 0], dim=-1)  # [B, E]
+    foreground = nn.functional.interpolate(masks[:, None], size=(8, 8), mode="area").flatten(1) >= 0.5
+    nll = []
+    for i in range(3):
+        scores = embedded[i] @ sentences.T / temperature  # [N, B]
+        for n in foreground[i].nonzero().flatten().tolist():
+            terms = scores[n]
+            if negatives == "sentences_and_background":
+                terms = torch.cat([terms, scores[~foreground[i], i]])
+            nll.append(terms.logsumexp(0) - scores[n, i])
+    torch.testing.assert_close(got, torch.stack(nll).mean())
+
+
+MLP_8_TO_16 = [(16, 8), (16,), (16, 16), (16,)]
+MLP_12_TO_16 = [(16, 12), (16,), (16, 16), (16,)]
+
+
+@pytest.mark.parametrize(
+    ("pixel_features", "pixel_shapes", "text_shapes"),
+    [("mask_features", [], [(8, 12), (8,)]), ("cam_stage1", MLP_8_TO_16, MLP_12_TO_16)],
+)
+def test_projections_per_pixel_source(pixel_features: str, pixel_shapes: list, text_shapes: list) -> None:
+    """Mask features are aligned as the decoder made them, the sentence by ONE Linear to their width
+    (the published lang_proj's layout); the stage-1 variant projects both sides by an MLP."""
+    cal = CrossModalAlignmentLoss(8, 12, AlignmentLossConfig(pixel_features=pixel_features, embed_dim=16))
+    assert [tuple(p.shape) for p in cal.pixel_proj.parameters()] == pixel_shapes
+    assert [tuple(p.shape) for p in cal.text_proj.parameters()] == text_shapes
+
+
+@pytest.mark.parametrize("pixel_features", ["mask_features", "cam_stage1"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_cal_survives_empty_and_full_masks(batch: int) -> None:
-    cal = CrossModalAlignmentLoss(8, 12, AlignmentLossConfig(embed_dim=16, max_pixels=64))
+def test_cal_survives_empty_and_full_masks(batch: int, pixel_features: str) -> None:
+    cfg = AlignmentLossConfig(pixel_features=pixel_features, embed_dim=16, max_pixels=64)
+    cal = CrossModalAlignmentLoss(8, 12, cfg)
     pixels = torch.randn(batch, 8, 6, 6, requires_grad=True)
     text = torch.randn(batch, 5, 12)
     for masks in (torch.zeros(batch, 24, 24), torch.ones(batch, 24, 24)):
@@ -239,6 +285,12 @@ def test_mask_grounding_runs_only_in_training() -> None:
     criterion.train()
     with pytest.raises(ValueError, match="MaskGroundingInputs"):
         criterion(logits, aux, target, mg=None, cal=cal)
+
+
+def test_losses_import_on_their_own() -> None:
+    """`import magnet.losses` first (before magnet.models) is no circular import."""
+    done = subprocess.run([sys.executable, "-c", "import magnet.losses"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_total_loss_reports_zero_tensors_for_missing_parts() -> None:

@@ -1,5 +1,6 @@
-"""Mask Grounding: BERT-style masking statistics and the grounding head (shapes, gradients, tie,
-and that it really learns from the mask)."""
+"""Mask Grounding: BERT-style masking statistics, the grounding head (shapes, gradients, tie,
+and that it really learns from the mask), and that in the model its inputs never see the words
+it predicts."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from magnet.config import MaskGroundingConfig
+from magnet.config import MaskGroundingConfig, load_config
+from magnet.models import MagNet, build_model
 from magnet.models.mask_grounding import IGNORE_INDEX, MaskGroundingHead, mask_tokens
 
 PAD, UNK, CLS, SEP, MASK = 0, 100, 101, 102, 103  # bert-base-uncased
@@ -212,3 +214,59 @@ def test_head_learns_the_word_from_an_informative_mask() -> None:
     assert last < 0.1 * first and last < 0.3
     _, blank_last = _train_on_quadrants(informative=False)
     assert blank_last > 0.9 * math.log(4)
+
+
+# ----------------------------------------------------------------------------- in the model
+@pytest.fixture(scope="module")
+def tiny() -> MagNet:
+    torch.manual_seed(0)
+    return build_model(load_config("tiny").model).train()
+
+
+def _predictor_calls(model: MagNet, batch: dict[str, torch.Tensor], seed: int) -> tuple[tuple, Tensor]:
+    """One training forward with a fixed seed (same masked positions and draws every time):
+    the positional inputs the Mask Grounding predictor received, and the segmentation logits."""
+    calls = []
+    hook = model.criterion.mask_grounding.register_forward_pre_hook(lambda _, args: calls.append(args))
+    torch.manual_seed(seed)
+    try:
+        logits = model(**batch).mask_logits
+    finally:
+        hook.remove()
+    (inputs,) = calls
+    return inputs, logits
+
+
+@pytest.mark.parametrize("encoder_pass", ["shared", "separate"])
+@pytest.mark.parametrize(("to_mask", "to_random"), [(1.0, 0.0), (0.0, 1.0)])
+def test_predictor_inputs_never_see_the_masked_words(
+    tiny: MagNet, encoder_pass: str, to_mask: float, to_random: float
+) -> None:
+    """Replacing the original words at the masked positions by other words changes the labels and
+    nothing the predictor reads (language, visual and mask tokens, bitwise), whether a picked word
+    becomes [MASK] or a random word. Only the 10% BERT keeps unchanged show the word, by design."""
+    knobs = dict(
+        encoder_pass=encoder_pass, mask_prob=0.5, replace_mask_prob=to_mask, replace_random_prob=to_random
+    )
+    # the model reads the section at every forward; its other fields (the head's sizes) stay
+    tiny.cfg.mask_grounding = MaskGroundingConfig.model_validate(tiny.cfg.mask_grounding.model_dump() | knobs)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.zeros(2, 20, dtype=torch.long)
+    ids[:, 0], ids[:, 1:9], ids[:, 9] = CLS, torch.randint(1000, 5000, (2, 8), generator=gen), SEP
+    batch = {
+        "image": torch.randn(2, 3, 64, 64, generator=gen),
+        "input_ids": ids,
+        "attention_mask": (ids != PAD).long(),
+        "target_mask": (torch.rand(2, 64, 64, generator=gen) > 0.5).float(),
+    }
+    first, first_logits = _predictor_calls(tiny, batch, seed=1)
+    picked = first[4] != IGNORE_INDEX  # labels [B, L]
+    assert picked.any() and (~picked & batch["attention_mask"].bool()).any()
+
+    swapped = dict(batch, input_ids=torch.where(picked, ids + 7, ids))  # "red" -> "blue" at masked spots
+    second, second_logits = _predictor_calls(tiny, swapped, seed=1)
+    assert torch.equal(second[4], torch.where(picked, ids + 7, IGNORE_INDEX)), "labels follow the new words"
+    for name, index in [("language", 0), ("attention mask", 1), ("visual", 2), ("mask", 3)]:
+        assert torch.equal(first[index], second[index]), f"{name} tokens changed with the masked words"
+    # Segmentation: one pass on the masked ids ('shared'), or on the original words ('separate').
+    assert torch.equal(first_logits, second_logits) == (encoder_pass == "shared")

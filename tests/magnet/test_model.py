@@ -187,6 +187,47 @@ def test_switched_off_heads_get_no_gradient() -> None:
     assert all(p.grad is None for p in model.criterion.mask_grounding.parameters())
 
 
+@pytest.mark.parametrize("pixel_features", ["mask_features", "cam_stage1"])
+def test_alignment_loss_reads_its_pixels(tiny: MagNet, pixel_features: str) -> None:
+    """By default CAL aligns the decoder's mask features (as the published lang_proj says), the
+    sentence through one Linear; ``cam_stage1`` keeps the stage-1 CAM output and two MLPs."""
+    model = (
+        tiny
+        if pixel_features == "mask_features"
+        else build_model(tiny_cfg(f"alignment.pixel_features={pixel_features}"))
+    )
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        model.classifier.register_forward_hook(
+            lambda _, args, out: seen.update(mask_features=out.mask_features)
+        ),
+        model.criterion.alignment.register_forward_pre_hook(lambda _, args: seen.update(cal_pixels=args[0])),
+    ]
+    b = batch((64, 64))
+    model.eval()  # no Mask Grounding: one pass, the one CAL reads
+    try:
+        with torch.no_grad():
+            stage1 = model.encode(b["image"], b["input_ids"], b["attention_mask"]).features[0]
+            model(**b)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    text_proj = model.criterion.alignment.text_proj
+    if pixel_features == "mask_features":
+        assert seen["cal_pixels"] is seen["mask_features"]
+        assert seen["cal_pixels"].shape == (2, model.cfg.decoder.hidden_dim, 16, 16)
+        assert (
+            isinstance(text_proj, torch.nn.Linear) and text_proj.out_features == model.cfg.decoder.hidden_dim
+        )
+        assert not list(model.criterion.alignment.pixel_proj.parameters())
+    else:
+        torch.testing.assert_close(seen["cal_pixels"], stage1, rtol=0, atol=0)
+        assert (
+            isinstance(text_proj, torch.nn.Sequential)
+            and text_proj[-1].out_features == model.cfg.alignment.embed_dim
+        )
+
+
 def test_inference_weights_exclude_training_heads(tiny: MagNet) -> None:
     weights = tiny.inference_state_dict()
     assert not [k for k in weights if k.startswith(TRAINING_ONLY_PREFIX)]

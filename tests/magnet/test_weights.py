@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 from timm.models.swin_transformer import get_relative_position_index
+from torch import nn
 from typer.testing import CliRunner
 
 from magnet.checkpoint import load_model_from_checkpoint
+from magnet.config import AlignmentLossConfig
 from magnet.models import MagNet, build_model
 from magnet.weights import (
     WeightImportError,
@@ -31,7 +33,8 @@ from magnet.weights import (
 INVENTORY = Path(__file__).resolve().parents[2].parent / "shared/reference/official_magnet_state_dict.json"
 pytestmark = pytest.mark.skipif(not INVENTORY.is_file(), reason=f"published inventory {INVENTORY} is absent")
 
-LANG_PROJ_HOME = "criterion.alignment.text_proj.0"
+LANG_PROJ_HOME = "criterion.alignment.text_proj"
+"""The default alignment loss's text projection: one Linear 768 -> 256, the published lang_proj."""
 
 
 @functools.cache
@@ -99,9 +102,19 @@ def test_inverse_gives_the_published_layout(paper_meta: MagNet) -> None:
         assert str(value.dtype).removeprefix("torch.") == expected[key]["dtype"], key
 
 
-def test_lang_proj_is_dropped_without_a_matching_head() -> None:
+def test_lang_proj_seeds_the_single_linear_text_projection(paper_meta: MagNet) -> None:
+    assert isinstance(paper_meta.get_submodule(LANG_PROJ_HOME), nn.Linear)
+    _, report = published_to_ours(shaped_like_published("zeros"), paper_meta)
+    assert report.mapped["lang_proj.weight"] == f"{LANG_PROJ_HOME}.weight"
+    assert report.mapped["lang_proj.bias"] == f"{LANG_PROJ_HOME}.bias"
+
+
+@pytest.mark.parametrize("alignment", [{"enabled": False}, {"pixel_features": "cam_stage1"}])
+def test_lang_proj_is_dropped_without_a_matching_head(alignment: dict) -> None:
+    """No alignment loss, or the stage-1 variant whose MLP lang_proj cannot be: dropped on import,
+    and never written back (no lang_proj.0.* from the MLP's layers)."""
     cfg = imported_config()
-    cfg.model.alignment.enabled = False
+    cfg.model.alignment = AlignmentLossConfig(**alignment)
     model = build_model(cfg.model, "meta")
     _, report = published_to_ours(shaped_like_published("zeros"), model)
     assert report.kept_training_only == []
@@ -109,6 +122,7 @@ def test_lang_proj_is_dropped_without_a_matching_head() -> None:
         "lang_proj.weight",
         "lang_proj.bias",
     }
+    assert not [k for k in ours_to_published(model.state_dict(), model) if k.startswith("lang_proj")]
 
 
 # ---------------------------------------------------------------------------------- refusals
