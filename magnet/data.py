@@ -493,8 +493,8 @@ def build_eval_loader(
     """Every expression of the split exactly once across ranks, in the stored order.
 
     Rank r takes a contiguous block of the split (sizes differ by at most one); images are
-    resized to the model input ``image_size``, masks to ``eval_cfg.eval_size`` (the lavt
-    protocol's comparison size); the 'original' protocol adds ``orig_mask``. The last batch of a
+    resized to the model input ``image_size``, masks to ``eval_cfg.size_for(image_size)`` (the
+    lavt protocol's comparison size: the model's input size unless eval_size says otherwise); the 'original' protocol adds ``orig_mask``. The last batch of a
     rank may be smaller.
     """
     if not 0 <= rank < world_size:
@@ -519,7 +519,7 @@ def build_eval_loader(
         plans,
         batch_size=cfg.batch_size,
         image_size=image_size,
-        mask_size=eval_cfg.eval_size,
+        mask_size=eval_cfg.size_for(image_size),
         pick_seed=None,
         shuffle_buffer=0,
         keep_orig_mask=eval_cfg.protocol == "original",

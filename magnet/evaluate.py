@@ -280,7 +280,6 @@ def evaluate(
     device = torch.device(device)
     splits = list(splits if splits is not None else cfg.data.eval_splits)
     size = cfg.eval.size_for(cfg.model.image_size)
-    eval_cfg = cfg.eval.model_copy(update={"eval_size": size})
     settings = _read_json(f"{shards.rstrip('/')}/summary.json").get("settings", {})
     breakdown_by, breakdowns = split_breakdowns(shards, splits)
     results: dict[str, SplitResult] = {}
@@ -292,7 +291,7 @@ def evaluate(
         loader = build_eval_loader(
             split_shards,
             cfg.data,
-            eval_cfg,
+            cfg.eval,
             image_size=cfg.model.image_size,
             rank=rank,
             world_size=world_size,
@@ -300,7 +299,7 @@ def evaluate(
         result = evaluate_split(
             model,
             loader,
-            eval_cfg,
+            cfg.eval,
             split=split,
             device=device,
             precision=cfg.train.precision,

@@ -130,7 +130,8 @@ class MaskGroundingOutput(NamedTuple):
     loss: Tensor
     """Cross-entropy at the masked positions (mean over them), float32 scalar; 0 if none."""
     logits: Tensor
-    """[B, L, V] float32 word logits at every position."""
+    """[M, V] float32 word logits at the M predicted positions (labels != IGNORE_INDEX), in the
+    row-major order of ``labels``: the vocabulary is scored only where a loss is taken."""
 
 
 class MaskGroundingHead(nn.Module):
@@ -257,12 +258,13 @@ class MaskGroundingHead(nn.Module):
             [~attention_mask.bool(), attention_mask.new_zeros(batch, image_tokens, dtype=torch.bool)], dim=1
         )  # [B, L + h*w + G*G], True = ignored
         tokens = self.norm(self.predictor(tokens, src_key_padding_mask=padding))
-        words = self.lm_transform(tokens[:, :length])  # [B, L, D_w]
+        # Only the M predicted positions reach the vocabulary: scoring every one of the B*L
+        # positions against 30k words cost most of the head's time for the same loss.
+        predicted = labels != IGNORE_INDEX  # [B, L]
+        words = self.lm_transform(tokens[:, :length][predicted])  # [M, D_w]
         # Word scores in float32: 30k-way softmax under bf16 loses the small logits.
         with torch.autocast(device_type=words.device.type, enabled=False):
-            logits = F.linear(words.float(), word_embeddings.float(), self.lm_bias.float())  # [B, L, V]
-            summed = F.cross_entropy(
-                logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-            )  # over the B*L positions
-            loss = summed / (labels != IGNORE_INDEX).sum().clamp(min=1)
+            logits = F.linear(words.float(), word_embeddings.float(), self.lm_bias.float())  # [M, V]
+            summed = F.cross_entropy(logits, labels[predicted], reduction="sum")
+            loss = summed / predicted.sum().clamp(min=1)
         return MaskGroundingOutput(loss=loss, logits=logits)

@@ -110,7 +110,7 @@ def test_head_shapes_loss_and_gradients() -> None:
         labels,
         embeddings.weight,
     )
-    assert out.logits.shape == (batch, length, 50)
+    assert out.logits.shape == (batch, 50)  # one row per predicted position
     assert out.logits.dtype == torch.float32
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert out.loss.item() == pytest.approx(math.log(50), rel=0.3)  # near chance at initialisation
@@ -132,13 +132,13 @@ def test_lm_head_is_tied_to_the_word_embeddings() -> None:
         torch.ones(2, 5),
         torch.randn(2, 12, 4, 4),
         torch.ones(2, 16, 16),
-        torch.full((2, 5), IGNORE_INDEX),
+        torch.randint(0, 50, (2, 5)),  # every position predicted
     )
     before = head(*args, embeddings.weight).logits
     with torch.no_grad():
         embeddings.weight[7] += 1.0  # an optimizer step on the text encoder's embedding row 7
     after = head(*args, embeddings.weight).logits
-    changed = (after - before).abs().amax(dim=(0, 1)) > 1e-6
+    changed = (after - before).abs().amax(dim=0) > 1e-6
     assert changed.nonzero().flatten().tolist() == [7]
 
 
@@ -270,3 +270,24 @@ def test_predictor_inputs_never_see_the_masked_words(
         assert torch.equal(first[index], second[index]), f"{name} tokens changed with the masked words"
     # Segmentation: one pass on the masked ids ('shared'), or on the original words ('separate').
     assert torch.equal(first_logits, second_logits) == (encoder_pass == "shared")
+
+
+def test_loss_is_the_mean_cross_entropy_over_the_predicted_positions_only() -> None:
+    """Scoring only the predicted positions gives the loss that scoring every position and
+    ignoring the rest gives."""
+    head, embeddings = _head()
+    head.eval()
+    g = torch.Generator().manual_seed(0)
+    labels = torch.full((3, 6), IGNORE_INDEX)
+    labels[0, 1], labels[1, 4], labels[2, 0], labels[2, 5] = 3, 17, 42, 8
+    args = (
+        torch.randn(3, 6, 20, generator=g),
+        torch.ones(3, 6),
+        torch.randn(3, 12, 3, 3, generator=g),
+        (torch.rand(3, 16, 16, generator=g) > 0.5).float(),
+    )
+    out = head(*args, labels, embeddings.weight)
+    every = head(*args, torch.randint(0, 50, (3, 6), generator=g), embeddings.weight).logits.view(3, 6, 50)
+    expected = torch.nn.functional.cross_entropy(every.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(out.logits, every[labels != IGNORE_INDEX])
