@@ -256,7 +256,7 @@ def plan_prepare(
         splits=chosen,
         chunks=tuple(chunks),
         vocabulary_hash=vocab_hash,
-        index_splits=_index_splits(out_dir, settings, vocab_hash, chosen),
+        index_splits=merged_splits(out_dir, settings, vocab_hash, chosen),
     )
 
 
@@ -269,7 +269,7 @@ def _read_summary(out_dir: Path | str) -> dict | None:
         return None
 
 
-def _index_splits(
+def merged_splits(
     out_dir: Path | str, settings: PrepareSettings, vocab_hash: str, chosen: tuple[str, ...]
 ) -> tuple[str, ...]:
     """The splits summary.json will list: those an earlier preparation left in out_dir (in its
@@ -680,10 +680,10 @@ def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult
     if missing:
         raise RuntimeError(f"cannot assemble: {len(missing)} chunks unfinished, first {missing[0]}")
     out_dir = plan.out_dir
-    index_splits = plan.index_splits or plan.splits
+    listed = plan.index_splits or plan.splits
     previous = _previous_index(out_dir, plan.kept_splits)
     manifest_parts, reject_parts = [], []
-    for split in index_splits:
+    for split in listed:
         if split in previous:
             manifest_parts.append(previous[split].manifest)
             reject_parts.append(previous[split].rejects)
@@ -706,7 +706,7 @@ def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult
     counts: dict[str, SplitCounts] = {}
     reasons: dict[str, dict[str, int]] = {}
     shards: list[dict[str, object]] = []
-    for split in index_splits:
+    for split in listed:
         if split in previous:
             counts[split] = previous[split].counts
             reasons[split] = previous[split].rejects_by_reason
@@ -740,7 +740,7 @@ def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult
         "rejects_sha256": _file_sha256(out_dir / "rejects.parquet"),
         "versions": _tool_versions(),
         "settings": {
-            "splits": list(index_splits),
+            "splits": list(listed),
             "max_tokens": settings.max_tokens,
             "samples_per_shard": settings.samples_per_shard,
             "mask_mode": settings.mask_mode,
