@@ -202,3 +202,14 @@ def test_partial_prepare_merges_into_the_index_or_refuses(
     manifest = pq.read_table(fresh / "refcoco-unc" / "manifest.parquet").to_pylist()
     assert {r["split"] for r in manifest} == {"val", "train"}
     assert sum(c.written for c in added.counts.values()) == len(manifest)
+
+
+def test_partial_prepare_on_object_storage_merges_too(prepared: Path, refer_root: Path, s3_store) -> None:
+    import fsspec
+
+    out = s3_store.url("merge")
+    prepare_dataset(refer_root, "refcoco", "unc", out, samples_per_shard=4)
+    prepare_dataset(refer_root, "refcoco", "unc", out, splits=["val"], samples_per_shard=4)
+    s3 = fsspec.filesystem("s3")
+    for name in ("summary.json", "manifest.parquet", "rejects.parquet"):  # as the full local run's
+        assert s3.cat_file(f"{s3_store.bucket}/merge/refcoco-unc/{name}") == (prepared / name).read_bytes()
