@@ -17,7 +17,9 @@ are taken in order until a chunk holds `samples_per_shard` expressions (cut at a
 boundary, so a ref never straddles two shards). A chunk is a pure function of its inputs and
 settings, so chunks run in any order, on any number of workers, and give the same bytes; a
 chunk whose completion marker matches its fingerprint is not redone. `assemble` then joins the
-per-chunk manifest and rejects parts in chunk order and writes the summary.
+per-chunk manifest and rejects parts in chunk order and writes the summary. Preparing some
+splits into an existing output adds them to its index (the other splits' entries are kept) when
+the settings and tokenizer are the same, and is refused before any work otherwise.
 
 `plan_prepare` -> `prepare_chunk` (per chunk, parallel) -> `assemble` is the path the Prefect
 flow drives; `prepare_dataset` runs the three in one call with a local process pool.
@@ -45,6 +47,7 @@ from typing import NamedTuple, TypeVar
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
@@ -177,6 +180,13 @@ class PreparePlan:
     chunks: tuple[Chunk, ...]
     vocabulary_hash: str
     kinds: tuple[tuple[int, str], ...] = ()  # (sent_id, kind) from a synthetic kinds file, else empty
+    # Every split summary.json will list: `splits`, after those an earlier preparation of the same
+    # settings left in out_dir (kept as they are, merged into the index), in the index's order.
+    index_splits: tuple[str, ...] = ()
+
+    @property
+    def kept_splits(self) -> tuple[str, ...]:
+        return tuple(split for split in self.index_splits if split not in self.splits)
 
 
 @dataclass(frozen=True)
@@ -256,17 +266,67 @@ def plan_prepare(
     for split in chosen:
         refs = sorted(data.select(split), key=lambda r: (r.image_id, r.ref_id))
         chunks.extend(_chunk_split(split, refs, data.images, data.annotations, settings.samples_per_shard))
-    tokenizer = load_tokenizer(settings.tokenizer)
     kinds = load_kinds(refer_root, settings.dataset, settings.split_by) or {}
+    vocab_hash = vocabulary_hash(load_tokenizer(settings.tokenizer))
+    out_dir = dataset_dir(out, settings.dataset, settings.split_by)
     return PreparePlan(
         settings=settings,
-        out_dir=dataset_dir(out, settings.dataset, settings.split_by),
+        out_dir=out_dir,
         image_dir=data.image_dir,
         splits=chosen,
         chunks=tuple(chunks),
-        vocabulary_hash=vocabulary_hash(tokenizer),
+        vocabulary_hash=vocab_hash,
         kinds=tuple(sorted(kinds.items())),
+        index_splits=merged_splits(out_dir, settings, vocab_hash, chosen),
     )
+
+
+def _read_summary(out_dir: Path | str) -> dict | None:
+    """An earlier preparation's summary.json in out_dir, or None."""
+    try:
+        with fsspec.open(f"{str(out_dir).rstrip('/')}/summary.json", "rt", encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+
+
+def merged_splits(
+    out_dir: Path | str, settings: PrepareSettings, vocab_hash: str, chosen: tuple[str, ...]
+) -> tuple[str, ...]:
+    """The splits summary.json will list: those an earlier preparation left in out_dir (in its
+    order) and the chosen ones. A preparation of some splits adds to the index rather than drop the
+    others' shards from it; with other settings the two would not belong together, so it refuses.
+
+    Raises:
+        ValueError: out_dir holds other splits prepared with other settings.
+    """
+    previous = _read_summary(out_dir)
+    earlier = list((previous or {}).get("counts", {}))
+    if not any(split not in chosen for split in earlier):
+        return chosen
+    wanted = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": settings.tokenizer,
+        "vocabulary_hash": vocab_hash,
+        "max_tokens": settings.max_tokens,
+        "samples_per_shard": settings.samples_per_shard,
+        "mask_mode": settings.mask_mode,
+    }
+    found = {
+        "format_version": previous.get("format_version"),
+        "tokenizer": previous["tokenizer"]["name"],
+        "vocabulary_hash": previous["tokenizer"]["vocabulary_hash"],
+        **{key: previous["settings"].get(key) for key in ("max_tokens", "samples_per_shard", "mask_mode")},
+    }
+    differ = [f"{key} {found[key]!r} (now {wanted[key]!r})" for key in wanted if found[key] != wanted[key]]
+    if differ:
+        others = [split for split in earlier if split not in chosen]
+        raise ValueError(
+            f"{out_dir} holds splits {', '.join(others)} prepared with {'; '.join(differ)}: preparing "
+            f"only {', '.join(chosen)} would leave them out of its index. Use the same settings to add "
+            "to it, prepare every split (no --splits), or choose another --out"
+        )
+    return (*earlier, *(split for split in chosen if split not in earlier))
 
 
 def _chunk_split(
@@ -657,7 +717,8 @@ def _tool_versions() -> dict[str, str]:
 
 def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult:
     """Join the chunks' parts into manifest.parquet and rejects.parquet, write summary.json,
-    and remove shards a previous run with other settings left behind."""
+    and remove shards a previous run with other settings left behind. Splits an earlier
+    preparation wrote and this one did not redo (`plan.kept_splits`) keep their index entries."""
     if is_url(plan.out_dir):
         return _assemble_remote(plan, results)
     by_chunk = {(r.split, r.index): r for r in results}
@@ -665,11 +726,18 @@ def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult
     if missing:
         raise RuntimeError(f"cannot assemble: {len(missing)} chunks unfinished, first {missing[0]}")
     out_dir = plan.out_dir
+    listed = plan.index_splits or plan.splits
+    previous = _previous_index(out_dir, plan.kept_splits)
     manifest_parts, reject_parts = [], []
-    for chunk in plan.chunks:
-        manifest_path, rejects_path, _ = _part_paths(out_dir, chunk)
-        manifest_parts.append(pq.read_table(manifest_path, schema=MANIFEST_SCHEMA))
-        reject_parts.append(pq.read_table(rejects_path, schema=REJECTS_SCHEMA))
+    for split in listed:
+        if split in previous:
+            manifest_parts.append(previous[split].manifest)
+            reject_parts.append(previous[split].rejects)
+            continue
+        for chunk in (c for c in plan.chunks if c.split == split):
+            manifest_path, rejects_path, _ = _part_paths(out_dir, chunk)
+            manifest_parts.append(pq.read_table(manifest_path, schema=MANIFEST_SCHEMA))
+            reject_parts.append(pq.read_table(rejects_path, schema=REJECTS_SCHEMA))
     manifest = pa.concat_tables(manifest_parts) if manifest_parts else MANIFEST_SCHEMA.empty_table()
     rejects = pa.concat_tables(reject_parts) if reject_parts else REJECTS_SCHEMA.empty_table()
     manifest_schema = MANIFEST_SCHEMA
@@ -691,8 +759,15 @@ def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult
 
     counts: dict[str, SplitCounts] = {}
     reasons: dict[str, dict[str, int]] = {}
-    for split in plan.splits:
-        chunk_results = [by_chunk[(c.split, c.index)] for c in plan.chunks if c.split == split]
+    shards: list[dict[str, object]] = []
+    for split in listed:
+        if split in previous:
+            counts[split] = previous[split].counts
+            reasons[split] = previous[split].rejects_by_reason
+            shards += previous[split].shards
+            continue
+        chunks = [c for c in plan.chunks if c.split == split]
+        chunk_results = [by_chunk[(c.split, c.index)] for c in chunks]
         counts[split] = SplitCounts(
             read=sum(r.read for r in chunk_results),
             written=sum(r.written for r in chunk_results),
@@ -702,14 +777,10 @@ def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult
         for r in chunk_results:
             total.update(r.rejects_by_reason)
         reasons[split] = dict(sorted(total.items()))
-    shards = [
-        {
-            "path": c.shard,
-            "sha256": by_chunk[(c.split, c.index)].sha256,
-            "samples": by_chunk[(c.split, c.index)].written,
-        }
-        for c in plan.chunks
-    ]
+        shards += [
+            {"path": c.shard, "sha256": r.sha256, "samples": r.written}
+            for c, r in zip(chunks, chunk_results, strict=True)
+        ]
     settings = plan.settings
     summary = {
         "dataset": settings.dataset,
@@ -723,7 +794,7 @@ def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult
         "rejects_sha256": _file_sha256(out_dir / "rejects.parquet"),
         "versions": _tool_versions(),
         "settings": {
-            "splits": list(plan.splits),
+            "splits": list(listed),
             "max_tokens": settings.max_tokens,
             "samples_per_shard": settings.samples_per_shard,
             "mask_mode": settings.mask_mode,
@@ -742,6 +813,36 @@ def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult
     )
 
 
+@dataclass(frozen=True)
+class _KeptSplit:
+    """A split an earlier preparation wrote, as its index entries: carried into the new index."""
+
+    manifest: pa.Table
+    rejects: pa.Table
+    counts: SplitCounts
+    rejects_by_reason: dict[str, int]
+    shards: list[dict[str, object]]
+
+
+def _previous_index(out_dir: Path, splits: tuple[str, ...]) -> dict[str, _KeptSplit]:
+    """The earlier index's manifest and rejects rows, counts and shard entries of ``splits``."""
+    if not splits:
+        return {}
+    summary = _read_summary(out_dir)
+    manifest = pq.read_table(out_dir / "manifest.parquet", schema=MANIFEST_SCHEMA)
+    rejects = pq.read_table(out_dir / "rejects.parquet", schema=REJECTS_SCHEMA)
+    return {
+        split: _KeptSplit(
+            manifest=manifest.filter(pc.equal(manifest["split"], split)),
+            rejects=rejects.filter(pc.equal(rejects["split"], split)),
+            counts=SplitCounts(**summary["counts"][split]),
+            rejects_by_reason=summary["rejects_by_reason"][split],
+            shards=[e for e in summary["shards"] if e["path"].split("/", 1)[0] == split],
+        )
+        for split in splits
+    }
+
+
 def _assemble_remote(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult:
     """`assemble` for a plan on object storage: fetch the chunks' parts into a local directory,
     assemble there, remove stale remote shards, then upload manifest, rejects and summary.json
@@ -753,6 +854,9 @@ def _assemble_remote(plan: PreparePlan, results: Iterable[ChunkResult]) -> Prepa
             for local in _part_paths(staging, chunk)[:2]:
                 local.parent.mkdir(parents=True, exist_ok=True)
                 fs.get_file(f"{root}/{local.relative_to(staging).as_posix()}", str(local))
+        if plan.kept_splits:  # the earlier index, merged with this preparation's splits
+            for name in ("summary.json", "manifest.parquet", "rejects.parquet"):
+                fs.get_file(f"{root}/{name}", str(staging / name))
         result = assemble(replace(plan, out_dir=staging), results)
         planned = {c.shard for c in plan.chunks}
         for split in plan.splits:

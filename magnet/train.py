@@ -21,6 +21,7 @@ draws an uninterrupted run would have used at step k + 1.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -41,6 +42,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from magnet.checkpoint import (
+    META_FILE,
     TrainState,
     load_initial_weights,
     load_training_state,
@@ -51,12 +53,13 @@ from magnet.checkpoint import (
 from magnet.config import Config, TrainConfig
 from magnet.data import (
     DataPosition,
+    ShardError,
     SplitShards,
     build_train_loader,
     open_split,
     train_batches_per_epoch,
 )
-from magnet.evaluate import Evaluation, _autocast, evaluate, prediction_figure
+from magnet.evaluate import _autocast, evaluate, prediction_figure
 from magnet.models import build_model
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,9 @@ PICTURE_EXAMPLES = 4
 # Train shards dropped for a failed checksum (data.skip_corrupt_shards): logged at the run's first
 # step and carried in every report, so a run that trained on less data says so where it is read.
 SKIPPED_SHARDS_KEY = "data/skipped_shards"
+# 1 at an evaluation that failed on its data (a shard corrupted or lost after the run's checks), 0 at
+# one that scored: logged and reported at that step, whose checkpoint is kept either way.
+EVAL_FAILED_KEY = "eval/failed"
 
 
 # ----------------------------------------------------------------------------- the protocols
@@ -317,9 +323,8 @@ def _restore(
     return state
 
 
-def _report(
-    reporter: Reporter,
-    metrics: dict[str, float],
+@contextmanager
+def _step_checkpoint(
     *,
     rank: int,
     model: nn.Module,
@@ -327,14 +332,16 @@ def _report(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
     cfg: Config,
-) -> None:
-    """Every rank: gather RNG states; rank 0 writes the checkpoint; all report (a barrier in Ray)."""
+) -> Iterator[Path | None]:
+    """Every rank: gather RNG states; rank 0 writes the step's checkpoint into a temporary directory,
+    open while the context is (None on the other ranks). Written before the step's evaluation, so
+    whatever the evaluation does, the step's training is in it."""
     rng_states = _all_rng_states()
     if rank != 0:
-        reporter.report(metrics, None)
+        yield None
         return
     with tempfile.TemporaryDirectory(prefix="magnet-ckpt-") as tmp:
-        directory = save_checkpoint(
+        yield save_checkpoint(
             Path(tmp) / f"step_{state.step:08d}",
             model=model,
             optimizer=optimizer,
@@ -342,9 +349,17 @@ def _report(
             state=state,
             cfg=cfg,
             rng_states=rng_states,
-            metrics=metrics,
         )
-        reporter.report(metrics, directory)
+
+
+def _report(reporter: Reporter, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+    """Every rank reports (a barrier in Ray); rank 0 attaches the checkpoint, its meta.json given the
+    metrics it is reported with."""
+    if checkpoint_dir is not None:
+        meta_file = checkpoint_dir / META_FILE
+        meta = json.loads(meta_file.read_text())
+        meta_file.write_text(json.dumps({**meta, "metrics": metrics}, indent=2))
+    reporter.report(metrics, checkpoint_dir)
 
 
 class _Curves:
@@ -416,13 +431,42 @@ def _advance(state: TrainState, micro_batches: int, plan: _Plan) -> bool:
     return epoch_over
 
 
-def _log_evaluation(logger: RunLogger, evaluation: Evaluation, step: int) -> None:
-    logger.log_metrics(evaluation.metrics, step)
+def _evaluate_or_report_failure(
+    model: nn.Module,
+    shards: str,
+    cfg: Config,
+    logger: RunLogger,
+    *,
+    step: int,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+) -> tuple[dict[str, float], float]:
+    """Evaluate on cfg.data.eval_splits: (metrics, score). An evaluation that fails on its data (a
+    shard corrupted or lost since the run started) is logged and reported as ``eval/failed`` = 1
+    with no score, and training goes on: restarting the workers cannot mend a shard.
+
+    A checksum or a missing file fails alike on every rank (they read the same files), so all
+    ranks leave the evaluation at the same point and the next collective still matches.
+    """
+    keep = PICTURE_EXAMPLES if rank == 0 else 0
+    try:
+        with torch.random.fork_rng(devices=[]):  # the checkpoint already holds the RNG state
+            evaluation = evaluate(
+                model, shards, cfg, device=device, rank=rank, world_size=world_size, keep_examples=keep
+            )
+    except ShardError as error:
+        log.error("evaluation at step %d failed on its data; training goes on: %s", step, error)
+        logger.log_metrics({EVAL_FAILED_KEY: 1.0}, step)
+        return {EVAL_FAILED_KEY: 1.0}, NOT_EVALUATED
+    metrics = {**evaluation.metrics, EVAL_FAILED_KEY: 0.0}
+    logger.log_metrics(metrics, step)
     first = next(iter(evaluation.splits.values()), None)
     if first is not None and first.examples:
         title = f"{first.split}, step {step} ({evaluation.describe()})"
         name = f"predictions_{first.split}_step{step:08d}.png"
         logger.log_predictions(prediction_figure(first.examples, title), name, step)
+    return metrics, evaluation.metrics[f"{cfg.data.eval_splits[0]}/oIoU"]
 
 
 def train(
@@ -512,30 +556,25 @@ def train(
 
             final = state.step == plan.total_steps
             every = cfg.train.eval_every
-            if cfg.data.eval_splits and (final or (state.step % every == 0 if every else epoch_over)):
-                keep = PICTURE_EXAMPLES if rank == 0 else 0
-                evaluation = evaluate(
-                    model, shards, cfg, device=device, rank=rank, world_size=world_size, keep_examples=keep
-                )
-                _log_evaluation(logger, evaluation, state.step)
-                metrics.update(evaluation.metrics)
-                score = evaluation.metrics[f"{cfg.data.eval_splits[0]}/oIoU"]
-            elif final or state.step % cfg.train.checkpoint_every == 0:
-                score = NOT_EVALUATED
-            else:
+            evaluate_now = bool(cfg.data.eval_splits) and (
+                final or (state.step % every == 0 if every else epoch_over)
+            )
+            if not (evaluate_now or final or state.step % cfg.train.checkpoint_every == 0):
                 continue
             metrics.update({"step": state.step, "epoch": state.epoch})
-            report = {**metrics, SCORE_KEY: score}
-            _report(
-                reporter,
-                report,
-                rank=rank,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                state=state,
-                cfg=cfg,
-            )
+            with _step_checkpoint(
+                rank=rank, model=model, optimizer=optimizer, scheduler=scheduler, state=state, cfg=cfg
+            ) as checkpoint_dir:
+                score = NOT_EVALUATED
+                if evaluate_now:
+                    stale = set(cfg.data.eval_splits)  # no earlier evaluation's figures under this step
+                    metrics = {k: v for k, v in metrics.items() if k.split("/", 1)[0] not in stale}
+                    evaluated, score = _evaluate_or_report_failure(
+                        model, shards, cfg, logger, step=state.step, device=device, rank=rank,
+                        world_size=world_size,
+                    )  # fmt: skip
+                    metrics.update(evaluated)
+                _report(reporter, {**metrics, SCORE_KEY: score}, checkpoint_dir)
             curves.pause_clock()
             if final:
                 break

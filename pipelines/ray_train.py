@@ -169,6 +169,24 @@ def _best(best_checkpoints: Sequence[tuple[Any, dict[str, Any]]]) -> Any | None:
     return max(scored, key=lambda pair: pair[0])[1] if scored else None
 
 
+def check_splits(cfg: Config, shards: str, splits: Sequence[str]) -> None:
+    """Open and checksum every split a run will read, on the driver, before any worker starts.
+
+    Restarts cannot cure a corrupt or missing shard: found inside the workers, it would kill them
+    ``max_failures`` times over (and an evaluation split only after a whole epoch of training).
+    With ``data.skip_corrupt_shards`` the corrupt shards are only named here.
+
+    Raises:
+        ShardError: naming the split or the shard, when a split cannot be read as summary.json says.
+    """
+    for split in dict.fromkeys(splits):
+        opened = open_split(
+            shards, split, verify=cfg.data.verify_checksums, skip_corrupt=cfg.data.skip_corrupt_shards
+        )
+        if opened.skipped:
+            log.warning("split %s: skipping corrupt shards %s", split, ", ".join(opened.skipped))
+
+
 def run_training(
     cfg: Config,
     shards: str | Path,
@@ -184,6 +202,7 @@ def run_training(
     max_failures: int = 2,
     hooks: Sequence[StepHook] = (),
     callbacks: Sequence[Any] = (),
+    final_splits: Sequence[str] = (),
 ) -> TrainResult:
     """Train ``cfg`` on ``num_workers`` Ray Train workers (DDP: gloo on CPU, NCCL on GPU).
 
@@ -203,6 +222,8 @@ def run_training(
         hooks: called on every worker after every optimizer step (pickled to the workers).
         callbacks: Ray Train ``UserCallback``s on the controller (the Tune driver passes one that
             forwards reports to its trial).
+        final_splits: splits the caller evaluates after training (the train-magnet flow's
+            held-out splits), checked with the run's own before Ray starts.
     """
     import ray
     import ray.train
@@ -225,16 +246,7 @@ def run_training(
     if mismatch:
         log.warning("%s: lr and schedule are the recipe's, so the run is not comparable", mismatch)
 
-    # Checked before any worker starts: restarts cannot cure a corrupt shard, so failing inside
-    # the workers would only hash every shard again max_failures times before giving up.
-    train_shards = open_split(
-        _absolute(shards),
-        cfg.data.train_split,
-        verify=cfg.data.verify_checksums,
-        skip_corrupt=cfg.data.skip_corrupt_shards,
-    )
-    if train_shards.skipped:
-        log.warning("training skips corrupt shards: %s", ", ".join(train_shards.skipped))
+    check_splits(cfg, _absolute(shards), [cfg.data.train_split, *cfg.data.eval_splits, *final_splits])
 
     started_ray = not ray.is_initialized()
     if started_ray:

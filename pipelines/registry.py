@@ -28,6 +28,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from magnet.checkpoint import CONFIG_FILE, META_FILE, MODEL_FILE, load_model_from_checkpoint
@@ -249,13 +250,25 @@ def _checkpoint_dir(local: Path) -> Path:
 def load_model(
     ref: str, *, tracking_uri: str | None = None, device: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, Config]:
-    """The plain PyTorch MagNet (eval mode) and its config from any model reference."""
+    """The plain PyTorch MagNet (eval mode) and its config from any model reference.
+
+    Reading creates nothing: a models:/ or runs:/ reference needs an existing tracking store.
+
+    Raises:
+        FileNotFoundError: no store at the tracking URI (named in the message).
+        ValueError: the reference is not in the store (the message names the store's URI).
+    """
     resolved = resolve_model_uri(ref)
     if "://" in resolved:
         return load_model_from_checkpoint(resolved, device=device)
     if not resolved.startswith(("models:/", "runs:/")):
         return load_model_from_checkpoint(_checkpoint_dir(Path(resolved)), device=device)
-    uri = resolve_tracking_uri(tracking_uri)
-    with _mlflow_target(uri):  # runs:/ URIs of MLflow 3 logged models resolve through the fluent target
-        local = mlflow.artifacts.download_artifacts(artifact_uri=resolved)
+    uri = resolve_tracking_uri(tracking_uri, existing=True)  # reading never creates a store
+    try:
+        with _mlflow_target(uri):  # runs:/ URIs of MLflow 3 logged models resolve through the fluent target
+            local = mlflow.artifacts.download_artifacts(artifact_uri=resolved)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ValueError(f"{resolved} is not in the MLflow tracking store {uri}: {error.message}") from None
     return load_model_from_checkpoint(_checkpoint_dir(Path(local)), device=device)

@@ -35,25 +35,52 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------- where it lives
-def resolve_tracking_uri(uri: str | None = None, default_dir: str | Path | None = None) -> str:
+def resolve_tracking_uri(
+    uri: str | None = None, default_dir: str | Path | None = None, *, existing: bool = False
+) -> str:
     """The tracking URI to use, made absolute.
 
     ``uri`` wins, then ``MLFLOW_TRACKING_URI``, then ``sqlite:///<default_dir or cwd>/mlflow.db``.
     A relative SQLite file or a bare directory becomes absolute against the current directory,
     so the same URI means the same store on every Ray worker.
+
+    Args:
+        existing: the caller only reads (a model from the registry): a local store (SQLite file,
+            file: directory) must already be there. MLflow creates one on first contact, so a read
+            from the wrong folder would leave an empty ./mlflow.db behind and then fail.
+
+    Raises:
+        FileNotFoundError: ``existing`` and no store at the URI; the message names the URI and
+            where it came from.
     """
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
+    given = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not given:
         base = Path(default_dir) if default_dir is not None else Path.cwd()
-        return f"sqlite:///{(base / 'mlflow.db').resolve()}"
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///") :]
-        return f"sqlite:///{Path(path).resolve()}"
-    if uri.startswith("file:"):
-        return Path(urlparse(uri).path).resolve().as_uri()
-    if "://" not in uri:
-        return Path(uri).resolve().as_uri()
-    return uri
+        resolved = f"sqlite:///{(base / 'mlflow.db').resolve()}"
+    elif given.startswith("sqlite:///"):
+        resolved = f"sqlite:///{Path(given[len('sqlite:///') :]).resolve()}"
+    elif given.startswith("file:"):
+        resolved = Path(urlparse(given).path).resolve().as_uri()
+    elif "://" not in given:
+        resolved = Path(given).resolve().as_uri()
+    else:
+        resolved = given
+    if existing and not _local_store_exists(resolved):
+        source = "given" if uri else "from MLFLOW_TRACKING_URI" if given else "the default: no URI given"
+        raise FileNotFoundError(
+            f"no MLflow tracking store at {resolved} ({source}): point MLFLOW_TRACKING_URI or "
+            "--tracking-uri at the store that holds the model"
+        )
+    return resolved
+
+
+def _local_store_exists(tracking_uri: str) -> bool:
+    """Whether a SQLite or file: store is on disk; servers (http, databases) count as there."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///") :]).is_file()
+    if tracking_uri.startswith("file:"):
+        return Path(urlparse(tracking_uri).path).is_dir()
+    return True
 
 
 def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:

@@ -10,6 +10,7 @@ artifact of the counts per split and the rejects by reason.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,11 +34,13 @@ from data_prep.shards import (
     PrepareResult,
     PrepareSettings,
     assemble,
+    dataset_dir,
     finished_chunk,
+    merged_splits,
     plan_prepare,
     prepare_chunk,
 )
-from data_prep.tokenize import DEFAULT_TOKENIZER
+from data_prep.tokenize import DEFAULT_TOKENIZER, load_tokenizer, vocabulary_hash
 
 
 def _transient_io_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -189,9 +192,36 @@ def _api_for_worker_processes() -> Iterator[None]:
             os.environ["PREFECT_API_URL"] = previous
 
 
+def check_output(**parameters: Any) -> None:
+    """Refuse, before the flow starts, the flow's parameters that the output cannot take: settings
+    PrepareSettings rejects, and some splits into an output prepared with other settings
+    (`data_prep.shards.merged_splits`). Found inside the flow, they would end in Prefect's traceback.
+
+    Raises:
+        ValueError: naming the setting, or the output and the settings that differ.
+    """
+    bound = inspect.signature(prepare_refcoco.fn).bind(**parameters)
+    bound.apply_defaults()
+    given = bound.arguments
+    settings = PrepareSettings(
+        given["dataset"],
+        given["split_by"],
+        given["tokenizer"],
+        given["max_tokens"],
+        given["samples_per_shard"],
+        given["mask_mode"],
+    )
+    if given["splits"]:  # every split redone leaves nothing of an earlier index to keep
+        out_dir = dataset_dir(given["out"], settings.dataset, settings.split_by)
+        vocab_hash = vocabulary_hash(load_tokenizer(settings.tokenizer))
+        merged_splits(out_dir, settings, vocab_hash, tuple(given["splits"]))
+
+
 def run_prepare(workers: int = 2, **parameters: Any) -> dict[str, Any]:
     """Run the flow with `workers` processes for the chunks (what `magnet prepare` does); with one
-    worker the chunks run in this process, sparing the pool's start-up."""
+    worker the chunks run in this process, sparing the pool's start-up. Parameters the output
+    cannot take are refused first (`check_output`)."""
+    check_output(**parameters)
     if workers <= 1:
         return prepare_refcoco.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(**parameters)
     with _api_for_worker_processes():

@@ -1,5 +1,6 @@
 """The `train-magnet` Prefect flow: open the MLflow run, train on Ray, evaluate the final model on
-every held-out split, register it, and leave a markdown report of the metrics.
+every held-out split, register it, and leave a markdown report of the metrics. Every split the
+flow reads, the final evaluation's included, is checked before Ray starts (run_training).
 
 The flow only puts tasks in order; the work lives in pipelines.ray_train (the Ray Train driver),
 magnet.evaluate, pipelines.tracking and pipelines.registry. Every path handed on is absolute,
@@ -96,6 +97,7 @@ def train(
     resume: bool,
     tracking: dict[str, str],
     max_failures: int,
+    final_splits: list[str],
 ) -> Any:
     from pipelines.ray_train import run_training
 
@@ -110,6 +112,7 @@ def train(
         resume=resume,
         tracking=tracking,
         max_failures=max_failures,
+        final_splits=final_splits,
     )
 
 
@@ -252,6 +255,7 @@ def train_magnet(
         shard_root = str(ensure_synthetic_shards(Path("demo-run").resolve()))
     else:
         shard_root = shard_location(shards)
+    splits = eval_splits or held_out_splits(shard_root, cfg.data.train_split)
     tracking = open_run(cfg, shard_root, tracking_uri, experiment, run_name, resume)
     try:
         result = train(
@@ -265,10 +269,10 @@ def train_magnet(
             resume=resume,
             tracking=tracking,
             max_failures=max_failures,
+            final_splits=splits,
         )
         checkpoint = local_checkpoint(result.best_checkpoint)
         step = int(json.loads((checkpoint / "meta.json").read_text())["step"])
-        splits = eval_splits or held_out_splits(shard_root, cfg.data.train_split)
         evaluation = evaluate_final(
             checkpoint,
             shard_root,

@@ -187,3 +187,42 @@ def test_synthetic_set_is_written_whole(tmp_path: Path) -> None:
         split: stats.n_expressions for split, stats in report.splits.items()
     }
     assert all(c.rejected == 0 and c.written == c.read for c in result.counts.values())
+
+
+def test_partial_prepare_merges_into_the_index_or_refuses(
+    prepared: Path, refer_root: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    out = tmp_path / "refcoco-unc"
+    shutil.copytree(prepared, out)
+    # Redoing one split with the same settings keeps the others in the index: the same bytes.
+    redone = prepare_dataset(refer_root, "refcoco", "unc", tmp_path, splits=["val"], samples_per_shard=4)
+    assert list(redone.counts) == list(EXPECTED["counts"])
+    assert _digests(out) == _digests(prepared)
+
+    # With other settings the splits would not belong together: refused, nothing touched.
+    others = ", ".join(split for split in EXPECTED["counts"] if split != "val")
+    with pytest.raises(ValueError, match=rf"holds splits {others} prepared with max_tokens 20 \(now 12\)"):
+        prepare_dataset(refer_root, "refcoco", "unc", tmp_path, splits=["val"], max_tokens=12)
+    assert _digests(out) == _digests(prepared)
+
+    # Splits prepared one at a time add up.
+    fresh = tmp_path / "fresh"
+    prepare_dataset(refer_root, "refcoco", "unc", fresh, splits=["val"], samples_per_shard=4)
+    added = prepare_dataset(refer_root, "refcoco", "unc", fresh, splits=["train"], samples_per_shard=4)
+    assert list(added.counts) == ["val", "train"]
+    manifest = pq.read_table(fresh / "refcoco-unc" / "manifest.parquet").to_pylist()
+    assert {r["split"] for r in manifest} == {"val", "train"}
+    assert sum(c.written for c in added.counts.values()) == len(manifest)
+
+
+def test_partial_prepare_on_object_storage_merges_too(prepared: Path, refer_root: Path, s3_store) -> None:
+    import fsspec
+
+    out = s3_store.url("merge")
+    prepare_dataset(refer_root, "refcoco", "unc", out, samples_per_shard=4)
+    prepare_dataset(refer_root, "refcoco", "unc", out, splits=["val"], samples_per_shard=4)
+    s3 = fsspec.filesystem("s3")
+    for name in ("summary.json", "manifest.parquet", "rejects.parquet"):  # as the full local run's
+        assert s3.cat_file(f"{s3_store.bucket}/merge/refcoco-unc/{name}") == (prepared / name).read_bytes()

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tiny_runs import TINY_RUN, lifetimes, step_records
+from tiny_runs import SCORE_VAL, TINY_RUN, lifetimes, step_records
 
 from magnet.config import load_config
 from magnet.data import DataPosition, ShardError, build_train_loader, open_split, train_batches_per_epoch
-from magnet.train import SKIPPED_SHARDS_KEY
+from magnet.train import EVAL_FAILED_KEY, NOT_EVALUATED, SCORE_KEY, SKIPPED_SHARDS_KEY, LocalReporter, train
 from pipelines import tracking
 from pipelines.ray_train import CHECKPOINT_PREFIX, run_training
 
@@ -196,17 +196,27 @@ def test_worker_sigkilled_mid_epoch_resumes_and_does_every_step_once(shards, loc
 
 
 # ------------------------------------------------------------------------------ corrupt shards
+def flip_bytes(path: Path) -> None:
+    """Flip 64 bytes in the middle of a file: a shard whose checksum no longer matches."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    path.write_bytes(bytes(data))
+
+
+def split_shards(root: Path, split: str) -> list[str]:
+    """The shard paths of a split, as summary.json names them."""
+    shards = json.loads((root / "summary.json").read_text())["shards"]
+    return [entry["path"] for entry in shards if entry["path"].startswith(f"{split}/")]
+
+
 @pytest.fixture
 def corrupt_copy(shards: Path, tmp_path: Path) -> tuple[Path, str]:
     """A copy of the prepared shards with 64 bytes flipped in the middle of the second train shard."""
     copy = tmp_path / shards.name
     shutil.copytree(shards, copy)
-    name = json.loads((copy / "summary.json").read_text())["shards"][1]["path"]
-    assert name.startswith("train/")
-    data = bytearray((copy / name).read_bytes())
-    middle = len(data) // 2
-    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
-    (copy / name).write_bytes(bytes(data))
+    name = split_shards(copy, "train")[1]
+    flip_bytes(copy / name)
     return copy, name
 
 
@@ -250,3 +260,72 @@ def test_corrupt_shard_skipped_and_counted_in_the_run(corrupt_copy, local_ray, t
     in_corrupt = {row["sent_id"] for row in manifest if row["shard"] == name}
     trained = {i for record in step_records(steps) for i in record["sent_ids"]}
     assert in_corrupt and trained and not trained & in_corrupt
+
+
+@pytest.mark.parametrize("read_by", ["eval_splits", "final_splits"])
+def test_corrupt_evaluation_shard_refused_before_training_starts(shards, tmp_path, read_by):
+    """Every split the run reads is checked on the driver: the evaluation splits of the loop, and
+    those the caller scores after training (the flow's held-out splits)."""
+    copy = tmp_path / shards.name
+    shutil.copytree(shards, copy)
+    split = "val" if read_by == "eval_splits" else "testB"
+    name = split_shards(copy, split)[0]
+    flip_bytes(copy / name)
+    cfg = tiny_config("train.max_steps=2", *(SCORE_VAL if read_by == "eval_splits" else []))
+    steps = tmp_path / "steps.jsonl"
+    final = {"final_splits": [split]} if read_by == "final_splits" else {}
+    with pytest.raises(ShardError, match=f"{name}.* is corrupt"):
+        run_training(
+            cfg, copy, num_workers=1, storage_path=tmp_path / "runs", max_failures=0,
+            hooks=[StepTrace(str(steps))], **final,
+        )  # fmt: skip
+    assert not steps.exists() and not (tmp_path / "runs").exists()
+
+
+@dataclass
+class CorruptAt:
+    """A StepHook flipping bytes of ``path`` on rank 0 at ``step`` (before that step's evaluation):
+    data going bad mid-run."""
+
+    path: str
+    step: int
+
+    def __call__(self, event) -> None:
+        if (event.rank, event.step) == (0, self.step):
+            flip_bytes(Path(self.path))
+
+
+class RecordingLogger:
+    """A RunLogger keeping (step, metrics) in memory."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[int, dict[str, float]]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.points.append((step, dict(metrics)))
+
+    def log_predictions(self, figure_png: bytes, name: str, step: int) -> None:
+        pass
+
+
+def test_evaluation_failing_on_data_is_reported_and_keeps_training(shards, tmp_path):
+    """A val shard corrupted after step 1's evaluation: the evaluations of steps 2 and 3 fail on it, are
+    reported as eval/failed (report, logger, meta.json) without a score, and every step's
+    checkpoint is still written; the loop runs to its end instead of dying."""
+    copy = tmp_path / shards.name
+    shutil.copytree(shards, copy)
+    cfg = tiny_config("train.max_steps=3", "train.eval_every=1", "eval.max_samples=4", *SCORE_VAL)
+    reporter, logger = LocalReporter(tmp_path / "checkpoints"), RecordingLogger()
+    hook = CorruptAt(str(copy / split_shards(copy, "val")[0]), step=2)
+    final = train(cfg, str(copy), reporter=reporter, logger=logger, device="cpu", hooks=[hook])
+
+    assert [(r["step"], r[EVAL_FAILED_KEY]) for r in reporter.reports] == [(1, 0), (2, 1), (3, 1)]
+    assert reporter.reports[0][SCORE_KEY] >= 0 and "val/oIoU" in reporter.reports[0]
+    for report in reporter.reports[1:]:  # no score, and no earlier evaluation's figures
+        assert report[SCORE_KEY] == NOT_EVALUATED and "val/oIoU" not in report
+    assert final["step"] == 3 and final[EVAL_FAILED_KEY] == 1
+    assert [p.name for p in reporter.checkpoints()] == [f"checkpoint_{s:08d}" for s in (1, 2, 3)]
+    meta = json.loads((reporter.checkpoints()[-1] / "meta.json").read_text())
+    assert meta["step"] == 3 and meta["metrics"][EVAL_FAILED_KEY] == 1
+    logged = [(step, m[EVAL_FAILED_KEY]) for step, m in logger.points if EVAL_FAILED_KEY in m]
+    assert logged == [(1, 0), (2, 1), (3, 1)]
