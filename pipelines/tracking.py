@@ -142,11 +142,14 @@ def start_run(
 ) -> dict[str, str]:
     """Open (or, with ``resume``, reopen by name) the MLflow run of one training.
 
-    Logs the flattened config as params, the dataset and git tags, and config.yaml. Returns the
+    Logs the flattened config as params, the dataset and git tags, config.yaml, and the training
+    split as the run's dataset input (`pipelines.mlflow_record.log_dataset_inputs`). Returns the
     settings rank 0 builds its `MlflowRunLogger` from: ``{"tracking_uri", "run_id"}``.
     """
     import yaml
     from mlflow.entities import Param, RunTag
+
+    from pipelines.mlflow_record import log_dataset_inputs  # imported here: it builds on this module
 
     tracking_uri = resolve_tracking_uri(tracking_uri)
     client = client_for(tracking_uri)
@@ -162,7 +165,9 @@ def start_run(
     else:
         client.update_run(run_id, status="RUNNING")
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    return {"tracking_uri": tracking_uri, "run_id": run_id}
+    settings = {"tracking_uri": tracking_uri, "run_id": run_id}
+    log_dataset_inputs(settings, tags["dataset.path"], [cfg.data.train_split], "training")
+    return settings
 
 
 def _find_run(client: MlflowClient, experiment_id: str, run_name: str) -> str | None:
