@@ -195,59 +195,27 @@ def _benchmark_splits(shards: str, summary: Mapping[str, Any]) -> dict[str, floa
     }
 
 
-def _origin(meta: Mapping[str, Any], init_from: str | None, run_name: str) -> str:
+def _origin(meta: Mapping[str, Any], init_from: str | None) -> str:
     """Where the weights came from: imported (meta.json says from which file), fine-tuned or trained."""
     step = meta.get("step", 0)
     if "imported_from" in meta:
         source = meta["imported_from"]
         return f"imported from the published checkpoint {source['file']} (sha256 {source['sha256']})"
     if init_from:
-        return f"fine-tuned here from {init_from}: run {run_name}, {step} steps"
-    return f"trained here: run {run_name}, {step} steps"
+        return f"fine-tuned here from {init_from} ({step} steps)"
+    return f"trained here ({step} steps)"
 
 
-def model_card(
-    tracking: Mapping[str, str],
-    checkpoint: str | Path,
-    shards: str,
-    evaluation: Mapping[str, Any],
-    compute: str,
-) -> str:
-    """The markdown description of a registered version: where the weights came from, the data
-    and split, protocol and mask convention, per-split scores beside the published MagNet oIoU
-    (where the split is the benchmark's own), seeds and compute.
-
-    Args:
-        tracking: ``{"tracking_uri", "run_id"}`` of the run that logged the model.
-        checkpoint: the registered checkpoint directory.
-        shards: prepared dataset root it was trained and scored on.
-        evaluation: ``{"protocol": description, "metrics": {<split>/<name>: value}}`` (the flow's
-            evaluate task).
-        compute: how it was trained (workers, devices), in words.
-    """
-    from magnet.checkpoint import META_FILE, load_config_from_checkpoint
-
-    cfg = load_config_from_checkpoint(checkpoint)
-    meta_path = Path(checkpoint) / META_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    client = client_for(tracking["tracking_uri"])
-    run = client.get_run(tracking["run_id"])
-    summary, sha256 = _summary(shards)
+def _scores(evaluation: Mapping[str, Any], shards: str, summary: Mapping[str, Any]) -> list[str]:
+    """The card's protocol line and score table, the published oIoU beside the benchmark's splits."""
     published = _benchmark_splits(shards, summary)
     metrics: Mapping[str, float] = evaluation["metrics"]
     splits = list(dict.fromkeys(key.split("/", 1)[0] for key in metrics))
     names = ["n", "oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9"]
-    minutes = (time.time() * 1000 - run.info.start_time) / 60000
     mask_mode = (summary.get("settings") or {}).get("mask_mode", "unrecorded")
     lines = [
-        f"**Weights**: {_origin(meta, cfg.train.init_from, run.info.run_name)}; "
-        f"config `{cfg.name}`, MLflow run `{run.info.run_id}`.",
-        "",
-        f"**Data**: {summary.get('dataset')} / {summary.get('splitBy')}, shards `{shards}` "
-        f"(summary sha256 `{sha256}`); trained on `{cfg.data.train_split}`, scored on "
-        f"{', '.join(f'`{s}`' for s in splits) or 'nothing'}.",
-        "",
-        f"**Protocol**: {evaluation['protocol']}; masks prepared as `{mask_mode}`"
+        f"**Scored** on {', '.join(f'`{s}`' for s in splits)}: {evaluation['protocol']}; "
+        f"masks prepared as `{mask_mode}`"
         + (" (published numbers use `refer`)." if mask_mode != "refer" and published else "."),
         "",
         "| split | " + " | ".join(names) + " | published MagNet oIoU |",
@@ -259,9 +227,47 @@ def model_card(
         lines.append(f"| {split} | " + " | ".join(shown) + f" | {published.get(split, '')} |")
     if not published:
         lines += ["", "No published comparison: these splits are not a benchmark's own (too few refs)."]
-    lines += [
+    return lines
+
+
+def model_card(
+    tracking: Mapping[str, str],
+    checkpoint: str | Path,
+    shards: str,
+    evaluation: Mapping[str, Any] | None,
+    compute: str,
+) -> str:
+    """The markdown description of a registered version: where the weights came from, the data
+    and split, protocol and mask convention, per-split scores beside the published MagNet oIoU
+    (where the split is the benchmark's own), seeds and compute.
+
+    Args:
+        tracking: ``{"tracking_uri", "run_id"}`` of the run that logged the model.
+        checkpoint: the registered checkpoint directory.
+        shards: prepared dataset root it was trained (or registered) and scored on.
+        evaluation: ``{"protocol": description, "metrics": {<split>/<name>: value}}`` (the flow's
+            evaluate task); None when it was not scored at registration.
+        compute: how it was trained (workers, devices), in words.
+    """
+    from magnet.checkpoint import META_FILE, load_config_from_checkpoint
+
+    cfg = load_config_from_checkpoint(checkpoint)
+    meta_path = Path(checkpoint) / META_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    run = client_for(tracking["tracking_uri"]).get_run(tracking["run_id"])
+    summary, sha256 = _summary(shards)
+    used = f"trained on `{cfg.data.train_split}`" if "imported_from" not in meta else "not trained on them"
+    lines = [
+        f"**Weights**: {_origin(meta, cfg.train.init_from)}; "
+        f"config `{cfg.name}`, MLflow run `{run.info.run_name}` ({run.info.run_id}).",
         "",
-        f"**Seeds**: train.seed={cfg.train.seed}. **Compute**: {compute}; run wall time {minutes:.1f} min.",
+        f"**Data**: {summary.get('dataset')} / {summary.get('splitBy')}, shards `{shards}` "
+        f"(summary sha256 `{sha256}`); {used}.",
+        "",
+        *(_scores(evaluation, shards, summary) if evaluation else ["Not scored at registration."]),
+        "",
+        f"**Seeds**: train.seed={cfg.train.seed}. **Compute**: {compute}; "
+        f"run wall time {(time.time() * 1000 - run.info.start_time) / 60000:.1f} min.",
         f"**Code**: commit {run.data.tags.get('mlflow.source.git.commit', 'unknown')}"
         + (" (uncommitted changes)" if run.data.tags.get("git.dirty") == "true" else "")
         + ".",

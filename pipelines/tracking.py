@@ -139,11 +139,13 @@ def start_run(
     run_name: str,
     resume: bool = False,
     extra_tags: Mapping[str, str] | None = None,
+    trains: bool = True,
 ) -> dict[str, str]:
     """Open (or, with ``resume``, reopen by name) the MLflow run of one training.
 
     Logs the flattened config as params, the dataset and git tags, config.yaml, and the training
-    split as the run's dataset input (`pipelines.mlflow_record.log_dataset_inputs`). Returns the
+    split as the run's dataset input (`pipelines.mlflow_record.log_dataset_inputs`; not when the
+    run only registers a checkpoint, ``trains=False``). Returns the
     settings rank 0 builds its `MlflowRunLogger` from: ``{"tracking_uri", "run_id"}``.
     """
     import yaml
@@ -166,7 +168,8 @@ def start_run(
         client.update_run(run_id, status="RUNNING")
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     settings = {"tracking_uri": tracking_uri, "run_id": run_id}
-    log_dataset_inputs(settings, tags["dataset.path"], [cfg.data.train_split], "training")
+    if trains:
+        log_dataset_inputs(settings, tags["dataset.path"], [cfg.data.train_split], "training")
     return settings
 
 

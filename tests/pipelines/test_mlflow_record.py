@@ -146,10 +146,10 @@ def test_model_card_is_the_registered_versions_description(run, shards, tmp_path
     assert shown == card
     digest = hashlib.sha256(Path(shards, "summary.json").read_bytes()).hexdigest()
     for part in (
-        f"trained here: run record, {STEP} steps",
+        f"trained here ({STEP} steps); config `tiny`, MLflow run `record`",
         digest,
-        "trained on `train`, scored on `val`",
-        "protocol lavt: IoU at 32x32; masks prepared as `union`",
+        "trained on `train`",
+        "**Scored** on `val`: protocol lavt: IoU at 32x32; masks prepared as `union`",
         "| val | 12 | 41.50 |",
         "No published comparison",
         "train.seed=7",
@@ -160,8 +160,9 @@ def test_model_card_is_the_registered_versions_description(run, shards, tmp_path
     imported = checkpoint_dir(
         tmp_path / "imported", {"step": 0, "imported_from": {"file": "/w.pth", "sha256": "ab"}}
     )
-    card = mlflow_record.model_card(run, imported, shards, evaluation, "none")
-    assert "imported from the published checkpoint /w.pth (sha256 ab)" in card
+    card = mlflow_record.model_card(run, imported, shards, None, "none")
+    assert "imported from the published checkpoint /w.pth (sha256 ab)" in card and "not trained on" in card
+    assert "Not scored at registration." in card and "| split |" not in card
 
 
 def test_run_link_points_at_the_runs_page(run):
