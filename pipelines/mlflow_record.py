@@ -66,7 +66,8 @@ def log_dataset_inputs(tracking: Mapping[str, str], shards: str, splits: Sequenc
     """Record each split of the shards as an MLflow dataset input of the run.
 
     One dataset per split (``<dataset>-<splitBy>/<split>``, source = the split's shard folder,
-    digest = summary.json's sha256, profile = its counts), because MLflow keeps one input per
+    digest = summary.json's sha256 cut to MLflow's 36 characters, profile = the whole hash, the
+    split's counts and the mask convention), because MLflow keeps one input per
     dataset and run: the training split carries context 'training', held-out splits 'evaluation'.
     Logging a split again (a resumed run) adds nothing.
     """
