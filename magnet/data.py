@@ -494,8 +494,8 @@ def build_eval_loader(
 
     Rank r takes a contiguous block of the split (sizes differ by at most one); images are
     resized to the model input ``image_size``, masks to ``eval_cfg.size_for(image_size)`` (the
-    lavt protocol's comparison size: the model's input size unless eval_size says otherwise); the 'original' protocol adds ``orig_mask``. The last batch of a
-    rank may be smaller.
+    lavt protocol's comparison size: the model's input size unless eval_size says otherwise); the
+    'original' protocol adds ``orig_mask``. The last batch of a rank may be smaller.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")

@@ -41,6 +41,7 @@ from magnet.metrics import (
     IoUAccumulator,
     intersection_union,
     intersection_union_per_size,
+    iou,
     predict_masks,
     text_groups,
 )
@@ -74,13 +75,16 @@ class Breakdown:
 
 @dataclass
 class SplitResult:
-    """Sums of one split and of its groups (already reduced across ranks), and a few examples of
-    this rank."""
+    """Sums of one split and of its groups (already reduced across ranks); this rank's examples,
+    and on request its per-expression rows (sent_id, image_id, raw, iou, area) and lowest-IoU
+    examples."""
 
     split: str
     scores: IoUAccumulator
     groups: GroupScores = field(default_factory=lambda: GroupScores(()))
     examples: list[Example] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    worst: list[Example] = field(default_factory=list)
 
 
 @dataclass
@@ -168,6 +172,41 @@ def _examples(
     ]
 
 
+def _sample_rows(batch: Mapping[str, Any], ious: list[float]) -> list[dict[str, Any]]:
+    """One row per sample; ``area`` is the referred object's share of the image (eval-size mask)."""
+    areas = batch["mask"].flatten(1).float().mean(1).tolist()  # [B]
+    return [
+        {"sent_id": int(sent), "image_id": int(image), "raw": raw, "iou": value, "area": area}
+        for sent, image, raw, value, area in zip(
+            batch["sent_id"], batch["image_id"], batch["raw"], ious, areas, strict=True
+        )
+    ]
+
+
+def _keep_worst(
+    worst: list[tuple[float, Example]],
+    batch: Mapping[str, Any],
+    logits: torch.Tensor,
+    ious: list[float],
+    count: int,
+    threshold: float,
+    align_corners: bool,
+) -> list[tuple[float, Example]]:
+    """The ``count`` lowest-IoU (iou, example) pairs among ``worst`` and this batch; the example's
+    text leads with its IoU, so the picture says how bad each one is."""
+    bar = worst[-1][0] if len(worst) >= count else float("inf")
+    picks = [i for i in sorted(range(len(ious)), key=ious.__getitem__)[:count] if ious[i] < bar]
+    if not picks:
+        return worst
+    chosen = {
+        "image": batch["image"][picks],
+        "mask": batch["mask"][picks],
+        "raw": [f"IoU {ious[i]:.2f}: {batch['raw'][i]}" for i in picks],
+    }
+    fresh = _examples(chosen, logits[picks], len(picks), threshold, align_corners)
+    return sorted([*worst, *zip((ious[i] for i in picks), fresh, strict=True)], key=lambda p: p[0])[:count]
+
+
 @torch.no_grad()
 def evaluate_split(
     model: nn.Module,
@@ -179,6 +218,8 @@ def evaluate_split(
     precision: str = "fp32",
     keep_examples: int = 0,
     breakdown: Breakdown | None = None,
+    keep_rows: bool = False,
+    keep_worst: int = 0,
 ) -> SplitResult:
     """Score one split's batches (this rank's share) and reduce the sums across ranks.
 
@@ -191,6 +232,8 @@ def evaluate_split(
         precision: 'bf16' autocasts on GPU.
         keep_examples: samples of the first batch kept for the picture.
         breakdown: the groups each sample (by sent_id) is also scored in; None = none.
+        keep_rows: keep a row per sample of this rank (the per-expression table).
+        keep_worst: this rank's samples with the lowest IoU kept for a picture of failures.
     """
     was_training = model.training
     model.eval()
@@ -198,6 +241,8 @@ def evaluate_split(
     scores = IoUAccumulator()
     groups = GroupScores(breakdown.groups if breakdown is not None else ())
     examples: list[Example] = []
+    rows: list[dict[str, Any]] = []
+    worst: list[tuple[float, Example]] = []
     for batch in batches:
         with _autocast(device, precision):
             out = model(
@@ -215,13 +260,23 @@ def evaluate_split(
         scores.update(inter, union)
         if breakdown is not None:
             groups.update(inter, union, [breakdown.of_sample.get(int(i), ()) for i in batch["sent_id"]])
+        if keep_rows or keep_worst:
+            ious = iou(inter, union).tolist()
+            rows += _sample_rows(batch, ious) if keep_rows else []
+            if keep_worst:
+                worst = _keep_worst(
+                    worst, batch, logits.cpu(), ious, keep_worst, eval_cfg.threshold, align_corners
+                )
         if len(examples) < keep_examples:
             count = keep_examples - len(examples)
             examples += _examples(batch, logits.cpu(), count, eval_cfg.threshold, align_corners)
     scores.all_reduce()
     groups.all_reduce()
     model.train(was_training)
-    return SplitResult(split=split, scores=scores, groups=groups, examples=examples)
+    worst_examples = [example for _, example in worst]
+    return SplitResult(
+        split=split, scores=scores, groups=groups, examples=examples, rows=rows, worst=worst_examples
+    )
 
 
 def _read_json(url: str) -> dict[str, Any]:
@@ -261,6 +316,8 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     keep_examples: int = 0,
+    keep_rows: bool = False,
+    keep_worst: int = 0,
 ) -> Evaluation:
     """Evaluate on whole splits of a prepared dataset; call on every rank (the sums are all-reduced).
 
@@ -272,6 +329,7 @@ def evaluate(
         device: where the model runs.
         rank, world_size: this rank's share of every split.
         keep_examples: samples per split kept (on this rank) for the picture.
+        keep_rows, keep_worst: per-expression rows and lowest-IoU examples kept (on this rank).
 
     Returns:
         Evaluation with metrics ``<split>/oIoU`` etc. and ``<split>/<group>/oIoU`` etc., the same on
@@ -305,6 +363,8 @@ def evaluate(
             precision=cfg.train.precision,
             keep_examples=keep_examples,
             breakdown=breakdowns[split],
+            keep_rows=keep_rows,
+            keep_worst=keep_worst,
         )
         results[split] = result
         metrics.update({f"{split}/{name}": value for name, value in result.scores.compute().items()})

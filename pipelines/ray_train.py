@@ -17,7 +17,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -129,11 +129,17 @@ def _train_worker(config: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     logger: RunLogger = NullLogger()
+    monitor: AbstractContextManager[None] = nullcontext()
     if config["tracking"] and ray.train.get_context().get_world_rank() == 0:
+        from pipelines.mlflow_record import system_metrics
         from pipelines.tracking import MlflowRunLogger
 
         logger = OncePerStep(MlflowRunLogger(**config["tracking"]))
-    train(cfg, config["shards"], reporter=RayReporter(), logger=logger, device=device, hooks=config["hooks"])
+        monitor = system_metrics(config["tracking"])  # on rank 0's node: its CPU, memory and GPUs
+    with monitor:
+        train(
+            cfg, config["shards"], reporter=RayReporter(), logger=logger, device=device, hooks=config["hooks"]
+        )
 
 
 def _absolute(location: str | Path) -> str:

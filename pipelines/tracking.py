@@ -170,14 +170,19 @@ def start_run(
     run_name: str,
     resume: bool = False,
     extra_tags: Mapping[str, str] | None = None,
+    trains: bool = True,
 ) -> dict[str, str]:
     """Open (or, with ``resume``, reopen by name) the MLflow run of one training.
 
-    Logs the flattened config as params, the dataset and git tags, and config.yaml. Returns the
+    Logs the flattened config as params, the dataset and git tags, config.yaml, and the training
+    split as the run's dataset input (`pipelines.mlflow_record.log_dataset_inputs`; not when the
+    run only registers a checkpoint, ``trains=False``). Returns the
     settings rank 0 builds its `MlflowRunLogger` from: ``{"tracking_uri", "run_id"}``.
     """
     import yaml
     from mlflow.entities import Param, RunTag
+
+    from pipelines.mlflow_record import log_dataset_inputs  # imported here: it builds on this module
 
     tracking_uri = resolve_tracking_uri(tracking_uri)
     client = client_for(tracking_uri)
@@ -193,7 +198,10 @@ def start_run(
     else:
         client.update_run(run_id, status="RUNNING")
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    return {"tracking_uri": tracking_uri, "run_id": run_id}
+    settings = {"tracking_uri": tracking_uri, "run_id": run_id}
+    if trains:
+        log_dataset_inputs(settings, tags["dataset.path"], [cfg.data.train_split], "training")
+    return settings
 
 
 def _find_run(client: MlflowClient, experiment_id: str, run_name: str) -> str | None:
@@ -264,9 +272,7 @@ class MlflowRunLogger:
             path.write_bytes(figure_png)
             self._client.log_artifact(self.run_id, str(path), artifact_path="predictions")
 
-    def log_evaluation(
-        self, evaluation: Evaluation, step: int, table_metrics: Mapping[str, float] | None = None
-    ) -> None:
+    def log_evaluation(self, evaluation: Evaluation, step: int) -> None:
         """An evaluation's metrics, how it was scored (tags ``eval.protocol``, ``eval.mask_mode``,
         ``eval.breakdown``, ``eval.description``) and its breakdown table (split x group: oIoU,
         mIoU, n) as ``evaluation/step%08d.json``, shown in the UI's artifact view.
@@ -274,8 +280,6 @@ class MlflowRunLogger:
         Args:
             evaluation: the result of magnet.evaluate.evaluate.
             step: the checkpoint's step.
-            table_metrics: the table's figures when some splits were scored elsewhere (training's
-                evaluation of the same checkpoint); default the evaluation's own metrics.
         """
         from mlflow.entities import RunTag
 
@@ -289,7 +293,7 @@ class MlflowRunLogger:
             "eval.description": evaluation.describe(),
         }
         self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        rows = breakdown_rows(evaluation.metrics if table_metrics is None else table_metrics)
+        rows = breakdown_rows(evaluation.metrics)
         if rows:
             columns = {
                 name: [row.get(name) for row in rows] for name in ("split", "group", "oIoU", "mIoU", "n")

@@ -186,7 +186,7 @@ def register_checkpoint(
     """Register a checkpoint that no training run produced (e.g. imported published weights) as a
     new version of `magnet`, in a run of its own carrying its config and the dataset's tags."""
     from magnet.checkpoint import load_config_from_checkpoint
-    from pipelines import registry
+    from pipelines import mlflow_record, registry
     from pipelines import tracking as mlflow_tracking
     from pipelines.flows.train import first_example
 
@@ -201,10 +201,13 @@ def register_checkpoint(
         tracking_uri=tracking_uri,
         experiment=experiment,
         run_name=f"register-{checkpoint.resolve().name}",
+        trains=False,
     )
     try:
         example = first_example(shards, split)
         version = registry.log_and_register(tracking, checkpoint, example, aliases=tuple(aliases))
+        card = mlflow_record.model_card(tracking, checkpoint, shards, None, "none here (registered as is)")
+        mlflow_record.describe_version(tracking["tracking_uri"], version, card)
     except BaseException:
         mlflow_tracking.end_run(tracking, status="FAILED")
         raise

@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from magnet.config import Config, load_config
+from pipelines import mlflow_record
 from pipelines import tracking as mlflow_tracking
 
 DEFAULT_STORAGE = "ray-results"
@@ -124,13 +125,12 @@ def evaluate_final(
     tracking: dict[str, str],
     step: int,
     pictures_dir: Path | None,
-    scored: dict[str, float],
 ) -> dict[str, Any]:
-    """Whole-split metrics of the final checkpoint, and a picture of predictions per split.
+    """Whole-split metrics of the final checkpoint, a picture of predictions per split, and for the
+    MLflow run: the splits as evaluation inputs, the per-expression table and the worst cases.
 
-    ``scored`` holds the metrics training already computed on this very checkpoint (sharded over
-    the Ray workers); only the splits it lacks are scored here. Pictures need a few samples
-    each, so splits already scored are re-run on PICTURE_EXAMPLES samples only.
+    Every split is scored here, the one training already evaluated too: the per-expression table
+    needs each sample's IoU, which training's sharded evaluation does not keep.
     """
     import torch
 
@@ -140,29 +140,28 @@ def evaluate_final(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg = load_model_from_checkpoint(checkpoint, device=device)
     logger = mlflow_tracking.MlflowRunLogger(**tracking)
-    metrics = {key: value for key, value in scored.items() if key.split("/", 1)[0] in splits}
-    missing = [split for split in splits if f"{split}/oIoU" not in metrics]
-    result = evaluate(model, shards, cfg, splits=missing, device=device, keep_examples=PICTURE_EXAMPLES)
-    metrics.update(result.metrics)
-    logger.log_evaluation(result, step=step, table_metrics=metrics)
-    examples = {split: outcome.examples for split, outcome in result.splits.items()}
-    done = [split for split in splits if split not in missing]
-    if done:
-        glimpse = cfg.model_copy(
-            update={"eval": cfg.eval.model_copy(update={"max_samples": PICTURE_EXAMPLES})}
-        )
-        sample = evaluate(model, shards, glimpse, splits=done, device=device, keep_examples=PICTURE_EXAMPLES)
-        examples.update({split: outcome.examples for split, outcome in sample.splits.items()})
+    mlflow_record.log_dataset_inputs(tracking, shards, splits, "evaluation")
+    result = evaluate(
+        model,
+        shards,
+        cfg,
+        splits=splits,
+        device=device,
+        keep_examples=PICTURE_EXAMPLES,
+        keep_rows=True,
+        keep_worst=mlflow_record.WORST_EXAMPLES,
+    )
+    logger.log_evaluation(result, step=step)
+    mlflow_record.log_evaluation(tracking, result, shards, step)
     for split in splits:
-        if not examples.get(split):
+        if not result.splits[split].examples:
             continue
-        figure = prediction_figure(examples[split], title=f"{split}: final model")
+        figure = prediction_figure(result.splits[split].examples, title=f"{split}: final model")
         logger.log_predictions(figure, f"final_{split}_step{step:08d}.png", step=step)
         if pictures_dir is not None:
             pictures_dir.mkdir(parents=True, exist_ok=True)
             (pictures_dir / f"predictions-{split}.png").write_bytes(figure)
-    ordered = {key: metrics[key] for split in splits for key in metrics if key.split("/", 1)[0] == split}
-    return {"protocol": result.describe(), "metrics": ordered}
+    return {"protocol": result.describe(), "metrics": result.metrics}
 
 
 @task(name="register")
@@ -172,6 +171,35 @@ def register(tracking: dict[str, str], checkpoint: Path, shards: str, split: str
     version = log_and_register(tracking, checkpoint, first_example(shards, split), aliases=tuple(aliases))
     get_run_logger().info("registered model magnet version %s", version)
     return version
+
+
+@task(name="describe-model")
+def describe_model(
+    tracking: dict[str, str],
+    version: str,
+    checkpoint: Path,
+    shards: str,
+    evaluation: dict[str, Any],
+    compute: str,
+) -> None:
+    """The model card (mlflow_record.model_card) as the registered version's description."""
+    card = mlflow_record.model_card(tracking, checkpoint, shards, evaluation, compute)
+    mlflow_record.describe_version(tracking["tracking_uri"], version, card)
+
+
+def _compute(num_workers: int, use_gpu: bool) -> str:
+    """How the run trained, in words, for the model card."""
+    if not use_gpu:
+        return f"{num_workers} Ray Train worker(s) on CPU"
+    import torch
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "GPU"
+    return f"{num_workers} Ray Train worker(s), one {name} each"
+
+
+def _artifact_key(prefix: str, run_name: str) -> str:
+    """Prefect artifact keys take lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]", "-", f"{prefix}-{run_name}".lower())
 
 
 # ------------------------------------------------------------------------------------ flow
@@ -257,6 +285,7 @@ def train_magnet(
         shard_root = shard_location(shards)
     splits = eval_splits or held_out_splits(shard_root, cfg.data.train_split)
     tracking = open_run(cfg, shard_root, tracking_uri, experiment, run_name, resume)
+    mlflow_record.link_flow_run(tracking, key=_artifact_key("mlflow-run", run_name))
     try:
         result = train(
             cfg,
@@ -280,18 +309,23 @@ def train_magnet(
             tracking,
             step,
             Path(pictures_dir).resolve() if pictures_dir else None,
-            result.metrics if result.best_checkpoint == result.last_checkpoint else {},
         )
         version = (
             register(tracking, checkpoint, shard_root, splits[0], aliases or []) if register_model else None
         )
+        if version is not None:
+            compute = _compute(num_workers, use_gpu)
+            describe_model(tracking, version, checkpoint, shard_root, evaluation, compute)
     except BaseException:
         mlflow_tracking.end_run(tracking, status="FAILED")
         raise
     mlflow_tracking.end_run(tracking)
     report = _report(cfg, run_name, tracking, version, evaluation)
-    key = re.sub(r"[^a-z0-9-]", "-", f"train-magnet-{run_name}".lower())
-    create_markdown_artifact(report, key=key, description="Final metrics of the train-magnet run")
+    create_markdown_artifact(
+        report,
+        key=_artifact_key("train-magnet", run_name),
+        description="Final metrics of the train-magnet run",
+    )
     print(report)
     return {
         "run_name": run_name,

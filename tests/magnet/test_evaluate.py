@@ -174,3 +174,23 @@ def test_kinds_survive_synth_prepare_and_evaluate(shards):
             mine = [r for r in rows if r["split"] == split and r["kind"] == kind]
             expected = 100 * sum(r["mask_area"] for r in mine) / sum(r["height"] * r["width"] for r in mine)
             assert result.metrics[f"{split}/kind/{kind}/oIoU"] == pytest.approx(expected)
+
+
+def test_rows_score_every_expression_and_worst_are_the_lowest(shards):
+    manifest = {r["sent_id"]: r for r in pq.read_table(f"{shards}/manifest.parquet").to_pylist()}
+    result = evaluate(Everywhere(), shards, config("original"), splits=["val"], keep_rows=True, keep_worst=3)
+    rows = result.splits["val"].rows
+    assert sorted(r["sent_id"] for r in rows) == sorted(s for s, r in manifest.items() if r["split"] == "val")
+    for row in rows:  # predicting everywhere: IoU = the object's share of the original image
+        truth = manifest[row["sent_id"]]
+        assert (row["image_id"], row["raw"]) == (truth["image_id"], truth["raw"])
+        assert row["iou"] == pytest.approx(truth["mask_area"] / (truth["height"] * truth["width"]))
+        assert 0 < row["area"] < 1
+    lowest = sorted(r["iou"] for r in rows)[:3]
+    worst = result.splits["val"].worst
+    shown = [float(ex.text.split(":")[0].removeprefix("IoU ")) for ex in worst]
+    assert shown == pytest.approx(lowest, abs=5e-3)
+    assert all(ex.pred.all() for ex in worst)  # the model's masks, drawn at the image size
+    lavt = evaluate(Everywhere(), shards, config("lavt"), splits=["val"], keep_rows=True)
+    assert all(row["iou"] == pytest.approx(row["area"]) for row in lavt.splits["val"].rows)
+    assert not evaluate(Everywhere(), shards, config("lavt"), splits=["val"]).splits["val"].rows

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from magnet.config import MaskGroundingConfig, load_config
@@ -288,6 +289,6 @@ def test_loss_is_the_mean_cross_entropy_over_the_predicted_positions_only() -> N
     )
     out = head(*args, labels, embeddings.weight)
     every = head(*args, torch.randint(0, 50, (3, 6), generator=g), embeddings.weight).logits.view(3, 6, 50)
-    expected = torch.nn.functional.cross_entropy(every.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    expected = F.cross_entropy(every.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(out.loss, expected)
     torch.testing.assert_close(out.logits, every[labels != IGNORE_INDEX])

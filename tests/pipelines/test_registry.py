@@ -248,6 +248,8 @@ def test_register_command_versions_a_checkpoint_no_run_produced(checkpoint, synt
     run = client.get_run(registered["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["dataset.summary_sha256"] == tracking.dataset_tags(shards)["dataset.summary_sha256"]
+    assert not run.inputs.dataset_inputs  # it trained on nothing
+    assert "Not scored at registration." in version.description  # the model card
     model, cfg = registry.load_model("models:/magnet@imported", tracking_uri=uri)
     assert cfg.model.image_size == 64 and not model.training
 

@@ -34,6 +34,9 @@ def flow_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = (
+        "1"  # Ray's workers inherit it: samples in seconds
+    )
     root = tmp_path_factory.mktemp("flow")
     shards = ensure_synthetic_shards(root, images=20, image_size=64)
     with prefect_test_harness():
@@ -50,7 +53,14 @@ def flow_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         )
         key = f"train-magnet-{result['run_name']}".lower()
         artifact = Artifact.get(key)
-    return {"result": result, "root": root, "markdown": artifact.data if artifact else None}
+        link = Artifact.get(f"mlflow-run-{result['run_name']}".lower())
+    os.environ.pop("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
+    return {
+        "result": result,
+        "root": root,
+        "markdown": artifact.data if artifact else None,
+        "link": link.data if link else None,
+    }
 
 
 def test_flow_returns_metrics_of_every_held_out_split(flow_run):
@@ -105,3 +115,27 @@ def test_markdown_report_names_metrics_and_run(flow_run):
     assert markdown is not None
     assert "| testA |" in markdown and flow_run["result"]["run_id"] in markdown
     assert f"models:/magnet/{flow_run['result']['model_version']}" in markdown
+
+
+def test_run_shows_data_system_metrics_table_card_and_link(flow_run):
+    """Issue 16.3: what the UI shows of the run and of its registered version."""
+    result = flow_run["result"]
+    client = tracking.client_for(result["tracking_uri"])
+    run = client.get_run(result["run_id"])
+    contexts = {
+        i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"]
+        for i in run.inputs.dataset_inputs
+    }
+    assert contexts == {
+        "refcoco-unc/train": "training",
+        **{f"refcoco-unc/{s}": "evaluation" for s in ("val", "testA", "testB")},
+    }
+    assert run.data.metrics["system/system_memory_usage_megabytes"] > 0  # from rank 0's worker
+    table = f"evaluation/expressions_step{3:08d}.json"
+    assert table in {a.path for a in client.list_artifacts(result["run_id"], "evaluation")}
+    pictures = {a.path for a in client.list_artifacts(result["run_id"], "predictions")}
+    assert {f"predictions/worst_{s}_step00000003.png" for s in ("val", "testA", "testB")} <= pictures
+    card = client.get_model_version("magnet", result["model_version"]).description
+    assert "trained here" in card and run.data.tags["dataset.summary_sha256"] in card
+    assert "| testB |" in card and "1 Ray Train worker(s) on CPU" in card
+    assert flow_run["link"] is not None and result["run_id"] in flow_run["link"]

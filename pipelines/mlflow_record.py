@@ -1,0 +1,304 @@
+"""What a run shows in MLflow beyond curves: the data it saw as dataset inputs, system metrics while
+it trains, the evaluation as a per-expression table with a picture of the worst cases, the model
+card on each registered version, and the link Prefect shows to the run.
+
+Everything here writes through `MlflowClient` with an explicit run id (never the fluent API's
+active run), like `pipelines.tracking`, so it is safe in Ray workers and beside other runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipelines.tracking import client_for
+
+if TYPE_CHECKING:
+    from magnet.evaluate import Evaluation
+
+CONTEXT_TAG = "mlflow.data.context"  # MLflow's tag for what an input was used for
+DIGEST_LENGTH = 36  # MLflow's limit on a dataset digest: the summary's sha256, cut to fit
+WORST_EXAMPLES = 4
+SYSTEM_METRICS_INTERVAL_S = 10.0
+TABLE_COLUMNS = ("split", "sent_id", "image_id", "raw", "kind", "iou", "area")
+
+# Published MagNet oIoU (%), shared/design/magnet-architecture.md, and each split's number of
+# referred objects (refs, shared/design/refcoco-data-and-eval.md): a split holding at least
+# REAL_SHARE of those refs is taken as the benchmark's own split, anything smaller (synthetic or
+# sampled data under the same name) is not compared.
+PUBLISHED_OIOU: dict[tuple[str, str], dict[str, float]] = {
+    ("refcoco", "unc"): {"val": 75.24, "testA": 78.24, "testB": 71.05},
+    ("refcoco+", "unc"): {"val": 66.16, "testA": 71.32, "testB": 58.14},
+    ("refcocog", "umd"): {"val": 65.36, "test": 66.03},
+    ("refcocog", "google"): {"val": 63.13},
+}
+BENCHMARK_REFS: dict[tuple[str, str], dict[str, int]] = {
+    ("refcoco", "unc"): {"val": 3811, "testA": 1975, "testB": 1810},
+    ("refcoco+", "unc"): {"val": 3805, "testA": 1975, "testB": 1798},
+    ("refcocog", "umd"): {"val": 2573, "test": 5023},
+    ("refcocog", "google"): {"val": 5000},
+}
+REAL_SHARE = 0.99
+
+
+def _read(url: str) -> bytes:
+    import fsspec
+
+    with fsspec.open(url, "rb") as handle:
+        return handle.read()
+
+
+def _summary(shards: str) -> tuple[dict[str, Any], str]:
+    """summary.json of the shards and its sha256 (the ``dataset.summary_sha256`` tag)."""
+    import hashlib
+
+    raw = _read(f"{shards.rstrip('/')}/summary.json")
+    return json.loads(raw), hashlib.sha256(raw).hexdigest()
+
+
+# ------------------------------------------------------------------------------ dataset inputs
+def log_dataset_inputs(tracking: Mapping[str, str], shards: str, splits: Sequence[str], context: str) -> None:
+    """Record each split of the shards as an MLflow dataset input of the run.
+
+    One dataset per split (``<dataset>-<splitBy>/<split>``, source = the split's shard folder,
+    digest = summary.json's sha256 cut to MLflow's 36 characters, profile = the whole hash, the
+    split's counts and the mask convention), because MLflow keeps one input per
+    dataset and run: the training split carries context 'training', held-out splits 'evaluation'.
+    Logging a split again (a resumed run) adds nothing.
+    """
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    summary, sha256 = _summary(shards)
+    name = f"{summary.get('dataset', 'dataset')}-{summary.get('splitBy', '')}".rstrip("-")
+    inputs = []
+    for split in splits:
+        with warnings.catch_warnings():  # a local path matches both of MLflow's local source types
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            source = resolve_dataset_source(f"{shards.rstrip('/')}/{split}")
+        profile = {
+            "summary_sha256": sha256,
+            "counts": (summary.get("counts") or {}).get(split),
+            "mask_mode": (summary.get("settings") or {}).get("mask_mode"),
+        }
+        dataset = Dataset(
+            name=f"{name}/{split}",
+            digest=sha256[:DIGEST_LENGTH],
+            source_type=source._get_source_type(),
+            source=source.to_json(),
+            profile=json.dumps(profile),
+        )
+        inputs.append(DatasetInput(dataset, [InputTag(CONTEXT_TAG, context)]))
+    client_for(tracking["tracking_uri"]).log_inputs(tracking["run_id"], datasets=inputs)
+
+
+# ------------------------------------------------------------------------------ system metrics
+@contextmanager
+def system_metrics(
+    tracking: Mapping[str, str], interval_s: float = SYSTEM_METRICS_INTERVAL_S
+) -> Iterator[None]:
+    """MLflow's system metrics monitor on the run while the block runs: ``system/cpu_utilization_
+    percentage``, ``system/system_memory_usage_megabytes``, disk, network and, where pynvml finds
+    GPUs, ``system/gpu_<i>_memory_usage_megabytes`` and ``..._utilization_percentage``.
+
+    Attached by run id from whichever process trains (rank 0's worker, so on the GPU's node);
+    ``resume_logging`` continues the steps after a restarted worker group. MLflow's
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides ``interval_s``.
+    """
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        tracking["run_id"],
+        sampling_interval=interval_s,
+        resume_logging=True,
+        tracking_uri=tracking["tracking_uri"],
+    )
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+# --------------------------------------------------------------------------- evaluation table
+def _kinds(shards: str) -> dict[int, str]:
+    """sent_id -> kind of expression, where preparation recorded one (manifest column ``kind``)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    with fsspec.open(f"{shards.rstrip('/')}/manifest.parquet", "rb") as handle:
+        manifest = pq.ParquetFile(handle)
+        if "kind" not in manifest.schema_arrow.names:
+            return {}
+        columns = manifest.read(columns=["sent_id", "kind"]).to_pydict()
+    return {s: k for s, k in zip(columns["sent_id"], columns["kind"], strict=True) if k is not None}
+
+
+def expression_table(evaluation: Evaluation, shards: str) -> Any:
+    """One row per scored expression (pandas DataFrame, TABLE_COLUMNS): split, ids, the text, its
+    kind where the manifest has one, IoU (0-1) and the object's share of the image."""
+    import pandas as pd
+
+    kinds = _kinds(shards)
+    rows = [
+        {**row, "split": split, "kind": kinds.get(row["sent_id"])}
+        for split, result in evaluation.splits.items()
+        for row in result.rows
+    ]
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+
+def log_evaluation(tracking: Mapping[str, str], evaluation: Evaluation, shards: str, step: int) -> str:
+    """Log the per-expression table as ``evaluation/expressions_step%08d.json`` (MLflow's table
+    format, browsable in the run's Evaluation view) and a picture of each split's worst cases;
+    returns the table's artifact path. A table already logged at that step is not appended to
+    again (a retried task), since MLflow's log_table appends to an existing file."""
+    from magnet.evaluate import prediction_figure
+    from pipelines.tracking import MlflowRunLogger
+
+    artifact = f"evaluation/expressions_step{step:08d}.json"
+    client = client_for(tracking["tracking_uri"])
+    logged = {entry.path for entry in client.list_artifacts(tracking["run_id"], "evaluation")}
+    if artifact not in logged:
+        client.log_table(tracking["run_id"], expression_table(evaluation, shards), artifact)
+    logger = MlflowRunLogger(tracking["tracking_uri"], tracking["run_id"])
+    for split, result in evaluation.splits.items():
+        if result.worst:
+            figure = prediction_figure(result.worst, title=f"{split}: lowest IoU")
+            logger.log_predictions(figure, f"worst_{split}_step{step:08d}.png", step=step)
+    return artifact
+
+
+# ---------------------------------------------------------------------------------- model card
+def _benchmark_splits(shards: str, summary: Mapping[str, Any]) -> dict[str, float]:
+    """Published oIoU of the splits that are the benchmark's own (see BENCHMARK_REFS)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    key = (str(summary.get("dataset")), str(summary.get("splitBy")))
+    if key not in PUBLISHED_OIOU:
+        return {}
+    with fsspec.open(f"{shards.rstrip('/')}/manifest.parquet", "rb") as handle:
+        columns = pq.read_table(handle, columns=["split", "ref_id"]).to_pydict()
+    refs: dict[str, set[int]] = {}
+    for split, ref_id in zip(columns["split"], columns["ref_id"], strict=True):
+        refs.setdefault(split, set()).add(ref_id)
+    expected = BENCHMARK_REFS[key]
+    return {
+        split: score
+        for split, score in PUBLISHED_OIOU[key].items()
+        if len(refs.get(split, ())) >= REAL_SHARE * expected[split]
+    }
+
+
+def _origin(meta: Mapping[str, Any], init_from: str | None) -> str:
+    """Where the weights came from: imported (meta.json says from which file), fine-tuned or trained."""
+    step = meta.get("step", 0)
+    if "imported_from" in meta:
+        source = meta["imported_from"]
+        return f"imported from the published checkpoint {source['file']} (sha256 {source['sha256']})"
+    if init_from:
+        return f"fine-tuned here from {init_from} ({step} steps)"
+    return f"trained here ({step} steps)"
+
+
+def _scores(evaluation: Mapping[str, Any], shards: str, summary: Mapping[str, Any]) -> list[str]:
+    """The card's protocol line and score table, the published oIoU beside the benchmark's splits."""
+    published = _benchmark_splits(shards, summary)
+    metrics: Mapping[str, float] = evaluation["metrics"]
+    splits = list(dict.fromkeys(key.split("/", 1)[0] for key in metrics))
+    names = ["n", "oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9"]
+    mask_mode = (summary.get("settings") or {}).get("mask_mode", "unrecorded")
+    lines = [
+        f"**Scored** on {', '.join(f'`{s}`' for s in splits)}: {evaluation['protocol']}; "
+        f"masks prepared as `{mask_mode}`"
+        + (" (published numbers use `refer`)." if mask_mode != "refer" and published else "."),
+        "",
+        "| split | " + " | ".join(names) + " | published MagNet oIoU |",
+        "|---" * (len(names) + 2) + "|",
+    ]
+    for split in splits:
+        cells = {name: metrics.get(f"{split}/{name}") for name in names}
+        shown = ["" if c is None else f"{c:.0f}" if name == "n" else f"{c:.2f}" for name, c in cells.items()]
+        lines.append(f"| {split} | " + " | ".join(shown) + f" | {published.get(split, '')} |")
+    if not published:
+        lines += ["", "No published comparison: these splits are not a benchmark's own (too few refs)."]
+    return lines
+
+
+def model_card(
+    tracking: Mapping[str, str],
+    checkpoint: str | Path,
+    shards: str,
+    evaluation: Mapping[str, Any] | None,
+    compute: str,
+) -> str:
+    """The markdown description of a registered version: where the weights came from, the data
+    and split, protocol and mask convention, per-split scores beside the published MagNet oIoU
+    (where the split is the benchmark's own), seeds and compute.
+
+    Args:
+        tracking: ``{"tracking_uri", "run_id"}`` of the run that logged the model.
+        checkpoint: the registered checkpoint directory.
+        shards: prepared dataset root it was trained (or registered) and scored on.
+        evaluation: ``{"protocol": description, "metrics": {<split>/<name>: value}}`` (the flow's
+            evaluate task); None when it was not scored at registration.
+        compute: how it was trained (workers, devices), in words.
+    """
+    from magnet.checkpoint import META_FILE, load_config_from_checkpoint
+
+    cfg = load_config_from_checkpoint(checkpoint)
+    meta_path = Path(checkpoint) / META_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    run = client_for(tracking["tracking_uri"]).get_run(tracking["run_id"])
+    summary, sha256 = _summary(shards)
+    used = f"trained on `{cfg.data.train_split}`" if "imported_from" not in meta else "not trained on them"
+    lines = [
+        f"**Weights**: {_origin(meta, cfg.train.init_from)}; "
+        f"config `{cfg.name}`, MLflow run `{run.info.run_name}` ({run.info.run_id}).",
+        "",
+        f"**Data**: {summary.get('dataset')} / {summary.get('splitBy')}, shards `{shards}` "
+        f"(summary sha256 `{sha256}`); {used}.",
+        "",
+        *(_scores(evaluation, shards, summary) if evaluation else ["Not scored at registration."]),
+        "",
+        f"**Seeds**: train.seed={cfg.train.seed}. **Compute**: {compute}; "
+        f"run wall time {(time.time() * 1000 - run.info.start_time) / 60000:.1f} min.",
+        f"**Code**: commit {run.data.tags.get('mlflow.source.git.commit', 'unknown')}"
+        + (" (uncommitted changes)" if run.data.tags.get("git.dirty") == "true" else "")
+        + ".",
+    ]
+    return "\n".join(lines)
+
+
+def describe_version(tracking_uri: str, version: str, card: str, model_name: str = "magnet") -> None:
+    """Put the model card on the registered version (the registry UI shows it as its description)."""
+    client_for(tracking_uri).update_model_version(model_name, version, description=card)
+
+
+# ------------------------------------------------------------------------------- prefect link
+def run_link(tracking: Mapping[str, str]) -> str:
+    """The run's page: on the tracking server, or where ``mlflow ui`` serves a local store by default."""
+    uri, run_id = tracking["tracking_uri"], tracking["run_id"]
+    experiment_id = client_for(uri).get_run(run_id).info.experiment_id
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def link_flow_run(tracking: Mapping[str, str], key: str) -> None:
+    """A Prefect link artifact from the current flow run to its MLflow run."""
+    from prefect.artifacts import create_link_artifact
+
+    uri = tracking["tracking_uri"]
+    local = not uri.startswith(("http://", "https://"))
+    create_link_artifact(
+        link=run_link(tracking),
+        link_text=f"MLflow run {tracking['run_id']}",
+        key=key,
+        description=f"served by `mlflow ui --backend-store-uri {uri}`" if local else "the MLflow run",
+    )
