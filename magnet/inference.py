@@ -178,21 +178,31 @@ def missing_glyphs(text: str) -> list[str]:
 
 
 def _wrap(text: str, fits: Callable[[str], bool], max_lines: int) -> list[str]:
-    """Greedy wrap at spaces (inside a word too long for a line), at most ``max_lines``, the last
+    """Greedy wrap at spaces (a word wider than a line is split), at most ``max_lines``, the last
     ending in "…" when text is left over."""
-    lines = [""]
+
+    def cut(lines: list[str]) -> list[str]:
+        last = lines[-1]
+        while last and not fits(last + "…"):
+            last = last[:-1]
+        return [*lines[:-1], last + "…"]
+
+    lines: list[str] = []
     for word in text.split():
-        for char in f" {word}" if lines[-1] else word:
-            if fits(lines[-1] + char):
+        if lines and fits(f"{lines[-1]} {word}"):
+            lines[-1] = f"{lines[-1]} {word}"
+            continue
+        if len(lines) == max_lines:
+            return cut(lines)
+        lines.append("")
+        for char in word:
+            if not lines[-1] or fits(lines[-1] + char):
                 lines[-1] += char
-                continue
-            if len(lines) == max_lines:
-                while lines[-1] and not fits(lines[-1] + "…"):
-                    lines[-1] = lines[-1][:-1]
-                lines[-1] += "…"
-                return lines
-            lines.append(char.strip())
-    return lines
+            elif len(lines) < max_lines:
+                lines.append(char)
+            else:
+                return cut(lines)
+    return lines or [""]
 
 
 def _caption(image: Image.Image, text: str) -> Image.Image:
