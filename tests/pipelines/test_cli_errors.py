@@ -5,6 +5,7 @@ the traceback. Also what `predict` says about text it cannot show or the model c
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -288,3 +289,19 @@ def test_every_command_has_a_one_line_summary_in_the_help():
     group = typer.main.get_command(app)
     for name, command in group.commands.items():
         assert command.short_help and "\n" not in command.short_help, name
+
+
+# -------------------------------------------------------------------------------- known noise
+def test_magnet_quiets_prefect_telemetry_and_rays_cleaner_for_every_ray_init(monkeypatch):
+    from ray._private.worker import _maybe_modify_runtime_env
+
+    from pipelines.ray_workers import QUIET_WORKERS
+
+    for name in ("RAY_RUNTIME_ENV_HOOK", "PREFECT_SERVER_ANALYTICS_ENABLED"):
+        monkeypatch.setenv(name, "")  # so that the test's end unsets what the command sets
+        monkeypatch.delenv(name)
+    assert CliRunner().invoke(app, ["config"]).exit_code == 0
+    assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert _maybe_modify_runtime_env(None, False) == QUIET_WORKERS  # what ray.init does with the hook
+    own = {"worker_process_setup_hook": "mine.hook", "env_vars": {"A": "1"}}
+    assert _maybe_modify_runtime_env(own, False) == own
