@@ -109,6 +109,15 @@ def test_predict_refuses_bad_input_before_loading_the_model(tmp_path, image, no_
     assert expected in refused(args)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_promote_refuses_a_gpu_it_does_not_have(tmp_path, monkeypatch):
+    import pipelines.flows.tune as flows
+
+    monkeypatch.setattr(flows, "promote_magnet", lambda **kwargs: pytest.fail("promotion started"))
+    args = ["promote", "--experiment", "magnet", "--shards", str(tmp_path), "--device", "cuda:1"]
+    assert "--device: cuda:1: no CUDA GPU is available here" in refused(args)
+
+
 # ------------------------------------------------------------------------ registry references
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> str:
