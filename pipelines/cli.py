@@ -87,9 +87,9 @@ app = typer.Typer(
 
 @app.callback()
 def main(
-    debug: bool = typer.Option(False, "--debug", help="Show the traceback of a refused input."),
+    debug: bool = typer.Option(False, "--debug", help="Tracebacks instead of one-line errors."),
 ) -> None:
-    """MagNet Pipeline command line."""
+    """MagNet Pipeline command line (``debug`` is read by MagnetGroup.invoke)."""
     quiet_known_noise()
 
 

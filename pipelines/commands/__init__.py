@@ -4,9 +4,12 @@ one line (typer.BadParameter) before Prefect, Ray or a model load starts."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def require_prepared(shards: str | Path) -> str:
@@ -40,7 +43,7 @@ def require_device(device: str) -> str:
     return device
 
 
-def require_image(path: Path) -> Any:
+def require_image(path: Path) -> Image.Image:
     """The image at ``path``, fully decoded: a file that is no image, or a truncated one, is refused
     here rather than after the model has loaded."""
     from PIL import Image, UnidentifiedImageError
