@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import random
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,50 @@ def save_checkpoint(
     return directory
 
 
+class StateDictMismatch(ValueError):
+    """Weights that do not fit the model they are loaded into (missing, unexpected or misshapen keys)."""
+
+
+MISFIT_KEYS_SHOWN = 3
+
+
+def describe_misfit(source: str, problems: Mapping[str, Sequence[str]]) -> str:
+    """One line for weights that do not fit: per kind of problem its count and first few keys, and
+    the file holding every key (a whole model that does not fit names a thousand keys or more).
+
+    Args:
+        source: what was being loaded, e.g. the checkpoint directory.
+        problems: kind of problem (e.g. "missing") -> the keys with that problem; empty kinds are left out.
+    """
+    found = {kind: list(keys) for kind, keys in problems.items() if keys}
+    with tempfile.NamedTemporaryFile(
+        "w", prefix="magnet-misfit-", suffix=".txt", delete=False, encoding="utf-8"
+    ) as listing:
+        for kind, keys in found.items():
+            listing.write(f"# {len(keys)} {kind}\n" + "".join(f"{key}\n" for key in keys))
+    parts = []
+    for kind, keys in found.items():
+        more = f", ... {len(keys) - MISFIT_KEYS_SHOWN} more" if len(keys) > MISFIT_KEYS_SHOWN else ""
+        parts.append(f"{len(keys)} {kind}: {', '.join(keys[:MISFIT_KEYS_SHOWN])}{more}")
+    return f"{source} does not fit this model: {'; '.join(parts)}; every key: {listing.name}"
+
+
+def check_fit(source: str, weights: Mapping[str, torch.Tensor], ours: Mapping[str, torch.Tensor]) -> None:
+    """Raise StateDictMismatch, summarised, unless ``weights`` has exactly ``ours``'s keys and shapes."""
+    misshapen = [
+        f"{key} {list(value.shape)} (ours {list(ours[key].shape)})"
+        for key, value in weights.items()
+        if key in ours and value.shape != ours[key].shape
+    ]
+    problems = {
+        "misshapen": misshapen,
+        "unexpected": sorted(set(weights) - set(ours)),
+        "missing": sorted(set(ours) - set(weights)),
+    }
+    if any(problems.values()):
+        raise StateDictMismatch(describe_misfit(source, problems))
+
+
 def _require(directory: Path, name: str) -> Path:
     path = directory / name
     if not path.is_file():
@@ -181,22 +226,8 @@ def load_initial_weights(model: nn.Module, directory: str | Path) -> list[str]:
     weights = torch.load(_require(Path(directory), MODEL_FILE), map_location="cpu", weights_only=True)
     target = unwrap_model(model)
     ours = target.state_dict()
-    misshapen = [
-        f"{key} {list(value.shape)} (ours {list(ours[key].shape)})"
-        for key, value in weights.items()
-        if key in ours and value.shape != ours[key].shape
-    ]
-    unexpected = sorted(set(weights) - set(ours))
-    missing = sorted(set(ours) - set(weights))
-    fresh = [key for key in missing if key.startswith(TRAINING_ONLY_PREFIX)]
-    missing = [key for key in missing if not key.startswith(TRAINING_ONLY_PREFIX)]
-    if misshapen or unexpected or missing:
-        problems = [
-            f"{label}: {', '.join(keys)}"
-            for label, keys in (("misshapen", misshapen), ("unexpected", unexpected), ("missing", missing))
-            if keys
-        ]
-        raise ValueError(f"{directory} does not fit this model ({'; '.join(problems)})")
+    fresh = [key for key in ours if key not in weights and key.startswith(TRAINING_ONLY_PREFIX)]
+    check_fit(str(directory), weights, {key: value for key, value in ours.items() if key not in fresh})
     target.load_state_dict(weights, strict=False)
     return fresh
 
@@ -238,5 +269,6 @@ def load_model_from_checkpoint(
     blank.text.pretrained = False
     model = build_model(blank)
     weights = torch.load(_require(directory, MODEL_FILE), map_location="cpu", weights_only=True)
+    check_fit(f"{directory}/{MODEL_FILE}", weights, model.state_dict())
     model.load_state_dict(weights)
     return model.to(device).eval(), cfg

@@ -8,7 +8,11 @@ prediction here equals the one evaluation scores for the same sample.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +26,9 @@ from magnet.metrics import predict_masks
 PRED_COLOUR = (255, 64, 32)  # filled, semi-transparent
 TRUE_COLOUR = (40, 220, 60)  # outline
 _ALPHA = 0.5
+CAPTION_LINES = 3  # a longer expression is cut, ending in "…": the picture stays mostly picture
+CAPTION_FONT = "DejaVuSans.ttf"  # shipped with matplotlib (a dependency): Latin, Greek, Cyrillic,
+# Arabic, Hebrew and more; CJK and Indic scripts have no glyphs in it (see missing_glyphs)
 
 
 def preprocess_images(images: Sequence[Image.Image], image_size: int) -> torch.Tensor:
@@ -33,13 +40,40 @@ def preprocess_images(images: Sequence[Image.Image], image_size: int) -> torch.T
     return (pixels - mean) / std
 
 
-def tokenize(texts: Sequence[str], cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expressions -> (input_ids, attention_mask), both int64 [B,L], as preparation writes them."""
+@contextmanager
+def _no_length_warning() -> Iterator[None]:
+    """Mute transformers' "sequence length is longer than ... indexing errors" warning: the ids are
+    cut to ``max_tokens`` before the model sees them, so no indexing error can follow."""
+    tokenizer_log = logging.getLogger("transformers.tokenization_utils_base")
+    level = tokenizer_log.level
+    tokenizer_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        tokenizer_log.setLevel(level)
+
+
+def _encode(texts: Sequence[str], cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     for text in texts:
         if not text or not text.strip():
             raise ValueError("the expression is empty: say which object to segment")
-    ids, mask, _ = encode_expressions(load_tokenizer(cfg.text.name_or_path), list(texts), cfg.text.max_tokens)
+    with _no_length_warning():
+        return encode_expressions(load_tokenizer(cfg.text.name_or_path), list(texts), cfg.text.max_tokens)
+
+
+def tokenize(texts: Sequence[str], cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expressions -> (input_ids, attention_mask), both int64 [B,L], as preparation writes them."""
+    ids, mask, _ = _encode(texts, cfg)
     return torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
+
+
+def words_read(text: str, cfg: ModelConfig) -> tuple[int, str] | None:
+    """(word pieces in ``text``, the text the model reads) when ``text`` is longer than the model's
+    ``max_tokens`` ([CLS] included) and so cut; None when the model reads all of it."""
+    ids, _, n_words = _encode([text], cfg)
+    if n_words[0] + 2 <= cfg.text.max_tokens:
+        return None
+    return int(n_words[0]), load_tokenizer(cfg.text.name_or_path).decode(ids[0, 1:].tolist())
 
 
 @torch.inference_mode()
@@ -123,16 +157,59 @@ def render_overlay(
     return out
 
 
-def _caption(image: Image.Image, text: str) -> Image.Image:
-    """Prepend a white strip holding ``text``, wrapped to the image's width."""
-    font = ImageFont.load_default(size=max(10, min(18, image.width // 20)))
-    draw = ImageDraw.Draw(image)
+@cache
+def _caption_font_path() -> Path:
+    import matplotlib
+
+    return Path(matplotlib.get_data_path()) / "fonts" / "ttf" / CAPTION_FONT
+
+
+@cache
+def _caption_codepoints() -> frozenset[int]:
+    from fontTools.ttLib import TTFont
+
+    return frozenset(TTFont(_caption_font_path()).getBestCmap())
+
+
+def missing_glyphs(text: str) -> list[str]:
+    """Characters of ``text`` the caption font cannot draw (they show as boxes), in order of appearance."""
+    covered = _caption_codepoints()
+    return list(dict.fromkeys(c for c in text if not c.isspace() and ord(c) not in covered))
+
+
+def _wrap(text: str, fits: Callable[[str], bool], max_lines: int) -> list[str]:
+    """Greedy wrap at spaces (a word wider than a line is split), at most ``max_lines``, the last
+    ending in "…" when text is left over."""
+
+    def cut(lines: list[str]) -> list[str]:
+        last = lines[-1]
+        while last and not fits(last + "…"):
+            last = last[:-1]
+        return [*lines[:-1], last + "…"]
+
     lines: list[str] = []
     for word in text.split():
-        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= image.width - 8:
+        if lines and fits(f"{lines[-1]} {word}"):
             lines[-1] = f"{lines[-1]} {word}"
-        else:
-            lines.append(word)
+            continue
+        if len(lines) == max_lines:
+            return cut(lines)
+        lines.append("")
+        for char in word:
+            if not lines[-1] or fits(lines[-1] + char):
+                lines[-1] += char
+            elif len(lines) < max_lines:
+                lines.append(char)
+            else:
+                return cut(lines)
+    return lines or [""]
+
+
+def _caption(image: Image.Image, text: str) -> Image.Image:
+    """Prepend a white strip holding ``text``, wrapped to the image's width and cut at CAPTION_LINES."""
+    font = ImageFont.truetype(str(_caption_font_path()), size=max(10, min(18, image.width // 20)))
+    draw = ImageDraw.Draw(image)
+    lines = _wrap(text, lambda line: draw.textlength(line, font=font) <= image.width - 8, CAPTION_LINES)
     line_height = int(font.size * 1.25)
     strip = Image.new("RGB", (image.width, line_height * len(lines) + 6), "white")
     writer = ImageDraw.Draw(strip)

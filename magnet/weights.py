@@ -16,8 +16,9 @@ import is a short table of renames (``RENAMES``), not a re-wiring:
 - ``relative_position_index`` buffers are derived from the window size (timm does not save
   them): each is checked against the index our model computes, then dropped.
 
-Every other key maps to itself. The import refuses, naming every key at fault, a file in which a
-tensor finds no place, an inference parameter of ours stays unfilled, or a shape differs.
+Every other key maps to itself. The import refuses, counting the keys at fault (every one listed in
+a file it names), a file in which a tensor finds no place, an inference parameter of ours stays
+unfilled, or a shape differs.
 Loading uses ``weights_only=True``: a file that needs arbitrary unpickling is refused.
 
 Reproducing the published numbers with imported weights:
@@ -47,7 +48,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from magnet.checkpoint import CONFIG_FILE, META_FILE, MODEL_FILE
+from magnet.checkpoint import CONFIG_FILE, META_FILE, MODEL_FILE, describe_misfit
 from magnet.config import Config, load_config
 from magnet.models.magnet import TRAINING_ONLY_PREFIX
 
@@ -64,7 +65,8 @@ _FIELDS = {"stage": r"\d+", "cam_part": r"pyramids|fusions|mixer", "param": r"we
 
 
 class WeightImportError(ValueError):
-    """A published checkpoint that does not fit our model; the message names every key at fault."""
+    """A published checkpoint that does not fit our model; the message counts the keys at fault, names
+    the first few and the file listing them all."""
 
 
 @dataclass(frozen=True)
@@ -208,8 +210,9 @@ def published_to_ours(
         training-only ones only where the published file has a match.
 
     Raises:
-        WeightImportError: naming every published key without a place, every inference key of
-            ours left unfilled, every shape that differs and every wrong position index.
+        WeightImportError: counting (and listing in a file) every published key without a place,
+            every inference key of ours left unfilled, every shape that differs and every wrong
+            position index.
     """
     ours = model.state_dict()
     report = ImportReport()
@@ -258,16 +261,15 @@ def published_to_ours(
         if optional:
             report.kept_training_only.append(our_key)
     missing = sorted(k for k in ours if k not in out and not k.startswith(TRAINING_ONLY_PREFIX))
-    problems = [
-        (f"{len(missing)} inference parameters of our model not filled", missing),
-        (f"{len(extra)} published tensors without a place in our model", sorted(extra)),
-        (f"{len(misshapen)} tensors of another shape or dtype", sorted(misshapen)),
-        (f"{len(bad_index)} relative_position_index buffers unlike ours", sorted(bad_index)),
-        (f"{len(collisions)} published tensors mapped to the same key", sorted(collisions)),
-    ]
-    found = [f"{title}:\n  " + "\n  ".join(keys) for title, keys in problems if keys]
-    if found:
-        raise WeightImportError("published checkpoint does not fit our model:\n" + "\n".join(found))
+    problems = {
+        "inference parameters of our model not filled": missing,
+        "published tensors without a place in our model": sorted(extra),
+        "tensors of another shape or dtype": sorted(misshapen),
+        "relative_position_index buffers unlike ours": sorted(bad_index),
+        "published tensors mapped to the same key": sorted(collisions),
+    }
+    if any(problems.values()):  # summarised: a file of another model names a thousand keys or more
+        raise WeightImportError(describe_misfit("published checkpoint", problems))
     return out, report
 
 

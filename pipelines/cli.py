@@ -1,14 +1,83 @@
 """The `magnet` command line. Each command group lives in pipelines/commands/<group>.py and
-registers itself here; heavy libraries are imported inside the commands, so `--help` is quick."""
+registers itself here; heavy libraries are imported inside the commands, so `--help` is quick.
+
+A mistake in what the user typed or pointed at ends as one line on stderr naming the thing and
+what is wrong, with exit code 2 (`magnet --debug ...` shows the traceback instead): the commands
+check their inputs before Prefect, Ray or a model load starts, and `MagnetGroup` turns the known
+user-error exceptions into that line wherever they surface.
+"""
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import typer
+from typer.core import TyperGroup
 
 from pipelines.commands import data, model, synth, train, tune, weights
 
+USAGE_EXIT_CODE = 2  # click's code for a usage error: the same for every mistake of the user's
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean the input is wrong, not the program: shown as one line, exit 2.
+    Imported here, when a command fails, so that `--help` stays quick."""
+    from magnet.checkpoint import StateDictMismatch
+    from magnet.config import ConfigError
+    from magnet.data import ShardError
+    from magnet.weights import WeightImportError
+    from pipelines.registry import ModelReferenceError
+    from pipelines.tune import SpaceError
+
+    return ConfigError, ShardError, SpaceError, ModelReferenceError, StateDictMismatch, WeightImportError
+
+
+def one_line(message: str) -> str:
+    """A multi-line message (pydantic's, a YAML parser's) joined into one line."""
+    return "; ".join(line.strip() for line in message.strip().splitlines() if line.strip())
+
+
+def quiet_known_noise() -> None:
+    """Silence what libraries print that is known to be harmless here, before any of them loads:
+    Prefect's server sends telemetry (an ERROR line offline), and Ray Train's PlacementGroupCleaner
+    warns once a second that it cannot reach the state API (see pipelines.ray_workers). Set in the
+    environment, so served deployments and Ray's own processes inherit it; real warnings stay."""
+    from pipelines.ray_workers import RUNTIME_ENV_HOOK
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("RAY_RUNTIME_ENV_HOOK", RUNTIME_ENV_HOOK)
+
+
+class MagnetGroup(TyperGroup):
+    """The `magnet` group: one-line help per command in `magnet --help`, and user errors as one line."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for command in self.commands.values():  # the docstring's first paragraph, unwrapped
+            if command.short_help is None and command.help:
+                command.short_help = " ".join(command.help.split("\n\n")[0].split())
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except typer.BadParameter as err:  # a bad or missing option, and the commands' own checks
+            if ctx.params.get("debug"):
+                raise
+            message = err.format_message()
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as err:
+            if ctx.params.get("debug") or not isinstance(err, _user_errors()):
+                raise
+            message = str(err)
+        typer.echo(f"error: {one_line(message)}", err=True)
+        raise typer.Exit(USAGE_EXIT_CODE)
+
+
 app = typer.Typer(
     name="magnet",
+    cls=MagnetGroup,
     help="MagNet Pipeline: prepare RefCOCO-family data, train, tune, evaluate and promote MagNet models.",
     no_args_is_help=True,
     add_completion=False,
@@ -17,8 +86,11 @@ app = typer.Typer(
 
 
 @app.callback()
-def main() -> None:
-    """MagNet Pipeline command line."""
+def main(
+    debug: bool = typer.Option(False, "--debug", help="Tracebacks instead of one-line errors."),
+) -> None:
+    """MagNet Pipeline command line (``debug`` is read by MagnetGroup.invoke)."""
+    quiet_known_noise()
 
 
 for group in (synth, data, model, weights, train, tune):

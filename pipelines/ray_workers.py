@@ -1,4 +1,5 @@
-"""Set-up of this project's Ray worker processes, as a ``runtime_env``: ``QUIET_WORKERS``.
+"""Set-up of this project's Ray worker processes, as a ``runtime_env``: ``QUIET_WORKERS``, which
+the `magnet` command adds to every ``ray.init`` through ``RAY_RUNTIME_ENV_HOOK`` (``RUNTIME_ENV_HOOK``).
 
 Kept free of heavy imports: Ray runs the hook in every worker process it starts, the small
 bookkeeping actors included, so importing torch here would cost each of them a second or more and
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
@@ -34,3 +36,13 @@ def quiet_placement_group_cleaner() -> None:
 
 
 QUIET_WORKERS = {"worker_process_setup_hook": f"{__name__}.quiet_placement_group_cleaner"}
+
+
+def with_quiet_workers(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
+    """Ray's ``RAY_RUNTIME_ENV_HOOK``: the runtime_env of a ``ray.init`` plus ``QUIET_WORKERS``, so a
+    Train run started by any code of this process (the train-magnet flow's driver included) mutes
+    the PlacementGroupCleaner; a setup hook the caller gave wins."""
+    return {**QUIET_WORKERS, **(runtime_env or {})}
+
+
+RUNTIME_ENV_HOOK = f"{__name__}.with_quiet_workers"

@@ -80,9 +80,11 @@ class MagNetPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         self.model, self.cfg = load_model_from_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         """``model_input``: a DataFrame (or dict of columns) with ``image`` and ``text``; returns a
-        DataFrame with ``mask``. Unannotated on purpose: MLflow would take hints for the schema."""
+        DataFrame with ``mask``. Only ``model_input`` is annotated, with one of the types MLflow
+        infers no schema from (the signature is given when logging): unannotated, MLflow warns at
+        every import of this module that `predict` lacks type hints."""
         from magnet.inference import predict
 
         frame = pd.DataFrame(model_input)
@@ -220,6 +222,10 @@ def log_and_register(
 
 
 # ------------------------------------------------------------------------------------ loading
+class ModelReferenceError(ValueError):
+    """A model reference naming a registered model, version, alias or run that is not there."""
+
+
 def resolve_model_uri(ref: str) -> str:
     """What the user typed -> a local checkpoint path or an MLflow model URI.
 
@@ -233,10 +239,53 @@ def resolve_model_uri(ref: str) -> str:
         return str(Path(ref).resolve())
     if _RUN_ID.match(ref):
         return f"runs:/{ref}/{MODEL_ARTIFACT}"
-    raise ValueError(
+    raise ModelReferenceError(
         f"model {ref!r} is neither an MLflow URI (models:/magnet@alias, models:/magnet/<version>, "
         "runs:/<id>/model), a run id, nor an existing checkpoint directory"
     )
+
+
+def check_model_reference(ref: str, tracking_uri: str | None = None) -> None:
+    """Refuse a registry or run reference that names nothing, listing what does exist, before any
+    download or model build: MLflow's own errors say only "not found", after a traceback."""
+    from mlflow.exceptions import MlflowException
+
+    resolved = resolve_model_uri(ref)
+    if not resolved.startswith(("models:/", "runs:/")):
+        return
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise ModelReferenceError(
+            f"model {ref!r}: there is no MLflow store at {uri}; "
+            "pass --tracking-uri or set MLFLOW_TRACKING_URI"
+        )
+    client = client_for(uri)
+    if resolved.startswith("runs:/"):
+        run_id = resolved[len("runs:/") :].split("/", 1)[0]
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise ModelReferenceError(f"model {ref!r}: no run {run_id} in {uri}") from None
+        return
+    name_and_pick = resolved[len("models:/") :]
+    name, alias = name_and_pick.split("@", 1) if "@" in name_and_pick else (name_and_pick, None)
+    name, _, version = name.partition("/")
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in client.search_registered_models())
+        raise ModelReferenceError(
+            f"model {ref!r}: no registered model {name!r} in {uri}; registered: "
+            f"{', '.join(names) or 'none yet (magnet train registers magnet)'}"
+        ) from None
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    aliases = ", ".join(f"@{a} -> {v}" for a, v in sorted(registered.aliases.items())) or "none"
+    existing = f"versions: {', '.join(map(str, versions)) or 'none'}; aliases: {aliases}"
+    if alias is not None and alias not in registered.aliases:
+        hint = "; `champion` exists only after `magnet promote`" if alias == "champion" else ""
+        raise ModelReferenceError(f"model {ref!r}: {name} has no alias {alias!r}; {existing}{hint}")
+    if version.isdigit() and int(version) not in versions:
+        raise ModelReferenceError(f"model {ref!r}: {name} has no version {version}; {existing}")
 
 
 def _checkpoint_dir(local: Path) -> Path:

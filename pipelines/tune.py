@@ -155,7 +155,12 @@ def load_space(path: str | Path, config: Config | None = None) -> SweepSpace:
     source = str(path)
     if not path.is_file():
         raise SpaceError(f"sweep file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}, line {mark.line + 1} column {mark.column + 1}" if mark else source
+        raise SpaceError(f"{where}: not valid YAML: {getattr(err, 'problem', None) or err}") from None
     if not isinstance(data, dict):
         raise SpaceError(f"{source}: expected a mapping at the top level")
     known = {
@@ -203,6 +208,9 @@ def load_space(path: str | Path, config: Config | None = None) -> SweepSpace:
     num_samples = data.get("num_samples", 8)
     if not isinstance(num_samples, int) or num_samples < 1:
         raise SpaceError(f"{source}: num_samples must be a positive integer, got {num_samples!r}")
+    overrides = data.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise SpaceError(f"{source}: overrides must be a list of dotted key=value strings, got {overrides!r}")
     space = SweepSpace(
         params=params,
         source=source,
@@ -212,7 +220,7 @@ def load_space(path: str | Path, config: Config | None = None) -> SweepSpace:
         num_samples=num_samples,
         scheduler=scheduler,
         variants={name: dict(values) for name, values in variants.items()},
-        overrides=tuple(data.get("overrides") or ()),
+        overrides=tuple(overrides),
         report_splits=tuple(report.get("splits") or ()),
         group_by=group_by,
         seed=int(data.get("seed", 0)),
@@ -239,8 +247,26 @@ def _corners(param: Param) -> tuple[Any, ...]:
     return param.values  # bounds for the continuous ones, every option for the others
 
 
+def rankable_metrics(cfg: Config) -> list[str]:
+    """The metrics every evaluated report of a trial carries, the ones a sweep can rank trials on."""
+    from magnet.metrics import PRECISION_THRESHOLDS
+
+    names = ["oIoU", "mIoU", *(f"P@{t:g}" for t in PRECISION_THRESHOLDS)]
+    return [f"{split}/{name}" for split in cfg.data.eval_splits for name in names] + [SCORE_KEY]
+
+
 def check_against(space: SweepSpace, config: Config) -> None:
-    """Apply each param's bounds/options and each variant to ``config``; ConfigError names the entry."""
+    """Apply the overrides, each param's bounds/options and each variant to ``config``, and check the
+    metric is one a trial reports; ConfigError names the entry."""
+    try:
+        config = _with_overrides(config, space.overrides)
+    except ConfigError as err:
+        raise SpaceError(f"{space.source}: {err}") from None
+    known = rankable_metrics(config)
+    if space.metric not in known:
+        raise SpaceError(
+            f"{space.source}: metric {space.metric!r} is not reported; one of {', '.join(known)}"
+        )
     for name in space.variants:
         try:
             apply_params(config, {VARIANT_KEY: name}, space.variants)
@@ -255,9 +281,13 @@ def check_against(space: SweepSpace, config: Config) -> None:
 
 
 def apply_params(
-    config: Config, values: Mapping[str, Any], variants: Mapping[str, Mapping[str, Any]]
+    config: Config,
+    values: Mapping[str, Any],
+    variants: Mapping[str, Mapping[str, Any]],
+    source: str | None = None,
 ) -> Config:
     """``config`` with a trial's values set (dotted keys; ``variant`` expands to its bundle)."""
+    source = source or f"trial values {dict(values)}"
     data = config.model_dump(mode="json")
     flat: dict[str, Any] = {}
     for key, value in values.items():
@@ -265,10 +295,13 @@ def apply_params(
     for key, value in flat.items():
         *parents, leaf = key.split(".")
         node = data
-        for part in parents:
+        for depth, part in enumerate(parents):
+            if not isinstance(node, dict) or part not in node:
+                section = ".".join(parents[: depth + 1])
+                raise ConfigError(f"{source}: {key}: {section} is not a config section")
             node = node[part]
         node[leaf] = value
-    return config_from_dict(data, source=f"trial values {dict(values)}")
+    return config_from_dict(data, source=source)
 
 
 def tune_param_space(space: SweepSpace) -> dict[str, Any]:
@@ -827,7 +860,7 @@ def _with_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
             values[prefix] = node
 
     walk("", parse_overrides(list(overrides)))
-    return apply_params(cfg, values, {})
+    return apply_params(cfg, values, {}, source="overrides")
 
 
 def _wrap_up(

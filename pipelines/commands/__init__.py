@@ -1,10 +1,15 @@
-"""The `magnet` command groups, and the argument checks they share."""
+"""The `magnet` command groups, and the argument checks they share: each refuses a bad input with
+one line (typer.BadParameter) before Prefect, Ray or a model load starts."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def require_prepared(shards: str | Path) -> str:
@@ -19,3 +24,48 @@ def require_prepared(shards: str | Path) -> str:
             f"{shards} holds no summary.json: not a prepared dataset", param_hint="--shards"
         )
     return location
+
+
+def require_device(device: str) -> str:
+    """Refuse a --device torch does not know, or a GPU this machine does not have."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        message = f"{device!r} is not a device; use cpu or cuda"
+        raise typer.BadParameter(message, param_hint="--device") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter(
+            f"{device}: no CUDA GPU is available here (torch {torch.__version__}); use --device cpu",
+            param_hint="--device",
+        )
+    return device
+
+
+def require_image(path: Path) -> Image.Image:
+    """The image at ``path``, fully decoded: a file that is no image, or a truncated one, is refused
+    here rather than after the model has loaded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        picture = Image.open(path)
+        picture.load()
+    except UnidentifiedImageError:
+        raise typer.BadParameter(f"{path} is not an image file PIL can read", param_hint="--image") from None
+    except OSError as err:  # "image file is truncated", a broken PNG chunk, ...
+        raise typer.BadParameter(f"{path} is damaged: {err}", param_hint="--image") from None
+    return picture
+
+
+def require_picture_path(path: Path, param_hint: str) -> Path:
+    """Refuse an output path whose extension names no image format PIL can write (e.g. overlay.txt)."""
+    from PIL import Image
+
+    formats = Image.registered_extensions()
+    if formats.get(path.suffix.lower()) not in Image.SAVE:
+        raise typer.BadParameter(
+            f"{path}: {path.suffix or 'no extension'} is not an image format to write; use .png or .jpg",
+            param_hint=param_hint,
+        )
+    return path

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from pipelines.commands import require_prepared
+from pipelines.commands import require_device, require_image, require_picture_path, require_prepared
 
 stack_app = typer.Typer(help="The local stack: Prefect server, MLflow server and the served deployments.")
 
@@ -38,7 +38,7 @@ def train(
 ) -> None:
     """Train MagNet with Ray Train through the train-magnet flow, tracked in MLflow."""
     from magnet.config import ConfigError, load_config
-    from pipelines.flows.train import train_magnet
+    from magnet.data import open_split
 
     if init_from is not None:
         if not (init_from / "model.pt").is_file():
@@ -47,10 +47,16 @@ def train(
             )
         overrides = [*overrides, f"train.init_from={init_from.resolve()}"]  # absolute: Ray changes cwd
     try:
-        load_config(config, overrides)  # fail here, before Prefect and Ray start
+        cfg = load_config(config, overrides)  # fail here, before Prefect and Ray start
     except ConfigError as err:
         raise typer.BadParameter(str(err), param_hint="--config/--set") from None
     shards = require_prepared(shards)
+    # A corrupt shard named now, not in a Prefect task's traceback; the driver checks again (one
+    # more read of the split) because the flow is also started without this command
+    data = cfg.data
+    open_split(shards, data.train_split, verify=data.verify_checksums, skip_corrupt=data.skip_corrupt_shards)
+    from pipelines.flows.train import train_magnet  # Prefect only once the arguments are good
+
     result = train_magnet(
         config=config,
         shards=shards,
@@ -80,14 +86,19 @@ def evaluate(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Score a model on whole splits (every expression) and write oIoU, mIoU and P@t."""
+    from magnet.data import open_split
     from magnet.evaluate import evaluate as run_evaluation
-    from pipelines.registry import load_model
+    from pipelines.registry import check_model_reference, load_model
 
     if protocol not in (None, "lavt", "original"):
         raise typer.BadParameter(
             f"{protocol!r} is not a protocol; use lavt or original", param_hint="--protocol"
         )
+    require_device(device)
     shards = require_prepared(shards)
+    for split in splits:  # names a split the data lacks; checksums are verified as each is scored
+        open_split(shards, split, verify=False)
+    check_model_reference(model, tracking_uri)
     try:
         net, cfg = load_model(model, tracking_uri=tracking_uri, device=device)
     except (ValueError, FileNotFoundError) as err:
@@ -118,16 +129,37 @@ def predict(
     ),
 ) -> None:
     """Segment the object an expression refers to; write an overlay (and the mask)."""
-    from PIL import Image
+    from magnet.inference import mask_to_png_image, missing_glyphs, predict_one, render_overlay, words_read
+    from pipelines.registry import check_model_reference, load_model
 
-    from magnet.inference import mask_to_png_image, predict_one, render_overlay
-    from pipelines.registry import load_model
-
+    if not text.strip():
+        raise typer.BadParameter("the expression is empty: say which object to segment", param_hint="--text")
+    require_picture_path(out, "--out")
+    if mask_out is not None:
+        require_picture_path(mask_out, "--mask-out")
+    if logits_out is not None and logits_out.suffix != ".npy":
+        raise typer.BadParameter(f"{logits_out}: numpy writes .npy files", param_hint="--logits-out")
+    require_device(device)
+    picture = require_image(image)
+    check_model_reference(model, tracking_uri)
     try:
         net, cfg = load_model(model, tracking_uri=tracking_uri, device=device)
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err), param_hint="--model") from None
-    picture = Image.open(image)
+    cut = words_read(text, cfg.model)
+    if cut is not None:
+        max_tokens = cfg.model.text.max_tokens
+        typer.echo(
+            f"note: the expression has {cut[0]} word pieces; the model reads only its first "
+            f"{max_tokens - 1} (text.max_tokens {max_tokens} with [CLS]): {cut[1]!r}"
+        )
+    unseen = missing_glyphs(text)
+    if unseen:
+        typer.echo(
+            f"note: the caption font has no glyphs for {''.join(unseen[:10])!r}"
+            f"{f' and {len(unseen) - 10} more characters' if len(unseen) > 10 else ''}: "
+            "they show as boxes in the overlay (the model reads the text as typed)"
+        )
     mask = predict_one(net, cfg.model, picture, text, cfg.eval.threshold)
     out.parent.mkdir(parents=True, exist_ok=True)
     render_overlay(picture, mask, text=text).save(out)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from pipelines.commands import require_prepared
+from pipelines.commands import require_device, require_prepared
 
 
 def tune(
@@ -110,6 +110,7 @@ def promote(
         raise typer.BadParameter(
             f"{protocol!r} is not a protocol; use lavt or original", param_hint="--protocol"
         )
+    require_device(device)
     shards = require_prepared(shards)
     from pipelines.flows.tune import promote_magnet
     from pipelines.promote import PromotionError

@@ -174,7 +174,7 @@ def test_cli_refusal_names_the_key(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app, ["import-weights", "--checkpoint", str(path), "--out", str(tmp_path / "o")]
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert MISSING in result.output
 
 

@@ -1,6 +1,7 @@
 """`magnet train` turns its options into one validated flow call (the flow itself is tested in
 test_train_flow.py; here it is replaced to catch what the command hands it)."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,8 @@ def plain(output: str) -> str:
 
 
 @pytest.fixture
-def prepared(tmp_path: Path) -> Path:
-    (tmp_path / "summary.json").write_text("{}")
-    return tmp_path
+def prepared(synthetic_shards) -> Path:
+    return synthetic_shards()
 
 
 @pytest.fixture
@@ -52,3 +52,16 @@ def test_bad_override_is_refused_before_the_flow_starts(prepared, flow_calls):
     result = CliRunner().invoke(app, ["train", "--shards", str(prepared), "--set", "train.lrr=1"])
     assert result.exit_code != 0 and "train.lrr: Extra inputs are not permitted" in plain(result.output)
     assert not flow_calls
+
+
+def test_a_corrupt_training_shard_is_one_line_before_the_flow_starts(synthetic_shards, flow_calls, tmp_path):
+    copy = tmp_path / "refcoco-unc"
+    shutil.copytree(synthetic_shards(), copy)
+    shard = copy / "train" / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = CliRunner().invoke(app, ["train", "--shards", str(copy)])
+    assert result.exit_code == 2 and not flow_calls
+    assert result.output.strip().splitlines() == [result.output.strip()]
+    assert result.output.startswith(f"error: shard {shard} is corrupt: sha256 ")
