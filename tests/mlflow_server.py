@@ -183,6 +183,46 @@ def _wait_for_health(url: str, process: subprocess.Popen, log: Path, timeout_s: 
     raise RuntimeError(f"MLflow did not answer {url}/health in {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
 
 
+def _server_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment for an MLflow server, plus ``extra``, with MLflow's background
+    work and telemetry off."""
+    return {
+        **os.environ,
+        **extra,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        # MLflow's GenAI job runner (online scoring, trace archival) serves nothing MagNet logs,
+        # and its consumer outlives SIGTERM by ~20 s; users keep MLflow's default.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "DO_NOT_TRACK": "true",
+        # The tests' interpreter's mlflow: found on PATH as users' images do.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+@contextlib.contextmanager
+def _serving(
+    argv: list[str], env: Mapping[str, str], port: int, log: Path, timeout_s: float
+) -> Iterator[subprocess.Popen]:
+    """Run ``argv`` (an MLflow server on ``port``) until the block ends; yields the process once
+    /health answers. The server and its uvicorn workers are stopped as a process group."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            argv, env=dict(env), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        _wait_for_health(f"http://{HOST}:{port}", process, log, timeout_s)
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 @contextlib.contextmanager
 def running_mlflow(
     postgres: PostgresServer,
@@ -195,46 +235,36 @@ def running_mlflow(
     as the artifact store; AWS_* (credentials, endpoint) are taken from this process's environment,
     ``extra_env`` adds serve.sh settings (e.g. MLFLOW_AUTH=basic-auth)."""
     port = _free_port()
-    env = {
-        **os.environ,
-        **extra_env,
-        **postgres.env(),
-        "MLFLOW_ARTIFACTS_DESTINATION": artifacts_destination,
-        "MLFLOW_PORT": str(port),
-        "MLFLOW_WORKERS": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        # MLflow's GenAI job runner (online scoring, trace archival) serves nothing MagNet logs,
-        # and its consumer outlives SIGTERM by ~20 s; users keep MLflow's default.
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-        "DO_NOT_TRACK": "true",
-        # The tests' interpreter's mlflow: serve.sh finds it on PATH as users' images do.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    env = _server_env(
+        {
+            **extra_env,
+            **postgres.env(),
+            "MLFLOW_ARTIFACTS_DESTINATION": artifacts_destination,
+            "MLFLOW_PORT": str(port),
+            "MLFLOW_WORKERS": "1",
+        }
+    )
     env.pop("MLFLOW_HOST", None)  # the default bind address is part of what is tested
     log = log_dir / f"mlflow-server-{port}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            ["bash", str(SERVE_SCRIPT)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    url = f"http://{HOST}:{port}"
-    try:
-        _wait_for_health(url, process, log, timeout_s)
+    with _serving(["bash", str(SERVE_SCRIPT)], env, port, log, timeout_s) as process:
         yield MlflowServer(
-            url=url, port=port, pid=process.pid, artifacts_destination=artifacts_destination, log=log
+            url=f"http://{HOST}:{port}",
+            port=port,
+            pid=process.pid,
+            artifacts_destination=artifacts_destination,
+            log=log,
         )
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)  # the server and its uvicorn workers
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+
+
+@contextlib.contextmanager
+def running_mlflow_ui(backend_store_uri: str, log_dir: Path, timeout_s: float = 120.0) -> Iterator[str]:
+    """``mlflow server`` on a local store (the demo's SQLite file), as `magnet demo` tells users to
+    look at it; yields the URL on 127.0.0.1."""
+    port = _free_port()
+    argv = ["mlflow", "server", "--backend-store-uri", backend_store_uri, "--host", HOST, "--port", str(port)]
+    log = log_dir / f"mlflow-ui-{port}.log"
+    with _serving([*argv, "--workers", "1"], _server_env({}), port, log, timeout_s):
+        yield f"http://{HOST}:{port}"
 
 
 @pytest.fixture(scope="session")
