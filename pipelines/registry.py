@@ -12,7 +12,6 @@ it too (`code_paths`), and its requirements are index packages only, so `mlflow 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import io
 import os
 import re
@@ -124,7 +123,8 @@ def serving_requirements() -> list[str]:
 
 def _project_code() -> list[str]:
     """The directories of the project's packages, for ``code_paths`` (MLflow skips __pycache__)."""
-    return [str(Path(importlib.import_module(name).__file__).parent) for name in PROJECT_PACKAGES]
+    root = Path(__file__).resolve().parent.parent  # where this package and its siblings live
+    return [str(root / name) for name in PROJECT_PACKAGES]
 
 
 @contextmanager
@@ -253,12 +253,10 @@ def check_model_reference(ref: str, tracking_uri: str | None = None) -> None:
     resolved = resolve_model_uri(ref)
     if not resolved.startswith(("models:/", "runs:/")):
         return
-    uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
-        raise ModelReferenceError(
-            f"model {ref!r}: there is no MLflow store at {uri}; "
-            "pass --tracking-uri or set MLFLOW_TRACKING_URI"
-        )
+    try:
+        uri = resolve_tracking_uri(tracking_uri, existing=True)
+    except FileNotFoundError as err:
+        raise ModelReferenceError(f"model {ref!r}: {err}") from None
     client = client_for(uri)
     if resolved.startswith("runs:/"):
         run_id = resolved[len("runs:/") :].split("/", 1)[0]

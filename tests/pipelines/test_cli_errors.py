@@ -154,7 +154,7 @@ def test_a_registry_reference_without_a_store_creates_none(image, tmp_path, no_m
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     args = ["--model", "models:/magnet@champion", "--image", str(image), "--text", "x"]
-    assert "there is no MLflow store at sqlite:///" in refused(["predict", *args])
+    assert "no MLflow tracking store at sqlite:///" in refused(["predict", *args])
     assert not (tmp_path / "mlflow.db").exists()
 
 
