@@ -134,4 +134,4 @@ def test_partial_prepare_bad_eval_shard_and_registry_read_from_the_wrong_folder(
     # a store that exists but lacks the model: the message names the store searched
     missing = magnet("evaluate", "--model", "models:/magnet@champion", "--shards", str(shards), cwd=tmp_path)
     assert missing.returncode == 2, missing.stderr[-3000:]
-    assert f"not in the MLflow tracking store {uri}" in one_line(missing.stderr)
+    assert f"no registered model 'magnet' in {uri}" in one_line(missing.stderr)

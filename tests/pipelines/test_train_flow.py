@@ -85,8 +85,9 @@ def test_mlflow_run_has_params_tags_curves_and_pictures(flow_run):
     assert run.data.tags["dataset.mask_mode"] == run.data.tags["eval.mask_mode"] == "union"
     assert run.data.tags["eval.protocol"] == "lavt" and run.data.tags["eval.breakdown"] == "kind"
     assert any(key.startswith("testB/kind/") for key in run.data.metrics)
-    assert [a.path for a in client.list_artifacts(result["run_id"], "evaluation")] == [
-        "evaluation/step00000003.json"
+    assert sorted(a.path for a in client.list_artifacts(result["run_id"], "evaluation")) == [
+        "evaluation/expressions_step00000003.json",  # one row per expression
+        "evaluation/step00000003.json",  # split x group
     ]
     pictures = {a.path for a in client.list_artifacts(result["run_id"], "predictions")}
     assert {f"predictions/final_{s}_step00000003.png" for s in ("val", "testA", "testB")} <= pictures
