@@ -9,6 +9,7 @@ active run), like `pipelines.tracking`, so it is safe in Ray workers and beside 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -112,6 +113,8 @@ def system_metrics(
     """
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    # Its start/stop and "skip GPU metrics" lines are INFO on every training run: progress noise.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     monitor = SystemMetricsMonitor(
         tracking["run_id"],
         sampling_interval=interval_s,
