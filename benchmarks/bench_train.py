@@ -67,6 +67,8 @@ def cpu_rows(shards: str, workdir: Path, steps: int) -> list[tuple[str, float]]:
 
 
 def gpu_rows(steps: int) -> list[tuple[str, float]]:
+    from bench_step import random_batches  # benchmarks/ is the script's own directory
+
     from magnet.config import load_config
     from magnet.models import build_model
     from magnet.train import build_optimizer, build_scheduler, train_step
@@ -87,13 +89,7 @@ def gpu_rows(steps: int) -> list[tuple[str, float]]:
         optimizer = build_optimizer(model, cfg.train)
         scheduler = build_scheduler(optimizer, cfg.train, total_steps=10 * steps)
         trained = torch.compile(model) if compiled else model
-        s, b, length = cfg.model.image_size, cfg.data.batch_size, cfg.model.text.max_tokens
-        batch = {
-            "image": torch.randn(b, 3, s, s),
-            "mask": (torch.rand(b, s, s) > 0.5).float(),
-            "input_ids": torch.randint(1000, 2000, (b, length)),
-            "attention_mask": torch.ones(b, length, dtype=torch.int64),
-        }
+        batch = next(random_batches(cfg))
         for _ in range(3):  # warm-up (and compilation)
             train_step(trained, [batch], optimizer, scheduler, cfg.train, device)
         torch.cuda.synchronize()
@@ -101,7 +97,7 @@ def gpu_rows(steps: int) -> list[tuple[str, float]]:
         for _ in range(steps):
             train_step(trained, [batch], optimizer, scheduler, cfg.train, device)
         torch.cuda.synchronize()
-        rows.append((f"paper, GPU, {label}", steps * b / (time.perf_counter() - start)))
+        rows.append((f"paper, GPU, {label}", steps * cfg.data.batch_size / (time.perf_counter() - start)))
     return rows
 
 
