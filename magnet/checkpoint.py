@@ -248,6 +248,14 @@ def fetch_checkpoint(location: str | Path, into: str | Path) -> Path:
     return target
 
 
+def local_checkpoint(location: str | None) -> Path:
+    """A checkpoint directory on this machine: local paths as they are, URLs copied down to a new
+    temporary directory (kept: the caller evaluates and registers from it)."""
+    if location is None:
+        raise RuntimeError("training finished without a checkpoint: nothing to evaluate or register")
+    return fetch_checkpoint(location, tempfile.mkdtemp(prefix="magnet-checkpoint-"))
+
+
 def load_model_from_checkpoint(
     directory: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, Config]:

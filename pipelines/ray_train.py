@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint_step"
+DEFAULT_STORAGE = "ray-results"
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,13 @@ def _absolute(location: str | Path) -> str:
     """URLs unchanged; local paths absolute (Ray workers run in another directory)."""
     text = str(location)
     return text if "://" in text else str(Path(text).expanduser().resolve())
+
+
+def absolute_storage(storage_path: str | None) -> str:
+    """Object-storage URLs pass through; local paths become absolute (default ./ray-results)."""
+    if storage_path and "://" in storage_path:
+        return storage_path
+    return str(Path(storage_path or DEFAULT_STORAGE).resolve())
 
 
 def new_run_name(cfg: Config) -> str:

@@ -615,8 +615,9 @@ def _register_best(
 ) -> tuple[str | None, str | None]:
     """Register the best-ranked finished trial's best checkpoint as a version of `magnet` (the one
     registered before when a resumed sweep ends on the same trial)."""
+    from magnet.checkpoint import local_checkpoint
+    from magnet.data import first_example
     from pipelines import tracking
-    from pipelines.flows.train import first_example, local_checkpoint
     from pipelines.registry import log_and_register
 
     for row in rows:
@@ -637,10 +638,9 @@ def _score_trials(
     """Evaluate every finished trial's best checkpoint on whole splits; metrics go to its run."""
     import torch
 
-    from magnet.checkpoint import load_model_from_checkpoint
+    from magnet.checkpoint import load_model_from_checkpoint, local_checkpoint
     from magnet.evaluate import evaluate
     from pipelines import tracking
-    from pipelines.flows.train import local_checkpoint
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for row in rows:
@@ -762,7 +762,8 @@ def run_sweep(
     import ray
     from ray import tune
 
-    from pipelines.flows.train import absolute_storage, shard_location
+    from magnet.data import shard_location
+    from pipelines.ray_train import absolute_storage
     from pipelines.ray_workers import QUIET_WORKERS
 
     search = search or space.search
@@ -876,8 +877,8 @@ def _wrap_up(
     """Close the trials' runs, rank them, register the best, and write the tables to the parent."""
     from mlflow.entities import Metric
 
+    from magnet.data import held_out_splits
     from pipelines import tracking
-    from pipelines.flows.train import held_out_splits
 
     rows = _finish_trials(results, parent, space)
     columns = trial_columns(space)

@@ -218,9 +218,9 @@ def register_checkpoint(
     """Register a checkpoint that no training run produced (e.g. imported published weights) as a
     new version of `magnet`, in a run of its own carrying its config and the dataset's tags."""
     from magnet.checkpoint import load_config_from_checkpoint
+    from magnet.data import first_example
     from pipelines import mlflow_record, registry
     from pipelines import tracking as mlflow_tracking
-    from pipelines.flows.train import first_example
 
     shards = require_prepared(shards)
     try:

@@ -16,7 +16,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pipelines.flows.train import absolute_storage, shard_location
+from data_prep.synthetic_shards import ensure_synthetic_shards
+from magnet.data import shard_location
+from pipelines.ray_train import absolute_storage
 
 
 def _key(text: str) -> str:
@@ -77,8 +79,6 @@ def tune_magnet(
         register_best: register the best trial's model as a version of `magnet`.
     """
     if shards is None:
-        from pipelines.demo import ensure_synthetic_shards
-
         shard_root = str(ensure_synthetic_shards(Path("demo-run").resolve()))
     else:
         shard_root = shard_location(shards)
