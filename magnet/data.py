@@ -37,7 +37,6 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -530,11 +529,6 @@ def build_eval_loader(
 
 
 # ----------------------------------------------------------------------- the prepared dataset
-def shard_location(shards: str) -> str:
-    """Object-storage URLs pass through; local paths become absolute."""
-    return shards if "://" in shards else str(Path(shards).resolve())
-
-
 def held_out_splits(shards: str, train_split: str) -> list[str]:
     """Every split of the prepared data except the training split, in summary.json's order."""
     with fsspec.open(f"{shards}/summary.json", "rb") as handle:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from data_prep.paths import absolute_location
 from pipelines.registry import MODEL_NAME
 from pipelines.tracking import client_for, dataset_tags, resolve_tracking_uri
 
@@ -354,7 +355,7 @@ def promote(
     key = resolve_metric(metric)
     metric_split, score_name = key.split("/", 1)
     split = split or metric_split
-    shards = str(shards) if "://" in str(shards) else str(Path(shards).resolve())
+    shards = absolute_location(shards)
     dataset_sha = dataset_tags(shards)[DATASET_TAG]
     run, version = select_challenger(
         client, experiment, key, sweep_run_id=sweep_run_id, model_name=model_name

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from data_prep.paths import absolute_location, is_url
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
@@ -64,7 +66,7 @@ def resolve_tracking_uri(
         resolved = f"sqlite:///{Path(given[len('sqlite:///') :]).resolve()}"
     elif given.startswith("file:"):
         resolved = Path(urlparse(given).path).resolve().as_uri()
-    elif "://" not in given:
+    elif not is_url(given):
         resolved = Path(given).resolve().as_uri()
     else:
         resolved = given
@@ -124,7 +126,7 @@ def dataset_tags(shards: str | Path) -> dict[str, str]:
     mask convention (union, or refer as LAVT / MagNet) the figures are scored against."""
     import fsspec
 
-    root = str(shards) if "://" in str(shards) else str(Path(shards).resolve())
+    root = absolute_location(shards)
     summary_url = f"{root.rstrip('/')}/summary.json"
     try:
         with fsspec.open(summary_url, "rb") as handle:

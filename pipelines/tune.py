@@ -762,7 +762,7 @@ def run_sweep(
     import ray
     from ray import tune
 
-    from magnet.data import shard_location
+    from data_prep.paths import absolute_location as shard_location
     from pipelines.ray_train import absolute_storage
     from pipelines.ray_workers import QUIET_WORKERS
 

@@ -17,10 +17,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from data_prep.paths import absolute_location
 from data_prep.synthetic_shards import ensure_synthetic_shards
 from magnet.checkpoint import local_checkpoint
 from magnet.config import Config, load_config
-from magnet.data import first_example, held_out_splits, shard_location
+from magnet.data import first_example, held_out_splits
 from pipelines import mlflow_record
 from pipelines import tracking as mlflow_tracking
 from pipelines.ray_train import absolute_storage, new_run_name, run_training
@@ -231,7 +232,7 @@ def train_magnet(
     if shards is None:
         shard_root = str(ensure_synthetic_shards(Path("demo-run").resolve()))
     else:
-        shard_root = shard_location(shards)
+        shard_root = absolute_location(shards)
     splits = eval_splits or held_out_splits(shard_root, cfg.data.train_split)
     tracking = open_run(cfg, shard_root, tracking_uri, experiment, run_name, resume)
     mlflow_record.link_flow_run(tracking, key=_artifact_key("mlflow-run", run_name))

@@ -16,8 +16,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from data_prep.paths import absolute_location
 from data_prep.synthetic_shards import ensure_synthetic_shards
-from magnet.data import shard_location
 from pipelines.ray_train import absolute_storage
 
 
@@ -81,7 +81,7 @@ def tune_magnet(
     if shards is None:
         shard_root = str(ensure_synthetic_shards(Path("demo-run").resolve()))
     else:
-        shard_root = shard_location(shards)
+        shard_root = absolute_location(shards)
     result = sweep(
         config,
         str(Path(space).resolve()),
@@ -166,7 +166,7 @@ def promote_magnet(
     """
     result = promote_task(
         {
-            "shards": shard_location(shards),
+            "shards": absolute_location(shards),
             "experiment": experiment,
             "metric": metric,
             "sweep_run_id": sweep,
