@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data_prep.paths import absolute_location
+from pipelines.evaluation import evaluate_model
 from pipelines.registry import MODEL_NAME
 from pipelines.tracking import client_for, dataset_tags, resolve_tracking_uri
 
@@ -175,22 +176,22 @@ def score_version(
     device: str = "cpu",
 ) -> Score:
     """The version's score on the shards: from its cached tags when they were made on this very
-    data, else by evaluating it (magnet.evaluate on the model loaded through the registry)."""
+    data, else by evaluating it (pipelines.evaluation.evaluate_model)."""
     tags = version.tags or {}
     cached_sha = tags.get(_score_tag(split, protocol, "dataset_sha256"))
     cached = tags.get(_score_tag(split, protocol, score_name))
     if cached is not None and cached_sha == dataset_sha256:
         value = float(cached)
     else:
-        from magnet.evaluate import evaluate
-        from pipelines.registry import load_model
-
-        model, cfg = load_model(
-            f"models:/{version.name}/{version.version}", tracking_uri=tracking_uri, device=device
-        )
-        cfg.eval.protocol = protocol
-        cfg.eval.max_samples = None  # the whole split: a run's quick-check cap must not shrink its test
-        metrics = evaluate(model, shards, cfg, splits=[split], device=device).metrics
+        metrics = evaluate_model(
+            f"models:/{version.name}/{version.version}",
+            shards,
+            [split],
+            tracking_uri=tracking_uri,
+            device=device,
+            protocol=protocol,
+            whole_splits=True,  # a run's quick-check cap must not shrink its test
+        ).metrics
         key = f"{split}/{score_name}"
         if key not in metrics:
             raise PromotionError(

@@ -3,7 +3,7 @@ every held-out split, register it, and leave a markdown report of the metrics. E
 flow reads, the final evaluation's included, is checked before Ray starts (run_training).
 
 The flow only puts tasks in order; the work lives in pipelines.ray_train (the Ray Train driver),
-magnet.evaluate, pipelines.tracking and pipelines.registry. Every path handed on is absolute,
+pipelines.evaluation, pipelines.tracking and pipelines.registry. Every path handed on is absolute,
 because Ray runs workers in another directory.
 """
 
@@ -24,9 +24,8 @@ from magnet.config import Config, load_config
 from magnet.data import first_example, held_out_splits
 from pipelines import mlflow_record
 from pipelines import tracking as mlflow_tracking
+from pipelines.evaluation import evaluate_model
 from pipelines.ray_train import absolute_storage, new_run_name, run_training
-
-PICTURE_EXAMPLES = 4
 
 
 # ----------------------------------------------------------------------------------- tasks
@@ -80,41 +79,12 @@ def evaluate_final(
     step: int,
     pictures_dir: Path | None,
 ) -> dict[str, Any]:
-    """Whole-split metrics of the final checkpoint, a picture of predictions per split, and for the
-    MLflow run: the splits as evaluation inputs, the per-expression table and the worst cases.
+    """Whole-split metrics of the final checkpoint, logged to the run (pipelines.evaluation).
 
     Every split is scored here, the one training already evaluated too: the per-expression table
     needs each sample's IoU, which training's sharded evaluation does not keep.
     """
-    import torch
-
-    from magnet.checkpoint import load_model_from_checkpoint
-    from magnet.evaluate import evaluate, prediction_figure
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg = load_model_from_checkpoint(checkpoint, device=device)
-    logger = mlflow_tracking.MlflowRunLogger(**tracking)
-    mlflow_tracking.log_dataset_inputs(tracking, shards, splits, "evaluation")
-    result = evaluate(
-        model,
-        shards,
-        cfg,
-        splits=splits,
-        device=device,
-        keep_examples=PICTURE_EXAMPLES,
-        keep_rows=True,
-        keep_worst=mlflow_record.WORST_EXAMPLES,
-    )
-    logger.log_evaluation(result, step=step)
-    mlflow_record.log_evaluation(tracking, result, shards, step)
-    for split in splits:
-        if not result.splits[split].examples:
-            continue
-        figure = prediction_figure(result.splits[split].examples, title=f"{split}: final model")
-        logger.log_predictions(figure, f"final_{split}_step{step:08d}.png", step=step)
-        if pictures_dir is not None:
-            pictures_dir.mkdir(parents=True, exist_ok=True)
-            (pictures_dir / f"predictions-{split}.png").write_bytes(figure)
+    result = evaluate_model(checkpoint, shards, splits, log_to=tracking, step=step, pictures_dir=pictures_dir)
     return {"protocol": result.describe(), "metrics": result.metrics}
 
 
