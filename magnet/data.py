@@ -86,10 +86,6 @@ class SplitShards:
     def num_samples(self) -> int:
         return sum(s.samples for s in self.shards)
 
-    @property
-    def num_refs(self) -> int:
-        return sum(s.refs for s in self.shards)
-
     def units(self, one_expression_per_object: bool) -> list[int]:
         """Units per shard: referred objects when one expression is drawn per object, else samples."""
         return [s.refs if one_expression_per_object else s.samples for s in self.shards]

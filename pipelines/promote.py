@@ -24,7 +24,6 @@ for concurrent promoters.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import socket
@@ -33,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from data_prep.paths import absolute_location
 from pipelines.evaluation import evaluate_model
@@ -237,24 +236,6 @@ def _current_champion(client: MlflowClient, model_name: str) -> ModelVersion | N
         return None
 
 
-def registry_state(client: MlflowClient, model_name: str = MODEL_NAME) -> dict[str, Any]:
-    """Aliases, and every version's tags, description and last update: what a promotion may write."""
-    model = client.get_registered_model(model_name)
-    versions = client.search_model_versions(f"name = '{model_name}'")
-    return {
-        "aliases": {alias: str(v) for alias, v in (model.aliases or {}).items()},
-        "versions": {
-            str(v.version): {
-                "tags": dict(v.tags or {}),
-                "description": v.description,
-                "aliases": sorted(v.aliases or []),
-                "updated": v.last_updated_timestamp,
-            }
-            for v in versions
-        },
-    }
-
-
 @contextmanager
 def registry_lock(
     client: MlflowClient, model_name: str, *, wait_s: float = LOCK_WAIT_S, stale_s: float = LOCK_STALE_S
@@ -423,10 +404,3 @@ def promote(
         changed=changed,
         summary=summary,
     )
-
-
-def promotion_json(result: Promotion) -> str:
-    """The promotion as JSON, for the command line and the flow's artifact."""
-    from dataclasses import asdict
-
-    return json.dumps(asdict(result), indent=2)

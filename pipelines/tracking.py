@@ -16,7 +16,7 @@ import re
 import subprocess
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -350,7 +350,3 @@ class MlflowRunLogger:
                 name: [row.get(name) for row in rows] for name in ("split", "group", "oIoU", "mIoU", "n")
             }
             self._client.log_table(self.run_id, data=columns, artifact_file=f"evaluation/step{step:08d}.json")
-
-    def log_artifacts(self, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
-        for path in paths:
-            self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
