@@ -336,7 +336,7 @@ def _run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     import ray.tune
 
     from pipelines import tracking
-    from pipelines.ray_train import run_training
+    from pipelines.train_driver import run_training
 
     trial_id = ray.tune.get_context().get_trial_id()
     base = config_from_dict(sweep["config"], source="sweep config")
@@ -763,8 +763,8 @@ def run_sweep(
     from ray import tune
 
     from data_prep.paths import absolute_location as shard_location
-    from pipelines.ray_train import absolute_storage
     from pipelines.ray_workers import QUIET_WORKERS
+    from pipelines.train_driver import absolute_storage
 
     search = search or space.search
     check_search(space, search)

@@ -2,7 +2,7 @@
 every held-out split, register it, and leave a markdown report of the metrics. Every split the
 flow reads, the final evaluation's included, is checked before Ray starts (run_training).
 
-The flow only puts tasks in order; the work lives in pipelines.ray_train (the Ray Train driver),
+The flow only puts tasks in order; the work lives in pipelines.train_driver (the Ray Train driver),
 pipelines.evaluation, pipelines.tracking and pipelines.registry. Every path handed on is absolute,
 because Ray runs workers in another directory.
 """
@@ -25,7 +25,7 @@ from magnet.data import first_example, held_out_splits
 from pipelines import mlflow_record
 from pipelines import tracking as mlflow_tracking
 from pipelines.evaluation import evaluate_model
-from pipelines.ray_train import absolute_storage, new_run_name, run_training
+from pipelines.train_driver import absolute_storage, new_run_name, run_training
 
 
 # ----------------------------------------------------------------------------------- tasks

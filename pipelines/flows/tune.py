@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from data_prep.paths import absolute_location
 from data_prep.synthetic_shards import ensure_synthetic_shards
-from pipelines.ray_train import absolute_storage
+from pipelines.train_driver import absolute_storage
 
 
 def _key(text: str) -> str:
