@@ -33,7 +33,7 @@ def cpu_rows(shards: str, workdir: Path, steps: int) -> list[tuple[str, float]]:
     import ray
 
     from magnet.config import load_config
-    from pipelines.ray_train import run_training
+    from pipelines.train_driver import run_training
 
     cfg = load_config(
         "tiny",

@@ -53,6 +53,7 @@ from PIL import Image, UnidentifiedImageError
 
 from data_prep.folder import MaskFile, MaskFileError, is_folder_dataset, load_folder, read_mask
 from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, rasterize
+from data_prep.paths import is_url
 from data_prep.refer import Annotation, ImageInfo, Ref, Sentence, load_refer
 from data_prep.synth import load_kinds
 from data_prep.tokenize import DEFAULT_TOKENIZER, encode_expressions, load_tokenizer, vocabulary_hash
@@ -221,11 +222,6 @@ class PrepareResult:
     shards: list[dict[str, object]]
     chunks_skipped: int = 0
     summary: dict[str, object] = field(default_factory=dict)
-
-
-def is_url(location: str | PurePath) -> bool:
-    """Whether a location is an fsspec URL (s3://...) rather than a local path."""
-    return "://" in str(location)
 
 
 def dataset_dir(out: str | Path, dataset: str, split_by: str) -> Path | str:

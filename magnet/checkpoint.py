@@ -28,6 +28,7 @@ import torch
 import yaml
 from torch import nn
 
+from data_prep.paths import is_url
 from magnet.config import Config, config_from_dict
 
 MODEL_FILE = "model.pt"
@@ -235,7 +236,7 @@ def load_initial_weights(model: nn.Module, directory: str | Path) -> list[str]:
 def fetch_checkpoint(location: str | Path, into: str | Path) -> Path:
     """A checkpoint directory on this machine: a local path as it is, a URL (s3://...; credentials
     and endpoint from the environment) copied to ``<into>/<its name>``."""
-    if "://" not in str(location):
+    if not is_url(location):
         return Path(location)
     import fsspec
 
@@ -248,6 +249,14 @@ def fetch_checkpoint(location: str | Path, into: str | Path) -> Path:
     return target
 
 
+def local_checkpoint(location: str | None) -> Path:
+    """A checkpoint directory on this machine: local paths as they are, URLs copied down to a new
+    temporary directory (kept: the caller evaluates and registers from it)."""
+    if location is None:
+        raise RuntimeError("training finished without a checkpoint: nothing to evaluate or register")
+    return fetch_checkpoint(location, tempfile.mkdtemp(prefix="magnet-checkpoint-"))
+
+
 def load_model_from_checkpoint(
     directory: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, Config]:
@@ -257,7 +266,7 @@ def load_model_from_checkpoint(
     holds every weight, so nothing is read from the network or the hub. ``directory`` may be a
     URL on object storage.
     """
-    if "://" in str(directory):
+    if is_url(directory):
         with tempfile.TemporaryDirectory(prefix="magnet-checkpoint-") as tmp:
             return load_model_from_checkpoint(fetch_checkpoint(directory, tmp), device)
     from magnet.models import build_model

@@ -32,6 +32,7 @@ import io
 import json
 import math
 import random
+import tarfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -84,10 +85,6 @@ class SplitShards:
     @property
     def num_samples(self) -> int:
         return sum(s.samples for s in self.shards)
-
-    @property
-    def num_refs(self) -> int:
-        return sum(s.refs for s in self.shards)
 
     def units(self, one_expression_per_object: bool) -> list[int]:
         """Units per shard: referred objects when one expression is drawn per object, else samples."""
@@ -525,3 +522,24 @@ def build_eval_loader(
         keep_orig_mask=eval_cfg.protocol == "original",
     )
     return _loader(stream, cfg.loader_workers)
+
+
+# ----------------------------------------------------------------------- the prepared dataset
+def held_out_splits(shards: str, train_split: str) -> list[str]:
+    """Every split of the prepared data except the training split, in summary.json's order."""
+    with fsspec.open(f"{shards}/summary.json", "rb") as handle:
+        summary = json.load(handle)
+    return [split for split in summary.get("counts", {}) if split != train_split]
+
+
+def first_example(shards: str, split: str) -> tuple[bytes, str]:
+    """(image bytes, expression) of a split's first sample: the registered model's input example."""
+    with (
+        fsspec.open(f"{shards}/{split}/shard-000000.tar", "rb") as handle,
+        tarfile.open(fileobj=handle) as tar,
+    ):
+        members = {m.name: m for m in tar.getmembers()}
+        key = min(name.split(".", 1)[0] for name in members)
+        meta = json.loads(tar.extractfile(members[f"{key}.json"]).read())
+        image_name = next(f"{key}.{ext}" for ext in ("jpg", "jpeg", "png") if f"{key}.{ext}" in members)
+        return tar.extractfile(members[image_name]).read(), meta["raw"]

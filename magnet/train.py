@@ -9,7 +9,7 @@ Distribution comes from outside: when torch.distributed is initialised (Ray Trai
 does it) the model is wrapped in DDP and every rank reads its share of the shards. Reporting goes
 through two small protocols so the loop knows nothing of Ray or MLflow:
 
-- ``Reporter``: where checkpoints go and come back from (Ray Train in pipelines/ray_train.py,
+- ``Reporter``: where checkpoints go and come back from (Ray Train in pipelines/train_driver.py,
   a local directory in ``LocalReporter``). Every rank calls ``report`` the same number of times,
   at steps fixed by the config, because Ray Train's report is a barrier.
 - ``RunLogger``: curves and pictures, called on rank 0 only (MLflow in pipelines/tracking.py).

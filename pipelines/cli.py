@@ -15,7 +15,19 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from pipelines.commands import data, model, synth, train, tune, weights
+from pipelines.commands import (
+    data,
+    demo,
+    evaluate,
+    model,
+    predict,
+    register,
+    stack,
+    synth,
+    train,
+    tune,
+    weights,
+)
 
 USAGE_EXIT_CODE = 2  # click's code for a usage error: the same for every mistake of the user's
 
@@ -93,7 +105,7 @@ def main(
     quiet_known_noise()
 
 
-for group in (synth, data, model, weights, train, tune):
+for group in (synth, data, model, weights, train, evaluate, predict, register, demo, stack, tune):
     group.register(app)
 
 

@@ -12,7 +12,7 @@ After the training, the model is promoted to `champion` (its score recorded on t
 a short sweep of the loss weights runs (`SWEEP_TRIALS` tiny trials: an MLflow parent run with a
 child run per trial), so the MLflow UI shows every piece of the pipeline. Data and shards are
 reused when present, so a second run only trains again. Training settings are the `demo` preset
-(configs/demo.yaml); the data size is set here.
+(configs/demo.yaml); the data size is data_prep.synthetic_shards'.
 """
 
 from __future__ import annotations
@@ -24,11 +24,7 @@ from pathlib import Path
 from typing import Any
 
 DEMO_CONFIG = "demo"
-DEMO_IMAGES = 800
-DEMO_IMAGE_SIZE = 64
-DEMO_SEED = 0
 DEMO_WORKERS = 2
-DATASET, SPLIT_BY = "refcoco", "unc"
 EXPERIMENT = "magnet-demo"
 SWEEP_EXPERIMENT = "magnet-demo-sweeps"
 SWEEP_TRIALS = 2
@@ -39,36 +35,6 @@ TIDY_ENV = {  # a readable console: no per-worker weight-loading bars and report
     "TQDM_DISABLE": "1",
     "HF_HUB_OFFLINE": "1",
 }
-
-
-def ensure_synthetic_shards(
-    workdir: Path, images: int = DEMO_IMAGES, image_size: int = DEMO_IMAGE_SIZE, seed: int = DEMO_SEED
-) -> Path:
-    """Synthetic refer-format data and its shards under ``workdir``; made only when missing.
-
-    Returns the prepared dataset root ``<workdir>/shards/refcoco-unc``.
-    """
-    from data_prep.shards import dataset_dir
-
-    workdir = workdir.resolve()
-    data = workdir / "data"
-    report = data / "synth_report.json"
-    wanted = {"num_images": images, "image_size": image_size, "seed": seed}
-    if not report.is_file() or any(json.loads(report.read_text()).get(k) != v for k, v in wanted.items()):
-        from data_prep.synth import synthesize
-
-        print(f"[demo] generating {images} synthetic images of {image_size} px under {data}")
-        synthesize(data, num_images=images, image_size=image_size, seed=seed)
-    shards = dataset_dir(workdir / "shards", DATASET, SPLIT_BY)
-    if (
-        not (shards / "summary.json").is_file()
-        or (shards / "summary.json").stat().st_mtime < report.stat().st_mtime
-    ):
-        from data_prep.shards import prepare_dataset
-
-        print(f"[demo] preparing shards under {shards}")
-        prepare_dataset(data, DATASET, SPLIT_BY, workdir / "shards", workers=min(2, os.cpu_count() or 1))
-    return shards
 
 
 def _baselines(data: Path) -> dict[str, dict[str, Any]]:
@@ -195,6 +161,10 @@ def run_demo(workdir: Path, num_workers: int = DEMO_WORKERS, config: str = DEMO_
             "PREFECT_HOME", str(workdir / "prefect")
         )  # Prefect's temporary API keeps its DB here
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
+
+    from data_prep.synthetic_shards import (
+        ensure_synthetic_shards,
+    )  # after the environment: it loads transformers
 
     shards = ensure_synthetic_shards(workdir)
     data_seconds = time.perf_counter() - start

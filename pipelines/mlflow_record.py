@@ -1,6 +1,6 @@
-"""What a run shows in MLflow beyond curves: the data it saw as dataset inputs, system metrics while
-it trains, the evaluation as a per-expression table with a picture of the worst cases, the model
-card on each registered version, and the link Prefect shows to the run.
+"""What a run shows in MLflow beyond curves and dataset inputs (`pipelines.tracking`): system
+metrics while it trains, the evaluation as a per-expression table with a picture of the worst
+cases, the model card on each registered version, and the link Prefect shows to the run.
 
 Everything here writes through `MlflowClient` with an explicit run id (never the fluent API's
 active run), like `pipelines.tracking`, so it is safe in Ray workers and beside other runs.
@@ -11,19 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.tracking import client_for
+from pipelines.tracking import MlflowRunLogger, client_for, read_summary
 
 if TYPE_CHECKING:
     from magnet.evaluate import Evaluation
 
-CONTEXT_TAG = "mlflow.data.context"  # MLflow's tag for what an input was used for
-DIGEST_LENGTH = 36  # MLflow's limit on a dataset digest: the summary's sha256, cut to fit
 WORST_EXAMPLES = 4
 SYSTEM_METRICS_INTERVAL_S = 10.0
 TABLE_COLUMNS = ("split", "sent_id", "image_id", "raw", "kind", "iou", "area")
@@ -45,57 +42,6 @@ BENCHMARK_REFS: dict[tuple[str, str], dict[str, int]] = {
     ("refcocog", "google"): {"val": 5000},
 }
 REAL_SHARE = 0.99
-
-
-def _read(url: str) -> bytes:
-    import fsspec
-
-    with fsspec.open(url, "rb") as handle:
-        return handle.read()
-
-
-def _summary(shards: str) -> tuple[dict[str, Any], str]:
-    """summary.json of the shards and its sha256 (the ``dataset.summary_sha256`` tag)."""
-    import hashlib
-
-    raw = _read(f"{shards.rstrip('/')}/summary.json")
-    return json.loads(raw), hashlib.sha256(raw).hexdigest()
-
-
-# ------------------------------------------------------------------------------ dataset inputs
-def log_dataset_inputs(tracking: Mapping[str, str], shards: str, splits: Sequence[str], context: str) -> None:
-    """Record each split of the shards as an MLflow dataset input of the run.
-
-    One dataset per split (``<dataset>-<splitBy>/<split>``, source = the split's shard folder,
-    digest = summary.json's sha256 cut to MLflow's 36 characters, profile = the whole hash, the
-    split's counts and the mask convention), because MLflow keeps one input per
-    dataset and run: the training split carries context 'training', held-out splits 'evaluation'.
-    Logging a split again (a resumed run) adds nothing.
-    """
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    summary, sha256 = _summary(shards)
-    name = f"{summary.get('dataset', 'dataset')}-{summary.get('splitBy', '')}".rstrip("-")
-    inputs = []
-    for split in splits:
-        with warnings.catch_warnings():  # a local path matches both of MLflow's local source types
-            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-            source = resolve_dataset_source(f"{shards.rstrip('/')}/{split}")
-        profile = {
-            "summary_sha256": sha256,
-            "counts": (summary.get("counts") or {}).get(split),
-            "mask_mode": (summary.get("settings") or {}).get("mask_mode"),
-        }
-        dataset = Dataset(
-            name=f"{name}/{split}",
-            digest=sha256[:DIGEST_LENGTH],
-            source_type=source._get_source_type(),
-            source=source.to_json(),
-            profile=json.dumps(profile),
-        )
-        inputs.append(DatasetInput(dataset, [InputTag(CONTEXT_TAG, context)]))
-    client_for(tracking["tracking_uri"]).log_inputs(tracking["run_id"], datasets=inputs)
 
 
 # ------------------------------------------------------------------------------ system metrics
@@ -162,7 +108,6 @@ def log_evaluation(tracking: Mapping[str, str], evaluation: Evaluation, shards: 
     returns the table's artifact path. A table already logged at that step is not appended to
     again (a retried task), since MLflow's log_table appends to an existing file."""
     from magnet.evaluate import prediction_figure
-    from pipelines.tracking import MlflowRunLogger
 
     artifact = f"evaluation/expressions_step{step:08d}.json"
     client = client_for(tracking["tracking_uri"])
@@ -259,7 +204,7 @@ def model_card(
     meta_path = Path(checkpoint) / META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     run = client_for(tracking["tracking_uri"]).get_run(tracking["run_id"])
-    summary, sha256 = _summary(shards)
+    summary, sha256 = read_summary(shards)
     used = f"trained on `{cfg.data.train_split}`" if "imported_from" not in meta else "not trained on them"
     lines = [
         f"**Weights**: {_origin(meta, cfg.train.init_from)}; "

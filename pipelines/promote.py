@@ -24,7 +24,6 @@ for concurrent promoters.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import socket
@@ -33,8 +32,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from data_prep.paths import absolute_location
+from pipelines.evaluation import evaluate_model
 from pipelines.registry import MODEL_NAME
 from pipelines.tracking import client_for, dataset_tags, resolve_tracking_uri
 
@@ -174,22 +175,22 @@ def score_version(
     device: str = "cpu",
 ) -> Score:
     """The version's score on the shards: from its cached tags when they were made on this very
-    data, else by evaluating it (magnet.evaluate on the model loaded through the registry)."""
+    data, else by evaluating it (pipelines.evaluation.evaluate_model)."""
     tags = version.tags or {}
     cached_sha = tags.get(_score_tag(split, protocol, "dataset_sha256"))
     cached = tags.get(_score_tag(split, protocol, score_name))
     if cached is not None and cached_sha == dataset_sha256:
         value = float(cached)
     else:
-        from magnet.evaluate import evaluate
-        from pipelines.registry import load_model
-
-        model, cfg = load_model(
-            f"models:/{version.name}/{version.version}", tracking_uri=tracking_uri, device=device
-        )
-        cfg.eval.protocol = protocol
-        cfg.eval.max_samples = None  # the whole split: a run's quick-check cap must not shrink its test
-        metrics = evaluate(model, shards, cfg, splits=[split], device=device).metrics
+        metrics = evaluate_model(
+            f"models:/{version.name}/{version.version}",
+            shards,
+            [split],
+            tracking_uri=tracking_uri,
+            device=device,
+            protocol=protocol,
+            whole_splits=True,  # a run's quick-check cap must not shrink its test
+        ).metrics
         key = f"{split}/{score_name}"
         if key not in metrics:
             raise PromotionError(
@@ -233,24 +234,6 @@ def _current_champion(client: MlflowClient, model_name: str) -> ModelVersion | N
         return client.get_model_version_by_alias(model_name, CHAMPION)
     except MlflowException:
         return None
-
-
-def registry_state(client: MlflowClient, model_name: str = MODEL_NAME) -> dict[str, Any]:
-    """Aliases, and every version's tags, description and last update: what a promotion may write."""
-    model = client.get_registered_model(model_name)
-    versions = client.search_model_versions(f"name = '{model_name}'")
-    return {
-        "aliases": {alias: str(v) for alias, v in (model.aliases or {}).items()},
-        "versions": {
-            str(v.version): {
-                "tags": dict(v.tags or {}),
-                "description": v.description,
-                "aliases": sorted(v.aliases or []),
-                "updated": v.last_updated_timestamp,
-            }
-            for v in versions
-        },
-    }
 
 
 @contextmanager
@@ -354,7 +337,7 @@ def promote(
     key = resolve_metric(metric)
     metric_split, score_name = key.split("/", 1)
     split = split or metric_split
-    shards = str(shards) if "://" in str(shards) else str(Path(shards).resolve())
+    shards = absolute_location(shards)
     dataset_sha = dataset_tags(shards)[DATASET_TAG]
     run, version = select_challenger(
         client, experiment, key, sweep_run_id=sweep_run_id, model_name=model_name
@@ -421,10 +404,3 @@ def promote(
         changed=changed,
         summary=summary,
     )
-
-
-def promotion_json(result: Promotion) -> str:
-    """The promotion as JSON, for the command line and the flow's artifact."""
-    from dataclasses import asdict
-
-    return json.dumps(asdict(result), indent=2)

@@ -30,6 +30,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
+from data_prep.paths import is_url
 from magnet.checkpoint import CONFIG_FILE, META_FILE, MODEL_FILE, load_model_from_checkpoint
 from magnet.config import Config
 from pipelines.tracking import client_for, resolve_tracking_uri
@@ -233,7 +234,7 @@ def resolve_model_uri(ref: str) -> str:
     run id (the run's latest logged model), a checkpoint directory (or its URL on object storage,
     e.g. where Ray Train left it), or a directory holding a downloaded pyfunc model.
     """
-    if ref.startswith(("models:/", "runs:/")) or "://" in ref:
+    if ref.startswith(("models:/", "runs:/")) or is_url(ref):
         return ref
     if Path(ref).exists():
         return str(Path(ref).resolve())
@@ -306,7 +307,7 @@ def load_model(
         ValueError: the reference is not in the store (the message names the store's URI).
     """
     resolved = resolve_model_uri(ref)
-    if "://" in resolved:
+    if is_url(resolved):
         return load_model_from_checkpoint(resolved, device=device)
     if not resolved.startswith(("models:/", "runs:/")):
         return load_model_from_checkpoint(_checkpoint_dir(Path(resolved)), device=device)

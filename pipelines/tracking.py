@@ -15,10 +15,13 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+from data_prep.paths import absolute_location, is_url
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -27,6 +30,8 @@ if TYPE_CHECKING:
     from magnet.evaluate import Evaluation
 
 DEFAULT_EXPERIMENT = "magnet"
+CONTEXT_TAG = "mlflow.data.context"  # MLflow's tag for what an input was used for
+DIGEST_LENGTH = 36  # MLflow's limit on a dataset digest: the summary's sha256, cut to fit
 ARTIFACT_DIR_NAME = "mlartifacts"
 _PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
 _PARAM_VALUE_LIMIT = 6000
@@ -61,7 +66,7 @@ def resolve_tracking_uri(
         resolved = f"sqlite:///{Path(given[len('sqlite:///') :]).resolve()}"
     elif given.startswith("file:"):
         resolved = Path(urlparse(given).path).resolve().as_uri()
-    elif "://" not in given:
+    elif not is_url(given):
         resolved = Path(given).resolve().as_uri()
     else:
         resolved = given
@@ -121,7 +126,7 @@ def dataset_tags(shards: str | Path) -> dict[str, str]:
     mask convention (union, or refer as LAVT / MagNet) the figures are scored against."""
     import fsspec
 
-    root = str(shards) if "://" in str(shards) else str(Path(shards).resolve())
+    root = absolute_location(shards)
     summary_url = f"{root.rstrip('/')}/summary.json"
     try:
         with fsspec.open(summary_url, "rb") as handle:
@@ -140,6 +145,54 @@ def dataset_tags(shards: str | Path) -> dict[str, str]:
         if isinstance(count, dict) and count.get("rejected"):
             tags[f"dataset.rejected.{split}"] = str(count["rejected"])
     return tags
+
+
+def _read(url: str) -> bytes:
+    import fsspec
+
+    with fsspec.open(url, "rb") as handle:
+        return handle.read()
+
+
+def read_summary(shards: str) -> tuple[dict[str, Any], str]:
+    """summary.json of the shards and its sha256 (the ``dataset.summary_sha256`` tag)."""
+    raw = _read(f"{shards.rstrip('/')}/summary.json")
+    return json.loads(raw), hashlib.sha256(raw).hexdigest()
+
+
+def log_dataset_inputs(tracking: Mapping[str, str], shards: str, splits: Sequence[str], context: str) -> None:
+    """Record each split of the shards as an MLflow dataset input of the run.
+
+    One dataset per split (``<dataset>-<splitBy>/<split>``, source = the split's shard folder,
+    digest = summary.json's sha256 cut to MLflow's 36 characters, profile = the whole hash, the
+    split's counts and the mask convention), because MLflow keeps one input per
+    dataset and run: the training split carries context 'training', held-out splits 'evaluation'.
+    Logging a split again (a resumed run) adds nothing.
+    """
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    summary, sha256 = read_summary(shards)
+    name = f"{summary.get('dataset', 'dataset')}-{summary.get('splitBy', '')}".rstrip("-")
+    inputs = []
+    for split in splits:
+        with warnings.catch_warnings():  # a local path matches both of MLflow's local source types
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            source = resolve_dataset_source(f"{shards.rstrip('/')}/{split}")
+        profile = {
+            "summary_sha256": sha256,
+            "counts": (summary.get("counts") or {}).get(split),
+            "mask_mode": (summary.get("settings") or {}).get("mask_mode"),
+        }
+        dataset = Dataset(
+            name=f"{name}/{split}",
+            digest=sha256[:DIGEST_LENGTH],
+            source_type=source._get_source_type(),
+            source=source.to_json(),
+            profile=json.dumps(profile),
+        )
+        inputs.append(DatasetInput(dataset, [InputTag(CONTEXT_TAG, context)]))
+    client_for(tracking["tracking_uri"]).log_inputs(tracking["run_id"], datasets=inputs)
 
 
 def git_tags(repo: Path = PROJECT_ROOT) -> dict[str, str]:
@@ -175,14 +228,12 @@ def start_run(
     """Open (or, with ``resume``, reopen by name) the MLflow run of one training.
 
     Logs the flattened config as params, the dataset and git tags, config.yaml, and the training
-    split as the run's dataset input (`pipelines.mlflow_record.log_dataset_inputs`; not when the
+    split as the run's dataset input (`log_dataset_inputs`; not when the
     run only registers a checkpoint, ``trains=False``). Returns the
     settings rank 0 builds its `MlflowRunLogger` from: ``{"tracking_uri", "run_id"}``.
     """
     import yaml
     from mlflow.entities import Param, RunTag
-
-    from pipelines.mlflow_record import log_dataset_inputs  # imported here: it builds on this module
 
     tracking_uri = resolve_tracking_uri(tracking_uri)
     client = client_for(tracking_uri)
@@ -299,7 +350,3 @@ class MlflowRunLogger:
                 name: [row.get(name) for row in rows] for name in ("split", "group", "oIoU", "mIoU", "n")
             }
             self._client.log_table(self.run_id, data=columns, artifact_file=f"evaluation/step{step:08d}.json")
-
-    def log_artifacts(self, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
-        for path in paths:
-            self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)

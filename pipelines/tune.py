@@ -336,7 +336,7 @@ def _run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     import ray.tune
 
     from pipelines import tracking
-    from pipelines.ray_train import run_training
+    from pipelines.train_driver import run_training
 
     trial_id = ray.tune.get_context().get_trial_id()
     base = config_from_dict(sweep["config"], source="sweep config")
@@ -615,8 +615,9 @@ def _register_best(
 ) -> tuple[str | None, str | None]:
     """Register the best-ranked finished trial's best checkpoint as a version of `magnet` (the one
     registered before when a resumed sweep ends on the same trial)."""
+    from magnet.checkpoint import local_checkpoint
+    from magnet.data import first_example
     from pipelines import tracking
-    from pipelines.flows.train import first_example, local_checkpoint
     from pipelines.registry import log_and_register
 
     for row in rows:
@@ -637,10 +638,9 @@ def _score_trials(
     """Evaluate every finished trial's best checkpoint on whole splits; metrics go to its run."""
     import torch
 
-    from magnet.checkpoint import load_model_from_checkpoint
+    from magnet.checkpoint import load_model_from_checkpoint, local_checkpoint
     from magnet.evaluate import evaluate
     from pipelines import tracking
-    from pipelines.flows.train import local_checkpoint
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for row in rows:
@@ -762,8 +762,9 @@ def run_sweep(
     import ray
     from ray import tune
 
-    from pipelines.flows.train import absolute_storage, shard_location
+    from data_prep.paths import absolute_location as shard_location
     from pipelines.ray_workers import QUIET_WORKERS
+    from pipelines.train_driver import absolute_storage
 
     search = search or space.search
     check_search(space, search)
@@ -876,8 +877,8 @@ def _wrap_up(
     """Close the trials' runs, rank them, register the best, and write the tables to the parent."""
     from mlflow.entities import Metric
 
+    from magnet.data import held_out_splits
     from pipelines import tracking
-    from pipelines.flows.train import held_out_splits
 
     rows = _finish_trials(results, parent, space)
     columns = trial_columns(space)

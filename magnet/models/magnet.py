@@ -41,7 +41,7 @@ from transformers import BertConfig, BertModel
 from transformers.utils import logging as hf_logging
 
 from magnet.config import ModelConfig
-from magnet.losses import AlignmentInputs, MagNetCriterion, MaskGroundingInputs
+from magnet.models.criterion import AlignmentInputs, MagNetCriterion, MaskGroundingInputs
 from magnet.models.decoders import build_decoder
 from magnet.models.fusion import (
     PADDING_BIAS,

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from data_prep.paths import absolute_location
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -17,7 +19,7 @@ def require_prepared(shards: str | Path) -> str:
     return it as Ray workers need it: a local path absolute, a URL (s3://...) as it is."""
     import fsspec
 
-    location = str(shards) if "://" in str(shards) else str(Path(shards).resolve())
+    location = absolute_location(shards)
     filesystem, root = fsspec.core.url_to_fs(location)
     if not filesystem.isfile(f"{root.rstrip('/')}/summary.json"):
         raise typer.BadParameter(

@@ -112,14 +112,15 @@ def prepare(
         raise typer.BadParameter(
             f"{mask_mode!r} is not one of {', '.join(MASK_MODES)}", param_hint="--mask-mode"
         )
-    from data_prep.shards import dataset_dir, is_url
+    from data_prep.paths import absolute_location
+    from data_prep.shards import dataset_dir
     from pipelines.flows.prepare import run_prepare
 
     try:
         summary = run_prepare(
             workers=workers,
             refer_root=str(refer_root.resolve()),
-            out=out if is_url(out) else str(Path(out).resolve()),
+            out=absolute_location(out),
             dataset=dataset,
             split_by=split_by,
             splits=list(splits) or None,

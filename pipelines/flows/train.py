@@ -2,8 +2,8 @@
 every held-out split, register it, and leave a markdown report of the metrics. Every split the
 flow reads, the final evaluation's included, is checked before Ray starts (run_training).
 
-The flow only puts tasks in order; the work lives in pipelines.ray_train (the Ray Train driver),
-magnet.evaluate, pipelines.tracking and pipelines.registry. Every path handed on is absolute,
+The flow only puts tasks in order; the work lives in pipelines.train_driver (the Ray Train driver),
+pipelines.evaluation, pipelines.tracking and pipelines.registry. Every path handed on is absolute,
 because Ray runs workers in another directory.
 """
 
@@ -17,60 +17,15 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from data_prep.paths import absolute_location
+from data_prep.synthetic_shards import ensure_synthetic_shards
+from magnet.checkpoint import local_checkpoint
 from magnet.config import Config, load_config
+from magnet.data import first_example, held_out_splits
 from pipelines import mlflow_record
 from pipelines import tracking as mlflow_tracking
-
-DEFAULT_STORAGE = "ray-results"
-PICTURE_EXAMPLES = 4
-
-
-def absolute_storage(storage_path: str | None) -> str:
-    """Object-storage URLs pass through; local paths become absolute (default ./ray-results)."""
-    if storage_path and "://" in storage_path:
-        return storage_path
-    return str(Path(storage_path or DEFAULT_STORAGE).resolve())
-
-
-def shard_location(shards: str) -> str:
-    """Object-storage URLs pass through; local paths become absolute."""
-    return shards if "://" in shards else str(Path(shards).resolve())
-
-
-def _open(url: str) -> Any:
-    import fsspec
-
-    return fsspec.open(url, "rb")
-
-
-def held_out_splits(shards: str, train_split: str) -> list[str]:
-    """Every split of the prepared data except the training split, in summary.json's order."""
-    with _open(f"{shards}/summary.json") as handle:
-        summary = json.load(handle)
-    return [split for split in summary.get("counts", {}) if split != train_split]
-
-
-def first_example(shards: str, split: str) -> tuple[bytes, str]:
-    """(image bytes, expression) of a split's first sample: the registered model's input example."""
-    import tarfile
-
-    with _open(f"{shards}/{split}/shard-000000.tar") as handle, tarfile.open(fileobj=handle) as tar:
-        members = {m.name: m for m in tar.getmembers()}
-        key = min(name.split(".", 1)[0] for name in members)
-        meta = json.loads(tar.extractfile(members[f"{key}.json"]).read())
-        image_name = next(f"{key}.{ext}" for ext in ("jpg", "jpeg", "png") if f"{key}.{ext}" in members)
-        return tar.extractfile(members[image_name]).read(), meta["raw"]
-
-
-def local_checkpoint(location: str | None) -> Path:
-    """A checkpoint directory on this machine: local paths as they are, URLs copied down."""
-    if location is None:
-        raise RuntimeError("training finished without a checkpoint: nothing to evaluate or register")
-    import tempfile
-
-    from magnet.checkpoint import fetch_checkpoint
-
-    return fetch_checkpoint(location, tempfile.mkdtemp(prefix="magnet-checkpoint-"))
+from pipelines.evaluation import evaluate_model
+from pipelines.train_driver import absolute_storage, new_run_name, run_training
 
 
 # ----------------------------------------------------------------------------------- tasks
@@ -100,8 +55,6 @@ def train(
     max_failures: int,
     final_splits: list[str],
 ) -> Any:
-    from pipelines.ray_train import run_training
-
     return run_training(
         cfg,
         shards,
@@ -126,41 +79,12 @@ def evaluate_final(
     step: int,
     pictures_dir: Path | None,
 ) -> dict[str, Any]:
-    """Whole-split metrics of the final checkpoint, a picture of predictions per split, and for the
-    MLflow run: the splits as evaluation inputs, the per-expression table and the worst cases.
+    """Whole-split metrics of the final checkpoint, logged to the run (pipelines.evaluation).
 
     Every split is scored here, the one training already evaluated too: the per-expression table
     needs each sample's IoU, which training's sharded evaluation does not keep.
     """
-    import torch
-
-    from magnet.checkpoint import load_model_from_checkpoint
-    from magnet.evaluate import evaluate, prediction_figure
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg = load_model_from_checkpoint(checkpoint, device=device)
-    logger = mlflow_tracking.MlflowRunLogger(**tracking)
-    mlflow_record.log_dataset_inputs(tracking, shards, splits, "evaluation")
-    result = evaluate(
-        model,
-        shards,
-        cfg,
-        splits=splits,
-        device=device,
-        keep_examples=PICTURE_EXAMPLES,
-        keep_rows=True,
-        keep_worst=mlflow_record.WORST_EXAMPLES,
-    )
-    logger.log_evaluation(result, step=step)
-    mlflow_record.log_evaluation(tracking, result, shards, step)
-    for split in splits:
-        if not result.splits[split].examples:
-            continue
-        figure = prediction_figure(result.splits[split].examples, title=f"{split}: final model")
-        logger.log_predictions(figure, f"final_{split}_step{step:08d}.png", step=step)
-        if pictures_dir is not None:
-            pictures_dir.mkdir(parents=True, exist_ok=True)
-            (pictures_dir / f"predictions-{split}.png").write_bytes(figure)
+    result = evaluate_model(checkpoint, shards, splits, log_to=tracking, step=step, pictures_dir=pictures_dir)
     return {"protocol": result.describe(), "metrics": result.metrics}
 
 
@@ -274,15 +198,11 @@ def train_magnet(
     if resume and not run_name:
         raise ValueError("resume needs the run_name of the run to continue")
     if run_name is None:
-        from pipelines.ray_train import new_run_name
-
         run_name = new_run_name(cfg)
     if shards is None:
-        from pipelines.demo import ensure_synthetic_shards
-
         shard_root = str(ensure_synthetic_shards(Path("demo-run").resolve()))
     else:
-        shard_root = shard_location(shards)
+        shard_root = absolute_location(shards)
     splits = eval_splits or held_out_splits(shard_root, cfg.data.train_split)
     tracking = open_run(cfg, shard_root, tracking_uri, experiment, run_name, resume)
     mlflow_record.link_flow_run(tracking, key=_artifact_key("mlflow-run", run_name))

@@ -16,7 +16,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pipelines.flows.train import absolute_storage, shard_location
+from data_prep.paths import absolute_location
+from data_prep.synthetic_shards import ensure_synthetic_shards
+from pipelines.train_driver import absolute_storage
 
 
 def _key(text: str) -> str:
@@ -77,11 +79,9 @@ def tune_magnet(
         register_best: register the best trial's model as a version of `magnet`.
     """
     if shards is None:
-        from pipelines.demo import ensure_synthetic_shards
-
         shard_root = str(ensure_synthetic_shards(Path("demo-run").resolve()))
     else:
-        shard_root = shard_location(shards)
+        shard_root = absolute_location(shards)
     result = sweep(
         config,
         str(Path(space).resolve()),
@@ -166,7 +166,7 @@ def promote_magnet(
     """
     result = promote_task(
         {
-            "shards": shard_location(shards),
+            "shards": absolute_location(shards),
             "experiment": experiment,
             "metric": metric,
             "sweep_run_id": sweep,

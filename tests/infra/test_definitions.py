@@ -198,7 +198,7 @@ def _dockerfile_instructions() -> list[str]:
 
 
 def test_ray_train_v2_is_set_explicitly_wherever_the_cluster_runs_it():
-    """pipelines/ray_train.py is written for the Train V2 API: the image and every container of
+    """pipelines/train_driver.py is written for the Train V2 API: the image and every container of
     the RayCluster and the RayJob say so themselves instead of relying on Ray's default."""
     instructions = _dockerfile_instructions()
     assert [i for i in instructions if i.split()[0] not in DOCKER_INSTRUCTIONS] == []

@@ -11,16 +11,8 @@ import torch
 from torch import nn
 
 from magnet.config import AlignmentLossConfig, LossConfig, MaskGroundingConfig
-from magnet.losses import (
-    LOSS_KEYS,
-    AlignmentInputs,
-    CrossModalAlignmentLoss,
-    MagNetCriterion,
-    MaskGroundingInputs,
-    dice_loss,
-    segmentation_loss,
-    total_loss,
-)
+from magnet.losses import LOSS_KEYS, CrossModalAlignmentLoss, dice_loss, segmentation_loss, total_loss
+from magnet.models.criterion import AlignmentInputs, MagNetCriterion, MaskGroundingInputs
 from magnet.models.mask_grounding import IGNORE_INDEX
 
 

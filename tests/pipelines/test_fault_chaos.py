@@ -27,7 +27,7 @@ from magnet.config import load_config
 from magnet.data import open_split
 from magnet.train import EVAL_FAILED_KEY
 from pipelines import tracking
-from pipelines.ray_train import CHECKPOINT_PREFIX, run_training
+from pipelines.train_driver import CHECKPOINT_PREFIX, run_training
 
 REPO = Path(__file__).resolve().parents[2]
 INDEX_FILES = ("summary.json", "manifest.parquet", "rejects.parquet")

@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 
 import pytest
-from test_promote import aliases, run_promotion, trained_run
+from test_promote import aliases, registry_state, run_promotion, trained_run
 
 from pipelines import tracking
-from pipelines.promote import CHALLENGER, CHAMPION, LOCK_SUFFIX, PARENT_TAG, registry_state
+from pipelines.promote import CHALLENGER, CHAMPION, LOCK_SUFFIX, PARENT_TAG
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ from magnet.config import load_config
 from magnet.data import DataPosition, ShardError, build_train_loader, open_split, train_batches_per_epoch
 from magnet.train import EVAL_FAILED_KEY, NOT_EVALUATED, SCORE_KEY, SKIPPED_SHARDS_KEY, LocalReporter, train
 from pipelines import tracking
-from pipelines.ray_train import CHECKPOINT_PREFIX, run_training
+from pipelines.train_driver import CHECKPOINT_PREFIX, run_training
 
 WORKERS = 2
 

@@ -50,15 +50,15 @@ def tiny_eval_config():
 
 def test_training_and_evaluation_splits_are_dataset_inputs(run, shards):
     digest = hashlib.sha256(Path(shards, "summary.json").read_bytes()).hexdigest()
-    mlflow_record.log_dataset_inputs(run, shards, ["val", "testA"], "evaluation")
-    mlflow_record.log_dataset_inputs(run, shards, ["val"], "evaluation")  # a retry adds nothing
+    tracking.log_dataset_inputs(run, shards, ["val", "testA"], "evaluation")
+    tracking.log_dataset_inputs(run, shards, ["val"], "evaluation")  # a retry adds nothing
     inputs = tracking.client_for(run["tracking_uri"]).get_run(run["run_id"]).inputs.dataset_inputs
     seen = {i.dataset.name: (i.dataset, {t.key: t.value for t in i.tags}) for i in inputs}
     assert sorted(seen) == ["refcoco-unc/testA", "refcoco-unc/train", "refcoco-unc/val"]
     for name, (dataset, tags) in seen.items():
         split = name.split("/")[1]
-        assert tags[mlflow_record.CONTEXT_TAG] == ("training" if split == "train" else "evaluation")
-        assert dataset.digest == digest[: mlflow_record.DIGEST_LENGTH]
+        assert tags[tracking.CONTEXT_TAG] == ("training" if split == "train" else "evaluation")
+        assert dataset.digest == digest[: tracking.DIGEST_LENGTH]
         assert json.loads(dataset.source)["uri"] == f"{shards}/{split}"
         assert json.loads(dataset.profile)["summary_sha256"] == digest
 

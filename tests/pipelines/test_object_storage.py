@@ -17,7 +17,7 @@ from data_prep.synth import synthesize
 from magnet.config import load_config
 from pipelines import tracking as mlflow_tracking
 from pipelines.cli import app
-from pipelines.ray_train import run_training
+from pipelines.train_driver import run_training
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,6 @@ from pipelines.promote import (
     CHAMPION,
     PromotionError,
     promote,
-    registry_state,
     resolve_metric,
 )
 
@@ -101,6 +100,24 @@ def run_promotion(store: dict, **kwargs):
 def aliases(store: dict) -> dict[str, str]:
     model = tracking.client_for(store["uri"]).get_registered_model("magnet")
     return {alias: str(version) for alias, version in model.aliases.items()}
+
+
+def registry_state(client, model_name: str = registry.MODEL_NAME) -> dict:
+    """Aliases, and every version's tags, description and last update: what a promotion may write."""
+    model = client.get_registered_model(model_name)
+    versions = client.search_model_versions(f"name = '{model_name}'")
+    return {
+        "aliases": {alias: str(v) for alias, v in (model.aliases or {}).items()},
+        "versions": {
+            str(v.version): {
+                "tags": dict(v.tags or {}),
+                "description": v.description,
+                "aliases": sorted(v.aliases or []),
+                "updated": v.last_updated_timestamp,
+            }
+            for v in versions
+        },
+    }
 
 
 def test_metric_names():

@@ -190,8 +190,8 @@ def test_unknown_references_are_named(tmp_path):
 def test_predict_and_evaluate_commands(checkpoint, tmp_path):
     from typer.testing import CliRunner
 
+    from data_prep.synthetic_shards import ensure_synthetic_shards
     from pipelines.cli import app
-    from pipelines.demo import ensure_synthetic_shards
 
     shards = ensure_synthetic_shards(tmp_path, images=10, image_size=64)
     image = next((tmp_path / "data").rglob("*.jpg"))

@@ -108,7 +108,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def test_deployment_runs_by_name_on_the_local_stack(stack: Stack, tmp_path: Path):
     from mlflow import MlflowClient
 
-    from pipelines.demo import ensure_synthetic_shards
+    from data_prep.synthetic_shards import ensure_synthetic_shards
 
     shards = ensure_synthetic_shards(tmp_path / "data", images=20, image_size=64)
     params = {

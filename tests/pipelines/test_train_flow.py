@@ -29,7 +29,7 @@ def flow_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from prefect.artifacts import Artifact
     from prefect.testing.utilities import prefect_test_harness
 
-    from pipelines.demo import ensure_synthetic_shards
+    from data_prep.synthetic_shards import ensure_synthetic_shards
     from pipelines.flows.train import train_magnet
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

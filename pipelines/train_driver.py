@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from data_prep.paths import absolute_location
 from magnet.config import Config, config_from_dict
 from magnet.data import open_split
 from magnet.train import NOT_EVALUATED, SCORE_KEY, StepHook, global_batch_mismatch
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint_step"
+DEFAULT_STORAGE = "ray-results"
 
 
 @dataclass(frozen=True)
@@ -142,10 +144,9 @@ def _train_worker(config: dict[str, Any]) -> None:
         )
 
 
-def _absolute(location: str | Path) -> str:
-    """URLs unchanged; local paths absolute (Ray workers run in another directory)."""
-    text = str(location)
-    return text if "://" in text else str(Path(text).expanduser().resolve())
+def absolute_storage(storage_path: str | None) -> str:
+    """Object-storage URLs pass through; local paths become absolute (default ./ray-results)."""
+    return absolute_location(storage_path or DEFAULT_STORAGE)
 
 
 def new_run_name(cfg: Config) -> str:
@@ -235,7 +236,7 @@ def run_training(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage = _absolute(storage_path)
+    storage = absolute_location(storage_path)
     if resume:
         if not run_name:
             raise ValueError("resume needs the name of the run to continue (run_name)")
@@ -252,7 +253,7 @@ def run_training(
     if mismatch:
         log.warning("%s: lr and schedule are the recipe's, so the run is not comparable", mismatch)
 
-    check_splits(cfg, _absolute(shards), [cfg.data.train_split, *cfg.data.eval_splits, *final_splits])
+    check_splits(cfg, absolute_location(shards), [cfg.data.train_split, *cfg.data.eval_splits, *final_splits])
 
     started_ray = not ray.is_initialized()
     if started_ray:
@@ -262,7 +263,7 @@ def run_training(
             _train_worker,
             train_loop_config={
                 "config": cfg.model_dump(mode="json"),
-                "shards": _absolute(shards),
+                "shards": absolute_location(shards),
                 "tracking": tracking,
                 "hooks": list(hooks),
             },

@@ -15,7 +15,7 @@ from tiny_runs import SCORE_VAL, TINY_RUN, lifetimes
 from magnet.checkpoint import META_FILE, load_model_from_checkpoint
 from magnet.config import load_config
 from magnet.data import ShardError
-from pipelines.ray_train import CHECKPOINT_PREFIX, TrainResult, new_run_name, run_training
+from pipelines.train_driver import CHECKPOINT_PREFIX, TrainResult, new_run_name, run_training
 
 pytestmark = pytest.mark.slow
 

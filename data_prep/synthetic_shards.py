@@ -1,0 +1,43 @@
+"""The synthetic dataset the demo and the flows fall back on when no shards are given: generated
+(data_prep.synth) and prepared (data_prep.shards) under one directory, each only when missing."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from data_prep.shards import dataset_dir, prepare_dataset
+from data_prep.synth import synthesize
+
+SYNTHETIC_IMAGES = 800
+SYNTHETIC_IMAGE_SIZE = 64
+SYNTHETIC_SEED = 0
+DATASET, SPLIT_BY = "refcoco", "unc"
+
+
+def ensure_synthetic_shards(
+    workdir: Path,
+    images: int = SYNTHETIC_IMAGES,
+    image_size: int = SYNTHETIC_IMAGE_SIZE,
+    seed: int = SYNTHETIC_SEED,
+) -> Path:
+    """Synthetic refer-format data and its shards under ``workdir``; made only when missing.
+
+    Returns the prepared dataset root ``<workdir>/shards/refcoco-unc``.
+    """
+    workdir = workdir.resolve()
+    data = workdir / "data"
+    report = data / "synth_report.json"
+    wanted = {"num_images": images, "image_size": image_size, "seed": seed}
+    if not report.is_file() or any(json.loads(report.read_text()).get(k) != v for k, v in wanted.items()):
+        print(f"[demo] generating {images} synthetic images of {image_size} px under {data}")
+        synthesize(data, num_images=images, image_size=image_size, seed=seed)
+    shards = dataset_dir(workdir / "shards", DATASET, SPLIT_BY)
+    if (
+        not (shards / "summary.json").is_file()
+        or (shards / "summary.json").stat().st_mtime < report.stat().st_mtime
+    ):
+        print(f"[demo] preparing shards under {shards}")
+        prepare_dataset(data, DATASET, SPLIT_BY, workdir / "shards", workers=min(2, os.cpu_count() or 1))
+    return shards

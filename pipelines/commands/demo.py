@@ -1,0 +1,22 @@
+"""`magnet demo`: the whole pipeline on a laptop (pipelines.demo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def demo(
+    workdir: Path = typer.Option(Path("demo-run"), "--workdir", help="Everything the demo writes goes here."),
+) -> None:
+    """The whole pipeline in minutes on a laptop: synthetic data, shards, Ray training on 2 CPU
+    workers, evaluation against language-blind baselines, MLflow registry."""
+    from pipelines.demo import run_demo
+
+    run_demo(workdir)
+
+
+def register(app: typer.Typer) -> None:
+    """Add this stage's commands to the `magnet` app."""
+    app.command("demo")(demo)

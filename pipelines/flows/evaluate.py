@@ -1,0 +1,93 @@
+"""The `evaluate-magnet` Prefect flow: score a checkpoint or a registered model on the held-out
+splits of prepared shards, in an MLflow run of its own (the splits as evaluation inputs, the
+metrics, the per-expression table, the worst cases and a picture per split).
+
+The flow only puts tasks in order; the work lives in pipelines.evaluation and pipelines.tracking.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from data_prep.paths import absolute_location
+from magnet.data import held_out_splits
+from pipelines import mlflow_record
+from pipelines import tracking as mlflow_tracking
+from pipelines.evaluation import evaluate_model
+from pipelines.registry import check_model_reference
+
+DEFAULT_EXPERIMENT = "magnet-evaluations"
+
+
+@task(name="open-evaluation-run")
+def open_evaluation_run(
+    model: str, shards: str, tracking_uri: str | None, experiment: str, run_name: str | None
+) -> dict[str, str]:
+    """A new MLflow run tagged with the model reference and the shards' dataset tags."""
+    uri = mlflow_tracking.resolve_tracking_uri(tracking_uri)
+    client = mlflow_tracking.client_for(uri)
+    experiment_id = mlflow_tracking.get_or_create_experiment(client, experiment, uri)
+    tags = {**mlflow_tracking.dataset_tags(shards), "evaluation.model": model}
+    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    get_run_logger().info("MLflow run %s at %s", run_id, uri)
+    return {"tracking_uri": uri, "run_id": run_id}
+
+
+@task(name="evaluate")
+def evaluate(
+    model: str, shards: str, splits: list[str], tracking: dict[str, str], pictures_dir: Path | None
+) -> dict[str, Any]:
+    result = evaluate_model(
+        model,
+        shards,
+        splits,
+        tracking_uri=tracking["tracking_uri"],
+        log_to=tracking,
+        pictures_dir=pictures_dir,
+    )
+    return {"protocol": result.describe(), "metrics": result.metrics}
+
+
+@flow(name="evaluate-magnet", log_prints=True)
+def evaluate_magnet(
+    model: str,
+    shards: str,
+    splits: list[str] | None = None,
+    train_split: str = "train",
+    experiment: str = DEFAULT_EXPERIMENT,
+    run_name: str | None = None,
+    tracking_uri: str | None = None,
+    pictures_dir: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate a trained MagNet on whole held-out splits, tracked in MLflow.
+
+    Args:
+        model: checkpoint directory (or its URL), or a registry reference: models:/magnet@alias,
+            models:/magnet/N, runs:/<id>/model, a run id.
+        shards: prepared dataset root ``<out>/<dataset>-<splitBy>`` (path or URL).
+        splits: splits scored; None = every split but ``train_split``.
+        train_split: the split left out when ``splits`` is None.
+        experiment: MLflow experiment of the evaluation run.
+        run_name: MLflow run name; None = MLflow's.
+        tracking_uri: MLflow tracking URI (also where a models:/ or runs:/ model is read);
+            None = MLFLOW_TRACKING_URI or ./mlflow.db.
+        pictures_dir: also write the prediction pictures there.
+    """
+    shard_root = absolute_location(shards)
+    check_model_reference(model, tracking_uri)
+    splits = splits or held_out_splits(shard_root, train_split)
+    tracking = open_evaluation_run(model, shard_root, tracking_uri, experiment, run_name)
+    mlflow_record.link_flow_run(tracking, key=f"mlflow-run-{tracking['run_id']}")
+    try:
+        evaluation = evaluate(
+            model, shard_root, splits, tracking, Path(pictures_dir).resolve() if pictures_dir else None
+        )
+    except BaseException:
+        mlflow_tracking.end_run(tracking, status="FAILED")
+        raise
+    mlflow_tracking.end_run(tracking)
+    print(f"{model}: {evaluation['protocol']}; MLflow: {mlflow_tracking.run_url(tracking)}")
+    return {**tracking, **evaluation}
