@@ -46,13 +46,22 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_prep.contract import (
+    ATTENTION_MASK_MEMBER,
+    IMAGE_MEMBERS,
+    INPUT_IDS_MEMBER,
+    MANIFEST,
+    MASK_MEMBER,
+    META_MEMBER,
+    SUMMARY,
+    split_of,
+)
 from magnet.config import DataConfig, EvalConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _PIXEL_SCALE = 1 / (255 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 _PIXEL_SHIFT = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-_IMAGE_MEMBERS = ("jpg", "jpeg", "png")
 _HASH_CHUNK = 1 << 20
 _HASH_THREADS = 8
 
@@ -120,7 +129,7 @@ def open_split(root: str, split: str, *, verify: bool = True, skip_corrupt: bool
         skip_corrupt: drop shards failing the check (named in ``SplitShards.skipped``) instead of
             raising, so the trainer can count them.
     """
-    summary_url = _join(root, "summary.json")
+    summary_url = _join(root, SUMMARY)
     try:
         with fsspec.open(summary_url, "rt") as handle:
             summary = json.load(handle)
@@ -128,10 +137,9 @@ def open_split(root: str, split: str, *, verify: bool = True, skip_corrupt: bool
         raise ShardError(
             f"{summary_url} is missing: is {root} a prepared dataset (magnet prepare)?"
         ) from None
-    # Shard paths are '<split>/shard-%06d.tar', relative to the root.
-    entries = [entry for entry in summary.get("shards", []) if entry["path"].split("/", 1)[0] == split]
+    entries = [entry for entry in summary.get("shards", []) if split_of(entry["path"]) == split]
     if not entries:
-        known = sorted({entry["path"].split("/", 1)[0] for entry in summary.get("shards", [])})
+        known = sorted({split_of(entry["path"]) for entry in summary.get("shards", [])})
         raise ShardError(f"{root} has no shards for split {split!r}; splits with shards: {known}")
     refs_per_shard = _refs_per_shard(root, split)
 
@@ -148,20 +156,20 @@ def open_split(root: str, split: str, *, verify: bool = True, skip_corrupt: bool
             if actual != entry["sha256"]:
                 if not skip_corrupt:
                     raise ShardError(
-                        f"shard {url} is corrupt: sha256 {actual} but summary.json says {entry['sha256']}"
+                        f"shard {url} is corrupt: sha256 {actual} but {SUMMARY} says {entry['sha256']}"
                     )
                 skipped.append(name)
                 continue
         samples, refs = int(entry["samples"]), refs_per_shard.get(name, 0)
         if samples > 0 and refs == 0:
-            raise ShardError(f"shard {url} holds {samples} samples but manifest.parquet lists none of them")
+            raise ShardError(f"shard {url} holds {samples} samples but {MANIFEST} lists none of them")
         shards.append(ShardInfo(name, url, samples, refs))
     return SplitShards(root, split, tuple(shards), tuple(skipped))
 
 
 def _refs_per_shard(root: str, split: str) -> dict[str, int]:
     """Distinct referred objects per shard, from the manifest (a ref never spans two shards)."""
-    url = _join(root, "manifest.parquet")
+    url = _join(root, MANIFEST)
     try:
         with fsspec.open(url, "rb") as handle:
             table = pq.read_table(handle, columns=["split", "shard", "ref_id"])
@@ -214,14 +222,14 @@ def decode_sample(
 ) -> dict[str, Any]:
     """One tar sample (member suffix -> bytes) -> arrays ready for ``collate``."""
     key = raw["__key__"]
-    image_bytes = next((raw[m] for m in _IMAGE_MEMBERS if m in raw), None)
-    if image_bytes is None or "mask.png" not in raw:
-        raise ShardError(f"sample {key} in {raw.get('__url__')} lacks its image or mask.png member")
-    meta = json.loads(raw["json"])
-    mask_png = Image.open(io.BytesIO(raw["mask.png"]))
+    image_bytes = next((raw[m] for m in IMAGE_MEMBERS if m in raw), None)
+    if image_bytes is None or MASK_MEMBER not in raw:
+        raise ShardError(f"sample {key} in {raw.get('__url__')} lacks its image or {MASK_MEMBER} member")
+    meta = json.loads(raw[META_MEMBER])
+    mask_png = Image.open(io.BytesIO(raw[MASK_MEMBER]))
     if mask_png.mode != "L":
         raise ShardError(
-            f"sample {key} in {raw.get('__url__')}: mask.png is mode {mask_png.mode}, expected L"
+            f"sample {key} in {raw.get('__url__')}: {MASK_MEMBER} is mode {mask_png.mode}, expected L"
         )
     mask = (np.asarray(mask_png) > 127).astype(np.uint8)  # [H,W] {0,1}
     if mask.shape != (meta["height"], meta["width"]):
@@ -233,8 +241,8 @@ def decode_sample(
     sample = {
         "image": image,
         "mask": small_mask,
-        "input_ids": np.load(io.BytesIO(raw["input_ids.npy"])),
-        "attention_mask": np.load(io.BytesIO(raw["attention_mask.npy"])),
+        "input_ids": np.load(io.BytesIO(raw[INPUT_IDS_MEMBER])),
+        "attention_mask": np.load(io.BytesIO(raw[ATTENTION_MASK_MEMBER])),
         "sent_id": meta["sent_id"],
         "ref_id": meta["ref_id"],
         "image_id": meta["image_id"],
@@ -258,7 +266,7 @@ def _pick_per_ref(samples: Iterable[dict[str, Any]], pick_seed: str) -> Iterator
     group: list[dict[str, Any]] = []
     group_ref = None
     for sample in samples:
-        ref_id = json.loads(sample["json"])["ref_id"]
+        ref_id = json.loads(sample[META_MEMBER])["ref_id"]
         if group and ref_id != group_ref:
             yield group[random.Random(f"{pick_seed}:{group_ref}").randrange(len(group))]
             group = []

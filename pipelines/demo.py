@@ -48,6 +48,7 @@ def ensure_synthetic_shards(
 
     Returns the prepared dataset root ``<workdir>/shards/refcoco-unc``.
     """
+    from data_prep.contract import SUMMARY
     from data_prep.shards import dataset_dir
 
     workdir = workdir.resolve()
@@ -60,10 +61,8 @@ def ensure_synthetic_shards(
         print(f"[demo] generating {images} synthetic images of {image_size} px under {data}")
         synthesize(data, num_images=images, image_size=image_size, seed=seed)
     shards = dataset_dir(workdir / "shards", DATASET, SPLIT_BY)
-    if (
-        not (shards / "summary.json").is_file()
-        or (shards / "summary.json").stat().st_mtime < report.stat().st_mtime
-    ):
+    summary = shards / SUMMARY
+    if not summary.is_file() or summary.stat().st_mtime < report.stat().st_mtime:
         from data_prep.shards import prepare_dataset
 
         print(f"[demo] preparing shards under {shards}")
@@ -133,10 +132,11 @@ def _try_it_example(workdir: Path, shards: Path) -> tuple[Path, str]:
     """A validation image and one of its expressions, for the printed `magnet predict` line."""
     import pyarrow.parquet as pq
 
+    from data_prep.contract import MANIFEST
     from data_prep.refer import IMAGE_SUBDIR
     from data_prep.synth import image_file_name
 
-    rows = pq.read_table(shards / "manifest.parquet", columns=["split", "image_id", "raw"]).to_pylist()
+    rows = pq.read_table(shards / MANIFEST, columns=["split", "image_id", "raw"]).to_pylist()
     row = next(r for r in rows if r["split"] == "val")
     return workdir / "data" / IMAGE_SUBDIR / image_file_name(row["image_id"]), row["raw"]
 

@@ -121,8 +121,10 @@ def dataset_tags(shards: str | Path) -> dict[str, str]:
     mask convention (union, or refer as LAVT / MagNet) the figures are scored against."""
     import fsspec
 
+    from data_prep.contract import SUMMARY
+
     root = str(shards) if "://" in str(shards) else str(Path(shards).resolve())
-    summary_url = f"{root.rstrip('/')}/summary.json"
+    summary_url = f"{root.rstrip('/')}/{SUMMARY}"
     try:
         with fsspec.open(summary_url, "rb") as handle:
             raw = handle.read()

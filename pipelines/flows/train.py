@@ -17,6 +17,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from data_prep.contract import IMAGE_MEMBERS, META_MEMBER, SUMMARY, shard_path
 from magnet.config import Config, load_config
 from pipelines import mlflow_record
 from pipelines import tracking as mlflow_tracking
@@ -45,7 +46,7 @@ def _open(url: str) -> Any:
 
 def held_out_splits(shards: str, train_split: str) -> list[str]:
     """Every split of the prepared data except the training split, in summary.json's order."""
-    with _open(f"{shards}/summary.json") as handle:
+    with _open(f"{shards}/{SUMMARY}") as handle:
         summary = json.load(handle)
     return [split for split in summary.get("counts", {}) if split != train_split]
 
@@ -54,11 +55,11 @@ def first_example(shards: str, split: str) -> tuple[bytes, str]:
     """(image bytes, expression) of a split's first sample: the registered model's input example."""
     import tarfile
 
-    with _open(f"{shards}/{split}/shard-000000.tar") as handle, tarfile.open(fileobj=handle) as tar:
+    with _open(f"{shards}/{shard_path(split, 0)}") as handle, tarfile.open(fileobj=handle) as tar:
         members = {m.name: m for m in tar.getmembers()}
         key = min(name.split(".", 1)[0] for name in members)
-        meta = json.loads(tar.extractfile(members[f"{key}.json"]).read())
-        image_name = next(f"{key}.{ext}" for ext in ("jpg", "jpeg", "png") if f"{key}.{ext}" in members)
+        meta = json.loads(tar.extractfile(members[f"{key}.{META_MEMBER}"]).read())
+        image_name = next(f"{key}.{ext}" for ext in IMAGE_MEMBERS if f"{key}.{ext}" in members)
         return tar.extractfile(members[image_name]).read(), meta["raw"]
 
 
