@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from data_prep.contract import MANIFEST, REJECTS, SUMMARY
 from data_prep.folder import load_folder
 from data_prep.refer import ReferFormatError
 from data_prep.shards import REJECT_REASONS, prepare_dataset
@@ -166,14 +167,13 @@ def test_rows_become_the_refer_readers_records(folder: Path) -> None:
 
 
 def test_counts_and_every_mask_file_reason(prepared: Path) -> None:
-    summary = json.loads((prepared / "summary.json").read_text())
+    summary = json.loads((prepared / SUMMARY).read_text())
     assert (summary["dataset"], summary["splitBy"]) == ("mine", "folder")
     assert summary["counts"] == EXPECTED_COUNTS
     assert summary["rejects_by_reason"] == EXPECTED_REJECTS
     assert {r for split in EXPECTED_REJECTS.values() for r in split} <= set(REJECT_REASONS)
     rejects = {
-        r["sent_id"]: (r["reason"], r["detail"])
-        for r in pq.read_table(prepared / "rejects.parquet").to_pylist()
+        r["sent_id"]: (r["reason"], r["detail"]) for r in pq.read_table(prepared / REJECTS).to_pylist()
     }
     assert rejects[11] == ("missing_image", "images/missing.jpg not found in the image directory")
     assert rejects[12] == ("corrupt_image", "images/broken.jpg: not a recognised image format")
@@ -190,7 +190,7 @@ def test_counts_and_every_mask_file_reason(prepared: Path) -> None:
 
 
 def test_written_masks_are_the_mask_files_objects(prepared: Path) -> None:
-    manifest = {r["sent_id"]: r for r in pq.read_table(prepared / "manifest.parquet").to_pylist()}
+    manifest = {r["sent_id"]: r for r in pq.read_table(prepared / MANIFEST).to_pylist()}
     assert sorted(manifest) == [1, 2, 3, 4, 5, 10, 17]
     assert manifest[5]["raw"] == "le café"
     expected = {1: "man.png", 3: "dog.png", 5: "cup.png", 17: "rgba.png"}

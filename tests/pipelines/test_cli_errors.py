@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from data_prep.contract import SUMMARY
 from magnet.checkpoint import TrainState, save_checkpoint
 from magnet.config import load_config
 from pipelines.cli import app
@@ -194,7 +195,7 @@ def test_debug_shows_the_traceback(synthetic_shards, tmp_path, no_model_load):
 def sweep(tmp_path: Path) -> tuple[Path, Path]:
     prepared = tmp_path / "prepared"
     prepared.mkdir()
-    (prepared / "summary.json").write_text("{}")
+    (prepared / SUMMARY).write_text("{}")
     return tmp_path / "sweep.yaml", prepared
 
 

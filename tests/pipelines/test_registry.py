@@ -26,6 +26,7 @@ import torch
 from mlflow_server import _free_port
 from PIL import Image
 
+from data_prep.contract import SUMMARY
 from magnet.checkpoint import MODEL_FILE, TRAIN_STATE_FILE, TrainState, save_checkpoint
 from magnet.config import load_config
 from magnet.inference import predict
@@ -84,7 +85,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> di
     root = tmp_path_factory.mktemp("store")
     shards = root / "shards"
     shards.mkdir()
-    (shards / "summary.json").write_text(json.dumps({"dataset": "refcoco", "splitBy": "unc", "counts": {}}))
+    (shards / SUMMARY).write_text(json.dumps({"dataset": "refcoco", "splitBy": "unc", "counts": {}}))
     uri = tracking.resolve_tracking_uri(default_dir=root)
     settings = tracking.start_run(load_config("tiny"), shards=shards, tracking_uri=uri, run_name="reg")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8))

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from data_prep.contract import SUMMARY
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -221,7 +223,7 @@ def test_pool_deployment_runs_on_a_worker_of_its_pool_not_in_the_stack(stack: St
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
         log.close()
-    summary = json.loads((tmp_path / "shards" / "refcoco-unc" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "shards" / "refcoco-unc" / SUMMARY).read_text())
     assert sum(c["written"] for c in summary["counts"].values()) > 0
     worker_log = (tmp_path / "worker.log").read_text()
     flow_run_id = next(line for line in done.stdout.splitlines() if "UUID" in line).split()[-1]
