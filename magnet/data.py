@@ -56,7 +56,7 @@ from data_prep.contract import (
     SUMMARY,
     split_of,
 )
-from magnet.config import DataConfig, EvalConfig
+from magnet.config import DataConfig, EvalConfig, TextConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -129,14 +129,7 @@ def open_split(root: str, split: str, *, verify: bool = True, skip_corrupt: bool
         skip_corrupt: drop shards failing the check (named in ``SplitShards.skipped``) instead of
             raising, so the trainer can count them.
     """
-    summary_url = _join(root, SUMMARY)
-    try:
-        with fsspec.open(summary_url, "rt") as handle:
-            summary = json.load(handle)
-    except FileNotFoundError:
-        raise ShardError(
-            f"{summary_url} is missing: is {root} a prepared dataset (magnet prepare)?"
-        ) from None
+    summary = _read_summary(root)
     entries = [entry for entry in summary.get("shards", []) if split_of(entry["path"]) == split]
     if not entries:
         known = sorted({split_of(entry["path"]) for entry in summary.get("shards", [])})
@@ -165,6 +158,44 @@ def open_split(root: str, split: str, *, verify: bool = True, skip_corrupt: bool
             raise ShardError(f"shard {url} holds {samples} samples but {MANIFEST} lists none of them")
         shards.append(ShardInfo(name, url, samples, refs))
     return SplitShards(root, split, tuple(shards), tuple(skipped))
+
+
+def _read_summary(root: str) -> dict[str, Any]:
+    summary_url = _join(root, SUMMARY)
+    try:
+        with fsspec.open(summary_url, "rt") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise ShardError(
+            f"{summary_url} is missing: is {root} a prepared dataset (magnet prepare)?"
+        ) from None
+
+
+def check_text_settings(root: str, text: TextConfig) -> None:
+    """Refuse shards whose token ids the model would misread: tokenised with another vocabulary
+    (ids mean other words) or cut to another length than ``text.max_tokens``.
+
+    Raises:
+        ShardError: naming the shards' value and the model's.
+    """
+    from data_prep.tokenize import load_tokenizer, vocabulary_hash
+
+    summary = _read_summary(root)
+    tokenizer = summary.get("tokenizer", {})
+    written = tokenizer.get("vocabulary_hash")
+    expected = vocabulary_hash(load_tokenizer(text.name_or_path))
+    if written != expected:
+        raise ShardError(
+            f"{root} was tokenised with {tokenizer.get('name')} (vocabulary sha256 {str(written)[:12]}) but "
+            f"text.name_or_path {text.name_or_path} has vocabulary sha256 {expected[:12]}: "
+            f"prepare the data again with --tokenizer {text.name_or_path}"
+        )
+    max_tokens = summary.get("settings", {}).get("max_tokens")
+    if max_tokens != text.max_tokens:
+        raise ShardError(
+            f"{root} holds expressions of max_tokens {max_tokens} but the model reads "
+            f"text.max_tokens {text.max_tokens}: prepare the data again with --max-tokens {text.max_tokens}"
+        )
 
 
 def _refs_per_shard(root: str, split: str) -> dict[str, int]:

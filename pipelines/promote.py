@@ -181,12 +181,14 @@ def score_version(
     if cached is not None and cached_sha == dataset_sha256:
         value = float(cached)
     else:
+        from magnet.data import check_text_settings
         from magnet.evaluate import evaluate
         from pipelines.registry import load_model
 
         model, cfg = load_model(
             f"models:/{version.name}/{version.version}", tracking_uri=tracking_uri, device=device
         )
+        check_text_settings(shards, cfg.model.text)
         cfg.eval.protocol = protocol
         cfg.eval.max_samples = None  # the whole split: a run's quick-check cap must not shrink its test
         metrics = evaluate(model, shards, cfg, splits=[split], device=device).metrics

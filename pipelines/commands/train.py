@@ -38,7 +38,7 @@ def train(
 ) -> None:
     """Train MagNet with Ray Train through the train-magnet flow, tracked in MLflow."""
     from magnet.config import ConfigError, load_config
-    from magnet.data import open_split
+    from magnet.data import check_text_settings, open_split
 
     if init_from is not None:
         if not (init_from / "model.pt").is_file():
@@ -53,6 +53,7 @@ def train(
     shards = require_prepared(shards)
     # A corrupt shard named now, not in a Prefect task's traceback; the driver checks again (one
     # more read of the split) because the flow is also started without this command
+    check_text_settings(shards, cfg.model.text)
     data = cfg.data
     open_split(shards, data.train_split, verify=data.verify_checksums, skip_corrupt=data.skip_corrupt_shards)
     from pipelines.flows.train import train_magnet  # Prefect only once the arguments are good
@@ -86,7 +87,7 @@ def evaluate(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Score a model on whole splits (every expression) and write oIoU, mIoU and P@t."""
-    from magnet.data import open_split
+    from magnet.data import check_text_settings, open_split
     from magnet.evaluate import evaluate as run_evaluation
     from pipelines.registry import check_model_reference, load_model
 
@@ -103,6 +104,7 @@ def evaluate(
         net, cfg = load_model(model, tracking_uri=tracking_uri, device=device)
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err), param_hint="--model") from None
+    check_text_settings(shards, cfg.model.text)
     if protocol is not None:
         cfg.eval.protocol = protocol
     result = run_evaluation(net, shards, cfg, splits=splits, device=device)

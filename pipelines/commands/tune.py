@@ -47,6 +47,7 @@ def tune(
 ) -> None:
     """Sweep loss weights (or run the ablation) with Ray Tune; each trial is a Ray Train run."""
     from magnet.config import ConfigError, load_config
+    from magnet.data import check_text_settings
     from pipelines.tune import SEARCHES, SpaceError, build_scheduler, check_search, load_space
 
     if search is not None and search not in SEARCHES:
@@ -66,6 +67,7 @@ def tune(
     except (ConfigError, SpaceError) as err:
         raise typer.BadParameter(str(err), param_hint="--space/--config/--search") from None
     shards = require_prepared(shards)
+    check_text_settings(shards, cfg.model.text)  # each trial's driver checks its own config again
     from pipelines.flows.tune import tune_magnet  # Prefect only once the arguments are good
 
     result = tune_magnet(

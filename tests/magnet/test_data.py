@@ -29,7 +29,8 @@ from data_prep.contract import (
 )
 from data_prep.shards import prepare_dataset
 from data_prep.synth import synthesize
-from magnet.config import DataConfig, EvalConfig
+from data_prep.tokenize import load_tokenizer, vocabulary_hash
+from magnet.config import DataConfig, EvalConfig, TextConfig
 from magnet.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -37,6 +38,7 @@ from magnet.data import (
     ShardError,
     build_eval_loader,
     build_train_loader,
+    check_text_settings,
     open_split,
     train_batches_per_epoch,
 )
@@ -285,6 +287,23 @@ def test_missing_summary_and_unknown_split_are_clear_errors(root: Path, tmp_path
         open_split(str(tmp_path), "train")
     with pytest.raises(ShardError, match="no shards for split 'testC'"):
         open_split(str(root), "testC")
+
+
+def test_shards_tokenised_otherwise_than_the_model_reads_are_refused(
+    synthetic_shards, other_tokenizer
+) -> None:
+    shards = str(synthetic_shards())  # all-minilm-l6-v2's vocabulary, max_tokens 20
+    check_text_settings(shards, TextConfig())
+    check_text_settings(shards, TextConfig(name_or_path="bert-base-uncased"))  # the same vocabulary
+    with pytest.raises(ShardError, match=r"max_tokens 20 but the model reads text\.max_tokens 12"):
+        check_text_settings(shards, TextConfig(max_tokens=12))
+    written, other = (
+        vocabulary_hash(load_tokenizer(name))[:12] for name in ("all-minilm-l6-v2", other_tokenizer)
+    )
+    with pytest.raises(
+        ShardError, match=rf"sha256 {written}\) but text\.name_or_path .* has vocabulary sha256 {other}"
+    ):
+        check_text_settings(shards, TextConfig(name_or_path=other_tokenizer))
 
 
 def test_reads_what_data_prep_writes(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from timm.models.swin_transformer import SwinTransformerStage
 from magnet.config import ModelConfig, load_config
 from magnet.models import MagNet, build_model
 from magnet.models.fusion import PADDING_BIAS, LanguageFusion
-from magnet.models.magnet import TRAINING_ONLY_PREFIX, describe_model, split_layers
+from magnet.models.magnet import TRAINING_ONLY_PREFIX, describe_model, special_token_ids, split_layers
 
 PAPER_TOTAL = 297.0e6
 PAPER_SPLIT = {"vision_fusion_cam": 152.8e6, "language_fusion": 126.0e6, "decoder": 18.0e6}
@@ -303,6 +303,11 @@ def test_model_info_on_meta() -> None:
     assert (
         info["parameters"]["inference"] + info["parameters"]["training_only"] == info["parameters"]["total"]
     )
+
+
+def test_special_token_ids_are_the_configured_tokenizers(other_tokenizer: str) -> None:
+    assert special_token_ids(other_tokenizer) == ([1, 3, 0, 2, 4], 4)  # its [UNK] [SEP] [PAD] [CLS] [MASK]
+    assert special_token_ids("all-minilm-l6-v2")[1] == 103
 
 
 def test_split_layers() -> None:

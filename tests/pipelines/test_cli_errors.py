@@ -182,6 +182,11 @@ def test_evaluate_names_a_corrupt_shard(corrupt_shards, checkpoint):
     assert f"shard {corrupt_shards}/val/shard-000000.tar is corrupt" in line
 
 
+def test_train_refuses_shards_cut_to_another_length_before_prefect(synthetic_shards):
+    line = refused(["train", "--shards", str(synthetic_shards()), "--set", "model.text.max_tokens=12"])
+    assert "holds expressions of max_tokens 20 but the model reads text.max_tokens 12" in line
+
+
 def test_debug_shows_the_traceback(synthetic_shards, tmp_path, no_model_load):
     from magnet.data import ShardError
 
