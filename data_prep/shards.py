@@ -70,11 +70,12 @@ from data_prep.contract import (
     shard_stem,
     split_of,
 )
+from data_prep.defaults import PREPARE
 from data_prep.folder import MaskFile, MaskFileError, is_folder_dataset, load_folder, read_mask
 from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, rasterize
 from data_prep.refer import Annotation, ImageInfo, Ref, Sentence, load_refer
 from data_prep.synth import load_kinds
-from data_prep.tokenize import DEFAULT_TOKENIZER, encode_expressions, load_tokenizer, vocabulary_hash
+from data_prep.tokenize import encode_expressions, load_tokenizer, vocabulary_hash
 
 FORMAT_VERSION = 2
 """Bumped when the bytes written for the same input change, so old chunk markers are redone."""
@@ -103,10 +104,10 @@ class PrepareSettings:
 
     dataset: str
     split_by: str
-    tokenizer: str = DEFAULT_TOKENIZER
-    max_tokens: int = 20
-    samples_per_shard: int = 1000
-    mask_mode: MaskMode = "union"
+    tokenizer: str = PREPARE.tokenizer
+    max_tokens: int = PREPARE.max_tokens
+    samples_per_shard: int = PREPARE.samples_per_shard
+    mask_mode: MaskMode = PREPARE.mask_mode
 
     def __post_init__(self) -> None:
         if self.max_tokens < 2:
@@ -859,11 +860,11 @@ def prepare_dataset(
     split_by: str,
     out: str | Path,
     splits: Iterable[str] | None = None,
-    tokenizer: str = DEFAULT_TOKENIZER,
-    max_tokens: int = 20,
-    samples_per_shard: int = 1000,
+    tokenizer: str = PREPARE.tokenizer,
+    max_tokens: int = PREPARE.max_tokens,
+    samples_per_shard: int = PREPARE.samples_per_shard,
     workers: int = 1,
-    mask_mode: MaskMode = "union",
+    mask_mode: MaskMode = PREPARE.mask_mode,
     image_dir: str | Path | None = None,
     on_chunk: Callable[[ChunkResult, int], None] | None = None,
 ) -> PrepareResult:

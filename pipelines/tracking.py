@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from pipelines.defaults import TRAIN
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from magnet.config import Config
     from magnet.evaluate import Evaluation
 
-DEFAULT_EXPERIMENT = "magnet"
+DEFAULT_EXPERIMENT = TRAIN.experiment
 ARTIFACT_DIR_NAME = "mlartifacts"
 _PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
 _PARAM_VALUE_LIMIT = 6000
