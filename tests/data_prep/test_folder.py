@@ -4,7 +4,6 @@ or .csv, prepared into the same shards, manifest and rejects as the refer layout
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import tarfile
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from outputs import output_digests
 from PIL import Image
 
 from data_prep.contract import MANIFEST, REJECTS, SUMMARY
@@ -125,14 +125,6 @@ def build_folder(root: Path, rows: list[dict], fmt: str = "jsonl") -> Path:
     return root
 
 
-def _digests(root: Path) -> dict[str, str]:
-    return {
-        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*"))
-        if path.is_file() and "_work" not in path.parts
-    }
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_folder(tmp_path_factory.mktemp("mine"), ROWS)
@@ -215,7 +207,7 @@ def test_csv_gives_the_same_bytes_and_reruns_are_identical(tmp_path: Path, prepa
     as_csv = build_folder(tmp_path / "csv", text_rows, fmt="csv")
     first = prepare_dataset(as_jsonl, "mine", "folder", tmp_path / "out-jsonl", samples_per_shard=3)
     second = prepare_dataset(as_csv, "mine", "folder", tmp_path / "out-csv", samples_per_shard=3)
-    assert _digests(Path(first.out_dir)) == _digests(Path(second.out_dir))
+    assert output_digests(Path(first.out_dir)) == output_digests(Path(second.out_dir))
     assert first.counts["val"].written == 4  # "None" and "42" are text in a CSV
     again = prepare_dataset(as_csv, "mine", "folder", tmp_path / "out-csv", samples_per_shard=3)
     assert again.chunks_skipped == len(again.shards)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from outputs import output_digests
 from PIL import Image
 from refer_fixture import ANNOTATIONS, EXPECTED, IMAGES
 
@@ -18,16 +19,6 @@ from data_prep.contract import INDEX_FILES, MANIFEST, REJECTS, SUMMARY
 from data_prep.masks import rasterize
 from data_prep.shards import REJECT_REASONS, prepare_dataset
 from data_prep.tokenize import encode_expressions, load_tokenizer, vocabulary_hash
-
-
-def _digests(root: Path) -> dict[str, str]:
-    """sha256 of every output file (chunk markers under _work/ excluded: they hold fingerprints
-    that include file modification times)."""
-    return {
-        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*"))
-        if path.is_file() and "_work" not in path.parts
-    }
 
 
 @pytest.fixture(scope="module")
@@ -155,18 +146,18 @@ def test_byte_identical_whatever_the_workers_and_rerun_skips(
         on_chunk=lambda r, total: chunks.append((r.shard, r.skipped)),
     )
     assert result.chunks_skipped == 0 and len(chunks) == len(result.shards) > 4
-    assert _digests(tmp_path / "refcoco-unc") == _digests(prepared)
+    assert output_digests(tmp_path / "refcoco-unc") == output_digests(prepared)
 
     again = prepare_dataset(refer_root, "refcoco", "unc", tmp_path, samples_per_shard=4)
     assert again.chunks_skipped == len(again.shards)
-    assert _digests(tmp_path / "refcoco-unc") == _digests(prepared)
+    assert output_digests(tmp_path / "refcoco-unc") == output_digests(prepared)
 
     # A shard damaged after the fact is redone, not trusted.
     damaged = tmp_path / "refcoco-unc" / result.shards[0]["path"]
     damaged.write_bytes(b"garbage")
     third = prepare_dataset(refer_root, "refcoco", "unc", tmp_path, samples_per_shard=4)
     assert third.chunks_skipped == len(third.shards) - 1
-    assert _digests(tmp_path / "refcoco-unc") == _digests(prepared)
+    assert output_digests(tmp_path / "refcoco-unc") == output_digests(prepared)
 
 
 def test_split_selection_refer_mode_and_errors(refer_root: Path, tmp_path: Path) -> None:
@@ -200,13 +191,13 @@ def test_partial_prepare_merges_into_the_index_or_refuses(
     # Redoing one split with the same settings keeps the others in the index: the same bytes.
     redone = prepare_dataset(refer_root, "refcoco", "unc", tmp_path, splits=["val"], samples_per_shard=4)
     assert list(redone.counts) == list(EXPECTED["counts"])
-    assert _digests(out) == _digests(prepared)
+    assert output_digests(out) == output_digests(prepared)
 
     # With other settings the splits would not belong together: refused, nothing touched.
     others = ", ".join(split for split in EXPECTED["counts"] if split != "val")
     with pytest.raises(ValueError, match=rf"holds splits {others} prepared with max_tokens 20 \(now 12\)"):
         prepare_dataset(refer_root, "refcoco", "unc", tmp_path, splits=["val"], max_tokens=12)
-    assert _digests(out) == _digests(prepared)
+    assert output_digests(out) == output_digests(prepared)
 
     # Splits prepared one at a time add up.
     fresh = tmp_path / "fresh"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from model_inputs import random_batch
 from PIL import Image, ImageDraw
 from timm.layers import PatchEmbed
 from timm.models.swin_transformer import SwinTransformerStage
@@ -24,26 +25,6 @@ def tiny_cfg(*overrides: str) -> ModelConfig:
     return load_config("tiny", [f"model.{item}" for item in overrides]).model
 
 
-def batch(size: tuple[int, int], n: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random image, an expression of 8 real ids ([CLS] w1..w6 [SEP]) padded to 20, random mask."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(n, 20, dtype=torch.long)
-    ids[:, 0], ids[:, 7] = 101, 102
-    ids[:, 1:7] = torch.randint(1000, 5000, (n, 6), generator=g)
-    return {
-        "image": torch.randn(n, 3, *size, generator=g),
-        "input_ids": ids,
-        "attention_mask": (ids != 0).long(),
-        "target_mask": (torch.rand(n, *size, generator=g) > 0.5).float(),
-    }
-
-
-@pytest.fixture(scope="module")
-def tiny() -> MagNet:
-    torch.manual_seed(0)
-    return build_model(tiny_cfg())
-
-
 @pytest.fixture(scope="module")
 def paper_meta() -> MagNet:
     return build_model(load_config("paper").model, "meta")
@@ -52,7 +33,7 @@ def paper_meta() -> MagNet:
 # ------------------------------------------------------------------------------------ shapes
 @pytest.mark.parametrize("size", [(128, 128), (96, 160)])
 def test_tiny_shapes(tiny: MagNet, size: tuple[int, int]) -> None:
-    b = batch(size)
+    b = random_batch(size)
     tiny.eval()
     with torch.no_grad():
         enc = tiny.encode(b["image"], b["input_ids"], b["attention_mask"])
@@ -70,7 +51,7 @@ def test_tiny_shapes(tiny: MagNet, size: tuple[int, int]) -> None:
 
 @pytest.mark.parametrize("size", [(480, 480), (480, 384)])
 def test_paper_shapes_on_meta(paper_meta: MagNet, size: tuple[int, int]) -> None:
-    b = batch(size)
+    b = random_batch(size)
     with torch.device("meta"):
         b = {k: v.to("meta") for k, v in b.items()}
         enc = paper_meta.encode(b["image"], b["input_ids"], b["attention_mask"])
@@ -87,7 +68,7 @@ def test_paper_shapes_on_meta(paper_meta: MagNet, size: tuple[int, int]) -> None
 @pytest.mark.parametrize("switch", ["fusion.use_cam=false", "decoder.kind=lavt"])
 def test_switches_keep_shapes(switch: str) -> None:
     model = build_model(tiny_cfg(switch))
-    b = batch((64, 96))
+    b = random_batch((64, 96))
     out = model(**b)
     assert out.mask_logits.shape == (2, 1, 16, 24)
     assert torch.isfinite(out.losses["loss"])
@@ -111,7 +92,7 @@ def test_tiny_is_small(tiny: MagNet) -> None:
 def test_zero_gates_give_plain_swin(tiny: MagNet) -> None:
     """At init the fused main path is exactly timm's Swin on the same weights."""
     cfg = tiny.cfg.vision
-    b = batch((128, 96))
+    b = random_batch((128, 96))
     plain_embed = PatchEmbed(
         128,
         4,
@@ -155,7 +136,7 @@ def test_gradients_reach_every_parameter() -> None:
     torch.manual_seed(0)
     model = build_model(tiny_cfg("mask_grounding.mask_prob=1.0"))  # every word masked: MG loss > 0
     model.train()
-    b = batch((64, 64), n=2)
+    b = random_batch((64, 64), n=2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model(**b).losses["loss"].backward()
     optimizer.step()
@@ -176,12 +157,12 @@ def test_gradients_reach_every_parameter() -> None:
 def test_switched_off_heads_get_no_gradient() -> None:
     model = build_model(tiny_cfg("mask_grounding.enabled=false", "alignment.enabled=false"))
     assert sum(p.numel() for p in model.criterion.parameters()) == 0
-    out = model(**batch((64, 64)))
+    out = model(**random_batch((64, 64)))
     assert out.losses["mg"] == 0 and out.losses["cal"] == 0
     # MG on but in eval mode: the head exists and stays untouched.
     model = build_model(tiny_cfg())
     model.eval()
-    out = model(**batch((64, 64)))
+    out = model(**random_batch((64, 64)))
     out.losses["loss"].backward()
     assert out.losses["mg"] == 0
     assert all(p.grad is None for p in model.criterion.mask_grounding.parameters())
@@ -203,7 +184,7 @@ def test_alignment_loss_reads_its_pixels(tiny: MagNet, pixel_features: str) -> N
         ),
         model.criterion.alignment.register_forward_pre_hook(lambda _, args: seen.update(cal_pixels=args[0])),
     ]
-    b = batch((64, 64))
+    b = random_batch((64, 64))
     model.eval()  # no Mask Grounding: one pass, the one CAL reads
     try:
         with torch.no_grad():
@@ -239,7 +220,7 @@ def test_inference_weights_exclude_training_heads(tiny: MagNet) -> None:
 def test_bf16_autocast_on_cpu(tiny: MagNet) -> None:
     tiny.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = tiny(**batch((64, 96)))
+        out = tiny(**random_batch((64, 96)))
     assert out.mask_logits.dtype == torch.bfloat16
     assert all(torch.isfinite(v) for v in out.losses.values())
     out.losses["loss"].backward()

@@ -16,11 +16,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from data_prep.contract import SUMMARY
-from magnet.checkpoint import TrainState, save_checkpoint
 from magnet.config import load_config
 from pipelines.cli import app
-
-TINY = ["model.image_size=64", "model.text.pretrained=false"]
 
 
 def refused(args: list[str]) -> str:
@@ -41,26 +38,6 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the model was loaded before the input was checked")
 
     monkeypatch.setattr(registry, "load_model", load_model)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from magnet.models import build_model
-
-    cfg = load_config("tiny", TINY)
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return save_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "checkpoint",
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        state=TrainState(step=1),
-        cfg=cfg,
-        rng_states=[{}],
-    )
 
 
 @pytest.fixture(scope="module")

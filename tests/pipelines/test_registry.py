@@ -23,14 +23,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from mlflow_server import _free_port
 from PIL import Image
+from ports import free_port
 
 from data_prep.contract import SUMMARY
-from magnet.checkpoint import MODEL_FILE, TRAIN_STATE_FILE, TrainState, save_checkpoint
+from magnet.checkpoint import MODEL_FILE, TRAIN_STATE_FILE
 from magnet.config import load_config
 from magnet.inference import predict
-from magnet.models import build_model
 from pipelines import registry, tracking
 
 MAGNET = str(Path(sys.executable).with_name("magnet"))
@@ -59,25 +58,6 @@ print(json.dumps({
     "mask_bytes": len(out["mask"][0]),
 }))
 """
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = load_config("tiny", ["model.image_size=64", "model.text.pretrained=false"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    directory = tmp_path_factory.mktemp("ckpt") / "checkpoint_step00000003"
-    return save_checkpoint(
-        directory,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        state=TrainState(step=3),
-        cfg=cfg,
-        rng_states=[{}],
-    )
 
 
 @pytest.fixture(scope="module")
@@ -341,7 +321,7 @@ def test_mlflow_models_serve_answers_a_request_with_magnet_predicts_mask(registe
 
     from pipelines.cli import app
 
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "serve.log").open("wb")
     server = subprocess.Popen(
         [bare_python, "-m", "mlflow", "models", "serve", "-m", "models:/magnet@demo",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from data_prep.contract import SUMMARY
 
@@ -33,12 +33,6 @@ TINY = [
     "train.checkpoint_every=2",
     "train.log_every=1",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _pid(state: Path, service: str) -> int:
@@ -68,7 +62,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     every process it started."""
     root = tmp_path_factory.mktemp("stack")
     state = root / "stack"
-    prefect_port, mlflow_port = _free_port(), _free_port()
+    prefect_port, mlflow_port = free_port(), free_port()
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
