@@ -11,13 +11,17 @@ from PIL import Image, ImageDraw
 from timm.layers import PatchEmbed
 from timm.models.swin_transformer import SwinTransformerStage
 
-from magnet.config import ModelConfig, load_config
+from magnet.config import CONFIG_DIR, ModelConfig, load_config
 from magnet.models import MagNet, build_model
+from magnet.models.decoders import DECODERS
 from magnet.models.fusion import PADDING_BIAS, LanguageFusion
 from magnet.models.magnet import TRAINING_ONLY_PREFIX, describe_model, special_token_ids, split_layers
 
 PAPER_TOTAL = 297.0e6
 PAPER_SPLIT = {"vision_fusion_cam": 152.8e6, "language_fusion": 126.0e6, "decoder": 18.0e6}
+
+
+PRESETS = sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
 
 
 def tiny_cfg(*overrides: str) -> ModelConfig:
@@ -28,6 +32,59 @@ def tiny_cfg(*overrides: str) -> ModelConfig:
 @pytest.fixture(scope="module")
 def paper_meta() -> MagNet:
     return build_model(load_config("paper").model, "meta")
+
+
+# ------------------------------------------------------------------------- every variant
+def quick_cfg(preset: str, *overrides: str) -> ModelConfig:
+    """A preset's model with random weights and what makes it slow on CPU cut (image size, Swin
+    depths past the shifted-window pair, widths, layer counts), its architecture choices kept
+    (switches, decoder kind, window size, text encoder): a new preset is tested as it comes."""
+    model = load_config(preset).model
+    vision, decoder, grounding = model.vision, model.decoder, model.mask_grounding
+    cut = [
+        "text.pretrained=false",
+        "vision.pretrained=null",
+        f"image_size={min(model.image_size, 96)}",
+        f"vision.embed_dim={min(vision.embed_dim, 32)}",
+        f"vision.depths=[{','.join(str(min(depth, 2)) for depth in vision.depths)}]",
+        f"decoder.hidden_dim={min(decoder.hidden_dim, 64)}",
+        f"decoder.pixel_decoder_layers={min(decoder.pixel_decoder_layers, 1)}",
+        f"decoder.pixel_decoder_ffn_dim={min(decoder.pixel_decoder_ffn_dim, 128)}",
+        f"decoder.decoder_layers={min(decoder.decoder_layers, 2)}",
+        f"decoder.decoder_ffn_dim={min(decoder.decoder_ffn_dim, 128)}",
+        f"mask_grounding.hidden_dim={min(grounding.hidden_dim, 64)}",
+        f"mask_grounding.num_layers={min(grounding.num_layers, 1)}",
+        f"alignment.embed_dim={min(model.alignment.embed_dim, 64)}",
+    ]
+    return load_config(preset, [f"model.{item}" for item in (*cut, *overrides)]).model
+
+
+def check_one_training_step(cfg: ModelConfig) -> None:
+    """One forward and backward on a random batch: output shapes, a finite loss, finite gradients
+    reaching the vision, text and decoder (classifier) parts."""
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    size = cfg.image_size
+    out = model(**random_batch((size, size)))
+    assert out.mask_logits.shape == (2, 1, size // 4, size // 4)
+    assert all(a.shape == out.mask_logits.shape for a in out.aux_mask_logits)
+    loss = out.losses["loss"]
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    for part in ("image_model.", "language_model.", "classifier."):
+        assert any(name.startswith(part) and g.abs().sum() > 0 for name, g in grads.items()), part
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_trains_a_step(preset: str) -> None:
+    check_one_training_step(quick_cfg(preset))
+
+
+@pytest.mark.parametrize("kind", sorted(DECODERS))
+def test_every_registered_decoder_trains_a_step_in_the_model(kind: str) -> None:
+    check_one_training_step(quick_cfg("tiny", f"decoder.kind={kind}", "image_size=64"))
 
 
 # ------------------------------------------------------------------------------------ shapes
