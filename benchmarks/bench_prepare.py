@@ -40,6 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    from data_prep.contract import INDEX_FILES, SUMMARY
     from data_prep.shards import prepare_dataset
     from data_prep.synth import synthesize
 
@@ -71,14 +72,14 @@ def main() -> None:
     ]
     import json
 
-    summary = json.loads((workdir / "cli" / "refcoco-unc" / "summary.json").read_text())
+    summary = json.loads((workdir / "cli" / "refcoco-unc" / SUMMARY).read_text())
     read = sum(c["read"] for c in summary["counts"].values())
     written = sum(c["written"] for c in summary["counts"].values())
     same = all(
         (workdir / d / "refcoco-unc" / name).read_bytes()
         == (workdir / "cli" / "refcoco-unc" / name).read_bytes()
         for d in ("lib-1", f"lib-{args.workers}")
-        for name in ("summary.json", "manifest.parquet", "rejects.parquet")
+        for name in INDEX_FILES
     )
     print(f"synthetic set: {images} images, {read} expressions ({written} written), "
           f"{args.image_size} px, synthesised in {synth_s:.1f} s; {os.cpu_count()} CPUs")  # fmt: skip

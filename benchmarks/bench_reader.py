@@ -43,6 +43,7 @@ from _latency_proxy import LatencyProxy
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from data_prep.contract import META_MEMBER
 from data_prep.masks import rasterize
 from data_prep.refer import ReferData, load_refer
 from data_prep.shards import prepare_dataset
@@ -253,7 +254,7 @@ def _per_sample_costs(naive: NaiveReferDataset, shards: SplitShards, input_size:
     raws = list(read_shard(shards.shards[0].url))
     tar_ms = 1000 * (time.perf_counter() - start) / len(raws)
     index_of = {sent.sent_id: i for i, (_, sent) in enumerate(naive.items)}
-    items = [index_of[json.loads(raw["json"])["sent_id"]] for raw in raws]
+    items = [index_of[json.loads(raw[META_MEMBER])["sent_id"]] for raw in raws]
     masks = [decode_sample(raw, 1, 1, keep_orig_mask=True)["orig_mask"] for raw in raws]
 
     def timed(make: Callable[[int], Any]) -> tuple[list[Any], float]:

@@ -51,12 +51,32 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
+from data_prep.contract import (
+    ATTENTION_MASK_MEMBER,
+    INDEX_FILES,
+    INPUT_IDS_MEMBER,
+    KIND_FIELD,
+    MANIFEST,
+    MANIFEST_SCHEMA,
+    MASK_MEMBER,
+    META_MEMBER,
+    REJECTS,
+    REJECTS_SCHEMA,
+    SHARD_GLOB,
+    SUMMARY,
+    WORK_DIR,
+    sample_key,
+    shard_path,
+    shard_stem,
+    split_of,
+)
+from data_prep.defaults import PREPARE
 from data_prep.folder import MaskFile, MaskFileError, is_folder_dataset, load_folder, read_mask
 from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, rasterize
 from data_prep.paths import is_url
 from data_prep.refer import Annotation, ImageInfo, Ref, Sentence, load_refer
 from data_prep.synth import load_kinds
-from data_prep.tokenize import DEFAULT_TOKENIZER, encode_expressions, load_tokenizer, vocabulary_hash
+from data_prep.tokenize import encode_expressions, load_tokenizer, vocabulary_hash
 
 FORMAT_VERSION = 2
 """Bumped when the bytes written for the same input change, so old chunk markers are redone."""
@@ -78,41 +98,6 @@ REJECT_REASONS: dict[str, str] = {
     "duplicate_sent_id": "an earlier expression of the split has the same sent_id",
 }
 
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("split", pa.string()),
-        ("shard", pa.string()),
-        ("ref_id", pa.int64()),
-        ("sent_id", pa.int64()),
-        ("ann_id", pa.int64()),
-        ("image_id", pa.int64()),
-        ("category_id", pa.int64()),
-        ("raw", pa.string()),
-        ("n_tokens", pa.int32()),
-        ("mask_area", pa.int64()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-    ]
-)
-"""`n_tokens`: WordPiece ids of the whole expression with [CLS] and [SEP], before the cut to
-max_tokens (n_tokens > max_tokens marks a cut expression). `mask_area`: mask pixels at the
-original size. `shard`: the shard's path relative to the dataset directory. A last column `kind`
-(KIND_FIELD) is added only when the refer root has the synthetic generator's kinds file."""
-KIND_FIELD = pa.field("kind", pa.string())
-
-REJECTS_SCHEMA = pa.schema(
-    [
-        ("split", pa.string()),
-        ("ref_id", pa.int64()),
-        ("sent_id", pa.int64()),
-        ("image_id", pa.int64()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-    ]
-)
-"""`reason`: a key of REJECT_REASONS; `detail`: the specific message."""
-
 
 @dataclass(frozen=True)
 class PrepareSettings:
@@ -120,10 +105,10 @@ class PrepareSettings:
 
     dataset: str
     split_by: str
-    tokenizer: str = DEFAULT_TOKENIZER
-    max_tokens: int = 20
-    samples_per_shard: int = 1000
-    mask_mode: MaskMode = "union"
+    tokenizer: str = PREPARE.tokenizer
+    max_tokens: int = PREPARE.max_tokens
+    samples_per_shard: int = PREPARE.samples_per_shard
+    mask_mode: MaskMode = PREPARE.mask_mode
 
     def __post_init__(self) -> None:
         if self.max_tokens < 2:
@@ -163,7 +148,7 @@ class Chunk:
 
     @property
     def shard(self) -> str:
-        return f"{self.split}/shard-{self.index:06d}.tar"
+        return shard_path(self.split, self.index)
 
     @property
     def n_expressions(self) -> int:
@@ -280,7 +265,7 @@ def plan_prepare(
 def _read_summary(out_dir: Path | str) -> dict | None:
     """An earlier preparation's summary.json in out_dir, or None."""
     try:
-        with fsspec.open(f"{str(out_dir).rstrip('/')}/summary.json", "rt", encoding="utf-8") as handle:
+        with fsspec.open(f"{str(out_dir).rstrip('/')}/{SUMMARY}", "rt", encoding="utf-8") as handle:
             return json.load(handle)
     except FileNotFoundError:
         return None
@@ -483,7 +468,7 @@ _P = TypeVar("_P", bound=PurePath)
 
 
 def _part_paths(out_dir: _P, chunk: Chunk) -> tuple[_P, _P, _P]:
-    stem = out_dir / "_work" / chunk.split / f"shard-{chunk.index:06d}"
+    stem = out_dir / WORK_DIR / chunk.split / shard_stem(chunk.index)
     return (
         stem.with_suffix(".manifest.parquet"),
         stem.with_suffix(".rejects.parquet"),
@@ -597,7 +582,7 @@ def prepare_chunk(
             if not has_known_word[row]:
                 reject(ref, sentence.sent_id, "no_known_words", repr(sentence.raw))
                 continue
-            key = f"{sentence.sent_id:010d}"
+            key = sample_key(sentence.sent_id)
             meta = {
                 "ref_id": ref.ref_id,
                 "sent_id": sentence.sent_id,
@@ -610,10 +595,11 @@ def prepare_chunk(
                 "width": info.width,
             }
             _tar_member(tar, f"{key}.{ext}", image_bytes)
-            _tar_member(tar, f"{key}.mask.png", mask_png)
-            _tar_member(tar, f"{key}.input_ids.npy", _npy_bytes(ids[row]))
-            _tar_member(tar, f"{key}.attention_mask.npy", _npy_bytes(attention[row]))
-            _tar_member(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode())
+            _tar_member(tar, f"{key}.{MASK_MEMBER}", mask_png)
+            _tar_member(tar, f"{key}.{INPUT_IDS_MEMBER}", _npy_bytes(ids[row]))
+            _tar_member(tar, f"{key}.{ATTENTION_MASK_MEMBER}", _npy_bytes(attention[row]))
+            meta_json = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
+            _tar_member(tar, f"{key}.{META_MEMBER}", meta_json)
             manifest.append(
                 {
                     "key": key,
@@ -744,12 +730,12 @@ def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult
             manifest.append_column(KIND_FIELD, kinds),
             MANIFEST_SCHEMA.append(KIND_FIELD),
         )
-    _write_parquet(manifest.to_pylist(), manifest_schema, out_dir / "manifest.parquet")
-    _write_parquet(rejects.to_pylist(), REJECTS_SCHEMA, out_dir / "rejects.parquet")
+    _write_parquet(manifest.to_pylist(), manifest_schema, out_dir / MANIFEST)
+    _write_parquet(rejects.to_pylist(), REJECTS_SCHEMA, out_dir / REJECTS)
 
     planned = {c.shard for c in plan.chunks}
     for split in plan.splits:
-        for stale in sorted((out_dir / split).glob("shard-*.tar")):
+        for stale in sorted((out_dir / split).glob(SHARD_GLOB)):
             if f"{split}/{stale.name}" not in planned:
                 stale.unlink()
 
@@ -786,8 +772,8 @@ def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult
         "counts": {split: asdict(c) for split, c in counts.items()},
         "rejects_by_reason": reasons,
         "shards": shards,
-        "manifest_sha256": _file_sha256(out_dir / "manifest.parquet"),
-        "rejects_sha256": _file_sha256(out_dir / "rejects.parquet"),
+        "manifest_sha256": _file_sha256(out_dir / MANIFEST),
+        "rejects_sha256": _file_sha256(out_dir / REJECTS),
         "versions": _tool_versions(),
         "settings": {
             "splits": list(listed),
@@ -796,9 +782,9 @@ def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult
             "mask_mode": settings.mask_mode,
         },
     }
-    tmp = out_dir / "summary.json.tmp"
+    tmp = out_dir / f"{SUMMARY}.tmp"
     tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / "summary.json")
+    os.replace(tmp, out_dir / SUMMARY)
     return PrepareResult(
         out_dir=out_dir,
         counts=counts,
@@ -825,15 +811,15 @@ def _previous_index(out_dir: Path, splits: tuple[str, ...]) -> dict[str, _KeptSp
     if not splits:
         return {}
     summary = _read_summary(out_dir)
-    manifest = pq.read_table(out_dir / "manifest.parquet", schema=MANIFEST_SCHEMA)
-    rejects = pq.read_table(out_dir / "rejects.parquet", schema=REJECTS_SCHEMA)
+    manifest = pq.read_table(out_dir / MANIFEST, schema=MANIFEST_SCHEMA)
+    rejects = pq.read_table(out_dir / REJECTS, schema=REJECTS_SCHEMA)
     return {
         split: _KeptSplit(
             manifest=manifest.filter(pc.equal(manifest["split"], split)),
             rejects=rejects.filter(pc.equal(rejects["split"], split)),
             counts=SplitCounts(**summary["counts"][split]),
             rejects_by_reason=summary["rejects_by_reason"][split],
-            shards=[e for e in summary["shards"] if e["path"].split("/", 1)[0] == split],
+            shards=[e for e in summary["shards"] if split_of(e["path"]) == split],
         )
         for split in splits
     }
@@ -851,15 +837,15 @@ def _assemble_remote(plan: PreparePlan, results: Iterable[ChunkResult]) -> Prepa
                 local.parent.mkdir(parents=True, exist_ok=True)
                 fs.get_file(f"{root}/{local.relative_to(staging).as_posix()}", str(local))
         if plan.kept_splits:  # the earlier index, merged with this preparation's splits
-            for name in ("summary.json", "manifest.parquet", "rejects.parquet"):
+            for name in INDEX_FILES:
                 fs.get_file(f"{root}/{name}", str(staging / name))
         result = assemble(replace(plan, out_dir=staging), results)
         planned = {c.shard for c in plan.chunks}
         for split in plan.splits:
-            for stale in sorted(fs.glob(f"{root}/{split}/shard-*.tar")):
+            for stale in sorted(fs.glob(f"{root}/{split}/{SHARD_GLOB}")):
                 if f"{split}/{PurePosixPath(stale).name}" not in planned:
                     fs.rm_file(stale)
-        for name in ("manifest.parquet", "rejects.parquet", "summary.json"):
+        for name in (MANIFEST, REJECTS, SUMMARY):  # the summary last
             fs.put_file(str(staging / name), f"{root}/{name}")
     return replace(result, out_dir=plan.out_dir)
 
@@ -870,11 +856,11 @@ def prepare_dataset(
     split_by: str,
     out: str | Path,
     splits: Iterable[str] | None = None,
-    tokenizer: str = DEFAULT_TOKENIZER,
-    max_tokens: int = 20,
-    samples_per_shard: int = 1000,
+    tokenizer: str = PREPARE.tokenizer,
+    max_tokens: int = PREPARE.max_tokens,
+    samples_per_shard: int = PREPARE.samples_per_shard,
     workers: int = 1,
-    mask_mode: MaskMode = "union",
+    mask_mode: MaskMode = PREPARE.mask_mode,
     image_dir: str | Path | None = None,
     on_chunk: Callable[[ChunkResult, int], None] | None = None,
 ) -> PrepareResult:

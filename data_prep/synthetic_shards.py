@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from data_prep.contract import SUMMARY
 from data_prep.shards import dataset_dir, prepare_dataset
 from data_prep.synth import synthesize
 
@@ -34,10 +35,8 @@ def ensure_synthetic_shards(
         print(f"[demo] generating {images} synthetic images of {image_size} px under {data}")
         synthesize(data, num_images=images, image_size=image_size, seed=seed)
     shards = dataset_dir(workdir / "shards", DATASET, SPLIT_BY)
-    if (
-        not (shards / "summary.json").is_file()
-        or (shards / "summary.json").stat().st_mtime < report.stat().st_mtime
-    ):
+    summary = shards / SUMMARY
+    if not summary.is_file() or summary.stat().st_mtime < report.stat().st_mtime:
         print(f"[demo] preparing shards under {shards}")
         prepare_dataset(data, DATASET, SPLIT_BY, workdir / "shards", workers=min(2, os.cpu_count() or 1))
     return shards

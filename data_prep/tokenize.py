@@ -18,8 +18,10 @@ from typing import Any, TypeVar
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from data_prep.defaults import PREPARE
+
 MINILM_ALIAS = "all-minilm-l6-v2"
-DEFAULT_TOKENIZER = MINILM_ALIAS
+DEFAULT_TOKENIZER = PREPARE.tokenizer
 BERT_BASE_UNCASED = frozenset({"bert-base-uncased", "google-bert/bert-base-uncased"})
 """Names whose WordPiece vocabulary is the one all-MiniLM-L6-v2 ships (same 30,522 words, uncased)."""
 

@@ -47,13 +47,23 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from magnet.config import DataConfig, EvalConfig
+from data_prep.contract import (
+    ATTENTION_MASK_MEMBER,
+    IMAGE_MEMBERS,
+    INPUT_IDS_MEMBER,
+    MANIFEST,
+    MASK_MEMBER,
+    META_MEMBER,
+    SUMMARY,
+    shard_path,
+    split_of,
+)
+from magnet.config import DataConfig, EvalConfig, TextConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _PIXEL_SCALE = 1 / (255 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 _PIXEL_SHIFT = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-_IMAGE_MEMBERS = ("jpg", "jpeg", "png")
 _HASH_CHUNK = 1 << 20
 _HASH_THREADS = 8
 
@@ -117,18 +127,10 @@ def open_split(root: str, split: str, *, verify: bool = True, skip_corrupt: bool
         skip_corrupt: drop shards failing the check (named in ``SplitShards.skipped``) instead of
             raising, so the trainer can count them.
     """
-    summary_url = _join(root, "summary.json")
-    try:
-        with fsspec.open(summary_url, "rt") as handle:
-            summary = json.load(handle)
-    except FileNotFoundError:
-        raise ShardError(
-            f"{summary_url} is missing: is {root} a prepared dataset (magnet prepare)?"
-        ) from None
-    # Shard paths are '<split>/shard-%06d.tar', relative to the root.
-    entries = [entry for entry in summary.get("shards", []) if entry["path"].split("/", 1)[0] == split]
+    summary = _read_summary(root)
+    entries = [entry for entry in summary.get("shards", []) if split_of(entry["path"]) == split]
     if not entries:
-        known = sorted({entry["path"].split("/", 1)[0] for entry in summary.get("shards", [])})
+        known = sorted({split_of(entry["path"]) for entry in summary.get("shards", [])})
         raise ShardError(f"{root} has no shards for split {split!r}; splits with shards: {known}")
     refs_per_shard = _refs_per_shard(root, split)
 
@@ -145,20 +147,58 @@ def open_split(root: str, split: str, *, verify: bool = True, skip_corrupt: bool
             if actual != entry["sha256"]:
                 if not skip_corrupt:
                     raise ShardError(
-                        f"shard {url} is corrupt: sha256 {actual} but summary.json says {entry['sha256']}"
+                        f"shard {url} is corrupt: sha256 {actual} but {SUMMARY} says {entry['sha256']}"
                     )
                 skipped.append(name)
                 continue
         samples, refs = int(entry["samples"]), refs_per_shard.get(name, 0)
         if samples > 0 and refs == 0:
-            raise ShardError(f"shard {url} holds {samples} samples but manifest.parquet lists none of them")
+            raise ShardError(f"shard {url} holds {samples} samples but {MANIFEST} lists none of them")
         shards.append(ShardInfo(name, url, samples, refs))
     return SplitShards(root, split, tuple(shards), tuple(skipped))
 
 
+def _read_summary(root: str) -> dict[str, Any]:
+    summary_url = _join(root, SUMMARY)
+    try:
+        with fsspec.open(summary_url, "rt") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise ShardError(
+            f"{summary_url} is missing: is {root} a prepared dataset (magnet prepare)?"
+        ) from None
+
+
+def check_text_settings(root: str, text: TextConfig) -> None:
+    """Refuse shards whose token ids the model would misread: tokenised with another vocabulary
+    (ids mean other words) or cut to another length than ``text.max_tokens``.
+
+    Raises:
+        ShardError: naming the shards' value and the model's.
+    """
+    from data_prep.tokenize import load_tokenizer, vocabulary_hash
+
+    summary = _read_summary(root)
+    tokenizer = summary.get("tokenizer", {})
+    written = tokenizer.get("vocabulary_hash")
+    expected = vocabulary_hash(load_tokenizer(text.name_or_path))
+    if written != expected:
+        raise ShardError(
+            f"{root} was tokenised with {tokenizer.get('name')} (vocabulary sha256 {str(written)[:12]}) but "
+            f"text.name_or_path {text.name_or_path} has vocabulary sha256 {expected[:12]}: "
+            f"prepare the data again with --tokenizer {text.name_or_path}"
+        )
+    max_tokens = summary.get("settings", {}).get("max_tokens")
+    if max_tokens != text.max_tokens:
+        raise ShardError(
+            f"{root} holds expressions of max_tokens {max_tokens} but the model reads "
+            f"text.max_tokens {text.max_tokens}: prepare the data again with --max-tokens {text.max_tokens}"
+        )
+
+
 def _refs_per_shard(root: str, split: str) -> dict[str, int]:
     """Distinct referred objects per shard, from the manifest (a ref never spans two shards)."""
-    url = _join(root, "manifest.parquet")
+    url = _join(root, MANIFEST)
     try:
         with fsspec.open(url, "rb") as handle:
             table = pq.read_table(handle, columns=["split", "shard", "ref_id"])
@@ -211,14 +251,14 @@ def decode_sample(
 ) -> dict[str, Any]:
     """One tar sample (member suffix -> bytes) -> arrays ready for ``collate``."""
     key = raw["__key__"]
-    image_bytes = next((raw[m] for m in _IMAGE_MEMBERS if m in raw), None)
-    if image_bytes is None or "mask.png" not in raw:
-        raise ShardError(f"sample {key} in {raw.get('__url__')} lacks its image or mask.png member")
-    meta = json.loads(raw["json"])
-    mask_png = Image.open(io.BytesIO(raw["mask.png"]))
+    image_bytes = next((raw[m] for m in IMAGE_MEMBERS if m in raw), None)
+    if image_bytes is None or MASK_MEMBER not in raw:
+        raise ShardError(f"sample {key} in {raw.get('__url__')} lacks its image or {MASK_MEMBER} member")
+    meta = json.loads(raw[META_MEMBER])
+    mask_png = Image.open(io.BytesIO(raw[MASK_MEMBER]))
     if mask_png.mode != "L":
         raise ShardError(
-            f"sample {key} in {raw.get('__url__')}: mask.png is mode {mask_png.mode}, expected L"
+            f"sample {key} in {raw.get('__url__')}: {MASK_MEMBER} is mode {mask_png.mode}, expected L"
         )
     mask = (np.asarray(mask_png) > 127).astype(np.uint8)  # [H,W] {0,1}
     if mask.shape != (meta["height"], meta["width"]):
@@ -230,8 +270,8 @@ def decode_sample(
     sample = {
         "image": image,
         "mask": small_mask,
-        "input_ids": np.load(io.BytesIO(raw["input_ids.npy"])),
-        "attention_mask": np.load(io.BytesIO(raw["attention_mask.npy"])),
+        "input_ids": np.load(io.BytesIO(raw[INPUT_IDS_MEMBER])),
+        "attention_mask": np.load(io.BytesIO(raw[ATTENTION_MASK_MEMBER])),
         "sent_id": meta["sent_id"],
         "ref_id": meta["ref_id"],
         "image_id": meta["image_id"],
@@ -255,7 +295,7 @@ def _pick_per_ref(samples: Iterable[dict[str, Any]], pick_seed: str) -> Iterator
     group: list[dict[str, Any]] = []
     group_ref = None
     for sample in samples:
-        ref_id = json.loads(sample["json"])["ref_id"]
+        ref_id = json.loads(sample[META_MEMBER])["ref_id"]
         if group and ref_id != group_ref:
             yield group[random.Random(f"{pick_seed}:{group_ref}").randrange(len(group))]
             group = []
@@ -527,7 +567,7 @@ def build_eval_loader(
 # ----------------------------------------------------------------------- the prepared dataset
 def held_out_splits(shards: str, train_split: str) -> list[str]:
     """Every split of the prepared data except the training split, in summary.json's order."""
-    with fsspec.open(f"{shards}/summary.json", "rb") as handle:
+    with fsspec.open(f"{shards}/{SUMMARY}", "rb") as handle:
         summary = json.load(handle)
     return [split for split in summary.get("counts", {}) if split != train_split]
 
@@ -535,11 +575,11 @@ def held_out_splits(shards: str, train_split: str) -> list[str]:
 def first_example(shards: str, split: str) -> tuple[bytes, str]:
     """(image bytes, expression) of a split's first sample: the registered model's input example."""
     with (
-        fsspec.open(f"{shards}/{split}/shard-000000.tar", "rb") as handle,
+        fsspec.open(f"{shards}/{shard_path(split, 0)}", "rb") as handle,
         tarfile.open(fileobj=handle) as tar,
     ):
         members = {m.name: m for m in tar.getmembers()}
         key = min(name.split(".", 1)[0] for name in members)
-        meta = json.loads(tar.extractfile(members[f"{key}.json"]).read())
-        image_name = next(f"{key}.{ext}" for ext in ("jpg", "jpeg", "png") if f"{key}.{ext}" in members)
+        meta = json.loads(tar.extractfile(members[f"{key}.{META_MEMBER}"]).read())
+        image_name = next(f"{key}.{ext}" for ext in IMAGE_MEMBERS if f"{key}.{ext}" in members)
         return tar.extractfile(members[image_name]).read(), meta["raw"]

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_prep.contract import MANIFEST, SUMMARY
 from magnet.config import Config, EvalConfig
 from magnet.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_loader, open_split
 from magnet.metrics import (
@@ -287,7 +288,7 @@ def _read_json(url: str) -> dict[str, Any]:
 def split_breakdowns(shards: str, splits: Sequence[str]) -> tuple[str, dict[str, Breakdown]]:
     """What the data is broken down by ('kind' where preparation carried the generator's ``kind``
     column, synthetic data; else 'text', the expression's features) and each split's breakdown."""
-    with fsspec.open(f"{shards.rstrip('/')}/manifest.parquet", "rb") as handle:
+    with fsspec.open(f"{shards.rstrip('/')}/{MANIFEST}", "rb") as handle:
         manifest = pq.ParquetFile(handle)
         by = "kind" if "kind" in manifest.schema_arrow.names else "text"
         columns = ["split", "sent_id", "kind" if by == "kind" else "raw"]
@@ -338,7 +339,7 @@ def evaluate(
     device = torch.device(device)
     splits = list(splits if splits is not None else cfg.data.eval_splits)
     size = cfg.eval.size_for(cfg.model.image_size)
-    settings = _read_json(f"{shards.rstrip('/')}/summary.json").get("settings", {})
+    settings = _read_json(f"{shards.rstrip('/')}/{SUMMARY}").get("settings", {})
     breakdown_by, breakdowns = split_breakdowns(shards, splits)
     results: dict[str, SplitResult] = {}
     metrics: dict[str, float] = {}

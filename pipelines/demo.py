@@ -99,10 +99,11 @@ def _try_it_example(workdir: Path, shards: Path) -> tuple[Path, str]:
     """A validation image and one of its expressions, for the printed `magnet predict` line."""
     import pyarrow.parquet as pq
 
+    from data_prep.contract import MANIFEST
     from data_prep.refer import IMAGE_SUBDIR
     from data_prep.synth import image_file_name
 
-    rows = pq.read_table(shards / "manifest.parquet", columns=["split", "image_id", "raw"]).to_pylist()
+    rows = pq.read_table(shards / MANIFEST, columns=["split", "image_id", "raw"]).to_pylist()
     row = next(r for r in rows if r["split"] == "val")
     return workdir / "data" / IMAGE_SUBDIR / image_file_name(row["image_id"]), row["raw"]
 

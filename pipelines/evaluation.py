@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from magnet.data import check_text_settings
 from magnet.evaluate import Evaluation, evaluate, prediction_figure
 from pipelines import mlflow_record
 from pipelines.registry import load_model
@@ -48,6 +49,7 @@ def evaluate_model(
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg = load_model(str(reference), tracking_uri=tracking_uri, device=device)
+    check_text_settings(shards, cfg.model.text)  # shards tokenised for another model: refuse by name
     if protocol is not None:
         cfg.eval.protocol = protocol
     if whole_splits:

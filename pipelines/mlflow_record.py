@@ -80,7 +80,9 @@ def _kinds(shards: str) -> dict[int, str]:
     import fsspec
     import pyarrow.parquet as pq
 
-    with fsspec.open(f"{shards.rstrip('/')}/manifest.parquet", "rb") as handle:
+    from data_prep.contract import MANIFEST
+
+    with fsspec.open(f"{shards.rstrip('/')}/{MANIFEST}", "rb") as handle:
         manifest = pq.ParquetFile(handle)
         if "kind" not in manifest.schema_arrow.names:
             return {}
@@ -128,10 +130,12 @@ def _benchmark_splits(shards: str, summary: Mapping[str, Any]) -> dict[str, floa
     import fsspec
     import pyarrow.parquet as pq
 
+    from data_prep.contract import MANIFEST
+
     key = (str(summary.get("dataset")), str(summary.get("splitBy")))
     if key not in PUBLISHED_OIOU:
         return {}
-    with fsspec.open(f"{shards.rstrip('/')}/manifest.parquet", "rb") as handle:
+    with fsspec.open(f"{shards.rstrip('/')}/{MANIFEST}", "rb") as handle:
         columns = pq.read_table(handle, columns=["split", "ref_id"]).to_pydict()
     refs: dict[str, set[int]] = {}
     for split, ref_id in zip(columns["split"], columns["ref_id"], strict=True):

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data_prep.paths import absolute_location
+from pipelines.defaults import PROMOTE
 from pipelines.evaluation import evaluate_model
 from pipelines.registry import MODEL_NAME
 from pipelines.tracking import client_for, dataset_tags, resolve_tracking_uri
@@ -308,14 +309,14 @@ def promote(
     *,
     shards: str | Path,
     experiment: str,
-    metric: str = "val_oIoU",
+    metric: str = PROMOTE.metric,
     sweep_run_id: str | None = None,
-    min_gain: float = 0.0,
+    min_gain: float = PROMOTE.min_gain,
     split: str | None = None,
-    protocol: str = "lavt",
+    protocol: str = PROMOTE.protocol,
     tracking_uri: str | None = None,
     model_name: str = MODEL_NAME,
-    device: str = "cpu",
+    device: str = PROMOTE.device,
 ) -> Promotion:
     """Compare the best finished run's model with the `champion` and move the aliases.
 

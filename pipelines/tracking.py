@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from data_prep.contract import SUMMARY
 from data_prep.paths import absolute_location, is_url
+from pipelines.defaults import TRAIN
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
     from magnet.config import Config
     from magnet.evaluate import Evaluation
 
-DEFAULT_EXPERIMENT = "magnet"
+DEFAULT_EXPERIMENT = TRAIN.experiment
 CONTEXT_TAG = "mlflow.data.context"  # MLflow's tag for what an input was used for
 DIGEST_LENGTH = 36  # MLflow's limit on a dataset digest: the summary's sha256, cut to fit
 ARTIFACT_DIR_NAME = "mlartifacts"
@@ -127,7 +129,7 @@ def dataset_tags(shards: str | Path) -> dict[str, str]:
     import fsspec
 
     root = absolute_location(shards)
-    summary_url = f"{root.rstrip('/')}/summary.json"
+    summary_url = f"{root.rstrip('/')}/{SUMMARY}"
     try:
         with fsspec.open(summary_url, "rb") as handle:
             raw = handle.read()
@@ -156,7 +158,7 @@ def _read(url: str) -> bytes:
 
 def read_summary(shards: str) -> tuple[dict[str, Any], str]:
     """summary.json of the shards and its sha256 (the ``dataset.summary_sha256`` tag)."""
-    raw = _read(f"{shards.rstrip('/')}/summary.json")
+    raw = _read(f"{shards.rstrip('/')}/{SUMMARY}")
     return json.loads(raw), hashlib.sha256(raw).hexdigest()
 
 

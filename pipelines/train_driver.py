@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from data_prep.paths import absolute_location
 from magnet.config import Config, config_from_dict
-from magnet.data import open_split
+from magnet.data import check_text_settings, open_split
 from magnet.train import NOT_EVALUATED, SCORE_KEY, StepHook, global_batch_mismatch
 
 if TYPE_CHECKING:
@@ -177,15 +177,18 @@ def _best(best_checkpoints: Sequence[tuple[Any, dict[str, Any]]]) -> Any | None:
 
 
 def check_splits(cfg: Config, shards: str, splits: Sequence[str]) -> None:
-    """Open and checksum every split a run will read, on the driver, before any worker starts.
+    """Check the shards' tokenizer and max_tokens against the model's, then open and checksum every
+    split a run will read, on the driver, before any worker starts.
 
     Restarts cannot cure a corrupt or missing shard: found inside the workers, it would kill them
     ``max_failures`` times over (and an evaluation split only after a whole epoch of training).
     With ``data.skip_corrupt_shards`` the corrupt shards are only named here.
 
     Raises:
-        ShardError: naming the split or the shard, when a split cannot be read as summary.json says.
+        ShardError: naming the split or the shard, when a split cannot be read as summary.json says;
+            naming both values, when the shards were tokenised otherwise than the model reads.
     """
+    check_text_settings(shards, cfg.model.text)
     for split in dict.fromkeys(splits):
         opened = open_split(
             shards, split, verify=cfg.data.verify_checksums, skip_corrupt=cfg.data.skip_corrupt_shards

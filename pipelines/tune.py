@@ -33,6 +33,7 @@ import yaml
 
 from magnet.config import Config, ConfigError, config_from_dict
 from magnet.train import NOT_EVALUATED, SCORE_KEY
+from pipelines.defaults import TUNE
 
 log = logging.getLogger(__name__)
 
@@ -723,18 +724,18 @@ def run_sweep(
     *,
     storage_path: str | Path,
     tracking_uri: str | None = None,
-    experiment: str = "magnet-sweeps",
+    experiment: str = TUNE.experiment,
     sweep_name: str | None = None,
     resume: bool = False,
     num_samples: int | None = None,
     search: str | None = None,
-    workers_per_trial: int = 1,
-    gpus_per_trial: int = 0,
+    workers_per_trial: int = TUNE.workers_per_trial,
+    gpus_per_trial: int = TUNE.gpus_per_trial,
     cpus_per_worker: float = 1.0,
     max_concurrent: int | None = None,
     ray_address: str | None = None,
     max_failures: int = 0,
-    register_best: bool = True,
+    register_best: bool = TUNE.register_best,
 ) -> SweepResult:
     """Run (or, with ``resume``, continue) a sweep: Tune trials of Ray Train runs, tracked in MLflow.
 

@@ -59,3 +59,16 @@ def synthetic_shards(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., 
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A local WordPiece tokenizer whose vocabulary is not the project's: its ids mean other words
+    ([MASK] is 4, not 103)."""
+    from transformers import BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("tokenizer")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "red", "square"]
+    (root / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(str(root / "vocab.txt")).save_pretrained(str(root / "saved"))
+    return str(root / "saved")

@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,9 +27,9 @@ from pathlib import Path
 from types import MappingProxyType
 
 import pytest
+from ports import HOST, free_port
 
 SERVE_SCRIPT = Path(__file__).resolve().parent.parent / "infra" / "mlflow" / "serve.sh"
-HOST = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -70,12 +69,6 @@ class MlflowServer:
     pid: int
     artifacts_destination: str
     log: Path
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def postgres_bin_dir() -> Path | None:
@@ -118,7 +111,7 @@ def running_postgres(database: str = "mlflow", user: str = "mlflow") -> Iterator
         shutil.chown(root, "postgres")
         shutil.chown(sockets, "postgres")
         shutil.chown(pwfile, "postgres")
-    port = _free_port()
+    port = free_port()
     options = f"-c listen_addresses={HOST} -c port={port} -c unix_socket_directories={sockets} -c fsync=off"
     pg_ctl = [str(bin_dir / "pg_ctl"), "-D", str(data)]
     try:
@@ -234,7 +227,7 @@ def running_mlflow(
     """``infra/mlflow/serve.sh`` with ``postgres`` as backend and ``artifacts_destination`` (s3://)
     as the artifact store; AWS_* (credentials, endpoint) are taken from this process's environment,
     ``extra_env`` adds serve.sh settings (e.g. MLFLOW_AUTH=basic-auth)."""
-    port = _free_port()
+    port = free_port()
     env = _server_env(
         {
             **extra_env,
@@ -260,7 +253,7 @@ def running_mlflow(
 def running_mlflow_ui(backend_store_uri: str, log_dir: Path, timeout_s: float = 120.0) -> Iterator[str]:
     """``mlflow server`` on a local store (the demo's SQLite file), as `magnet demo` tells users to
     look at it; yields the URL on 127.0.0.1."""
-    port = _free_port()
+    port = free_port()
     argv = ["mlflow", "server", "--backend-store-uri", backend_store_uri, "--host", HOST, "--port", str(port)]
     log = log_dir / f"mlflow-ui-{port}.log"
     with _serving([*argv, "--workers", "1"], _server_env({}), port, log, timeout_s):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 # Dummy credentials: moto accepts any; real deployments set these variables themselves.
 _ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -50,12 +50,6 @@ class S3Store:
         return sorted(keys)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_until_up(endpoint: str, process: subprocess.Popen, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -72,7 +66,7 @@ def _wait_until_up(endpoint: str, process: subprocess.Popen, timeout_s: float) -
 @contextlib.contextmanager
 def moto_s3(bucket: str = "magnet", timeout_s: float = 60.0) -> Iterator[S3Store]:
     """Run moto's S3 server on 127.0.0.1 with ``bucket`` created and AWS_* pointed at it."""
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     server = Path(sys.executable).with_name("moto_server")
     process = subprocess.Popen(

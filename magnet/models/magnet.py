@@ -577,11 +577,12 @@ def load_pretrained_vision(image_model: MultiModalSwin, source: str) -> None:
     log.info("vision encoder: pretrained Swin weights from %s (%d tensors)", origin, len(swin_keys))
 
 
-def special_token_ids() -> tuple[list[int], int]:
-    """Special ids and the [MASK] id of the project's tokenizer (data_prep.tokenize)."""
+def special_token_ids(name_or_path: str) -> tuple[list[int], int]:
+    """Special ids and the [MASK] id of the text encoder's tokenizer (``text.name_or_path``, resolved
+    by data_prep.tokenize): the ids mask grounding must not hide or put in."""
     from data_prep.tokenize import load_tokenizer
 
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(name_or_path)
     return list(tokenizer.all_special_ids), int(tokenizer.mask_token_id)
 
 
@@ -589,7 +590,7 @@ def build_magnet(cfg: ModelConfig, device: torch.device | str | None = None) -> 
     """Build MagNet from its config; on the meta device nothing is allocated nor loaded."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     on_meta = device.type == "meta"
-    special_ids, mask_token_id = special_token_ids()
+    special_ids, mask_token_id = special_token_ids(cfg.text.name_or_path)
     if on_meta:
         with torch.device("meta"):
             return MagNet(cfg, build_text_encoder(cfg, load_pretrained=False), special_ids, mask_token_id)

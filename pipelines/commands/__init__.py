@@ -19,12 +19,13 @@ def require_prepared(shards: str | Path) -> str:
     return it as Ray workers need it: a local path absolute, a URL (s3://...) as it is."""
     import fsspec
 
+    from data_prep.contract import SUMMARY
+
     location = absolute_location(shards)
     filesystem, root = fsspec.core.url_to_fs(location)
-    if not filesystem.isfile(f"{root.rstrip('/')}/summary.json"):
-        raise typer.BadParameter(
-            f"{shards} holds no summary.json: not a prepared dataset", param_hint="--shards"
-        )
+    if not filesystem.isfile(f"{root.rstrip('/')}/{SUMMARY}"):
+        message = f"{shards} holds no {SUMMARY}: not a prepared dataset"
+        raise typer.BadParameter(message, param_hint="--shards")
     return location
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from data_prep.defaults import PREPARE
+
 
 def _refer_names(
     refer_root: Path, dataset: str | None, split_by: str | None, image_dir: Path | None
@@ -14,7 +16,7 @@ def _refer_names(
     image directory."""
     from data_prep.refer import DATASETS, IMAGE_SUBDIR, refer_files
 
-    dataset, split_by = dataset or "refcoco", split_by or "unc"
+    dataset, split_by = dataset or PREPARE.dataset, split_by or PREPARE.split_by
     try:
         refer_files(refer_root, dataset, split_by)
     except ValueError as err:
@@ -85,15 +87,20 @@ def prepare(
         help="Output root: a directory or a URL (s3://bucket/prefix); writes <out>/<dataset>-<splitBy>/.",
     ),
     tokenizer: str = typer.Option(
-        "all-minilm-l6-v2", "--tokenizer", help="Hugging Face tokenizer name or path, or the offline alias."
+        PREPARE.tokenizer, "--tokenizer", help="Hugging Face tokenizer name or path, or the offline alias."
     ),
-    max_tokens: int = typer.Option(20, "--max-tokens", min=2, help="Token ids per expression."),
+    max_tokens: int = typer.Option(
+        PREPARE.max_tokens, "--max-tokens", min=2, help="Token ids per expression."
+    ),
     samples_per_shard: int = typer.Option(
-        1000, "--samples-per-shard", min=1, help="Expressions per shard (cut at the next image)."
+        PREPARE.samples_per_shard,
+        "--samples-per-shard",
+        min=1,
+        help="Expressions per shard (cut at the next image).",
     ),
-    workers: int = typer.Option(2, "--workers", min=1, help="Processes for the chunks."),
+    workers: int = typer.Option(PREPARE.workers, "--workers", min=1, help="Processes for the chunks."),
     mask_mode: str = typer.Option(
-        "union", "--mask-mode", help="union, or refer (sum then keep ones, as LAVT / MagNet)."
+        PREPARE.mask_mode, "--mask-mode", help="union, or refer (sum then keep ones, as LAVT / MagNet)."
     ),
     image_dir: Path | None = typer.Option(
         None, "--image-dir", help="Image directory, if not <refer-root>/images/mscoco/images/train2014."

@@ -22,7 +22,7 @@ def evaluate(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Score a model on whole splits (every expression) and write oIoU, mIoU and P@t."""
-    from magnet.data import open_split
+    from magnet.data import check_text_settings, open_split
     from magnet.evaluate import evaluate as run_evaluation
     from pipelines.registry import check_model_reference, load_model
 
@@ -39,6 +39,7 @@ def evaluate(
         net, cfg = load_model(model, tracking_uri=tracking_uri, device=device)
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err), param_hint="--model") from None
+    check_text_settings(shards, cfg.model.text)
     if protocol is not None:
         cfg.eval.protocol = protocol
     result = run_evaluation(net, shards, cfg, splits=splits, device=device)

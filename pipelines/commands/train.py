@@ -8,19 +8,22 @@ from pathlib import Path
 import typer
 
 from pipelines.commands import require_prepared
+from pipelines.defaults import TRAIN
 
 
 def train(
-    config: str = typer.Option("tiny", "--config", "-c", help="Preset name or YAML path."),
+    config: str = typer.Option(TRAIN.config, "--config", "-c", help="Preset name or YAML path."),
     shards: str = typer.Option(
         ..., "--shards", help="Prepared dataset root <out>/<dataset>-<splitBy> (directory or s3:// URL)."
     ),
-    num_workers: int = typer.Option(2, "--num-workers", min=1, help="Ray Train workers."),
-    use_gpu: bool = typer.Option(False, "--use-gpu", help="One GPU per worker."),
+    num_workers: int = typer.Option(TRAIN.num_workers, "--num-workers", min=1, help="Ray Train workers."),
+    use_gpu: bool = typer.Option(TRAIN.use_gpu, "--use-gpu", help="One GPU per worker."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted override, e.g. train.lr=1e-4."),
-    experiment: str = typer.Option("magnet", "--experiment", help="MLflow experiment."),
+    experiment: str = typer.Option(TRAIN.experiment, "--experiment", help="MLflow experiment."),
     run_name: str | None = typer.Option(None, "--run-name", help="Default: unique per run."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run --run-name from its checkpoint."),
+    resume: bool = typer.Option(
+        TRAIN.resume, "--resume", help="Continue the run --run-name from its checkpoint."
+    ),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Default: RAY_ADDRESS or local Ray."),
     storage_path: str | None = typer.Option(
         None, "--storage-path", help="Ray storage; default ./ray-results."
@@ -28,14 +31,16 @@ def train(
     tracking_uri: str | None = typer.Option(
         None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or sqlite ./mlflow.db."
     ),
-    register_model: bool = typer.Option(True, "--register/--no-register", help="Register the model."),
+    register_model: bool = typer.Option(
+        TRAIN.register_model, "--register/--no-register", help="Register the model."
+    ),
     init_from: Path | None = typer.Option(
         None, "--init-from", help="Checkpoint whose weights start the run (e.g. from import-weights)."
     ),
 ) -> None:
     """Train MagNet with Ray Train through the train-magnet flow, tracked in MLflow."""
     from magnet.config import ConfigError, load_config
-    from magnet.data import open_split
+    from magnet.data import check_text_settings, open_split
 
     if init_from is not None:
         if not (init_from / "model.pt").is_file():
@@ -50,6 +55,7 @@ def train(
     shards = require_prepared(shards)
     # A corrupt shard named now, not in a Prefect task's traceback; the driver checks again (one
     # more read of the split) because the flow is also started without this command
+    check_text_settings(shards, cfg.model.text)
     data = cfg.data
     open_split(shards, data.train_split, verify=data.verify_checksums, skip_corrupt=data.skip_corrupt_shards)
     from pipelines.flows.train import train_magnet  # Prefect only once the arguments are good

@@ -8,11 +8,12 @@ from pathlib import Path
 import typer
 
 from pipelines.commands import require_device, require_prepared
+from pipelines.defaults import PROMOTE, TUNE
 
 
 def tune(
     config: str = typer.Option(
-        "tiny", "--config", "-c", help="Preset name or YAML path every trial starts from."
+        TUNE.config, "--config", "-c", help="Preset name or YAML path every trial starts from."
     ),
     space: Path = typer.Option(..., "--space", help="Sweep file, e.g. configs/sweeps/loss-weights.yaml."),
     shards: str = typer.Option(
@@ -22,7 +23,9 @@ def tune(
     trials: int | None = typer.Option(
         None, "--trials", min=1, help="Samples (times the grid); default: the space's."
     ),
-    gpus_per_trial: int = typer.Option(0, "--gpus-per-trial", min=0, help="GPUs per trial, one per worker."),
+    gpus_per_trial: int = typer.Option(
+        TUNE.gpus_per_trial, "--gpus-per-trial", min=0, help="GPUs per trial, one per worker."
+    ),
     workers_per_trial: int | None = typer.Option(
         None, "--workers-per-trial", min=1, help="Ray Train workers per trial; default: GPUs per trial, or 1."
     ),
@@ -30,7 +33,7 @@ def tune(
         None, "--max-concurrent", min=1, help="Trials at once at most."
     ),
     search: str | None = typer.Option(None, "--search", help="optuna, random or grid; default: the space's."),
-    experiment: str = typer.Option("magnet-sweeps", "--experiment", help="MLflow experiment."),
+    experiment: str = typer.Option(TUNE.experiment, "--experiment", help="MLflow experiment."),
     resume: str | None = typer.Option(None, "--resume", help="Continue the stopped sweep of this name."),
     storage_path: str | None = typer.Option(
         None, "--storage-path", help="Ray storage; default ./ray-results."
@@ -42,11 +45,12 @@ def tune(
         None, "--ray-address", help="Default: RAY_ADDRESS or a local Ray."
     ),
     register_best: bool = typer.Option(
-        True, "--register/--no-register", help="Register the best trial's model."
+        TUNE.register_best, "--register/--no-register", help="Register the best trial's model."
     ),
 ) -> None:
     """Sweep loss weights (or run the ablation) with Ray Tune; each trial is a Ray Train run."""
     from magnet.config import ConfigError, load_config
+    from magnet.data import check_text_settings
     from pipelines.tune import SEARCHES, SpaceError, build_scheduler, check_search, load_space
 
     if search is not None and search not in SEARCHES:
@@ -66,6 +70,7 @@ def tune(
     except (ConfigError, SpaceError) as err:
         raise typer.BadParameter(str(err), param_hint="--space/--config/--search") from None
     shards = require_prepared(shards)
+    check_text_settings(shards, cfg.model.text)  # each trial's driver checks its own config again
     from pipelines.flows.tune import tune_magnet  # Prefect only once the arguments are good
 
     result = tune_magnet(
@@ -93,17 +98,21 @@ def promote(
         ..., "--experiment", help="MLflow experiment whose finished runs compete."
     ),
     shards: str = typer.Option(..., "--shards", help="Prepared dataset root both models are scored on."),
-    metric: str = typer.Option("val_oIoU", "--metric", help="Picks the challenger; val_oIoU or val/oIoU."),
+    metric: str = typer.Option(
+        PROMOTE.metric, "--metric", help="Picks the challenger; val_oIoU or val/oIoU."
+    ),
     sweep: str | None = typer.Option(
         None, "--sweep", help="Only the child runs of this sweep (parent run id)."
     ),
-    min_gain: float = typer.Option(0.0, "--min-gain", min=0.0, help="Required margin, in metric points."),
+    min_gain: float = typer.Option(
+        PROMOTE.min_gain, "--min-gain", min=0.0, help="Required margin, in metric points."
+    ),
     split: str | None = typer.Option(None, "--split", help="Split to score; default: the metric's."),
-    protocol: str = typer.Option("lavt", "--protocol", help="lavt (480 resize) or original size."),
+    protocol: str = typer.Option(PROMOTE.protocol, "--protocol", help="lavt (480 resize) or original size."),
     tracking_uri: str | None = typer.Option(
         None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or ./mlflow.db."
     ),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option(PROMOTE.device, "--device", help="cpu or cuda."),
 ) -> None:
     """Move `champion` to the best finished run's model when it beats the current champion."""
     if protocol not in ("lavt", "original"):

@@ -25,6 +25,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from data_prep.defaults import PREPARE
 from data_prep.masks import MaskMode
 from data_prep.shards import (
     REJECT_REASONS,
@@ -40,7 +41,7 @@ from data_prep.shards import (
     plan_prepare,
     prepare_chunk,
 )
-from data_prep.tokenize import DEFAULT_TOKENIZER, load_tokenizer, vocabulary_hash
+from data_prep.tokenize import load_tokenizer, vocabulary_hash
 
 
 def _transient_io_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -119,13 +120,13 @@ def report_markdown(result: PrepareResult) -> str:
 def prepare_refcoco(
     refer_root: str,
     out: str,
-    dataset: str = "refcoco",
-    split_by: str = "unc",
+    dataset: str = PREPARE.dataset,
+    split_by: str = PREPARE.split_by,
     splits: list[str] | None = None,
-    tokenizer: str = DEFAULT_TOKENIZER,
-    max_tokens: int = 20,
-    samples_per_shard: int = 1000,
-    mask_mode: MaskMode = "union",
+    tokenizer: str = PREPARE.tokenizer,
+    max_tokens: int = PREPARE.max_tokens,
+    samples_per_shard: int = PREPARE.samples_per_shard,
+    mask_mode: MaskMode = PREPARE.mask_mode,
     image_dir: str | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
@@ -217,7 +218,7 @@ def check_output(**parameters: Any) -> None:
         merged_splits(out_dir, settings, vocab_hash, tuple(given["splits"]))
 
 
-def run_prepare(workers: int = 2, **parameters: Any) -> dict[str, Any]:
+def run_prepare(workers: int = PREPARE.workers, **parameters: Any) -> dict[str, Any]:
     """Run the flow with `workers` processes for the chunks (what `magnet prepare` does); with one
     worker the chunks run in this process, sparing the pool's start-up. Parameters the output
     cannot take are refused first (`check_output`)."""

@@ -24,6 +24,7 @@ from magnet.config import Config, load_config
 from magnet.data import first_example, held_out_splits
 from pipelines import mlflow_record
 from pipelines import tracking as mlflow_tracking
+from pipelines.defaults import TRAIN
 from pipelines.evaluation import evaluate_model
 from pipelines.train_driver import absolute_storage, new_run_name, run_training
 
@@ -156,19 +157,19 @@ def _report(
 
 @flow(name="train-magnet", log_prints=True)
 def train_magnet(
-    config: str = "tiny",
+    config: str = TRAIN.config,
     shards: str | None = None,
     overrides: list[str] | None = None,
     ray_address: str | None = None,
-    num_workers: int = 2,
-    use_gpu: bool = False,
-    experiment: str = mlflow_tracking.DEFAULT_EXPERIMENT,
+    num_workers: int = TRAIN.num_workers,
+    use_gpu: bool = TRAIN.use_gpu,
+    experiment: str = TRAIN.experiment,
     run_name: str | None = None,
-    resume: bool = False,
+    resume: bool = TRAIN.resume,
     tracking_uri: str | None = None,
     storage_path: str | None = None,
     eval_splits: list[str] | None = None,
-    register_model: bool = True,
+    register_model: bool = TRAIN.register_model,
     aliases: list[str] | None = None,
     max_failures: int = 2,
     pictures_dir: str | None = None,

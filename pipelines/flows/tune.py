@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from data_prep.paths import absolute_location
 from data_prep.synthetic_shards import ensure_synthetic_shards
+from pipelines.defaults import PROMOTE, TUNE
 from pipelines.train_driver import absolute_storage
 
 
@@ -43,21 +44,21 @@ def sweep(
 
 @flow(name="tune-magnet", log_prints=True)
 def tune_magnet(
-    space: str = "configs/sweeps/loss-weights.yaml",
-    config: str = "tiny",
+    space: str = TUNE.space,
+    config: str = TUNE.config,
     shards: str | None = None,
     overrides: list[str] | None = None,
     trials: int | None = None,
     search: str | None = None,
-    workers_per_trial: int = 1,
-    gpus_per_trial: int = 0,
+    workers_per_trial: int = TUNE.workers_per_trial,
+    gpus_per_trial: int = TUNE.gpus_per_trial,
     max_concurrent: int | None = None,
-    experiment: str = "magnet-sweeps",
+    experiment: str = TUNE.experiment,
     resume: str | None = None,
     tracking_uri: str | None = None,
     storage_path: str | None = None,
     ray_address: str | None = None,
-    register_best: bool = True,
+    register_best: bool = TUNE.register_best,
 ) -> dict[str, Any]:
     """Sweep MagNet's loss weights (or run the ablation) with Ray Tune over Ray Train.
 
@@ -143,13 +144,13 @@ def promote_task(options: dict[str, Any]) -> Any:
 def promote_magnet(
     experiment: str,
     shards: str,
-    metric: str = "val_oIoU",
+    metric: str = PROMOTE.metric,
     sweep: str | None = None,
-    min_gain: float = 0.0,
+    min_gain: float = PROMOTE.min_gain,
     split: str | None = None,
-    protocol: str = "lavt",
+    protocol: str = PROMOTE.protocol,
     tracking_uri: str | None = None,
-    device: str = "cpu",
+    device: str = PROMOTE.device,
 ) -> dict[str, Any]:
     """Promote the best finished run's model to `champion` when it beats the current one.
 

@@ -4,7 +4,6 @@ or .csv, prepared into the same shards, manifest and rejects as the refer layout
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import tarfile
@@ -13,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from outputs import output_digests
 from PIL import Image
 
+from data_prep.contract import MANIFEST, REJECTS, SUMMARY
 from data_prep.folder import load_folder
 from data_prep.refer import ReferFormatError
 from data_prep.shards import REJECT_REASONS, prepare_dataset
@@ -124,14 +125,6 @@ def build_folder(root: Path, rows: list[dict], fmt: str = "jsonl") -> Path:
     return root
 
 
-def _digests(root: Path) -> dict[str, str]:
-    return {
-        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*"))
-        if path.is_file() and "_work" not in path.parts
-    }
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_folder(tmp_path_factory.mktemp("mine"), ROWS)
@@ -166,14 +159,13 @@ def test_rows_become_the_refer_readers_records(folder: Path) -> None:
 
 
 def test_counts_and_every_mask_file_reason(prepared: Path) -> None:
-    summary = json.loads((prepared / "summary.json").read_text())
+    summary = json.loads((prepared / SUMMARY).read_text())
     assert (summary["dataset"], summary["splitBy"]) == ("mine", "folder")
     assert summary["counts"] == EXPECTED_COUNTS
     assert summary["rejects_by_reason"] == EXPECTED_REJECTS
     assert {r for split in EXPECTED_REJECTS.values() for r in split} <= set(REJECT_REASONS)
     rejects = {
-        r["sent_id"]: (r["reason"], r["detail"])
-        for r in pq.read_table(prepared / "rejects.parquet").to_pylist()
+        r["sent_id"]: (r["reason"], r["detail"]) for r in pq.read_table(prepared / REJECTS).to_pylist()
     }
     assert rejects[11] == ("missing_image", "images/missing.jpg not found in the image directory")
     assert rejects[12] == ("corrupt_image", "images/broken.jpg: not a recognised image format")
@@ -190,7 +182,7 @@ def test_counts_and_every_mask_file_reason(prepared: Path) -> None:
 
 
 def test_written_masks_are_the_mask_files_objects(prepared: Path) -> None:
-    manifest = {r["sent_id"]: r for r in pq.read_table(prepared / "manifest.parquet").to_pylist()}
+    manifest = {r["sent_id"]: r for r in pq.read_table(prepared / MANIFEST).to_pylist()}
     assert sorted(manifest) == [1, 2, 3, 4, 5, 10, 17]
     assert manifest[5]["raw"] == "le café"
     expected = {1: "man.png", 3: "dog.png", 5: "cup.png", 17: "rgba.png"}
@@ -215,7 +207,7 @@ def test_csv_gives_the_same_bytes_and_reruns_are_identical(tmp_path: Path, prepa
     as_csv = build_folder(tmp_path / "csv", text_rows, fmt="csv")
     first = prepare_dataset(as_jsonl, "mine", "folder", tmp_path / "out-jsonl", samples_per_shard=3)
     second = prepare_dataset(as_csv, "mine", "folder", tmp_path / "out-csv", samples_per_shard=3)
-    assert _digests(Path(first.out_dir)) == _digests(Path(second.out_dir))
+    assert output_digests(Path(first.out_dir)) == output_digests(Path(second.out_dir))
     assert first.counts["val"].written == 4  # "None" and "42" are text in a CSV
     again = prepare_dataset(as_csv, "mine", "folder", tmp_path / "out-csv", samples_per_shard=3)
     assert again.chunks_skipped == len(again.shards)

@@ -11,22 +11,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from outputs import output_digests
 from PIL import Image
 from refer_fixture import ANNOTATIONS, EXPECTED, IMAGES
 
+from data_prep.contract import INDEX_FILES, MANIFEST, REJECTS, SUMMARY
 from data_prep.masks import rasterize
 from data_prep.shards import REJECT_REASONS, prepare_dataset
 from data_prep.tokenize import encode_expressions, load_tokenizer, vocabulary_hash
-
-
-def _digests(root: Path) -> dict[str, str]:
-    """sha256 of every output file (chunk markers under _work/ excluded: they hold fingerprints
-    that include file modification times)."""
-    return {
-        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*"))
-        if path.is_file() and "_work" not in path.parts
-    }
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +29,7 @@ def prepared(refer_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def test_counts_and_every_reject_reason(prepared: Path) -> None:
-    summary = json.loads((prepared / "summary.json").read_text())
+    summary = json.loads((prepared / SUMMARY).read_text())
     assert summary["counts"] == EXPECTED["counts"]
     assert summary["rejects_by_reason"] == EXPECTED["rejects"]
     found = {r for split in EXPECTED["rejects"].values() for r in split}
@@ -46,8 +38,8 @@ def test_counts_and_every_reject_reason(prepared: Path) -> None:
 
 
 def test_read_equals_written_plus_rejected(prepared: Path) -> None:
-    manifest = pq.read_table(prepared / "manifest.parquet").to_pylist()
-    rejects = pq.read_table(prepared / "rejects.parquet").to_pylist()
+    manifest = pq.read_table(prepared / MANIFEST).to_pylist()
+    rejects = pq.read_table(prepared / REJECTS).to_pylist()
     for split, counts in EXPECTED["counts"].items():
         written = [r for r in manifest if r["split"] == split]
         rejected = [r for r in rejects if r["split"] == split]
@@ -87,8 +79,8 @@ def _samples(shard: Path) -> dict[str, dict[str, bytes]]:
 
 
 def test_shard_members_follow_the_contract(prepared: Path, refer_root: Path) -> None:
-    summary = json.loads((prepared / "summary.json").read_text())
-    manifest = {r["key"]: r for r in pq.read_table(prepared / "manifest.parquet").to_pylist()}
+    summary = json.loads((prepared / SUMMARY).read_text())
+    manifest = {r["key"]: r for r in pq.read_table(prepared / MANIFEST).to_pylist()}
     tokenizer = load_tokenizer()
     assert summary["tokenizer"] == {"name": "all-minilm-l6-v2", "vocabulary_hash": vocabulary_hash(tokenizer)}
     seen = []
@@ -133,7 +125,7 @@ def test_shard_members_follow_the_contract(prepared: Path, refer_root: Path) -> 
 
 
 def test_overlong_and_unicode_expressions(prepared: Path) -> None:
-    manifest = {r["sent_id"]: r for r in pq.read_table(prepared / "manifest.parquet").to_pylist()}
+    manifest = {r["sent_id"]: r for r in pq.read_table(prepared / MANIFEST).to_pylist()}
     assert manifest[2]["raw"] == "le café à gauche, 左边的椅子"
     assert manifest[3]["n_tokens"] > 20  # cut to 20 ids in the shard, full length in the manifest
     assert manifest[28]["raw"] == "the café table"  # stored as UTF-8 bytes
@@ -154,18 +146,18 @@ def test_byte_identical_whatever_the_workers_and_rerun_skips(
         on_chunk=lambda r, total: chunks.append((r.shard, r.skipped)),
     )
     assert result.chunks_skipped == 0 and len(chunks) == len(result.shards) > 4
-    assert _digests(tmp_path / "refcoco-unc") == _digests(prepared)
+    assert output_digests(tmp_path / "refcoco-unc") == output_digests(prepared)
 
     again = prepare_dataset(refer_root, "refcoco", "unc", tmp_path, samples_per_shard=4)
     assert again.chunks_skipped == len(again.shards)
-    assert _digests(tmp_path / "refcoco-unc") == _digests(prepared)
+    assert output_digests(tmp_path / "refcoco-unc") == output_digests(prepared)
 
     # A shard damaged after the fact is redone, not trusted.
     damaged = tmp_path / "refcoco-unc" / result.shards[0]["path"]
     damaged.write_bytes(b"garbage")
     third = prepare_dataset(refer_root, "refcoco", "unc", tmp_path, samples_per_shard=4)
     assert third.chunks_skipped == len(third.shards) - 1
-    assert _digests(tmp_path / "refcoco-unc") == _digests(prepared)
+    assert output_digests(tmp_path / "refcoco-unc") == output_digests(prepared)
 
 
 def test_split_selection_refer_mode_and_errors(refer_root: Path, tmp_path: Path) -> None:
@@ -199,20 +191,20 @@ def test_partial_prepare_merges_into_the_index_or_refuses(
     # Redoing one split with the same settings keeps the others in the index: the same bytes.
     redone = prepare_dataset(refer_root, "refcoco", "unc", tmp_path, splits=["val"], samples_per_shard=4)
     assert list(redone.counts) == list(EXPECTED["counts"])
-    assert _digests(out) == _digests(prepared)
+    assert output_digests(out) == output_digests(prepared)
 
     # With other settings the splits would not belong together: refused, nothing touched.
     others = ", ".join(split for split in EXPECTED["counts"] if split != "val")
     with pytest.raises(ValueError, match=rf"holds splits {others} prepared with max_tokens 20 \(now 12\)"):
         prepare_dataset(refer_root, "refcoco", "unc", tmp_path, splits=["val"], max_tokens=12)
-    assert _digests(out) == _digests(prepared)
+    assert output_digests(out) == output_digests(prepared)
 
     # Splits prepared one at a time add up.
     fresh = tmp_path / "fresh"
     prepare_dataset(refer_root, "refcoco", "unc", fresh, splits=["val"], samples_per_shard=4)
     added = prepare_dataset(refer_root, "refcoco", "unc", fresh, splits=["train"], samples_per_shard=4)
     assert list(added.counts) == ["val", "train"]
-    manifest = pq.read_table(fresh / "refcoco-unc" / "manifest.parquet").to_pylist()
+    manifest = pq.read_table(fresh / "refcoco-unc" / MANIFEST).to_pylist()
     assert {r["split"] for r in manifest} == {"val", "train"}
     assert sum(c.written for c in added.counts.values()) == len(manifest)
 
@@ -224,5 +216,5 @@ def test_partial_prepare_on_object_storage_merges_too(prepared: Path, refer_root
     prepare_dataset(refer_root, "refcoco", "unc", out, samples_per_shard=4)
     prepare_dataset(refer_root, "refcoco", "unc", out, splits=["val"], samples_per_shard=4)
     s3 = fsspec.filesystem("s3")
-    for name in ("summary.json", "manifest.parquet", "rejects.parquet"):  # as the full local run's
+    for name in INDEX_FILES:  # as the full local run's
         assert s3.cat_file(f"{s3_store.bucket}/merge/refcoco-unc/{name}") == (prepared / name).read_bytes()

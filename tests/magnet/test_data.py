@@ -17,9 +17,20 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from data_prep.contract import (
+    ATTENTION_MASK_MEMBER,
+    INPUT_IDS_MEMBER,
+    MANIFEST,
+    MASK_MEMBER,
+    META_MEMBER,
+    SUMMARY,
+    sample_key,
+    shard_path,
+)
 from data_prep.shards import prepare_dataset
 from data_prep.synth import synthesize
-from magnet.config import DataConfig, EvalConfig
+from data_prep.tokenize import load_tokenizer, vocabulary_hash
+from magnet.config import DataConfig, EvalConfig, TextConfig
 from magnet.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -27,6 +38,7 @@ from magnet.data import (
     ShardError,
     build_eval_loader,
     build_train_loader,
+    check_text_settings,
     open_split,
     train_batches_per_epoch,
 )
@@ -51,7 +63,7 @@ def _write_dataset(root: Path) -> Path:
     for split, layout in LAYOUT.items():
         (root / split).mkdir(parents=True)
         for index, refs in enumerate(layout):
-            name = f"{split}/shard-{index:06d}.tar"
+            name = shard_path(split, index)
             count = 0
             with wds.TarWriter(str(root / name), encoder=False, mtime=0) as sink:
                 for n_sents in refs:
@@ -80,18 +92,18 @@ def _write_dataset(root: Path) -> Path:
                             "width": width,
                         }
                         npy = {}
-                        for member, array in (("input_ids.npy", ids), ("attention_mask.npy", attention)):
+                        for member, array in ((INPUT_IDS_MEMBER, ids), (ATTENTION_MASK_MEMBER, attention)):
                             buffer = io.BytesIO()
                             np.save(buffer, array)
                             npy[member] = buffer.getvalue()
-                        key = f"{sent_id:010d}"
+                        key = sample_key(sent_id)
                         sink.write(
                             {
                                 "__key__": key,
                                 "jpg": jpeg.getvalue(),
-                                "mask.png": _png(mask),
+                                MASK_MEMBER: _png(mask),
                                 **npy,
-                                "json": json.dumps(meta).encode(),
+                                META_MEMBER: json.dumps(meta).encode(),
                             }
                         )
                         rows.append(
@@ -100,8 +112,8 @@ def _write_dataset(root: Path) -> Path:
                         count += 1
             digest = hashlib.sha256((root / name).read_bytes()).hexdigest()
             shards.append({"path": name, "sha256": digest, "samples": count})
-    pq.write_table(pa.Table.from_pylist(rows), root / "manifest.parquet")
-    (root / "summary.json").write_text(json.dumps({"shards": shards}))
+    pq.write_table(pa.Table.from_pylist(rows), root / MANIFEST)
+    (root / SUMMARY).write_text(json.dumps({"shards": shards}))
     return root
 
 
@@ -149,7 +161,7 @@ def test_batch_contract_and_normalisation(root: Path) -> None:
     ) / torch.tensor(IMAGENET_STD)[:, None, None]
     torch.testing.assert_close(batch["image"][0], expected)
     assert batch["image"].min() > -2.2 and batch["image"].max() < 2.7
-    mask = Image.open(io.BytesIO(raw["mask.png"])).resize((24, 24), Image.NEAREST)
+    mask = Image.open(io.BytesIO(raw[MASK_MEMBER])).resize((24, 24), Image.NEAREST)
     np.testing.assert_array_equal(batch["mask"][0].numpy(), np.asarray(mask) / 255)
 
 
@@ -277,13 +289,30 @@ def test_missing_summary_and_unknown_split_are_clear_errors(root: Path, tmp_path
         open_split(str(root), "testC")
 
 
+def test_shards_tokenised_otherwise_than_the_model_reads_are_refused(
+    synthetic_shards, other_tokenizer
+) -> None:
+    shards = str(synthetic_shards())  # all-minilm-l6-v2's vocabulary, max_tokens 20
+    check_text_settings(shards, TextConfig())
+    check_text_settings(shards, TextConfig(name_or_path="bert-base-uncased"))  # the same vocabulary
+    with pytest.raises(ShardError, match=r"max_tokens 20 but the model reads text\.max_tokens 12"):
+        check_text_settings(shards, TextConfig(max_tokens=12))
+    written, other = (
+        vocabulary_hash(load_tokenizer(name))[:12] for name in ("all-minilm-l6-v2", other_tokenizer)
+    )
+    with pytest.raises(
+        ShardError, match=rf"sha256 {written}\) but text\.name_or_path .* has vocabulary sha256 {other}"
+    ):
+        check_text_settings(shards, TextConfig(name_or_path=other_tokenizer))
+
+
 def test_reads_what_data_prep_writes(tmp_path: Path) -> None:
     """The real writer's shards: balance, per-object picks and eval coverage against its manifest."""
     synthesize(tmp_path / "refer", num_images=24, image_size=32, seed=3, workers=1)
     out = prepare_dataset(
         tmp_path / "refer", "refcoco", "unc", tmp_path / "out", samples_per_shard=15
     ).out_dir
-    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    manifest = pq.read_table(out / MANIFEST).to_pylist()
     train = open_split(str(out), "train")
     assert len(train.shards) > 2 and train.num_samples == sum(r["split"] == "train" for r in manifest)
 

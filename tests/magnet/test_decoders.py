@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from magnet.config import DecoderConfig
-from magnet.models.decoders import build_decoder
+from magnet.models.decoders import DECODERS, build_decoder
 from magnet.models.lavt_decoder import LAVTDecoder
 from magnet.models.mask2former import (
     CrossAttentionLayer,
@@ -50,7 +50,7 @@ def features(
     ]
 
 
-@pytest.mark.parametrize("kind", ["mask2former", "lavt"])
+@pytest.mark.parametrize("kind", sorted(DECODERS))
 @pytest.mark.parametrize(("height", "width"), [(64, 64), (64, 96)])
 def test_output_shapes_and_aux_count(kind: str, height: int, width: int) -> None:
     torch.manual_seed(0)
@@ -59,16 +59,15 @@ def test_output_shapes_and_aux_count(kind: str, height: int, width: int) -> None
     out = decoder(features(2, height, width))
     assert out.mask_logits.shape == (2, 1, height // 4, width // 4)
     # the mask features the alignment loss reads: hidden_dim (Mask2Former) or lavt_hidden_dim wide
-    assert decoder.mask_feature_dim == (cfg.hidden_dim if kind == "mask2former" else cfg.lavt_hidden_dim)
     assert out.mask_features.shape == (2, decoder.mask_feature_dim, height // 4, width // 4)
+    assert all(a.shape == out.mask_logits.shape for a in out.aux_mask_logits)
     if kind == "mask2former":
-        assert isinstance(decoder, Mask2FormerDecoder)
+        assert isinstance(decoder, Mask2FormerDecoder) and decoder.mask_feature_dim == cfg.hidden_dim
         # the initial query's prediction + one per layer except the last (that one is mask_logits)
         assert len(out.aux_mask_logits) == cfg.decoder_layers
-        assert all(a.shape == out.mask_logits.shape for a in out.aux_mask_logits)
         assert out.class_logits is not None and out.class_logits.shape == (2, 1, 2)
-    else:
-        assert isinstance(decoder, LAVTDecoder)
+    elif kind == "lavt":
+        assert isinstance(decoder, LAVTDecoder) and decoder.mask_feature_dim == cfg.lavt_hidden_dim
         assert out.aux_mask_logits == []
     assert torch.isfinite(out.mask_logits).all()
 
@@ -163,7 +162,7 @@ def test_fully_blocked_row_attends_everywhere() -> None:
     torch.testing.assert_close(out, layer(x, memory, torch.zeros_like(all_blocked), pos, query_pos))
 
 
-@pytest.mark.parametrize("kind", ["mask2former", "lavt"])
+@pytest.mark.parametrize("kind", sorted(DECODERS))
 def test_bf16_autocast_forward_backward(kind: str) -> None:
     torch.manual_seed(0)
     decoder = build_decoder(TINY_CHANNELS, tiny_cfg(kind))
@@ -175,7 +174,7 @@ def test_bf16_autocast_forward_backward(kind: str) -> None:
     assert torch.isfinite(out.mask_logits.float()).all()
 
 
-@pytest.mark.parametrize("kind", ["mask2former", "lavt"])
+@pytest.mark.parametrize("kind", sorted(DECODERS))
 def test_gradients_reach_every_parameter(kind: str) -> None:
     torch.manual_seed(0)
     decoder = build_decoder(TINY_CHANNELS, tiny_cfg(kind))

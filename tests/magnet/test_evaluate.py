@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from data_prep.contract import MANIFEST, SUMMARY
 from data_prep.synth import load_kinds
 from magnet.config import load_config
 from magnet.evaluate import Breakdown, breakdown_rows, evaluate, evaluate_split, prediction_figure
@@ -37,7 +38,7 @@ def config(protocol: str):
 
 
 def test_original_protocol_scores_every_expression_at_its_own_size(shards):
-    rows = [r for r in pq.read_table(f"{shards}/manifest.parquet").to_pylist() if r["split"] == "val"]
+    rows = [r for r in pq.read_table(f"{shards}/{MANIFEST}").to_pylist() if r["split"] == "val"]
     result = evaluate(Everywhere(), shards, config("original"), splits=["val"], keep_examples=2)
     m = result.metrics
     assert result.protocol == "original" and "original size" in result.describe()
@@ -127,9 +128,9 @@ def test_lavt_scores_at_the_model_input_size_and_names_the_mask_convention(shard
     assert result.as_dict()["mask_mode"] == "union" and result.as_dict()["align_corners"] is True
     refer = tmp_path / "refer-masks"
     shutil.copytree(shards, refer)
-    summary = json.loads((refer / "summary.json").read_text())
+    summary = json.loads((refer / SUMMARY).read_text())
     summary["settings"]["mask_mode"] = "refer"
-    (refer / "summary.json").write_text(json.dumps(summary))
+    (refer / SUMMARY).write_text(json.dumps(summary))
     again = evaluate(Everywhere(), str(refer), config("original"), splits=["val"])
     assert again.as_dict()["mask_mode"] == "refer" and "masks refer" in again.describe()
     assert again.eval_size is None and "align_corners=False" in again.describe()
@@ -139,9 +140,9 @@ def test_real_data_is_broken_down_by_text_features(shards, tmp_path):
     # Shards without a kind column (real data): every sample lands in one length bucket.
     plain = tmp_path / "no-kinds"
     shutil.copytree(shards, plain)
-    manifest = pq.read_table(plain / "manifest.parquet")
+    manifest = pq.read_table(plain / MANIFEST)
     if "kind" in manifest.column_names:
-        pq.write_table(manifest.drop(["kind"]), plain / "manifest.parquet")
+        pq.write_table(manifest.drop(["kind"]), plain / MANIFEST)
     result = evaluate(Everywhere(), str(plain), config("original"), splits=["val"])
     assert result.breakdown == "text"
     lengths = [k for k in result.metrics if k.startswith("val/text/length_") and k.endswith("/n")]
@@ -158,7 +159,7 @@ def test_kinds_survive_synth_prepare_and_evaluate(shards):
     refer = Path(shards).parent.parent / "refer"
     report = json.loads((refer / "synth_report.json").read_text())
     kinds = load_kinds(refer, "refcoco", "unc")
-    rows = pq.read_table(f"{shards}/manifest.parquet").to_pylist()
+    rows = pq.read_table(f"{shards}/{MANIFEST}").to_pylist()
     assert [r["kind"] for r in rows] == [kinds[r["sent_id"]] for r in rows]
     result = evaluate(Everywhere(), shards, config("original"), splits=["val", "testA"])
     assert result.breakdown == "kind" and result.as_dict()["breakdown"] == "kind"
@@ -177,7 +178,7 @@ def test_kinds_survive_synth_prepare_and_evaluate(shards):
 
 
 def test_rows_score_every_expression_and_worst_are_the_lowest(shards):
-    manifest = {r["sent_id"]: r for r in pq.read_table(f"{shards}/manifest.parquet").to_pylist()}
+    manifest = {r["sent_id"]: r for r in pq.read_table(f"{shards}/{MANIFEST}").to_pylist()}
     result = evaluate(Everywhere(), shards, config("original"), splits=["val"], keep_rows=True, keep_worst=3)
     rows = result.splits["val"].rows
     assert sorted(r["sent_id"] for r in rows) == sorted(s for s, r in manifest.items() if r["split"] == "val")

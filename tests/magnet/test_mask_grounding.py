@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from model_inputs import random_batch
 from torch import Tensor, nn
 
-from magnet.config import MaskGroundingConfig, load_config
-from magnet.models import MagNet, build_model
+from magnet.config import MaskGroundingConfig
+from magnet.models import MagNet
 from magnet.models.mask_grounding import IGNORE_INDEX, MaskGroundingHead, mask_tokens
 
 PAD, UNK, CLS, SEP, MASK = 0, 100, 101, 102, 103  # bert-base-uncased
@@ -218,12 +219,6 @@ def test_head_learns_the_word_from_an_informative_mask() -> None:
 
 
 # ----------------------------------------------------------------------------- in the model
-@pytest.fixture(scope="module")
-def tiny() -> MagNet:
-    torch.manual_seed(0)
-    return build_model(load_config("tiny").model).train()
-
-
 def _predictor_calls(model: MagNet, batch: dict[str, torch.Tensor], seed: int) -> tuple[tuple, Tensor]:
     """One training forward with a fixed seed (same masked positions and draws every time):
     the positional inputs the Mask Grounding predictor received, and the segmentation logits."""
@@ -251,15 +246,8 @@ def test_predictor_inputs_never_see_the_masked_words(
     )
     # the model reads the section at every forward; its other fields (the head's sizes) stay
     tiny.cfg.mask_grounding = MaskGroundingConfig.model_validate(tiny.cfg.mask_grounding.model_dump() | knobs)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.zeros(2, 20, dtype=torch.long)
-    ids[:, 0], ids[:, 1:9], ids[:, 9] = CLS, torch.randint(1000, 5000, (2, 8), generator=gen), SEP
-    batch = {
-        "image": torch.randn(2, 3, 64, 64, generator=gen),
-        "input_ids": ids,
-        "attention_mask": (ids != PAD).long(),
-        "target_mask": (torch.rand(2, 64, 64, generator=gen) > 0.5).float(),
-    }
+    batch = random_batch((64, 64), words=8)
+    ids = batch["input_ids"]
     first, first_logits = _predictor_calls(tiny, batch, seed=1)
     picked = first[4] != IGNORE_INDEX  # labels [B, L]
     assert picked.any() and (~picked & batch["attention_mask"].bool()).any()

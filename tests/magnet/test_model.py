@@ -6,17 +6,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from model_inputs import random_batch
 from PIL import Image, ImageDraw
 from timm.layers import PatchEmbed
 from timm.models.swin_transformer import SwinTransformerStage
 
-from magnet.config import ModelConfig, load_config
+from magnet.config import CONFIG_DIR, ModelConfig, load_config
 from magnet.models import MagNet, build_model
+from magnet.models.decoders import DECODERS
 from magnet.models.fusion import PADDING_BIAS, LanguageFusion
-from magnet.models.magnet import TRAINING_ONLY_PREFIX, describe_model, split_layers
+from magnet.models.magnet import TRAINING_ONLY_PREFIX, describe_model, special_token_ids, split_layers
 
 PAPER_TOTAL = 297.0e6
 PAPER_SPLIT = {"vision_fusion_cam": 152.8e6, "language_fusion": 126.0e6, "decoder": 18.0e6}
+
+
+PRESETS = sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
 
 
 def tiny_cfg(*overrides: str) -> ModelConfig:
@@ -24,35 +29,68 @@ def tiny_cfg(*overrides: str) -> ModelConfig:
     return load_config("tiny", [f"model.{item}" for item in overrides]).model
 
 
-def batch(size: tuple[int, int], n: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random image, an expression of 8 real ids ([CLS] w1..w6 [SEP]) padded to 20, random mask."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(n, 20, dtype=torch.long)
-    ids[:, 0], ids[:, 7] = 101, 102
-    ids[:, 1:7] = torch.randint(1000, 5000, (n, 6), generator=g)
-    return {
-        "image": torch.randn(n, 3, *size, generator=g),
-        "input_ids": ids,
-        "attention_mask": (ids != 0).long(),
-        "target_mask": (torch.rand(n, *size, generator=g) > 0.5).float(),
-    }
-
-
-@pytest.fixture(scope="module")
-def tiny() -> MagNet:
-    torch.manual_seed(0)
-    return build_model(tiny_cfg())
-
-
 @pytest.fixture(scope="module")
 def paper_meta() -> MagNet:
     return build_model(load_config("paper").model, "meta")
 
 
+# ------------------------------------------------------------------------- every variant
+def quick_cfg(preset: str, *overrides: str) -> ModelConfig:
+    """A preset's model with random weights and what makes it slow on CPU cut (image size, Swin
+    depths past the shifted-window pair, widths, layer counts), its architecture choices kept
+    (switches, decoder kind, window size, text encoder): a new preset is tested as it comes."""
+    model = load_config(preset).model
+    vision, decoder, grounding = model.vision, model.decoder, model.mask_grounding
+    cut = [
+        "text.pretrained=false",
+        "vision.pretrained=null",
+        f"image_size={min(model.image_size, 96)}",
+        f"vision.embed_dim={min(vision.embed_dim, 32)}",
+        f"vision.depths=[{','.join(str(min(depth, 2)) for depth in vision.depths)}]",
+        f"decoder.hidden_dim={min(decoder.hidden_dim, 64)}",
+        f"decoder.pixel_decoder_layers={min(decoder.pixel_decoder_layers, 1)}",
+        f"decoder.pixel_decoder_ffn_dim={min(decoder.pixel_decoder_ffn_dim, 128)}",
+        f"decoder.decoder_layers={min(decoder.decoder_layers, 2)}",
+        f"decoder.decoder_ffn_dim={min(decoder.decoder_ffn_dim, 128)}",
+        f"mask_grounding.hidden_dim={min(grounding.hidden_dim, 64)}",
+        f"mask_grounding.num_layers={min(grounding.num_layers, 1)}",
+        f"alignment.embed_dim={min(model.alignment.embed_dim, 64)}",
+    ]
+    return load_config(preset, [f"model.{item}" for item in (*cut, *overrides)]).model
+
+
+def check_one_training_step(cfg: ModelConfig) -> None:
+    """One forward and backward on a random batch: output shapes, a finite loss, finite gradients
+    reaching the vision, text and decoder (classifier) parts."""
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    size = cfg.image_size
+    out = model(**random_batch((size, size)))
+    assert out.mask_logits.shape == (2, 1, size // 4, size // 4)
+    assert all(a.shape == out.mask_logits.shape for a in out.aux_mask_logits)
+    loss = out.losses["loss"]
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    for part in ("image_model.", "language_model.", "classifier."):
+        assert any(name.startswith(part) and g.abs().sum() > 0 for name, g in grads.items()), part
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_trains_a_step(preset: str) -> None:
+    check_one_training_step(quick_cfg(preset))
+
+
+@pytest.mark.parametrize("kind", sorted(DECODERS))
+def test_every_registered_decoder_trains_a_step_in_the_model(kind: str) -> None:
+    check_one_training_step(quick_cfg("tiny", f"decoder.kind={kind}", "image_size=64"))
+
+
 # ------------------------------------------------------------------------------------ shapes
 @pytest.mark.parametrize("size", [(128, 128), (96, 160)])
 def test_tiny_shapes(tiny: MagNet, size: tuple[int, int]) -> None:
-    b = batch(size)
+    b = random_batch(size)
     tiny.eval()
     with torch.no_grad():
         enc = tiny.encode(b["image"], b["input_ids"], b["attention_mask"])
@@ -70,7 +108,7 @@ def test_tiny_shapes(tiny: MagNet, size: tuple[int, int]) -> None:
 
 @pytest.mark.parametrize("size", [(480, 480), (480, 384)])
 def test_paper_shapes_on_meta(paper_meta: MagNet, size: tuple[int, int]) -> None:
-    b = batch(size)
+    b = random_batch(size)
     with torch.device("meta"):
         b = {k: v.to("meta") for k, v in b.items()}
         enc = paper_meta.encode(b["image"], b["input_ids"], b["attention_mask"])
@@ -87,7 +125,7 @@ def test_paper_shapes_on_meta(paper_meta: MagNet, size: tuple[int, int]) -> None
 @pytest.mark.parametrize("switch", ["fusion.use_cam=false", "decoder.kind=lavt"])
 def test_switches_keep_shapes(switch: str) -> None:
     model = build_model(tiny_cfg(switch))
-    b = batch((64, 96))
+    b = random_batch((64, 96))
     out = model(**b)
     assert out.mask_logits.shape == (2, 1, 16, 24)
     assert torch.isfinite(out.losses["loss"])
@@ -111,7 +149,7 @@ def test_tiny_is_small(tiny: MagNet) -> None:
 def test_zero_gates_give_plain_swin(tiny: MagNet) -> None:
     """At init the fused main path is exactly timm's Swin on the same weights."""
     cfg = tiny.cfg.vision
-    b = batch((128, 96))
+    b = random_batch((128, 96))
     plain_embed = PatchEmbed(
         128,
         4,
@@ -155,7 +193,7 @@ def test_gradients_reach_every_parameter() -> None:
     torch.manual_seed(0)
     model = build_model(tiny_cfg("mask_grounding.mask_prob=1.0"))  # every word masked: MG loss > 0
     model.train()
-    b = batch((64, 64), n=2)
+    b = random_batch((64, 64), n=2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model(**b).losses["loss"].backward()
     optimizer.step()
@@ -176,12 +214,12 @@ def test_gradients_reach_every_parameter() -> None:
 def test_switched_off_heads_get_no_gradient() -> None:
     model = build_model(tiny_cfg("mask_grounding.enabled=false", "alignment.enabled=false"))
     assert sum(p.numel() for p in model.criterion.parameters()) == 0
-    out = model(**batch((64, 64)))
+    out = model(**random_batch((64, 64)))
     assert out.losses["mg"] == 0 and out.losses["cal"] == 0
     # MG on but in eval mode: the head exists and stays untouched.
     model = build_model(tiny_cfg())
     model.eval()
-    out = model(**batch((64, 64)))
+    out = model(**random_batch((64, 64)))
     out.losses["loss"].backward()
     assert out.losses["mg"] == 0
     assert all(p.grad is None for p in model.criterion.mask_grounding.parameters())
@@ -203,7 +241,7 @@ def test_alignment_loss_reads_its_pixels(tiny: MagNet, pixel_features: str) -> N
         ),
         model.criterion.alignment.register_forward_pre_hook(lambda _, args: seen.update(cal_pixels=args[0])),
     ]
-    b = batch((64, 64))
+    b = random_batch((64, 64))
     model.eval()  # no Mask Grounding: one pass, the one CAL reads
     try:
         with torch.no_grad():
@@ -239,7 +277,7 @@ def test_inference_weights_exclude_training_heads(tiny: MagNet) -> None:
 def test_bf16_autocast_on_cpu(tiny: MagNet) -> None:
     tiny.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = tiny(**batch((64, 96)))
+        out = tiny(**random_batch((64, 96)))
     assert out.mask_logits.dtype == torch.bfloat16
     assert all(torch.isfinite(v) for v in out.losses.values())
     out.losses["loss"].backward()
@@ -303,6 +341,11 @@ def test_model_info_on_meta() -> None:
     assert (
         info["parameters"]["inference"] + info["parameters"]["training_only"] == info["parameters"]["total"]
     )
+
+
+def test_special_token_ids_are_the_configured_tokenizers(other_tokenizer: str) -> None:
+    assert special_token_ids(other_tokenizer) == ([1, 3, 0, 2, 4], 4)  # its [UNK] [SEP] [PAD] [CLS] [MASK]
+    assert special_token_ids("all-minilm-l6-v2")[1] == 103
 
 
 def test_split_layers() -> None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+TINY_MODEL = ["model.image_size=64", "model.text.pretrained=false"]
+"""Overrides that make the tiny preset quick to build: small images, random text weights."""
 
 
 @pytest.fixture(scope="module")
@@ -14,3 +18,28 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness():
         yield
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny MagNet (TINY_MODEL, random weights) as training leaves it at step 3."""
+    import torch
+
+    from magnet.checkpoint import TrainState, save_checkpoint
+    from magnet.config import load_config
+    from magnet.models import build_model
+
+    cfg = load_config("tiny", TINY_MODEL)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return save_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "checkpoint_step00000003",
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=TrainState(step=3),
+        cfg=cfg,
+        rng_states=[{}],
+    )

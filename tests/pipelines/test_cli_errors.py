@@ -15,11 +15,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from magnet.checkpoint import TrainState, save_checkpoint
+from data_prep.contract import SUMMARY
 from magnet.config import load_config
 from pipelines.cli import app
-
-TINY = ["model.image_size=64", "model.text.pretrained=false"]
 
 
 def refused(args: list[str]) -> str:
@@ -40,26 +38,6 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the model was loaded before the input was checked")
 
     monkeypatch.setattr(registry, "load_model", load_model)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from magnet.models import build_model
-
-    cfg = load_config("tiny", TINY)
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return save_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "checkpoint",
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        state=TrainState(step=1),
-        cfg=cfg,
-        rng_states=[{}],
-    )
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +159,11 @@ def test_evaluate_names_a_corrupt_shard(corrupt_shards, checkpoint):
     assert f"shard {corrupt_shards}/val/shard-000000.tar is corrupt" in line
 
 
+def test_train_refuses_shards_cut_to_another_length_before_prefect(synthetic_shards):
+    line = refused(["train", "--shards", str(synthetic_shards()), "--set", "model.text.max_tokens=12"])
+    assert "holds expressions of max_tokens 20 but the model reads text.max_tokens 12" in line
+
+
 def test_debug_shows_the_traceback(synthetic_shards, tmp_path, no_model_load):
     from magnet.data import ShardError
 
@@ -194,7 +177,7 @@ def test_debug_shows_the_traceback(synthetic_shards, tmp_path, no_model_load):
 def sweep(tmp_path: Path) -> tuple[Path, Path]:
     prepared = tmp_path / "prepared"
     prepared.mkdir()
-    (prepared / "summary.json").write_text("{}")
+    (prepared / SUMMARY).write_text("{}")
     return tmp_path / "sweep.yaml", prepared
 
 

@@ -23,6 +23,7 @@ import test_fault_training
 from test_fault_training import CorruptAt, StepTrace, split_shards
 from tiny_runs import SCORE_VAL, lifetimes
 
+from data_prep.contract import INDEX_FILES
 from magnet.config import load_config
 from magnet.data import open_split
 from magnet.train import EVAL_FAILED_KEY
@@ -30,7 +31,7 @@ from pipelines import tracking
 from pipelines.train_driver import CHECKPOINT_PREFIX, run_training
 
 REPO = Path(__file__).resolve().parents[2]
-INDEX_FILES = ("summary.json", "manifest.parquet", "rejects.parquet")
+INDEX_FILES = INDEX_FILES
 WORKERS = 2
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from data_prep.contract import SUMMARY
 from data_prep.shards import prepare_dataset
 
 SAMPLES_PER_SHARD = 4
@@ -129,7 +130,7 @@ def test_rerun_after_sigkill_mid_prepare_reuses_finished_chunks(prefect_harness,
     finished = markers(tmp_path)
     assert 2 <= len(finished) < total, f"killed with {len(finished)} of {total} chunks done"
     out = tmp_path / "refcoco-unc"
-    assert not (out / "summary.json").exists()
+    assert not (out / SUMMARY).exists()
     shards = [out / p.parent.name / p.name.replace(".done.json", ".tar") for p in finished]
     before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in [*finished, *shards]}
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from tiny_runs import SCORE_VAL, TINY_RUN, lifetimes, step_records
 
+from data_prep.contract import MANIFEST, SUMMARY
 from magnet.config import load_config
 from magnet.data import DataPosition, ShardError, build_train_loader, open_split, train_batches_per_epoch
 from magnet.train import EVAL_FAILED_KEY, NOT_EVALUATED, SCORE_KEY, SKIPPED_SHARDS_KEY, LocalReporter, train
@@ -206,7 +207,7 @@ def flip_bytes(path: Path) -> None:
 
 def split_shards(root: Path, split: str) -> list[str]:
     """The shard paths of a split, as summary.json names them."""
-    shards = json.loads((root / "summary.json").read_text())["shards"]
+    shards = json.loads((root / SUMMARY).read_text())["shards"]
     return [entry["path"] for entry in shards if entry["path"].startswith(f"{split}/")]
 
 
@@ -256,7 +257,7 @@ def test_corrupt_shard_skipped_and_counted_in_the_run(corrupt_copy, local_ray, t
     run = mlflow.MlflowClient(uri).get_run(settings["run_id"])
     assert run.data.metrics[SKIPPED_SHARDS_KEY] == 1
     # nothing of the skipped shard was trained on
-    manifest = pq.read_table(copy / "manifest.parquet", columns=["shard", "sent_id"]).to_pylist()
+    manifest = pq.read_table(copy / MANIFEST, columns=["shard", "sent_id"]).to_pylist()
     in_corrupt = {row["sent_id"] for row in manifest if row["shard"] == name}
     trained = {i for record in step_records(steps) for i in record["sent_ids"]}
     assert in_corrupt and trained and not trained & in_corrupt

@@ -16,6 +16,7 @@ import torch
 import yaml
 from torch import nn
 
+from data_prep.contract import MANIFEST, SUMMARY
 from magnet.config import load_config
 from magnet.evaluate import evaluate
 from magnet.models import MagNetOutput
@@ -49,7 +50,7 @@ def tiny_eval_config():
 
 
 def test_training_and_evaluation_splits_are_dataset_inputs(run, shards):
-    digest = hashlib.sha256(Path(shards, "summary.json").read_bytes()).hexdigest()
+    digest = hashlib.sha256(Path(shards, SUMMARY).read_bytes()).hexdigest()
     tracking.log_dataset_inputs(run, shards, ["val", "testA"], "evaluation")
     tracking.log_dataset_inputs(run, shards, ["val"], "evaluation")  # a retry adds nothing
     inputs = tracking.client_for(run["tracking_uri"]).get_run(run["run_id"]).inputs.dataset_inputs
@@ -86,7 +87,7 @@ def test_evaluation_table_has_a_row_per_expression_and_worst_cases_a_picture(run
     assert table["columns"] == list(mlflow_record.TABLE_COLUMNS)
     rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
     assert len(rows) == evaluation.metrics["val/n"] + evaluation.metrics["testB/n"]
-    manifest = {r["sent_id"]: r for r in pq.read_table(f"{shards}/manifest.parquet").to_pylist()}
+    manifest = {r["sent_id"]: r for r in pq.read_table(f"{shards}/{MANIFEST}").to_pylist()}
     for row in rows:
         assert (manifest[row["sent_id"]]["raw"], manifest[row["sent_id"]]["split"]) == (
             row["raw"],
@@ -100,9 +101,9 @@ def test_evaluation_table_has_a_row_per_expression_and_worst_cases_a_picture(run
 
 
 def test_kind_comes_from_the_manifest_where_known(tmp_path):
-    pq.write_table(pa.table({"sent_id": [1, 2], "kind": ["relation", None]}), tmp_path / "manifest.parquet")
+    pq.write_table(pa.table({"sent_id": [1, 2], "kind": ["relation", None]}), tmp_path / MANIFEST)
     assert mlflow_record._kinds(str(tmp_path)) == {1: "relation"}
-    pq.write_table(pa.table({"sent_id": [1, 2]}), tmp_path / "manifest.parquet")
+    pq.write_table(pa.table({"sent_id": [1, 2]}), tmp_path / MANIFEST)
     assert mlflow_record._kinds(str(tmp_path)) == {}
 
 
@@ -110,20 +111,18 @@ def fake_benchmark(root: Path, val_refs: int) -> str:
     """summary.json and manifest.parquet of a RefCOCO-named set whose val has ``val_refs`` refs."""
     root.mkdir(parents=True)
     summary = {"dataset": "refcoco", "splitBy": "unc", "settings": {"mask_mode": "refer"}, "counts": {}}
-    (root / "summary.json").write_text(json.dumps(summary))
-    pq.write_table(
-        pa.table({"split": ["val"] * val_refs, "ref_id": list(range(val_refs))}), root / "manifest.parquet"
-    )
+    (root / SUMMARY).write_text(json.dumps(summary))
+    pq.write_table(pa.table({"split": ["val"] * val_refs, "ref_id": list(range(val_refs))}), root / MANIFEST)
     return str(root)
 
 
 def test_published_scores_only_beside_the_benchmarks_own_splits(tmp_path):
     real = fake_benchmark(tmp_path / "real", 3811)
     small = fake_benchmark(tmp_path / "small", 40)
-    assert mlflow_record._benchmark_splits(real, json.loads(Path(real, "summary.json").read_text())) == {
+    assert mlflow_record._benchmark_splits(real, json.loads(Path(real, SUMMARY).read_text())) == {
         "val": 75.24
     }
-    assert mlflow_record._benchmark_splits(small, json.loads(Path(small, "summary.json").read_text())) == {}
+    assert mlflow_record._benchmark_splits(small, json.loads(Path(small, SUMMARY).read_text())) == {}
 
 
 def checkpoint_dir(root: Path, meta: dict) -> Path:
@@ -144,7 +143,7 @@ def test_model_card_is_the_registered_versions_description(run, shards, tmp_path
     mlflow_record.describe_version(run["tracking_uri"], version, card)
     shown = client.get_model_version("magnet", version).description
     assert shown == card
-    digest = hashlib.sha256(Path(shards, "summary.json").read_bytes()).hexdigest()
+    digest = hashlib.sha256(Path(shards, SUMMARY).read_bytes()).hexdigest()
     for part in (
         f"trained here ({STEP} steps); config `tiny`, MLflow run `record`",
         digest,

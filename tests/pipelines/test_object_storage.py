@@ -12,6 +12,7 @@ import pytest
 from tiny_runs import SCORE_VAL, TINY_RUN
 from typer.testing import CliRunner
 
+from data_prep.contract import MANIFEST, REJECTS, SUMMARY
 from data_prep.shards import prepare_dataset
 from data_prep.synth import synthesize
 from magnet.config import load_config
@@ -52,7 +53,7 @@ def test_prepare_train_evaluate_on_object_storage(
     prefix = "e2e/data/refcoco-unc/"
     assert s3_store.keys(prefix) == sorted(prefix + name for name in local)
     s3 = fsspec.filesystem("s3")
-    for name in ("summary.json", "manifest.parquet", "rejects.parquet", "train/shard-000000.tar"):
+    for name in (SUMMARY, MANIFEST, REJECTS, "train/shard-000000.tar"):
         assert s3.cat_file(f"{s3_store.bucket}/{prefix}{name}") == local[name].read_bytes(), name
 
     # train on Ray: shards streamed from the bucket, checkpoints written to it, tracked in MLflow
@@ -85,7 +86,7 @@ def test_prepare_train_evaluate_on_object_storage(
     )
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads(report.read_text())
-    summary = json.loads(local["summary.json"].read_text())
+    summary = json.loads(local[SUMMARY].read_text())
     assert metrics["shards"] == shards
     assert metrics["metrics"]["val/n"] == summary["counts"]["val"]["written"]
     # the weights read back from the bucket score what training measured on them

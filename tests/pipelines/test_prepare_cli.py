@@ -9,15 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_text import plain
 from typer.testing import CliRunner
 
 from data_prep.refer import IMAGE_SUBDIR
 from pipelines.cli import app
-
-
-def plain(output: str) -> str:
-    """The CLI's message without rich's box and line wrapping."""
-    return " ".join(output.replace("│", " ").split())
 
 
 @pytest.fixture

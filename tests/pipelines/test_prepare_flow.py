@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from data_prep.contract import SUMMARY
 from pipelines.cli import app
 
 
@@ -42,7 +43,7 @@ def test_magnet_prepare_runs_the_flow_and_reruns_skip(
     assert result.exit_code == 0, result.output
     assert "train" in result.output and "rejected" in result.output
     flow_dir = tmp_path / "flow" / "refcoco-unc"
-    summary = json.loads((flow_dir / "summary.json").read_text())
+    summary = json.loads((flow_dir / SUMMARY).read_text())
     assert len(summary["shards"]) > 2
 
     artifacts = _artifacts()
@@ -56,17 +57,13 @@ def test_magnet_prepare_runs_the_flow_and_reruns_skip(
 
     # The flow writes what the library writes, and a re-run finds every chunk done.
     prepare_dataset(refer_root, "refcoco", "unc", tmp_path / "lib", samples_per_shard=15)
-    assert (tmp_path / "lib" / "refcoco-unc" / "summary.json").read_bytes() == (
-        flow_dir / "summary.json"
-    ).read_bytes()
+    assert (tmp_path / "lib" / "refcoco-unc" / SUMMARY).read_bytes() == (flow_dir / SUMMARY).read_bytes()
     # Again through the flow (a second CliRunner would find Prefect's console handler bound to
     # the first one's closed stream).
     # Two workers: the chunks go to a process pool that must reach the harness's API.
     (flow_dir / summary["shards"][0]["path"]).unlink()
     run_prepare(workers=2, refer_root=str(refer_root), out=str(tmp_path / "flow"), samples_per_shard=15)
-    assert (tmp_path / "lib" / "refcoco-unc" / "summary.json").read_bytes() == (
-        flow_dir / "summary.json"
-    ).read_bytes()
+    assert (tmp_path / "lib" / "refcoco-unc" / SUMMARY).read_bytes() == (flow_dir / SUMMARY).read_bytes()
     markdown = sorted(_artifacts()["markdown"], key=lambda a: a.created)[-1].data
     assert f"{len(summary['shards'])} shards, {len(summary['shards']) - 1} already done" in markdown
 

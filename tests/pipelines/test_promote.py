@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from data_prep.contract import SUMMARY
 from magnet.checkpoint import TrainState, save_checkpoint
 from magnet.config import load_config
 from magnet.models import build_model
@@ -178,8 +179,8 @@ def test_promotion_story(store):
     # a run on other data: refused, and the registry is untouched
     other = store["root"] / "other-shards"
     other.mkdir()
-    summary = json.loads((store["shards"] / "summary.json").read_text()) | {"settings": {"changed": True}}
-    (other / "summary.json").write_text(json.dumps(summary))
+    summary = json.loads((store["shards"] / SUMMARY).read_text()) | {"settings": {"changed": True}}
+    (other / SUMMARY).write_text(json.dumps(summary))
     trained_run(store, "elsewhere", threshold=0.3, val_oiou=99.0, shards=other)
     state = registry_state(client)
     with pytest.raises(PromotionError, match="different data"):

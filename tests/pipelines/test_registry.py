@@ -23,13 +23,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from mlflow_server import _free_port
 from PIL import Image
+from ports import free_port
 
-from magnet.checkpoint import MODEL_FILE, TRAIN_STATE_FILE, TrainState, save_checkpoint
+from data_prep.contract import SUMMARY
+from magnet.checkpoint import MODEL_FILE, TRAIN_STATE_FILE
 from magnet.config import load_config
 from magnet.inference import predict
-from magnet.models import build_model
 from pipelines import registry, tracking
 
 MAGNET = str(Path(sys.executable).with_name("magnet"))
@@ -61,30 +61,11 @@ print(json.dumps({
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = load_config("tiny", ["model.image_size=64", "model.text.pretrained=false"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    directory = tmp_path_factory.mktemp("ckpt") / "checkpoint_step00000003"
-    return save_checkpoint(
-        directory,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        state=TrainState(step=3),
-        cfg=cfg,
-        rng_states=[{}],
-    )
-
-
-@pytest.fixture(scope="module")
 def registered(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> dict:
     root = tmp_path_factory.mktemp("store")
     shards = root / "shards"
     shards.mkdir()
-    (shards / "summary.json").write_text(json.dumps({"dataset": "refcoco", "splitBy": "unc", "counts": {}}))
+    (shards / SUMMARY).write_text(json.dumps({"dataset": "refcoco", "splitBy": "unc", "counts": {}}))
     uri = tracking.resolve_tracking_uri(default_dir=root)
     settings = tracking.start_run(load_config("tiny"), shards=shards, tracking_uri=uri, run_name="reg")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8))
@@ -340,7 +321,7 @@ def test_mlflow_models_serve_answers_a_request_with_magnet_predicts_mask(registe
 
     from pipelines.cli import app
 
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "serve.log").open("wb")
     server = subprocess.Popen(
         [bare_python, "-m", "mlflow", "models", "serve", "-m", "models:/magnet@demo",

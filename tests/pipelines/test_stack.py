@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -17,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ports import free_port
+
+from data_prep.contract import SUMMARY
 
 pytestmark = pytest.mark.slow
 
@@ -31,12 +33,6 @@ TINY = [
     "train.checkpoint_every=2",
     "train.log_every=1",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _pid(state: Path, service: str) -> int:
@@ -66,7 +62,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     every process it started."""
     root = tmp_path_factory.mktemp("stack")
     state = root / "stack"
-    prefect_port, mlflow_port = _free_port(), _free_port()
+    prefect_port, mlflow_port = free_port(), free_port()
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -221,7 +217,7 @@ def test_pool_deployment_runs_on_a_worker_of_its_pool_not_in_the_stack(stack: St
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
         log.close()
-    summary = json.loads((tmp_path / "shards" / "refcoco-unc" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "shards" / "refcoco-unc" / SUMMARY).read_text())
     assert sum(c["written"] for c in summary["counts"].values()) > 0
     worker_log = (tmp_path / "worker.log").read_text()
     flow_run_id = next(line for line in done.stdout.splitlines() if "UUID" in line).split()[-1]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from data_prep.contract import SUMMARY
 from magnet.config import load_config
 from pipelines import tracking
 
@@ -22,7 +23,7 @@ def shard_root(tmp_path: Path) -> Path:
         "val": {"read": 5, "written": 4, "rejected": 1},
     }
     summary = {"dataset": "synthcoco", "splitBy": "unc", "counts": counts}
-    (root / "summary.json").write_text(json.dumps(summary))
+    (root / SUMMARY).write_text(json.dumps(summary))
     return root
 
 
@@ -91,9 +92,9 @@ def test_logger_writes_metrics_and_pictures(store, shard_root):
 def test_evaluation_is_logged_with_its_protocol_mask_convention_and_table(store, shard_root):
     from magnet.evaluate import Evaluation
 
-    summary = json.loads((shard_root / "summary.json").read_text())
+    summary = json.loads((shard_root / SUMMARY).read_text())
     summary["settings"] = {"mask_mode": "refer"}
-    (shard_root / "summary.json").write_text(json.dumps(summary))
+    (shard_root / SUMMARY).write_text(json.dumps(summary))
     settings = tracking.start_run(load_config("tiny"), shards=shard_root, tracking_uri=store, run_name="e")
     evaluation = Evaluation(
         protocol="lavt",

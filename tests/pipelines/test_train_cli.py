@@ -5,14 +5,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from cli_text import plain
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-
-
-def plain(output: str) -> str:
-    """The CLI's message without rich's box and line wrapping."""
-    return " ".join(output.replace("│", " ").split())
 
 
 @pytest.fixture

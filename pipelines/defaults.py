@@ -1,0 +1,46 @@
+"""Defaults of the train, tune and promote stages, in one place: the library functions, the Prefect
+flows and the `magnet` commands read them here. It imports nothing heavy, so `magnet --help` stays
+quick (the commands import Prefect only once their arguments are good)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    """pipelines.flows.train.train_magnet and `magnet train`."""
+
+    config: str = "tiny"
+    num_workers: int = 2
+    use_gpu: bool = False
+    experiment: str = "magnet"
+    resume: bool = False
+    register_model: bool = True
+
+
+@dataclass(frozen=True)
+class TuneDefaults:
+    """pipelines.tune.run_sweep, pipelines.flows.tune.tune_magnet and `magnet tune`."""
+
+    space: str = "configs/sweeps/loss-weights.yaml"
+    config: str = "tiny"
+    experiment: str = "magnet-sweeps"
+    workers_per_trial: int = 1
+    gpus_per_trial: int = 0
+    register_best: bool = True
+
+
+@dataclass(frozen=True)
+class PromoteDefaults:
+    """pipelines.promote.promote, pipelines.flows.tune.promote_magnet and `magnet promote`."""
+
+    metric: str = "val_oIoU"
+    min_gain: float = 0.0
+    protocol: str = "lavt"
+    device: str = "cpu"
+
+
+TRAIN = TrainDefaults()
+TUNE = TuneDefaults()
+PROMOTE = PromoteDefaults()
