@@ -28,7 +28,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from magnet.data import ShardError
     from magnet.weights import WeightImportError
     from pipelines.registry import ModelReferenceError
-    from pipelines.tune import SpaceError
+    from pipelines.sweep.space import SpaceError
 
     return ConfigError, ShardError, SpaceError, ModelReferenceError, StateDictMismatch, WeightImportError
 

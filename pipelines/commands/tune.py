@@ -47,7 +47,8 @@ def tune(
 ) -> None:
     """Sweep loss weights (or run the ablation) with Ray Tune; each trial is a Ray Train run."""
     from magnet.config import ConfigError, load_config
-    from pipelines.tune import SEARCHES, SpaceError, build_scheduler, check_search, load_space
+    from pipelines.sweep.driver import build_scheduler
+    from pipelines.sweep.space import SEARCHES, SpaceError, check_search, load_space
 
     if search is not None and search not in SEARCHES:
         raise typer.BadParameter(f"{search!r} is not one of {', '.join(SEARCHES)}", param_hint="--search")

@@ -13,14 +13,9 @@ from tiny_runs import tiny_trial
 
 from magnet.config import load_config
 from pipelines import tracking
-from pipelines.tune import (
-    SpaceError,
-    aggregate,
-    aggregate_plot,
-    apply_params,
-    load_space,
-    run_sweep,
-)
+from pipelines.sweep.driver import run_sweep
+from pipelines.sweep.report import aggregate, aggregate_plot
+from pipelines.sweep.space import SpaceError, apply_params, load_space
 
 TINY = tiny_trial()
 
@@ -53,7 +48,7 @@ def test_shipped_sweeps_load_and_fit_the_config():
     weights = load_space("configs/sweeps/loss-weights.yaml", cfg)
     assert weights.search == "optuna" and weights.params["train.lr"].kind == "loguniform"
     ablation = load_space("configs/sweeps/ablation.yaml", cfg)
-    assert ablation.group_by == "variant" and len(ablation.variants) == 5
+    assert ablation.report.group_by == "variant" and len(ablation.variants) == 5
     baseline = apply_params(cfg, {"variant": "baseline", "train.seed": 2}, ablation.variants)
     assert not baseline.model.fusion.use_cam and not baseline.model.mask_grounding.enabled
     assert not baseline.model.alignment.enabled and baseline.train.seed == 2
@@ -85,7 +80,7 @@ def test_bad_space_entries_are_named(tmp_path, text, message):
 
 @pytest.mark.parametrize("search", ["optuna", "random"])
 def test_searchers_accept_the_loss_weight_space(search):
-    from pipelines.tune import _searcher, tune_param_space
+    from pipelines.sweep.driver import _searcher, tune_param_space
 
     space = load_space("configs/sweeps/loss-weights.yaml", load_config("tiny"))
     searcher = _searcher(search, seed=0, concurrency=2)

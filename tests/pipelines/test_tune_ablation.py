@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,8 @@ from tiny_runs import tiny_trial
 
 from magnet.config import CONFIG_DIR, load_config
 from pipelines import tracking
-from pipelines.tune import Param, load_space, run_sweep
+from pipelines.sweep.driver import run_sweep
+from pipelines.sweep.space import Param, load_space
 
 pytestmark = pytest.mark.slow
 
@@ -32,12 +32,13 @@ def ablation(synthetic_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("ablation")
     cfg = load_config("tiny", TINY)
     preset = load_space(CONFIG_DIR / "sweeps" / "ablation.yaml", cfg)
-    space = replace(
-        preset,
-        params={
-            "variant": Param("variant", "grid", VARIANTS),
-            "train.seed": Param("train.seed", "grid", SEEDS),
-        },
+    space = preset.model_copy(
+        update={
+            "params": {
+                "variant": Param.model_validate({"grid": VARIANTS}),
+                "train.seed": Param.model_validate({"grid": SEEDS}),
+            }
+        }
     )
     uri = f"sqlite:///{root}/mlflow.db"
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # two trials at a time
@@ -57,7 +58,7 @@ def test_the_preset_runs_every_variant_and_seed_to_the_end(ablation):
         (v, s) for v in VARIANTS for s in SEEDS
     )
     assert all(r["status"] == "FINISHED" and not r["early_stopped"] for r in rows)
-    assert ablation["space"].report_splits == ("val", "testA", "testB")
+    assert ablation["space"].report.splits == ("val", "testA", "testB")
 
 
 def test_the_report_gives_mean_and_spread_per_variant_on_val_and_test_splits(ablation):
