@@ -1,4 +1,5 @@
-"""`magnet` commands of the tune group: tune (a Ray Tune sweep) and promote (move `champion`)."""
+"""`magnet` commands of the tune group: tune (a Ray Tune sweep), sweep-report (the ablation report
+of a finished sweep) and promote (move `champion`)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,32 @@ def tune(
     typer.echo(json.dumps(result, indent=2))
 
 
+def sweep_report(
+    sweep: str = typer.Argument(..., help="Name of the finished sweep (its MLflow parent run)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Markdown to write, e.g. docs/results/<sweep>.md; the plot goes beside it (.png)."
+    ),
+    experiment: str = typer.Option("magnet-sweeps", "--experiment", help="MLflow experiment of the sweep."),
+    tracking_uri: str | None = typer.Option(
+        None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or ./mlflow.db."
+    ),
+) -> None:
+    """Write the ablation report of a finished sweep: mean ± std per variant, split and kind of
+    expression, and where each variant beats the baseline beyond the spread."""
+    if out.suffix != ".md":
+        raise typer.BadParameter(f"{out}: the report is markdown, name it <name>.md", param_hint="--out")
+    if not out.parent.is_dir():
+        raise typer.BadParameter(f"{out.parent} is not a directory", param_hint="--out")
+    from pipelines.sweep.report import read_sweep, write_report
+
+    try:
+        finished = read_sweep(sweep, experiment, tracking_uri)
+    except FileNotFoundError as err:  # no MLflow store where the URI points
+        raise typer.BadParameter(str(err), param_hint="--tracking-uri") from None
+    report, plot = write_report(finished, out)
+    typer.echo(f"wrote {report} and {plot}")
+
+
 def promote(
     experiment: str = typer.Option(
         ..., "--experiment", help="MLflow experiment whose finished runs compete."
@@ -137,4 +164,5 @@ def promote(
 def register(app: typer.Typer) -> None:
     """Add this group's commands to the `magnet` app."""
     app.command("tune")(tune)
+    app.command("sweep-report")(sweep_report)
     app.command("promote")(promote)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
+import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +28,18 @@ from pathlib import Path
 from typing import Any
 
 from magnet.config import Config
-from pipelines.sweep.report import aggregate, aggregate_plot, csv_table, markdown_table, trial_columns
+from pipelines.sweep.report import (
+    COMMAND_PARAM,
+    OVERRIDES_PARAM,
+    REPORT_PARAM,
+    RESUME_TAG,
+    SWEEP_KIND_TAG,
+    aggregate,
+    aggregate_plot,
+    csv_table,
+    markdown_table,
+    trial_columns,
+)
 from pipelines.sweep.space import SpaceError, SweepSpace, check_against, check_search, with_overrides
 from pipelines.sweep.trial import PARAMS_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG, run_trial
 
@@ -142,7 +155,11 @@ def _open_parent(
     search: str,
     num_samples: int,
     resume: bool,
+    workers_per_trial: int,
+    gpus_per_trial: int,
 ) -> dict[str, str]:
+    """Open (or, resuming, reopen) the sweep's parent run; at the start it records what the report
+    needs to say what ran: the space, the command line, what differs from the preset, the budget."""
     from pipelines import tracking
 
     settings = tracking.start_run(
@@ -153,7 +170,7 @@ def _open_parent(
         run_name=sweep_name,
         resume=resume,
         extra_tags={
-            "tune.kind": "sweep",
+            SWEEP_KIND_TAG: "sweep",
             SWEEP_TAG: sweep_name,
             "tune.search": search,
             "tune.scheduler": "asha" if space.scheduler.early_stopping else "fifo",
@@ -177,10 +194,34 @@ def _open_parent(
             "sweep.mode": space.mode,
             "sweep.num_samples": str(num_samples),
             "sweep.space_file": space.source,
+            REPORT_PARAM: space.report.model_dump_json(),
+            COMMAND_PARAM: command_line(),
+            OVERRIDES_PARAM: json.dumps(preset_overrides(cfg)),
+            "sweep.workers_per_trial": str(workers_per_trial),
+            "sweep.gpus_per_trial": str(gpus_per_trial),
         }
         client.log_batch(settings["run_id"], params=[Param(k, v) for k, v in params.items()])
         client.log_artifact(settings["run_id"], space.source, artifact_path="sweep")
+    elif resume:
+        client.set_tag(settings["run_id"], RESUME_TAG, command_line())
     return settings
+
+
+def command_line() -> str:
+    """This process's command line (``magnet tune ...``), as the sweep's record of what ran it."""
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def preset_overrides(cfg: Config) -> list[str]:
+    """Where ``cfg`` differs from the preset it names (the command's --set and the sweep file's
+    overrides), as dotted ``key=value``; against the defaults when ``cfg.name`` is no preset."""
+    from magnet.config import ConfigError, load_config
+
+    try:
+        preset = load_config(cfg.name).flat()
+    except ConfigError:
+        preset = Config().flat()
+    return [f"{key}={json.dumps(value)}" for key, value in cfg.flat().items() if preset.get(key) != value]
 
 
 def _child_runs(client: Any, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
@@ -374,6 +415,7 @@ def run_sweep(
     parent = _open_parent(
         cfg, space, shards=shards, tracking_uri=tracking_uri, experiment=experiment,
         sweep_name=sweep_name, search=search, num_samples=samples, resume=resume,
+        workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial,
     )  # fmt: skip
     sweep = {
         "config": cfg.model_dump(mode="json"),
