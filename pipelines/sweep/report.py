@@ -365,9 +365,9 @@ def report_markdown(sweep: FinishedSweep, cells: Sequence[Mapping[str, Any]], pl
         "",
         "## Against the baseline",
         "",
-        f"Rule: {sweep.group_by} X beats the baseline ({baseline}, the sweep file's first) on a split and "
-        "kind *beyond the spread* when mean_X - mean_baseline > std_X + std_baseline (sample std over "
-        "the seeds), so a gap the seeds' scatter alone could make does not count.",
+        f"Rule: {sweep.group_by} X beats the baseline (`{baseline}`, the sweep file's first) on a split "
+        "and kind *beyond the spread* when mean_X - mean_baseline > std_X + std_baseline (sample std "
+        "over the seeds; 0 for one seed), so a gap the seeds' scatter alone could make does not count.",
         "",
         *(f"- {verdict(value, found, baseline)}" for value, found in wins.items()),
         "",
