@@ -30,11 +30,13 @@ from typing import Any
 from magnet.config import Config
 from pipelines.sweep.report import (
     COMMAND_PARAM,
+    METRICS,
     OVERRIDES_PARAM,
     REPORT_PARAM,
     RESUME_TAG,
     SWEEP_KIND_TAG,
     aggregate,
+    aggregate_groups,
     aggregate_plot,
     csv_table,
     markdown_table,
@@ -507,15 +509,21 @@ def _wrap_up(
     if splits:
         _score_trials(rows, parent, shards, splits)
         if group_by:
-            summary = aggregate(rows, group_by, splits, space.params[group_by].values)
+            order = space.params[group_by].values
+            summary = aggregate(rows, group_by, splits, order)
             summary_columns = [group_by, "n"] + [
-                f"{s}/{m} {stat}" for s in splits for m in ("oIoU", "mIoU") for stat in ("mean", "std")
+                f"{s}/{m} {stat}" for s in splits for m in METRICS for stat in ("mean", "std")
             ]
             report = markdown_table(summary, summary_columns)
             _log_text(parent, csv_table(summary, summary_columns), "report/summary.csv")
             _log_text(parent, f"# {sweep_name}: per {group_by}\n\n{report}\n", "report/summary.md")
             if summary:
                 _log_bytes(parent, aggregate_plot(summary, group_by, splits), "report/summary.png")
+            groups_columns = [group_by, "split", "group", "n"] + [
+                f"{m} {stat}" for m in METRICS for stat in ("mean", "std")
+            ]
+            groups = aggregate_groups(rows, group_by, splits, order)
+            _log_text(parent, csv_table(groups, groups_columns), "report/groups.csv")
     best_run, version = (None, None)
     if register_best:
         split = held_out_splits(shards, cfg.data.train_split)[0]

@@ -297,10 +297,12 @@ def read_sweep(sweep_name: str, experiment: str, tracking_uri: str | None = None
             value = json.loads(child.data.tags.get(PARAMS_TAG, "{}")).get(group_by)
             rows.append({group_by: value, "final": final})
     if not rows:
-        raise ReportError(
-            f"{sweep_name}: no trial has final scores (status {parent.info.status}): the sweep is not "
-            "finished; continue it with `magnet tune --resume`"
+        why = (
+            f"the sweep is unfinished; continue it with `magnet tune --resume {sweep_name}`"
+            if parent.info.status == "RUNNING"
+            else f"the sweep ended {parent.info.status} before any trial finished"
         )
+        raise ReportError(f"{sweep_name}: no trial has final scores: {why}")
     return FinishedSweep(
         name=sweep_name,
         experiment=experiment,

@@ -65,7 +65,7 @@ def test_the_preset_runs_every_variant_and_seed_to_the_end(ablation):
 def test_the_report_gives_mean_and_spread_per_variant_on_val_and_test_splits(ablation):
     result, client = ablation["result"], tracking.client_for(ablation["uri"])
     parent = result.parent_run_id
-    assert {"report/summary.csv", "report/summary.md", "report/summary.png"} <= {
+    assert {"report/summary.csv", "report/summary.md", "report/summary.png", "report/groups.csv"} <= {
         a.path for a in client.list_artifacts(parent, "report")
     }
     png = Path(client.download_artifacts(parent, "report/summary.png", str(ablation["root"])))
