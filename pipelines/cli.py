@@ -40,9 +40,18 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from magnet.data import ShardError
     from magnet.weights import WeightImportError
     from pipelines.registry import ModelReferenceError
-    from pipelines.tune import SpaceError
+    from pipelines.sweep.report import ReportError
+    from pipelines.sweep.space import SpaceError
 
-    return ConfigError, ShardError, SpaceError, ModelReferenceError, StateDictMismatch, WeightImportError
+    return (
+        ConfigError,
+        ShardError,
+        SpaceError,
+        ReportError,
+        ModelReferenceError,
+        StateDictMismatch,
+        WeightImportError,
+    )
 
 
 def one_line(message: str) -> str:

@@ -21,7 +21,7 @@ class TrainDefaults:
 
 @dataclass(frozen=True)
 class TuneDefaults:
-    """pipelines.tune.run_sweep, pipelines.flows.tune.tune_magnet and `magnet tune`."""
+    """pipelines.sweep.driver.run_sweep, pipelines.flows.tune.tune_magnet and `magnet tune`."""
 
     space: str = "configs/sweeps/loss-weights.yaml"
     config: str = "tiny"

@@ -20,14 +20,25 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipelines.sweep.driver import SweepResult
 
 DEMO_CONFIG = "demo"
 DEMO_WORKERS = 2
 EXPERIMENT = "magnet-demo"
 SWEEP_EXPERIMENT = "magnet-demo-sweeps"
 SWEEP_TRIALS = 2
+SWEEP_OVERRIDES = (  # on the demo preset: a few steps, one evaluation (of val) at the end
+    "data.eval_splits=[val]",
+    "train.max_steps=6",
+    "train.eval_every=6",
+    "train.checkpoint_every=6",
+    "train.log_every=1",
+)
 ALIAS = "demo"
 TIDY_ENV = {  # a readable console: no per-worker weight-loading bars and reports
     "TRANSFORMERS_VERBOSITY": "error",
@@ -147,6 +158,44 @@ def _ui_guide(summary: dict[str, Any]) -> str:
     )
 
 
+def run_demo_sweep(
+    workdir: Path,
+    shards: str | Path,
+    *,
+    tracking_uri: str,
+    experiment: str = SWEEP_EXPERIMENT,
+    trials: int = SWEEP_TRIALS,
+    config: str = DEMO_CONFIG,
+    overrides: Sequence[str] = SWEEP_OVERRIDES,
+) -> SweepResult:
+    """A short sweep of the loss weights for the demo (a few tiny trials, one CPU worker each), so
+    a newcomer finds a parent run with a child run per trial in the MLflow UI.
+
+    Its trials are too short to compete with the demo's trained model, so none is registered: that
+    spares a model logging and, in a promotion, an evaluation, a minute on 2 cores. No early
+    stopping here: the worker group of a trial ASHA kills is released through Ray's state API,
+    which needs the dashboard (ray[default]), not installed here.
+    """
+    from magnet.config import CONFIG_DIR, load_config
+    from pipelines.sweep.driver import run_sweep
+    from pipelines.sweep.space import Scheduler, load_space
+
+    cfg = load_config(config, list(overrides))
+    space = load_space(CONFIG_DIR / "sweeps" / "loss-weights.yaml", cfg)
+    space = space.model_copy(update={"scheduler": Scheduler(early_stopping=False)})
+    return run_sweep(
+        cfg,
+        space,
+        shards,
+        storage_path=Path(workdir).resolve() / "ray-results",
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        num_samples=trials,
+        search="random",
+        register_best=False,
+    )
+
+
 def run_demo(workdir: Path, num_workers: int = DEMO_WORKERS, config: str = DEMO_CONFIG) -> dict[str, Any]:
     """Synthetic data -> shards -> Ray training -> evaluation -> registry -> `champion` -> a short
     sweep, then the summary and where to look in the MLflow UI."""
@@ -176,7 +225,6 @@ def run_demo(workdir: Path, num_workers: int = DEMO_WORKERS, config: str = DEMO_
     from pipelines.promote import promote
     from pipelines.registry import MODEL_NAME
     from pipelines.tracking import client_for
-    from pipelines.tune import run_demo_sweep
 
     _start_ray()
     try:
@@ -199,9 +247,7 @@ def run_demo(workdir: Path, num_workers: int = DEMO_WORKERS, config: str = DEMO_
         )
         print(f"[demo] {promotion.summary}")
         print(f"[demo] a short sweep of the loss weights: {SWEEP_TRIALS} tiny trials")
-        sweep = run_demo_sweep(
-            workdir, shards, tracking_uri=tracking_uri, experiment=SWEEP_EXPERIMENT, trials=SWEEP_TRIALS
-        )
+        sweep = run_demo_sweep(workdir, shards, tracking_uri=tracking_uri)
     finally:
         ray.shutdown()
     print(f"[demo] sweep {sweep.sweep_name}, trials ranked by {sweep.metric}:\n{sweep.table_markdown}")

@@ -23,7 +23,7 @@ def quiet_placement_group_cleaner() -> None:
     ray[default] (not installed: its opencensus, aiohttp-cors and colorful are not among this
     project's dependencies), so every ask fails with a warning "Failed to query Ray Train
     Controller actor state" (about 120 lines in a demo); muting that logger loses nothing, as
-    without the state API the cleaner cannot act either way (see ``pipelines.tune.run_sweep`` on
+    without the state API the cleaner cannot act either way (see ``pipelines.sweep.driver.run_sweep`` on
     early stopping). With several Ray instances on the machine the ask cannot even tell which
     cluster is meant and the cleaner's thread dies with a ConnectionError traceback: pointing
     RAY_ADDRESS at the worker's own cluster (what any ray.init in that worker would join anyway)

@@ -1,4 +1,5 @@
-"""`magnet` commands of the tune group: tune (a Ray Tune sweep) and promote (move `champion`)."""
+"""`magnet` commands of the tune group: tune (a Ray Tune sweep), sweep-report (the ablation report
+of a finished sweep) and promote (move `champion`)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def tune(
     """Sweep loss weights (or run the ablation) with Ray Tune; each trial is a Ray Train run."""
     from magnet.config import ConfigError, load_config
     from magnet.data import check_text_settings
-    from pipelines.tune import SEARCHES, SpaceError, build_scheduler, check_search, load_space
+    from pipelines.sweep.driver import build_scheduler
+    from pipelines.sweep.space import SEARCHES, SpaceError, check_search, load_space
 
     if search is not None and search not in SEARCHES:
         raise typer.BadParameter(f"{search!r} is not one of {', '.join(SEARCHES)}", param_hint="--search")
@@ -91,6 +93,32 @@ def tune(
         register_best=register_best,
     )
     typer.echo(json.dumps(result, indent=2))
+
+
+def sweep_report(
+    sweep: str = typer.Argument(..., help="Name of the finished sweep (its MLflow parent run)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Markdown to write, e.g. docs/results/<sweep>.md; the plot goes beside it (.png)."
+    ),
+    experiment: str = typer.Option("magnet-sweeps", "--experiment", help="MLflow experiment of the sweep."),
+    tracking_uri: str | None = typer.Option(
+        None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or ./mlflow.db."
+    ),
+) -> None:
+    """Write the ablation report of a finished sweep: mean ± std per variant, split and kind of
+    expression, and where each variant beats the baseline beyond the spread."""
+    if out.suffix != ".md":
+        raise typer.BadParameter(f"{out}: the report is markdown, name it <name>.md", param_hint="--out")
+    if not out.parent.is_dir():
+        raise typer.BadParameter(f"{out.parent} is not a directory", param_hint="--out")
+    from pipelines.sweep.report import read_sweep, write_report
+
+    try:
+        finished = read_sweep(sweep, experiment, tracking_uri)
+    except FileNotFoundError as err:  # no MLflow store where the URI points
+        raise typer.BadParameter(str(err), param_hint="--tracking-uri") from None
+    report, plot = write_report(finished, out)
+    typer.echo(f"wrote {report} and {plot}")
 
 
 def promote(
@@ -145,4 +173,5 @@ def promote(
 def register(app: typer.Typer) -> None:
     """Add this group's commands to the `magnet` app."""
     app.command("tune")(tune)
+    app.command("sweep-report")(sweep_report)
     app.command("promote")(promote)

@@ -1,6 +1,6 @@
 """The `tune-magnet` and `promote-magnet` Prefect flows.
 
-tune-magnet runs a sweep (pipelines.tune: Ray Tune trials of Ray Train runs, an MLflow parent run
+tune-magnet runs a sweep (pipelines.sweep: Ray Tune trials of Ray Train runs, an MLflow parent run
 with a child per trial, the best model registered) and leaves the ranked trials as a Prefect table
 artifact; promote-magnet compares the best finished run's model with the `champion` and moves the
 alias when it wins (pipelines.promote). The flows only put the work in order.
@@ -36,7 +36,8 @@ def sweep(
     options: dict[str, Any],
 ) -> Any:
     from magnet.config import load_config
-    from pipelines.tune import load_space, run_sweep
+    from pipelines.sweep.driver import run_sweep
+    from pipelines.sweep.space import load_space
 
     cfg = load_config(config, overrides)
     return run_sweep(cfg, load_space(space, cfg), shards, storage_path=storage_path, **options)

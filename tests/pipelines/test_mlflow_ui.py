@@ -164,7 +164,8 @@ def fill_store(root: Path, shards: Path) -> dict:
     from magnet.config import load_config
     from pipelines.promote import promote
     from pipelines.ray_workers import QUIET_WORKERS
-    from pipelines.tune import load_space, run_sweep
+    from pipelines.sweep.driver import run_sweep
+    from pipelines.sweep.space import load_space
 
     uri = f"sqlite:///{root}/mlflow.db"
     cfg = load_config("tiny", tiny_trial(max_steps=2))

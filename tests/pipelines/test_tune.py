@@ -13,14 +13,17 @@ from tiny_runs import tiny_trial
 
 from magnet.config import load_config
 from pipelines import tracking
-from pipelines.tune import (
-    SpaceError,
+from pipelines.sweep.driver import run_sweep
+from pipelines.sweep.report import (
     aggregate,
+    aggregate_groups,
     aggregate_plot,
-    apply_params,
-    load_space,
-    run_sweep,
+    beats_beyond_spread,
+    groups_plot,
+    verdict,
+    wins_over_baseline,
 )
+from pipelines.sweep.space import SpaceError, apply_params, load_space
 
 TINY = tiny_trial()
 
@@ -53,7 +56,7 @@ def test_shipped_sweeps_load_and_fit_the_config():
     weights = load_space("configs/sweeps/loss-weights.yaml", cfg)
     assert weights.search == "optuna" and weights.params["train.lr"].kind == "loguniform"
     ablation = load_space("configs/sweeps/ablation.yaml", cfg)
-    assert ablation.group_by == "variant" and len(ablation.variants) == 5
+    assert ablation.report.group_by == "variant" and len(ablation.variants) == 5
     baseline = apply_params(cfg, {"variant": "baseline", "train.seed": 2}, ablation.variants)
     assert not baseline.model.fusion.use_cam and not baseline.model.mask_grounding.enabled
     assert not baseline.model.alignment.enabled and baseline.train.seed == 2
@@ -85,7 +88,7 @@ def test_bad_space_entries_are_named(tmp_path, text, message):
 
 @pytest.mark.parametrize("search", ["optuna", "random"])
 def test_searchers_accept_the_loss_weight_space(search):
-    from pipelines.tune import _searcher, tune_param_space
+    from pipelines.sweep.driver import _searcher, tune_param_space
 
     space = load_space("configs/sweeps/loss-weights.yaml", load_config("tiny"))
     searcher = _searcher(search, seed=0, concurrency=2)
@@ -139,6 +142,62 @@ def test_ablation_report_aggregates_seeds_per_variant():
     assert table["baseline"]["val/oIoU std"] == pytest.approx(2.8284, abs=1e-3)
     assert table["all"]["n"] == 1 and table["all"]["val/mIoU std"] == 0.0
     assert aggregate_plot(list(table.values()), "variant", ["val"]).startswith(b"\x89PNG")
+
+
+def scores(overall: float, relation: float) -> dict[str, float]:
+    """One trial's final metrics on val: overall and one kind, mIoU 10 points under oIoU."""
+    return {
+        "val/oIoU": overall, "val/mIoU": overall - 10, "val/P@0.5": 1.0,
+        "val/kind/relation/oIoU": relation, "val/kind/relation/mIoU": relation - 10,
+        "val/kind/relation/n": 3.0, "testA/oIoU": 99.0, "testA/mIoU": 99.0,
+    }  # fmt: skip
+
+
+def test_ablation_report_aggregates_seeds_per_variant_split_and_kind():
+    rows = [
+        {"variant": "+MG", "final": scores(60.0, 70.0)},
+        {"variant": "baseline", "final": scores(50.0, 40.0)},
+        {"variant": "baseline", "final": scores(54.0, 44.0)},
+        {"variant": "+MG", "final": scores(62.0, 72.0)},
+        {"variant": "+MG", "final": None},  # not scored
+    ]
+    cells = aggregate_groups(rows, "variant", ["val"], order=["baseline", "+CAL", "+MG"])
+    assert [(c["variant"], c["split"], c["group"]) for c in cells] == [
+        ("baseline", "val", "all"), ("baseline", "val", "kind/relation"),
+        ("+MG", "val", "all"), ("+MG", "val", "kind/relation"),
+    ]  # fmt: skip
+    relation = cells[1]
+    assert relation["n"] == 2 and relation["oIoU mean"] == 42.0 and relation["mIoU mean"] == 32.0
+    assert relation["oIoU std"] == pytest.approx(2.8284, abs=1e-3)
+    assert cells[2]["n"] == 2 and cells[2]["oIoU mean"] == 61.0
+    assert groups_plot(cells, "variant", ["val"]).startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("mean", "std", "expected"),
+    [(56.0, 1.0, True), (55.0, 1.0, False), (55.0, 0.0, True), (60.0, 5.0, True), (60.0, 6.5, False)],
+)
+def test_a_variant_beats_the_baseline_only_beyond_both_spreads(mean, std, expected):
+    assert beats_beyond_spread(mean, std, baseline_mean=50.0, baseline_std=4.0) is expected
+
+
+def test_each_variant_is_told_where_it_beats_the_baseline_beyond_the_spread():
+    rows = [
+        {"variant": "baseline", "final": scores(50.0, 40.0)},
+        {"variant": "baseline", "final": scores(54.0, 44.0)},
+        {"variant": "+MG", "final": scores(60.0, 45.0)},  # overall far above, relation within spread
+        {"variant": "+MG", "final": scores(62.0, 41.0)},
+        {"variant": "+CAL", "final": scores(53.0, 43.0)},
+    ]
+    cells = aggregate_groups(rows, "variant", ["val"], order=["baseline", "+MG", "+CAL"])
+    wins = wins_over_baseline(cells, "variant", "baseline")
+    assert wins == {"+MG": [("oIoU", "val", "all"), ("mIoU", "val", "all")], "+CAL": []}
+    assert verdict("+MG", wins["+MG"], "baseline") == (
+        "**+MG** beats baseline beyond the spread in oIoU on val overall; in mIoU on val overall."
+    )
+    assert verdict("+CAL", [], "baseline") == (
+        "**+CAL** does not beat baseline beyond the spread on any split or kind."
+    )
 
 
 # ------------------------------------------------------------------------------------ a sweep

@@ -1,21 +1,22 @@
 """The shipped ablation preset (configs/sweeps/ablation.yaml) end to end through run_sweep, made
 tiny (two of its variants, two seeds, two steps): every finished trial is scored on val and the
-test splits, and the sweep's run holds the mean and spread of oIoU and mIoU per variant as a
-table and a plot."""
+test splits, the sweep's run holds the mean and spread of oIoU and mIoU per variant as a table and
+a plot, and `magnet sweep-report` writes the ablation report of that sweep."""
 
 from __future__ import annotations
 
 import csv
 import io
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from tiny_runs import tiny_trial
 
+from data_prep.scenes import KINDS
 from magnet.config import CONFIG_DIR, load_config
 from pipelines import tracking
-from pipelines.tune import Param, load_space, run_sweep
+from pipelines.sweep.driver import run_sweep
+from pipelines.sweep.space import Param, load_space
 
 pytestmark = pytest.mark.slow
 
@@ -32,12 +33,13 @@ def ablation(synthetic_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("ablation")
     cfg = load_config("tiny", TINY)
     preset = load_space(CONFIG_DIR / "sweeps" / "ablation.yaml", cfg)
-    space = replace(
-        preset,
-        params={
-            "variant": Param("variant", "grid", VARIANTS),
-            "train.seed": Param("train.seed", "grid", SEEDS),
-        },
+    space = preset.model_copy(
+        update={
+            "params": {
+                "variant": Param.model_validate({"grid": VARIANTS}),
+                "train.seed": Param.model_validate({"grid": SEEDS}),
+            }
+        }
     )
     uri = f"sqlite:///{root}/mlflow.db"
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # two trials at a time
@@ -57,13 +59,13 @@ def test_the_preset_runs_every_variant_and_seed_to_the_end(ablation):
         (v, s) for v in VARIANTS for s in SEEDS
     )
     assert all(r["status"] == "FINISHED" and not r["early_stopped"] for r in rows)
-    assert ablation["space"].report_splits == ("val", "testA", "testB")
+    assert ablation["space"].report.splits == ("val", "testA", "testB")
 
 
 def test_the_report_gives_mean_and_spread_per_variant_on_val_and_test_splits(ablation):
     result, client = ablation["result"], tracking.client_for(ablation["uri"])
     parent = result.parent_run_id
-    assert {"report/summary.csv", "report/summary.md", "report/summary.png"} <= {
+    assert {"report/summary.csv", "report/summary.md", "report/summary.png", "report/groups.csv"} <= {
         a.path for a in client.list_artifacts(parent, "report")
     }
     png = Path(client.download_artifacts(parent, "report/summary.png", str(ablation["root"])))
@@ -82,3 +84,61 @@ def test_the_report_gives_mean_and_spread_per_variant_on_val_and_test_splits(abl
                 assert float(summary[variant][f"{split}/{name} mean"]) == pytest.approx(mean)
                 assert float(summary[variant][f"{split}/{name} std"]) == pytest.approx(spread)
     assert result.report_markdown.splitlines()[0].startswith("| variant | n | val/oIoU mean | val/oIoU std")
+
+
+def sweep_report(*args: str):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    return CliRunner().invoke(app, ["sweep-report", *args])
+
+
+def test_the_report_command_writes_the_ablation_report_of_the_finished_sweep(ablation, tmp_path):
+    result, client = ablation["result"], tracking.client_for(ablation["uri"])
+    out = tmp_path / "results" / "ablation.md"
+    out.parent.mkdir()
+    outcome = sweep_report(
+        result.sweep_name, "--out", str(out), "--experiment", "ablation", "--tracking-uri", ablation["uri"]
+    )
+    assert outcome.exit_code == 0, outcome.output
+    text = out.read_text()
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG") and "](ablation.png)" in text
+    assert "- Command: `" in text and "commit `" in text and "train.max_steps=2" in text
+    headers = [line for line in text.splitlines() if line.startswith("| variant | split | n | overall |")]
+    assert len(headers) == 2 and all(any(f"| {kind} " in h for kind in KINDS) for h in headers)  # oIoU, mIoU
+    for variant in VARIANTS:  # a row per variant and split, the numbers those of the trials' runs
+        finals = [client.get_run(r["run_id"]).data.metrics for r in result.trials if r["variant"] == variant]
+        for split in ("val", "testA", "testB"):
+            scores = [m[f"final/{split}/oIoU"] for m in finals]
+            mean = sum(scores) / len(scores)
+            spread = (sum((s - mean) ** 2 for s in scores) / (len(scores) - 1)) ** 0.5
+            assert f"| {variant} | {split} | {len(SEEDS)} | {mean:.1f} ± {spread:.1f} |" in text
+    assert "mean_X - mean_baseline > std_X + std_baseline" in text
+    (sentence,) = [line for line in text.splitlines() if line.startswith("- **all**")]
+    assert "beyond the spread" in sentence
+
+
+def test_the_report_command_refuses_what_it_cannot_report(ablation, tmp_path):
+    uri, name = ablation["uri"], ablation["result"].sweep_name
+    store = ["--experiment", "ablation", "--tracking-uri", uri]
+    outcome = sweep_report("nope", "--out", str(tmp_path / "r.md"), *store)
+    assert outcome.exit_code == 2
+    assert (
+        outcome.output.strip()
+        == f"error: nope: no sweep of that name in experiment ablation; sweeps there: {name}"
+    )
+    outcome = sweep_report(name, "--out", str(tmp_path / "missing" / "r.md"), *store)
+    assert outcome.exit_code == 2 and "missing is not a directory" in outcome.output
+    client = tracking.client_for(uri)
+    started = client.create_run(
+        client.get_experiment_by_name("ablation").experiment_id,
+        run_name="half-done",
+        tags={"tune.kind": "sweep", "tune.sweep": "half-done"},
+    )  # a sweep whose driver died before any trial was scored
+    for key, value in tracking.client_for(uri).get_run(ablation["result"].parent_run_id).data.params.items():
+        if key.startswith("sweep."):
+            client.log_param(started.info.run_id, key, value)
+    outcome = sweep_report("half-done", "--out", str(tmp_path / "r.md"), *store)
+    assert outcome.exit_code == 2 and "half-done: no trial has final scores" in outcome.output
+    assert not (tmp_path / "r.md").exists()

@@ -1,0 +1,84 @@
+"""One Tune trial: a Ray Train run of the trial's config (the same per-worker loop as `magnet
+train`), tracked as an MLflow child run of the sweep's parent run.
+
+Tune calls ``run_trial`` with the trial's sampled values and the sweep's settings; a
+``TuneReportCallback`` forwards every evaluated report to Tune, so ASHA stops bad trials on the
+validation oIoU. A restored sweep reruns the function: the trial's MLflow run and its Train run
+(from its latest checkpoint) are continued, not started again.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from magnet.config import config_from_dict
+from magnet.train import NOT_EVALUATED, SCORE_KEY
+from pipelines.sweep.space import apply_params
+
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_TAG = "tune.trial_id"
+SWEEP_TAG = "tune.sweep"
+PARAMS_TAG = "tune.params"
+
+
+def evaluated_reports_callback() -> Any:
+    """Tune's TuneReportCallback, passing on only reports that carry an evaluation: checkpoint-only
+    reports lack the metric ASHA and the searcher need (Tune refuses such results)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EvaluatedReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0].get(SCORE_KEY, NOT_EVALUATED) > NOT_EVALUATED:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return EvaluatedReports()
+
+
+def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """One trial: a Ray Train run of the trial's config, tracked as a child of the sweep's run."""
+    import ray.tune
+
+    from pipelines import tracking
+    from pipelines.train_driver import run_training
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    base = config_from_dict(sweep["config"], source="sweep config")
+    cfg = apply_params(base, params, sweep["variants"])
+    run_name = f"trial-{trial_id}"
+    child = tracking.start_run(
+        cfg,
+        shards=sweep["shards"],
+        tracking_uri=sweep["tracking_uri"],
+        experiment=sweep["experiment"],
+        run_name=run_name,
+        resume=True,  # a restored sweep reopens the trial's run; a new trial gets a new one
+        extra_tags={
+            PARENT_TAG: sweep["parent_run_id"],
+            SWEEP_TAG: sweep["sweep_name"],
+            TRIAL_TAG: trial_id,
+            PARAMS_TAG: json.dumps(params, sort_keys=True),
+        },
+    )
+    train_args = dict(
+        num_workers=sweep["num_workers"],
+        use_gpu=sweep["use_gpu"],
+        cpus_per_worker=sweep["cpus_per_worker"],
+        storage_path=sweep["train_storage"],
+        run_name=run_name,
+        tracking=child,
+        max_failures=sweep["max_failures"],
+        callbacks=[evaluated_reports_callback()],
+    )
+    try:
+        result = run_training(cfg, sweep["shards"], **train_args)
+    except FileExistsError:  # the sweep was restored: continue this trial's Train run
+        result = run_training(cfg, sweep["shards"], resume=True, **train_args)
+    client = tracking.client_for(child["tracking_uri"])
+    for name, location in (
+        ("checkpoint.best", result.best_checkpoint),
+        ("checkpoint.last", result.last_checkpoint),
+    ):
+        if location:
+            client.set_tag(child["run_id"], name, location)
+    tracking.end_run(child)
