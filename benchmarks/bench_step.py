@@ -191,6 +191,12 @@ def measure(preset: str, overrides: list[str], steps: int, warmup: int, device_n
     from magnet.models import build_model
     from magnet.train import build_optimizer, build_scheduler, train_step
 
+    try:  # the loop's allocator setting (older revisions measured with --against lack it)
+        from magnet.train import keep_freed_memory
+    except ImportError:
+        pass
+    else:
+        keep_freed_memory()
     device = torch.device(device_name)
     cfg = load_config(preset, overrides)
     torch.manual_seed(0)

@@ -1,4 +1,7 @@
 import math
+import subprocess
+import sys
+import textwrap
 from types import SimpleNamespace
 
 import pytest
@@ -258,3 +261,33 @@ def test_init_from_refuses_weights_of_another_architecture(tmp_path):
         match=r"misshapen: classifier\.predictor\.query_feat\.weight.*missing: image_model\.norm0\.weight",
     ):
         load_initial_weights(model, tmp_path)
+
+
+def test_keep_freed_memory_stops_the_page_faults_of_reallocating_a_step() -> None:
+    """A block freed and allocated again (every step's gradients) is reused, not mapped afresh."""
+    script = textwrap.dedent(
+        """
+        import resource, sys, torch
+        from magnet.train import keep_freed_memory
+        if sys.argv[1] == "keep":
+            assert keep_freed_memory()
+        def faults():
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.zeros(16 << 20)  # 64 MB, over glibc's largest mmap threshold
+        before = faults()
+        for _ in range(5):
+            torch.zeros(16 << 20)
+        print(faults() - before)
+        """
+    )
+    faults = {
+        mode: int(
+            subprocess.run(
+                [sys.executable, "-c", script, mode], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for mode in ("default", "keep")
+    }
+    pages = (64 << 20) // 4096
+    assert faults["default"] > 4 * pages  # every allocation faults its pages in again
+    assert faults["keep"] < 2 * pages  # at most the first one maps pages
