@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -208,6 +208,49 @@ def _keep_worst(
     return sorted([*worst, *zip((ious[i] for i in picks), fresh, strict=True)], key=lambda p: p[0])[:count]
 
 
+def _picture_picks(
+    batch: Mapping[str, Any],
+    groups_of: Callable[[int], tuple[str, ...]],
+    shown_images: set[int],
+    unshown_groups: set[str],
+    count: int,
+) -> tuple[list[int], list[int]]:
+    """Samples of a batch for the picture: each from an image not shown yet and, while some group
+    (kind of expression) has no example, one that adds a group. Returns (picks, spares): spares
+    are new-image samples that add no group, kept in case a group never comes."""
+    picks: list[int] = []
+    spares: list[int] = []
+    for index, (sent, image) in enumerate(zip(batch["sent_id"], batch["image_id"], strict=True)):
+        if len(picks) == count:
+            break
+        if int(image) in shown_images:
+            continue
+        adds = unshown_groups.intersection(groups_of(int(sent)))
+        if adds or not unshown_groups:
+            picks.append(index)
+            unshown_groups -= adds
+            shown_images.add(int(image))
+        else:
+            spares.append(index)
+    return picks, spares
+
+
+def _seen(item: int, seen: set[int]) -> bool:
+    """Whether ``item`` is in ``seen``; adds it (a filter that keeps each item once)."""
+    if item in seen:
+        return True
+    seen.add(item)
+    return False
+
+
+def _subset(batch: Mapping[str, Any], picks: Sequence[int]) -> dict[str, Any]:
+    return {
+        "image": batch["image"][picks],
+        "mask": batch["mask"][picks],
+        "raw": [batch["raw"][i] for i in picks],
+    }
+
+
 @torch.no_grad()
 def evaluate_split(
     model: nn.Module,
@@ -231,7 +274,8 @@ def evaluate_split(
         split: name used in the metric keys.
         device: where the model runs.
         precision: 'bf16' autocasts on GPU.
-        keep_examples: samples of the first batch kept for the picture.
+        keep_examples: samples kept for the picture, from different images and covering every
+            group of ``breakdown`` (kind of expression) while examples remain.
         breakdown: the groups each sample (by sent_id) is also scored in; None = none.
         keep_rows: keep a row per sample of this rank (the per-expression table).
         keep_worst: this rank's samples with the lowest IoU kept for a picture of failures.
@@ -242,6 +286,12 @@ def evaluate_split(
     scores = IoUAccumulator()
     groups = GroupScores(breakdown.groups if breakdown is not None else ())
     examples: list[Example] = []
+    spare_examples: list[tuple[int, Example]] = []  # (image, example) adding no kind: a fallback
+    shown_images: set[int] = set()
+    unshown_groups = set(groups.groups)
+    groups_of = (
+        (lambda sent: breakdown.of_sample.get(sent, ())) if breakdown is not None else (lambda sent: ())
+    )
     rows: list[dict[str, Any]] = []
     worst: list[tuple[float, Example]] = []
     for batch in batches:
@@ -270,7 +320,25 @@ def evaluate_split(
                 )
         if len(examples) < keep_examples:
             count = keep_examples - len(examples)
-            examples += _examples(batch, logits.cpu(), count, eval_cfg.threshold, align_corners)
+            picks, spares = _picture_picks(batch, groups_of, shown_images, unshown_groups, count)
+            if picks:
+                examples += _examples(
+                    _subset(batch, picks), logits[picks].cpu(), len(picks), eval_cfg.threshold, align_corners
+                )
+            spare_images = {image for image, _ in spare_examples}
+            spares = [i for i in spares if not _seen(int(batch["image_id"][i]), spare_images)]
+            spares = spares[: keep_examples - len(spare_examples)]
+            if spares:
+                fresh = _examples(
+                    _subset(batch, spares),
+                    logits[spares].cpu(),
+                    len(spares),
+                    eval_cfg.threshold,
+                    align_corners,
+                )
+                spare_examples += zip((int(batch["image_id"][i]) for i in spares), fresh, strict=True)
+    top_up = [example for image, example in spare_examples if image not in shown_images]
+    examples += top_up[: keep_examples - len(examples)]
     scores.all_reduce()
     groups.all_reduce()
     model.train(was_training)

@@ -195,3 +195,29 @@ def test_rows_score_every_expression_and_worst_are_the_lowest(shards):
     lavt = evaluate(Everywhere(), shards, config("lavt"), splits=["val"], keep_rows=True)
     assert all(row["iou"] == pytest.approx(row["area"]) for row in lavt.splits["val"].rows)
     assert not evaluate(Everywhere(), shards, config("lavt"), splits=["val"]).splits["val"].rows
+
+
+def test_picture_examples_come_from_different_images_and_cover_every_kind():
+    # Batch 1: images 10, 10, 14, 11 (kinds a, a, b, a); batch 2: images 12, 13 (kinds a, c).
+    # One example per image; kinds a, b and c first, then a new image of a kind already shown.
+    first = _hand_made_batch(16, [1, 2, 3, 4])
+    first["image_id"] = torch.tensor([10, 10, 14, 11])
+    first["raw"] = ["s1", "s2", "s3", "s4"]
+    second = _hand_made_batch(16, [5, 6])
+    second["image_id"] = torch.tensor([12, 13])
+    second["raw"] = ["s5", "s6"]
+    kinds = {1: "a", 2: "a", 3: "b", 4: "a", 5: "a", 6: "c"}
+    breakdown = Breakdown(
+        "kind", ("kind/a", "kind/b", "kind/c"), {s: (f"kind/{k}",) for s, k in kinds.items()}
+    )
+    cfg = load_config("tiny", ["eval.protocol=original"]).eval
+    result = evaluate_split(
+        LeftColumns(),
+        [first, second],
+        cfg,
+        split="val",
+        device=torch.device("cpu"),
+        breakdown=breakdown,
+        keep_examples=4,
+    )
+    assert [example.text for example in result.examples] == ["s1", "s3", "s6", "s4"]
