@@ -217,9 +217,9 @@ def _picture_picks(
 ) -> tuple[list[int], list[int]]:
     """Samples of a batch for the picture: each from an image not shown yet and, while some group
     (kind of expression) has no example, one that adds a group. Returns (picks, spares): spares
-    are new-image samples that add no group, kept in case a group never comes."""
+    are new-image samples that add no group (one per image), kept in case a group never comes."""
     picks: list[int] = []
-    spares: list[int] = []
+    spares: dict[int, int] = {}  # image -> its first sample
     for index, (sent, image) in enumerate(zip(batch["sent_id"], batch["image_id"], strict=True)):
         if len(picks) == count:
             break
@@ -231,24 +231,26 @@ def _picture_picks(
             unshown_groups -= adds
             shown_images.add(int(image))
         else:
-            spares.append(index)
-    return picks, spares
+            spares.setdefault(int(image), index)
+    return picks, [index for image, index in spares.items() if image not in shown_images]
 
 
-def _seen(item: int, seen: set[int]) -> bool:
-    """Whether ``item`` is in ``seen``; adds it (a filter that keeps each item once)."""
-    if item in seen:
-        return True
-    seen.add(item)
-    return False
-
-
-def _subset(batch: Mapping[str, Any], picks: Sequence[int]) -> dict[str, Any]:
-    return {
+def _examples_at(
+    batch: Mapping[str, Any],
+    logits: torch.Tensor,
+    picks: Sequence[int],
+    threshold: float,
+    align_corners: bool,
+) -> list[Example]:
+    """``_examples`` of the samples at ``picks`` (none for no picks)."""
+    if not picks:
+        return []
+    chosen = {
         "image": batch["image"][picks],
         "mask": batch["mask"][picks],
         "raw": [batch["raw"][i] for i in picks],
     }
+    return _examples(chosen, logits[picks].cpu(), len(picks), threshold, align_corners)
 
 
 @torch.no_grad()
@@ -286,7 +288,7 @@ def evaluate_split(
     scores = IoUAccumulator()
     groups = GroupScores(breakdown.groups if breakdown is not None else ())
     examples: list[Example] = []
-    spare_examples: list[tuple[int, Example]] = []  # (image, example) adding no kind: a fallback
+    spare_examples: dict[int, Example] = {}  # image -> an example adding no kind: a fallback
     shown_images: set[int] = set()
     unshown_groups = set(groups.groups)
     groups_of = (
@@ -321,23 +323,12 @@ def evaluate_split(
         if len(examples) < keep_examples:
             count = keep_examples - len(examples)
             picks, spares = _picture_picks(batch, groups_of, shown_images, unshown_groups, count)
-            if picks:
-                examples += _examples(
-                    _subset(batch, picks), logits[picks].cpu(), len(picks), eval_cfg.threshold, align_corners
-                )
-            spare_images = {image for image, _ in spare_examples}
-            spares = [i for i in spares if not _seen(int(batch["image_id"][i]), spare_images)]
+            spares = [i for i in spares if int(batch["image_id"][i]) not in spare_examples]
             spares = spares[: keep_examples - len(spare_examples)]
-            if spares:
-                fresh = _examples(
-                    _subset(batch, spares),
-                    logits[spares].cpu(),
-                    len(spares),
-                    eval_cfg.threshold,
-                    align_corners,
-                )
-                spare_examples += zip((int(batch["image_id"][i]) for i in spares), fresh, strict=True)
-    top_up = [example for image, example in spare_examples if image not in shown_images]
+            examples += _examples_at(batch, logits, picks, eval_cfg.threshold, align_corners)
+            fresh = _examples_at(batch, logits, spares, eval_cfg.threshold, align_corners)
+            spare_examples.update(zip((int(batch["image_id"][i]) for i in spares), fresh, strict=True))
+    top_up = [example for image, example in spare_examples.items() if image not in shown_images]
     examples += top_up[: keep_examples - len(examples)]
     scores.all_reduce()
     groups.all_reduce()
