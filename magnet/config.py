@@ -206,6 +206,12 @@ class TrainConfig(_Section):
     epochs: int = Field(40, gt=0)
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     lr: float = Field(5e-5, gt=0)
+    pretrained_text_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        description="The pretrained text encoder (embeddings and BERT layers) trains at lr times this; the "
+        "fusion layers on its side train at lr. 1 is the reference (one lr for all).",
+    )
     global_batch: int | None = Field(
         None,
         gt=0,

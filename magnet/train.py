@@ -62,6 +62,7 @@ from magnet.data import (
 )
 from magnet.evaluate import _autocast, evaluate, prediction_figure
 from magnet.models import build_model
+from magnet.models.magnet import PRETRAINED_TEXT_KEY
 
 log = logging.getLogger(__name__)
 
@@ -150,28 +151,51 @@ StepHook = Callable[[StepEvent], None]
 
 # ------------------------------------------------------------------------ optimizer, schedule
 def param_groups(
-    model: nn.Module, weight_decay: float, no_decay_names: Sequence[str]
+    model: nn.Module,
+    weight_decay: float,
+    no_decay_names: Sequence[str],
+    *,
+    lr: float,
+    pretrained_text_lr_scale: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """Two AdamW groups: decayed weights, and undecayed norms, biases (any 1-d tensor) and the
-    position or query tables named by ``no_decay_names``, which decay would only pull towards zero."""
-    decay, no_decay = [], []
+    """AdamW groups: decayed weights, and undecayed norms, biases (any 1-d tensor) and the
+    position or query tables named by ``no_decay_names``, which decay would only pull towards zero;
+    each split again when the pretrained text encoder (``PRETRAINED_TEXT_KEY``) trains at
+    ``lr * pretrained_text_lr_scale`` (a recipe whose lr suits random-init layers would overwrite
+    what pretraining taught). Empty groups are left out."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or any(key in name for key in no_decay_names):
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        decayed = not (param.ndim <= 1 or any(key in name for key in no_decay_names))
+        pretrained_text = pretrained_text_lr_scale != 1.0 and PRETRAINED_TEXT_KEY.match(name) is not None
+        groups.setdefault((decayed, pretrained_text), []).append(param)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {
+            "params": params,
+            "weight_decay": weight_decay if decayed else 0.0,
+            "lr": lr * (pretrained_text_lr_scale if pretrained_text else 1.0),
+        }
+        for (decayed, pretrained_text), params in sorted(groups.items(), key=_decayed_first)
     ]
+
+
+def _decayed_first(group: tuple[tuple[bool, bool], Any]) -> tuple[bool, bool]:
+    """Decayed groups first, as checkpoints written before the text scale existed have them."""
+    (decayed, pretrained_text), _ = group
+    return (not decayed, pretrained_text)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with the fused kernel (one pass over all parameters; the per-tensor loop took 16% of
     the demo's CPU step, bench_step.py); same update, same state dict."""
-    groups = param_groups(model, cfg.weight_decay, cfg.no_decay_names)
+    groups = param_groups(
+        model,
+        cfg.weight_decay,
+        cfg.no_decay_names,
+        lr=cfg.lr,
+        pretrained_text_lr_scale=cfg.pretrained_text_lr_scale,
+    )
     fused = all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"])
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
 

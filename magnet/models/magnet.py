@@ -75,6 +75,9 @@ OUTPUT_NORMS_PREFIX = "image_model.norm"
 SWIN_KEY = re.compile(r"patch_embed\.|layers\.\d+\.(blocks|downsample)\.")
 """Parameters of the image side that are plain Swin (timm names), i.e. what pretrained weights fill."""
 
+PRETRAINED_TEXT_KEY = re.compile(r"language_model\.(embeddings|encoder)\.")
+"""Parameters of the text side that pretrained BERT weights fill (its fusion layers are new)."""
+
 KNOWN_TEXT_CONFIGS: dict[str, dict[str, int]] = {"bert-base-uncased": {}, "google-bert/bert-base-uncased": {}}
 """Text encoders whose config is known without a download (BertConfig's defaults ARE bert-base-uncased)."""
 

@@ -36,7 +36,7 @@ class _Toy(nn.Module):
 
 def test_no_weight_decay_on_norms_biases_and_position_tables():
     model = _Toy()
-    decay, no_decay = param_groups(model, 0.05, TrainConfig().no_decay_names)
+    decay, no_decay = param_groups(model, 0.05, TrainConfig().no_decay_names, lr=1e-3)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert {names[id(p)] for p in decay["params"]} == {"proj.weight"}
@@ -53,7 +53,7 @@ def test_no_weight_decay_on_norms_biases_and_position_tables():
 def test_paper_model_decays_no_norm_nor_position_or_query_table():
     cfg = load_config("paper")
     model = build_model(cfg.model, "meta")
-    decay, _ = param_groups(model, 0.01, cfg.train.no_decay_names)
+    decay, _ = param_groups(model, 0.01, cfg.train.no_decay_names, lr=cfg.train.lr)
     decayed = {id(p) for p in decay["params"]}
     names = {id(p): n for n, p in model.named_parameters()}
     norms = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
@@ -115,6 +115,32 @@ def test_scheduler_steps_the_optimizer_lr():
         scheduler.step()
     assert seen == pytest.approx([1e-3 * (1 - s / 10) ** 0.9 for s in range(3)])
     assert all(math.isclose(g["lr"], optimizer.param_groups[0]["lr"]) for g in optimizer.param_groups)
+
+
+
+def test_pretrained_text_encoder_trains_at_its_scaled_lr_through_the_schedule():
+    """Only the BERT weights (embeddings, layers) slow down; the text side's fusion layers and the
+    rest keep the base lr, and the poly schedule keeps the ratio."""
+    cfg = load_config("tiny", ["train.lr=1e-3", "train.pretrained_text_lr_scale=0.1"]).train
+    model = build_model(load_config("tiny").model, "meta")
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=10)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_lr: dict[float, set[str]] = {}
+    for group in optimizer.param_groups:
+        by_lr.setdefault(round(group["lr"], 12), set()).update(names[id(p)] for p in group["params"])
+    slow, fast = by_lr[1e-4], by_lr[1e-3]
+    assert set(by_lr) == {1e-4, 1e-3}
+    assert "language_model.embeddings.word_embeddings.weight" in slow
+    assert any(n.startswith("language_model.encoder.layer.0.") for n in slow)
+    assert all(n.startswith(("language_model.embeddings.", "language_model.encoder.")) for n in slow)
+    assert any(n.startswith("language_model.pwams.") for n in fast)
+    assert any(n.startswith("image_model.") for n in fast)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    lrs = sorted({round(g["lr"] / optimizer.param_groups[0]["lr"], 9) for g in optimizer.param_groups})
+    assert lrs == [0.1, 1.0]
 
 
 class _Regressor(nn.Module):
