@@ -117,7 +117,6 @@ def test_scheduler_steps_the_optimizer_lr():
     assert all(math.isclose(g["lr"], optimizer.param_groups[0]["lr"]) for g in optimizer.param_groups)
 
 
-
 def test_pretrained_text_encoder_trains_at_its_scaled_lr_through_the_schedule():
     """Only the BERT weights (embeddings, layers) slow down; the text side's fusion layers and the
     rest keep the base lr, and the poly schedule keeps the ratio."""
