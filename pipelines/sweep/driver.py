@@ -5,9 +5,11 @@ trial is a full Ray Train run, tracked as MLflow child runs of one parent run pe
     run_sweep(load_config("tiny"), space, shards, storage_path=..., tracking_uri=...) -> SweepResult
 
 Tune-over-Train (Ray 2.60, Train V2): each trial runs ``pipelines.sweep.trial.run_trial`` with its
-own ScalingConfig. Tune reserves only the trial driver's CPU; Train reserves the workers itself
-when the trial starts, so the number of trials running at once is bounded here by what the cluster
-holds (``trial_concurrency``), or lower with ``max_concurrent``. A sweep whose driver died
+own ScalingConfig. The trial driver only waits on its Train controller (a 0-CPU actor), as
+``magnet train``'s own process does, so Tune reserves memory for it and no CPU (a reserved CPU
+would leave a 2-core machine unable to run a 2-worker trial); Train reserves the workers itself
+when the trial starts, so the number of trials running at once is bounded here by the workers the
+cluster holds (``trial_concurrency``), or lower with ``max_concurrent``. A sweep whose driver died
 continues with ``resume=True`` and its name (``Tuner.restore``); a trial that was cut off resumes
 its Train run from its latest checkpoint. At the end the trials' runs are closed and ranked, an
 ablation's finished trials scored on ``report.splits`` and aggregated, the best model registered.
@@ -75,23 +77,23 @@ def new_sweep_name() -> str:
     return f"sweep-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
+# Tune's reservation for a trial's driver process: memory only, see the module docstring.
+TRIAL_DRIVER_RESOURCES = {"memory": 512 * 2**20}
+
+
 def trial_concurrency(
-    max_concurrent: int | None,
-    num_workers: int,
-    cpus_per_worker: float,
-    use_gpu: bool,
-    driver_cpus: float = 1.0,
+    max_concurrent: int | None, num_workers: int, cpus_per_worker: float, use_gpu: bool
 ) -> int:
-    """Trials that fit at once: each takes its driver's CPU plus its Train workers (and GPUs)."""
+    """Trials that fit at once: each takes its Train workers' CPUs (and GPUs)."""
     import ray
 
     resources = ray.cluster_resources()
-    fits = math.floor(resources.get("CPU", 0) / (driver_cpus + num_workers * cpus_per_worker))
+    fits = math.floor(resources.get("CPU", 0) / (num_workers * cpus_per_worker))
     if use_gpu:
         fits = min(fits, math.floor(resources.get("GPU", 0) / num_workers))
     if fits < 1:
         raise RuntimeError(
-            f"one trial needs {driver_cpus + num_workers * cpus_per_worker} CPUs"
+            f"one trial needs {num_workers * cpus_per_worker} CPUs"
             + (f" and {num_workers} GPUs" if use_gpu else "")
             + f" but the Ray cluster has {resources}"
         )
@@ -435,7 +437,7 @@ def run_sweep(
         # notices that ASHA killed a trial and releases that trial's worker group
         ray.init(address=ray_address or os.environ.get("RAY_ADDRESS"), runtime_env=QUIET_WORKERS)
     try:
-        trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"CPU": 1})
+        trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), TRIAL_DRIVER_RESOURCES)
         if resume:
             tuner = tune.Tuner.restore(
                 experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True

@@ -217,7 +217,7 @@ def harness():
 
 @pytest.fixture(scope="module")
 def sweep(shards, harness, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The tune-magnet flow on local Ray: 4 CPUs, one trial at a time (its driver and its worker).
+    """The tune-magnet flow on local Ray: 4 CPUs, one trial (one worker) at a time.
     A trial ASHA kills leaves its worker's CPU reserved when the state API (dashboard) is off;
     there is room for two such."""
     import ray
