@@ -122,8 +122,8 @@ def _try_it_example(workdir: Path, shards: Path) -> tuple[Path, str]:
 def _start_ray() -> None:
     """Local Ray for the whole demo (or RAY_ADDRESS's cluster), workers' cleaner warnings muted.
 
-    Locally it counts at least two CPUs per sweep trial, so the trials run side by side: a trial's
-    driver only waits on its one Train worker, and 2 cores carry the 2 workers.
+    Locally it counts at least a CPU per sweep trial, so the trials run side by side: a trial's
+    driver reserves no CPU (it only waits on its one Train worker), and 2 cores carry the 2 workers.
     """
     import ray
 
@@ -133,7 +133,7 @@ def _start_ray() -> None:
     if address:
         ray.init(address=address, runtime_env=QUIET_WORKERS)
     else:
-        cpus = max(os.cpu_count() or 1, DEMO_WORKERS, 2 * SWEEP_TRIALS)
+        cpus = max(os.cpu_count() or 1, DEMO_WORKERS, SWEEP_TRIALS)
         ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=QUIET_WORKERS)
 
 
