@@ -29,6 +29,20 @@ def require_prepared(shards: str | Path) -> str:
     return location
 
 
+def require_local_cpus(workers: int, ray_address: str | None, param_hint: str) -> None:
+    """Refuse more Train workers than a local Ray can place (one CPU each), which would otherwise
+    wait for resources that never come; a cluster (--ray-address or RAY_ADDRESS) is not checked."""
+    import os
+
+    cpus = os.cpu_count() or 1
+    if not (ray_address or os.environ.get("RAY_ADDRESS")) and workers > cpus:
+        raise typer.BadParameter(
+            f"{workers} workers need {workers} CPUs (one each) but this machine has {cpus}; "
+            f"use at most {cpus}, or join a Ray cluster with --ray-address",
+            param_hint=param_hint,
+        )
+
+
 def require_device(device: str) -> str:
     """Refuse a --device torch does not know, or a GPU this machine does not have."""
     import torch

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from pipelines.commands import require_prepared
+from pipelines.commands import require_local_cpus, require_prepared
 from pipelines.defaults import TRAIN
 
 
@@ -42,6 +42,7 @@ def train(
     from magnet.config import ConfigError, load_config
     from magnet.data import check_text_settings, open_split
 
+    require_local_cpus(num_workers, ray_address, "--num-workers")
     if init_from is not None:
         if not (init_from / "model.pt").is_file():
             raise typer.BadParameter(

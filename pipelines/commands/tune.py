@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from pipelines.commands import require_device, require_prepared
+from pipelines.commands import require_device, require_local_cpus, require_prepared
 from pipelines.defaults import PROMOTE, TUNE
 
 
@@ -64,6 +64,7 @@ def tune(
             f"!= --gpus-per-trial {gpus_per_trial}",
             param_hint="--workers-per-trial",
         )
+    require_local_cpus(workers, ray_address, "--workers-per-trial")
     try:  # fail here, before Prefect and Ray start
         cfg = load_config(config, overrides)
         parsed = load_space(space, cfg)

@@ -210,6 +210,24 @@ def test_a_bad_sweep_file_is_named_before_the_sweep_starts(sweep, monkeypatch, e
     assert str(path) in line and expected in line
 
 
+@pytest.mark.parametrize(
+    ("command", "flow", "option"),
+    [("train", "train", "--num-workers"), ("tune", "tune", "--workers-per-trial")],
+)
+def test_more_workers_than_local_cpus_are_refused_before_prefect(sweep, monkeypatch, command, flow, option):
+    import importlib
+
+    flows = importlib.import_module(f"pipelines.flows.{flow}")
+    monkeypatch.setattr(flows, f"{flow}_magnet", lambda **kwargs: pytest.fail("the flow started"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    path, prepared = sweep
+    path.write_text(GOOD_SWEEP)
+    workers = (os.cpu_count() or 1) + 1
+    args = [command, "--shards", str(prepared), option, str(workers)]
+    line = refused(args + (["--space", str(path)] if command == "tune" else []))
+    assert f"{workers} workers need {workers} CPUs (one each) but this machine has {workers - 1}" in line
+
+
 # ---------------------------------------------------------------------------- weights misfit
 def test_weights_that_do_not_fit_are_summarised(checkpoint, image, tmp_path):
     """A config whose model the weights do not fit: counts and a few names, every key in a file."""

@@ -21,7 +21,7 @@ from pipelines import tracking
 pytestmark = pytest.mark.slow
 
 TINY = tiny_trial()
-# two trials, one at a time (2 CPUs: a trial's driver and its one Train worker), no early stopping
+# two trials, one at a time (--max-concurrent 1), no early stopping
 SWEEP = """
 metric: val/oIoU
 mode: max
@@ -41,7 +41,8 @@ def magnet_tune(root: Path, shards: str, *extra: str) -> list[str]:
         str(Path(sys.executable).parent / "magnet"), "tune", "--config", "tiny",
         "--space", str(root / "space.yaml"), "--shards", shards, *sets,
         "--experiment", EXPERIMENT, "--storage-path", str(root / "ray"),
-        "--tracking-uri", f"sqlite:///{root}/mlflow.db", "--no-register", *extra,
+        "--tracking-uri", f"sqlite:///{root}/mlflow.db", "--max-concurrent", "1", "--no-register",
+        *extra,
     ]  # fmt: skip
 
 
