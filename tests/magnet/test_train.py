@@ -301,7 +301,7 @@ def test_keep_freed_memory_stops_the_page_faults_of_reallocating_a_step() -> Non
         for _ in range(2):  # 64 MB, over glibc's largest mmap threshold
             torch.zeros(16 << 20)
         before = faults()
-        for _ in range(5):
+        for _ in range(10):
             torch.zeros(16 << 20)
         print(faults() - before)
         """
@@ -315,5 +315,7 @@ def test_keep_freed_memory_stops_the_page_faults_of_reallocating_a_step() -> Non
         for mode in ("default", "keep")
     }
     pages = (64 << 20) // 4096
-    assert faults["default"] > 4 * pages, faults  # every allocation faults its pages in again
-    assert faults["keep"] < 2 * pages, faults  # reused: at most one allocation's pages
+    assert faults["default"] > 8 * pages, faults  # every allocation faults its pages in again
+    # reused: a few allocations' pages at most (a loaded machine's kernel may take some back;
+    # the suite under load once measured 2 allocations' worth out of 5)
+    assert faults["keep"] <= 3 * pages, faults
