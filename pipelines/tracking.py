@@ -27,6 +27,7 @@ from pipelines.defaults import TRAIN
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.entities import Run
 
     from magnet.config import Config
     from magnet.evaluate import Evaluation
@@ -255,6 +256,14 @@ def start_run(
     if trains:
         log_dataset_inputs(settings, tags["dataset.path"], [cfg.data.train_split], "training")
     return settings
+
+
+def find_run(tracking_uri: str, experiment: str, run_name: str) -> Run | None:
+    """The newest run of that name in the experiment, or None."""
+    client = client_for(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    run_id = _find_run(client, found.experiment_id, run_name) if found else None
+    return client.get_run(run_id) if run_id else None
 
 
 def _find_run(client: MlflowClient, experiment_id: str, run_name: str) -> str | None:

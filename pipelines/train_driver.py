@@ -13,6 +13,7 @@ handed to them is absolute.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import uuid
@@ -160,6 +161,22 @@ def _run_exists(storage_path: str, run_name: str) -> bool:
     filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
     info = filesystem.get_file_info(f"{root.rstrip('/')}/{run_name}")
     return info.type != pyarrow.fs.FileType.NotFound
+
+
+def checkpoint_reports(storage_path: str, run_name: str) -> list[dict[str, Any]]:
+    """The metrics reported with each checkpoint a Train run still keeps (its meta.json), by step."""
+    import pyarrow.fs
+
+    from magnet.checkpoint import META_FILE
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    found = filesystem.get_file_info(pyarrow.fs.FileSelector(f"{root.rstrip('/')}/{run_name}"))
+    reports = []
+    for info in sorted(found, key=lambda info: info.base_name):  # checkpoint_step<zero-padded>
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith(CHECKPOINT_PREFIX):
+            with filesystem.open_input_stream(f"{info.path}/{META_FILE}") as stream:
+                reports.append(json.loads(stream.read())["metrics"])
+    return reports
 
 
 def _location(storage_path: str, run_name: str, checkpoint: Any | None) -> str | None:

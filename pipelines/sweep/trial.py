@@ -4,7 +4,8 @@ train`), tracked as an MLflow child run of the sweep's parent run.
 Tune calls ``run_trial`` with the trial's sampled values and the sweep's settings; a
 ``TuneReportCallback`` forwards every evaluated report to Tune, so ASHA stops bad trials on the
 validation oIoU. A restored sweep reruns the function: the trial's MLflow run and its Train run
-(from its latest checkpoint) are continued, not started again.
+(from its latest checkpoint) are continued, not started again; a trial that had finished after
+Tune's last snapshot of the sweep hands Tune its evaluated reports again and is not reopened.
 """
 
 from __future__ import annotations
@@ -40,12 +41,19 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     import ray.tune
 
     from pipelines import tracking
-    from pipelines.train_driver import run_training
+    from pipelines.train_driver import checkpoint_reports, run_training
 
     trial_id = ray.tune.get_context().get_trial_id()
     base = config_from_dict(sweep["config"], source="sweep config")
     cfg = apply_params(base, params, sweep["variants"])
     run_name = f"trial-{trial_id}"
+    done = tracking.find_run(sweep["tracking_uri"], sweep["experiment"], run_name)
+    if done is not None and done.info.status == "FINISHED":
+        # the sweep's driver died after this trial ended but before Tune's snapshot recorded it
+        for metrics in checkpoint_reports(sweep["train_storage"], run_name):
+            if metrics.get(SCORE_KEY, NOT_EVALUATED) > NOT_EVALUATED:
+                ray.tune.report(metrics)
+        return
     child = tracking.start_run(
         cfg,
         shards=sweep["shards"],

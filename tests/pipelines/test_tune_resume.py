@@ -1,6 +1,10 @@
 """A sweep whose driver dies for real (SIGKILL to `magnet tune`'s process group, Ray included) is
 continued by `magnet tune --resume NAME`: the finished trial is not run again, the cut-off trial
-continues from its checkpoint, and MLflow ends with one parent run and one child per trial."""
+continues from its checkpoint, and MLflow ends with one parent run and one child per trial.
+
+It is killed twice: first the moment a trial's run is FINISHED, before Tune's periodic snapshot
+of the sweep can record that (the restored sweep reruns that trial), then while the other trial
+is between checkpoints."""
 
 from __future__ import annotations
 
@@ -62,6 +66,34 @@ def sweep_parent(client):
     return parents[0] if parents else None
 
 
+def wait_for_a_finished_trial(client, driver: subprocess.Popen) -> str:
+    """Poll until a trial's child run is FINISHED; returns the sweep's parent run id."""
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        assert driver.poll() is None, "the sweep ended before it could be killed"
+        parent = sweep_parent(client)
+        if parent is not None and any(
+            r.info.status == "FINISHED" for r in children(client, parent.info.run_id)
+        ):
+            return parent.info.run_id
+        time.sleep(0.1)
+    raise AssertionError(f"no finished trial within {DEADLINE_S} s")
+
+
+def killed_when(wait, command: list[str], env: dict, cwd: Path, *args) -> str:
+    """Start `magnet tune`, kill its process group (the driver and the Ray it started, all at
+    once) when ``wait(*args, driver)`` returns, and return what it returned."""
+    log = (cwd / "driver.log").open("a")
+    driver = subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        return wait(*args, driver)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+
+
 def wait_for_one_finished_and_one_checkpointed(client, root: Path, driver: subprocess.Popen) -> str:
     """Poll until a trial's child run is FINISHED and the other trial's Train run holds a checkpoint
     short of the end; returns the sweep's parent run id."""
@@ -87,25 +119,19 @@ def test_a_killed_sweep_resumes_where_it_stopped(synthetic_shards, tmp_path):
     (tmp_path / "space.yaml").write_text(SWEEP)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(tmp_path / "prefect")}
     client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
-    log = (tmp_path / "first.log").open("w")
-    driver = subprocess.Popen(
-        magnet_tune(tmp_path, shards), env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        parent_id = wait_for_one_finished_and_one_checkpointed(client, tmp_path, driver)
-        before = {r.data.tags["tune.trial_id"]: r for r in children(client, parent_id)}
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, all at once
-        driver.wait()
+    parent_id = killed_when(wait_for_a_finished_trial, magnet_tune(tmp_path, shards), env, tmp_path, client)
+    (first,) = [r for r in children(client, parent_id) if r.info.status == "FINISHED"]
+    sweep_name = client.get_run(parent_id).info.run_name
+    resume = magnet_tune(tmp_path, shards, "--resume", sweep_name)
+    killed_when(wait_for_one_finished_and_one_checkpointed, resume, env, tmp_path, client, tmp_path)
+    before = {r.data.tags["tune.trial_id"]: r for r in children(client, parent_id)}
     (done_trial,) = [t for t, r in before.items() if r.info.status == "FINISHED"]
     (cut_trial,) = [t for t, r in before.items() if r.info.status == "RUNNING"]
-    sweep_name = client.get_run(parent_id).info.run_name
+    assert first.data.tags["tune.trial_id"] == done_trial
 
     resumed = subprocess.run(
-        magnet_tune(tmp_path, shards, "--resume", sweep_name), env=env, cwd=tmp_path,
-        capture_output=True, text=True, timeout=DEADLINE_S,
-    )  # fmt: skip
+        resume, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=DEADLINE_S
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
     parent = sweep_parent(client)  # still exactly one parent run, now finished
@@ -113,8 +139,9 @@ def test_a_killed_sweep_resumes_where_it_stopped(synthetic_shards, tmp_path):
     after = {r.data.tags["tune.trial_id"]: r for r in children(client, parent_id)}
     assert sorted(after) == sorted([done_trial, cut_trial])  # one child per trial, no duplicates
     assert all(r.info.status == "FINISHED" for r in after.values())
-    # the finished trial was not run again: its run untouched, its curve logged once
-    assert after[done_trial].info.end_time == before[done_trial].info.end_time
+    # the finished trial was not run again: its run untouched since it first ended, its curve
+    # logged once, its reports given to Tune again (the trials table below has its score)
+    assert after[done_trial].info.end_time == first.info.end_time
     for trial in (done_trial, cut_trial):  # a rerun from scratch would log step 2 twice
         history = client.get_metric_history(after[trial].info.run_id, "val/oIoU")
         assert [m.step for m in history] == [2, 4, 6], (trial, [m.step for m in history])
