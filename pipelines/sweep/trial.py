@@ -23,14 +23,19 @@ SWEEP_TAG = "tune.sweep"
 PARAMS_TAG = "tune.params"
 
 
+def evaluated(metrics: dict[str, Any]) -> bool:
+    """Whether a report carries an evaluation: checkpoint-only reports lack the metric ASHA and the
+    searcher need (Tune refuses such results)."""
+    return metrics.get(SCORE_KEY, NOT_EVALUATED) > NOT_EVALUATED
+
+
 def evaluated_reports_callback() -> Any:
-    """Tune's TuneReportCallback, passing on only reports that carry an evaluation: checkpoint-only
-    reports lack the metric ASHA and the searcher need (Tune refuses such results)."""
+    """Tune's TuneReportCallback, passing on only the `evaluated` reports."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class EvaluatedReports(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            if metrics and metrics[0].get(SCORE_KEY, NOT_EVALUATED) > NOT_EVALUATED:
+            if metrics and evaluated(metrics[0]):
                 super().after_report(run_context, metrics, checkpoint)
 
     return EvaluatedReports()
@@ -50,9 +55,8 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     done = tracking.find_run(sweep["tracking_uri"], sweep["experiment"], run_name)
     if done is not None and done.info.status == "FINISHED":
         # the sweep's driver died after this trial ended but before Tune's snapshot recorded it
-        for metrics in checkpoint_reports(sweep["train_storage"], run_name):
-            if metrics.get(SCORE_KEY, NOT_EVALUATED) > NOT_EVALUATED:
-                ray.tune.report(metrics)
+        for metrics in filter(evaluated, checkpoint_reports(sweep["train_storage"], run_name)):
+            ray.tune.report(metrics)
         return
     child = tracking.start_run(
         cfg,

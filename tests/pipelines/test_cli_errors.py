@@ -210,15 +210,12 @@ def test_a_bad_sweep_file_is_named_before_the_sweep_starts(sweep, monkeypatch, e
     assert str(path) in line and expected in line
 
 
-@pytest.mark.parametrize(
-    ("command", "flow", "option"),
-    [("train", "train", "--num-workers"), ("tune", "tune", "--workers-per-trial")],
-)
-def test_more_workers_than_local_cpus_are_refused_before_prefect(sweep, monkeypatch, command, flow, option):
+@pytest.mark.parametrize(("command", "option"), [("train", "--num-workers"), ("tune", "--workers-per-trial")])
+def test_more_workers_than_local_cpus_are_refused_before_prefect(sweep, monkeypatch, command, option):
     import importlib
 
-    flows = importlib.import_module(f"pipelines.flows.{flow}")
-    monkeypatch.setattr(flows, f"{flow}_magnet", lambda **kwargs: pytest.fail("the flow started"))
+    flows = importlib.import_module(f"pipelines.flows.{command}")
+    monkeypatch.setattr(flows, f"{command}_magnet", lambda **kwargs: pytest.fail("the flow started"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     path, prepared = sweep
     path.write_text(GOOD_SWEEP)

@@ -83,15 +83,15 @@ def wait_for_a_finished_trial(client, driver: subprocess.Popen) -> str:
 def killed_when(wait, command: list[str], env: dict, cwd: Path, *args) -> str:
     """Start `magnet tune`, kill its process group (the driver and the Ray it started, all at
     once) when ``wait(*args, driver)`` returns, and return what it returned."""
-    log = (cwd / "driver.log").open("a")
-    driver = subprocess.Popen(
-        command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        return wait(*args, driver)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+    with (cwd / "driver.log").open("a") as log:
+        driver = subprocess.Popen(
+            command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            return wait(*args, driver)
+        finally:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
 
 
 def wait_for_one_finished_and_one_checkpointed(client, root: Path, driver: subprocess.Popen) -> str:
