@@ -99,7 +99,9 @@ def tune(
 def sweep_report(
     sweep: str = typer.Argument(..., help="Name of the finished sweep (its MLflow parent run)."),
     out: Path = typer.Option(
-        ..., "--out", help="Markdown to write, e.g. docs/results/<sweep>.md; the plot goes beside it (.png)."
+        ...,
+        "--out",
+        help="Markdown to write, e.g. docs/results/<sweep>.md; its plots go beside it (.png, -curves.png).",
     ),
     experiment: str = typer.Option("magnet-sweeps", "--experiment", help="MLflow experiment of the sweep."),
     tracking_uri: str | None = typer.Option(
@@ -107,7 +109,8 @@ def sweep_report(
     ),
 ) -> None:
     """Write the ablation report of a finished sweep: mean ± std per variant, split and kind of
-    expression, and where each variant beats the baseline beyond the spread."""
+    expression, where each variant beats the baseline beyond the spread, and the learning curves
+    per kind where the trials were evaluated more than once."""
     if out.suffix != ".md":
         raise typer.BadParameter(f"{out}: the report is markdown, name it <name>.md", param_hint="--out")
     if not out.parent.is_dir():
@@ -118,8 +121,8 @@ def sweep_report(
         finished = read_sweep(sweep, experiment, tracking_uri)
     except FileNotFoundError as err:  # no MLflow store where the URI points
         raise typer.BadParameter(str(err), param_hint="--tracking-uri") from None
-    report, plot = write_report(finished, out)
-    typer.echo(f"wrote {report} and {plot}")
+    *written, last = write_report(finished, out)
+    typer.echo(f"wrote {', '.join(map(str, written))} and {last}")
 
 
 def promote(

@@ -132,6 +132,55 @@ def aggregate(
     return list(table.values())
 
 
+CURVE_METRIC = "oIoU"
+
+
+def curve_keys(metric_keys: Sequence[str]) -> list[str]:
+    """Of a trial's logged metric names, the oIoU of each split and group of expressions that the
+    training evaluated (``val/oIoU``, ``val/kind/ordinal/oIoU``): the keys of its learning curves.
+    The final scoring's ``final/...`` keys and the training losses are not curves."""
+    from magnet.evaluate import breakdown_rows
+
+    keys = []
+    for key in metric_keys:
+        if key.startswith("final/") or not key.endswith(f"/{CURVE_METRIC}"):
+            continue
+        if breakdown_rows({key: 0.0}):
+            keys.append(key)
+    return keys
+
+
+def aggregate_curves(
+    rows: Sequence[Mapping[str, Any]], group_by: str, order: Sequence[Any] = ()
+) -> list[dict[str, Any]]:
+    """Mean and sample std of oIoU at each evaluated step, per value of ``group_by``, split and
+    group of expressions, over the trials' learning curves (``row["curves"]``: metric key ->
+    [(step, value)]). A step counts the trials evaluated there (``n``)."""
+    from magnet.evaluate import breakdown_rows
+
+    found: dict[Any, dict[tuple[str, str, int], list[float]]] = {value: {} for value in order}
+    for row in rows:
+        cells = found.setdefault(row[group_by], {})
+        for key, points in row.get("curves", {}).items():
+            (where,) = breakdown_rows({key: 0.0})
+            for step, value in points:
+                cells.setdefault((where["split"], where["group"], int(step)), []).append(value)
+    table = []
+    for value, cells in found.items():
+        for (split, group, step), values in sorted(cells.items(), key=lambda item: item[0]):
+            mean, std = _mean_std(values)
+            table.append(
+                {group_by: value, "split": split, "group": group, "step": step, "n": len(values),
+                 "mean": mean, "std": std}
+            )  # fmt: skip
+    return table
+
+
+def has_curves(curves: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether any trial was evaluated at two steps or more (else there is no curve to draw)."""
+    return len({c["step"] for c in curves}) > 1
+
+
 def beats_beyond_spread(mean: float, std: float, baseline_mean: float, baseline_std: float) -> bool:
     """The ablation's rule: better than the baseline by more than both spreads together, so that
     a difference the seeds' scatter alone could produce does not count as a gain."""
@@ -246,6 +295,37 @@ def groups_plot(cells: Sequence[Mapping[str, Any]], group_by: str, splits: Seque
     return _save_png(fig)
 
 
+def curves_plot(curves: Sequence[Mapping[str, Any]], group_by: str) -> bytes:
+    """Learning curves: per split (rows) and group of expressions (columns: overall, each kind),
+    mean oIoU against the step, one line per value of ``group_by``, a band of ± std; PNG bytes."""
+    import numpy as np
+
+    plt = _pyplot()
+    splits = list(dict.fromkeys(c["split"] for c in curves))
+    groups = list(dict.fromkeys(c["group"] for c in curves))
+    values = list(dict.fromkeys(c[group_by] for c in curves))
+    fig, axes = plt.subplots(
+        len(splits), len(groups), figsize=(3.2 * len(groups), 2.8 * len(splits)), squeeze=False, sharey=True
+    )
+    for row, split in enumerate(splits):
+        for column, group in enumerate(groups):
+            ax = axes[row][column]
+            for value in values:
+                here = [c for c in curves if (c[group_by], c["split"], c["group"]) == (value, split, group)]
+                steps = np.array([c["step"] for c in here])
+                mean = np.array([c["mean"] for c in here])
+                std = np.array([c["std"] for c in here])
+                (line,) = ax.plot(steps, mean, marker=".", label=str(value))
+                ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            ax.set_title(f"{split}: {group_label(group)}", fontsize="medium")
+            ax.set_xlabel("step")
+            if column == 0:
+                ax.set_ylabel(f"{CURVE_METRIC} %")
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    return _save_png(fig)
+
+
 # ------------------------------------------------------------------------ the report of a sweep
 @dataclass(frozen=True)
 class FinishedSweep:
@@ -259,7 +339,7 @@ class FinishedSweep:
     group_by: str
     splits: tuple[str, ...]
     order: tuple[Any, ...]  # the values of group_by in the sweep file's order, the baseline first
-    rows: list[dict[str, Any]]  # per scored trial: its group_by value and "final" metrics
+    rows: list[dict[str, Any]]  # per scored trial: its group_by value, "final" metrics and "curves"
 
 
 def read_sweep(sweep_name: str, experiment: str, tracking_uri: str | None = None) -> FinishedSweep:
@@ -295,7 +375,11 @@ def read_sweep(sweep_name: str, experiment: str, tracking_uri: str | None = None
         final = {k.removeprefix("final/"): v for k, v in child.data.metrics.items() if k.startswith("final/")}
         if final:
             value = json.loads(child.data.tags.get(PARAMS_TAG, "{}")).get(group_by)
-            rows.append({group_by: value, "final": final})
+            curves = {
+                key: [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, key)]
+                for key in curve_keys(list(child.data.metrics))
+            }
+            rows.append({group_by: value, "final": final, "curves": curves})
     if not rows:
         why = (
             f"the sweep is unfinished; continue it with `magnet tune --resume {sweep_name}`"
@@ -330,10 +414,31 @@ def _groups_table(cells: Sequence[Mapping[str, Any]], group_by: str, name: str) 
     return markdown_table(list(table.values()), [group_by, "split", "n", *map(group_label, groups)])
 
 
-def report_markdown(sweep: FinishedSweep, cells: Sequence[Mapping[str, Any]], plot_name: str) -> str:
+def _curves_table(curves: Sequence[Mapping[str, Any]], group_by: str, split: str) -> str:
+    """Rows (value, step) of one split, columns overall and each kind: ``mean ± std`` of oIoU."""
+    here = [c for c in curves if c["split"] == split]
+    groups = list(dict.fromkeys(c["group"] for c in here))
+    table: dict[tuple[Any, int], dict[str, Any]] = {}
+    for cell in here:
+        key = (cell[group_by], cell["step"])
+        row = table.setdefault(key, {group_by: cell[group_by], "step": cell["step"]})
+        if cell["group"] == OVERALL:
+            row["n"] = cell["n"]
+        row[group_label(cell["group"])] = f"{cell['mean']:.1f} ± {cell['std']:.1f}"
+    return markdown_table(list(table.values()), [group_by, "step", "n", *map(group_label, groups)])
+
+
+def report_markdown(
+    sweep: FinishedSweep,
+    cells: Sequence[Mapping[str, Any]],
+    plot_name: str,
+    curves: Sequence[Mapping[str, Any]] = (),
+    curves_plot_name: str = "",
+) -> str:
     """The ablation report: what ran (command, commit, config, budget), the tables of mean ± std
     (``cells``: ``aggregate_groups``) per value of group_by x split, overall and per kind, a
-    verdict per value and the plot."""
+    verdict per value and the plot; then, where the trials were evaluated more than once while
+    training, their learning curves per kind (``curves``: ``aggregate_curves``) and their plot."""
     baseline = cells[0][sweep.group_by]
     wins = wins_over_baseline(cells, sweep.group_by, baseline)
     params, tags = sweep.params, sweep.tags
@@ -376,13 +481,29 @@ def report_markdown(sweep: FinishedSweep, cells: Sequence[Mapping[str, Any]], pl
         f"![{' and '.join(METRICS)} per split and kind]({plot_name})",
         "",
     ]
+    if has_curves(curves):
+        lines += [
+            f"## Learning curves ({CURVE_METRIC} %, mean ± std over seeds, as evaluated during training)",
+            "",
+            f"![{CURVE_METRIC} per evaluated step, split and kind]({curves_plot_name})",
+        ]
+        for split in dict.fromkeys(c["split"] for c in curves):
+            lines += ["", f"### {split}", "", _curves_table(curves, sweep.group_by, split)]
+        lines.append("")
     return "\n".join(lines)
 
 
-def write_report(sweep: FinishedSweep, out: Path) -> tuple[Path, Path]:
-    """The report as ``out`` (markdown) and its plot beside it (``out`` with .png)."""
+def write_report(sweep: FinishedSweep, out: Path) -> list[Path]:
+    """The report as ``out`` (markdown), its plot beside it (``out`` with .png) and, where the
+    trials have learning curves, their plot (``<out>-curves.png``): the files written."""
     cells = aggregate_groups(sweep.rows, sweep.group_by, sweep.splits, sweep.order)
     plot = out.with_suffix(".png")
     plot.write_bytes(groups_plot(cells, sweep.group_by, sweep.splits))
-    out.write_text(report_markdown(sweep, cells, plot.name))
-    return out, plot
+    written = [out, plot]
+    curves = aggregate_curves(sweep.rows, sweep.group_by, sweep.order)
+    curves_png = out.with_name(f"{out.stem}-curves.png")
+    if has_curves(curves):
+        curves_png.write_bytes(curves_plot(curves, sweep.group_by))
+        written.append(curves_png)
+    out.write_text(report_markdown(sweep, cells, plot.name, curves, curves_png.name))
+    return written

@@ -16,10 +16,14 @@ from pipelines import tracking
 from pipelines.sweep.driver import run_sweep
 from pipelines.sweep.report import (
     aggregate,
+    aggregate_curves,
     aggregate_groups,
     aggregate_plot,
     beats_beyond_spread,
+    curve_keys,
+    curves_plot,
     groups_plot,
+    has_curves,
     verdict,
     wins_over_baseline,
 )
@@ -60,6 +64,11 @@ def test_shipped_sweeps_load_and_fit_the_config():
     baseline = apply_params(cfg, {"variant": "baseline", "train.seed": 2}, ablation.variants)
     assert not baseline.model.fusion.use_cam and not baseline.model.mask_grounding.enabled
     assert not baseline.model.alignment.enabled and baseline.train.seed == 2
+    seeds = load_space("configs/sweeps/seeds.yaml", cfg)
+    assert seeds.params["train.seed"].values == (0, 1, 2) and seeds.report.group_by == "variant"
+    assert apply_params(cfg, {"variant": "as-configured", "train.seed": 1}, seeds.variants) == cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"seed": 1})}
+    )  # the recipe as given, only the seed changes
 
 
 @pytest.mark.parametrize(
@@ -171,6 +180,33 @@ def test_ablation_report_aggregates_seeds_per_variant_split_and_kind():
     assert relation["oIoU std"] == pytest.approx(2.8284, abs=1e-3)
     assert cells[2]["n"] == 2 and cells[2]["oIoU mean"] == 61.0
     assert groups_plot(cells, "variant", ["val"]).startswith(b"\x89PNG")
+
+
+def test_learning_curves_are_the_training_evaluations_oiou_per_split_and_kind():
+    logged = [
+        "val/oIoU", "val/mIoU", "val/kind/ordinal/oIoU", "val/kind/ordinal/n", "train/oIoU",
+        "train/loss", "train/samples_per_s", "final/val/oIoU", "final/val/kind/ordinal/oIoU",
+    ]  # fmt: skip
+    assert curve_keys(logged) == ["val/oIoU", "val/kind/ordinal/oIoU", "train/oIoU"]
+
+
+def test_learning_curves_aggregate_seeds_per_variant_step_and_kind():
+    rows = [
+        {"variant": "all", "curves": {"val/oIoU": [(50, 30.0), (100, 40.0)]}},
+        {"variant": "baseline", "curves": {"val/oIoU": [(50, 20.0), (100, 24.0)]}},
+        {"variant": "baseline", "curves": {"val/oIoU": [(50, 22.0), (100, 28.0)],
+                                           "val/kind/ordinal/oIoU": [(100, 21.0)]}},
+    ]  # fmt: skip
+    curves = aggregate_curves(rows, "variant", order=["baseline", "+MG", "all"])
+    assert [(c["variant"], c["group"], c["step"], c["n"]) for c in curves] == [
+        ("baseline", "all", 50, 2), ("baseline", "all", 100, 2), ("baseline", "kind/ordinal", 100, 1),
+        ("all", "all", 50, 1), ("all", "all", 100, 1),
+    ]  # fmt: skip
+    assert curves[1]["mean"] == 26.0 and curves[1]["std"] == pytest.approx(2.8284, abs=1e-3)
+    assert curves[2]["std"] == 0.0 and has_curves(curves)
+    assert curves_plot(curves, "variant").startswith(b"\x89PNG")
+    once = aggregate_curves([{"variant": "all", "curves": {"val/oIoU": [(50, 30.0)]}}], "variant")
+    assert not has_curves(once)  # evaluated once: no curve to draw
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,8 @@
 """The shipped ablation preset (configs/sweeps/ablation.yaml) end to end through run_sweep, made
-tiny (two of its variants, two seeds, two steps; two DDP workers per trial on two CPUs): every
-finished trial is scored on val and the test splits, the sweep's run holds the mean and spread of
-oIoU and mIoU per variant as a table and a plot, and `magnet sweep-report` writes the ablation
-report of that sweep."""
+tiny (two of its variants, two seeds, two steps each evaluated; two DDP workers per trial on two
+CPUs): every finished trial is scored on val and the test splits, the sweep's run holds the mean and
+spread of oIoU and mIoU per variant as a table and a plot, and `magnet sweep-report` writes the
+ablation report of that sweep, learning curves per kind included."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pipelines.sweep.space import Param, load_space
 
 pytestmark = pytest.mark.slow
 
-TINY = tiny_trial(max_steps=2)
+TINY = [*tiny_trial(max_steps=2), "train.eval_every=1"]  # two evaluations while training: a curve
 VARIANTS = ("baseline", "all")
 SEEDS = (0, 1)
 
@@ -120,6 +120,31 @@ def test_the_report_command_writes_the_ablation_report_of_the_finished_sweep(abl
     assert "mean_X - mean_baseline > std_X + std_baseline" in text
     (sentence,) = [line for line in text.splitlines() if line.startswith("- **all**")]
     assert "beyond the spread" in sentence
+
+
+def test_the_report_gives_the_learning_curves_per_kind_of_the_trials_evaluations(ablation, tmp_path):
+    result, client = ablation["result"], tracking.client_for(ablation["uri"])
+    out = tmp_path / "ablation.md"
+    outcome = sweep_report(
+        result.sweep_name, "--out", str(out), "--experiment", "ablation", "--tracking-uri", ablation["uri"]
+    )
+    assert outcome.exit_code == 0, outcome.output
+    text = out.read_text()
+    assert (tmp_path / "ablation-curves.png").read_bytes().startswith(b"\x89PNG")
+    assert "](ablation-curves.png)" in text and "## Learning curves" in text
+    (header,) = [line for line in text.splitlines() if line.startswith("| variant | step | n | overall |")]
+    kinds = {key.split("/")[2] for r in result.trials for key in client.get_run(r["run_id"]).data.metrics
+             if key.startswith("val/kind/")}  # fmt: skip
+    assert kinds and {c.strip() for c in header.split("|")[5:-1]} == kinds
+    for variant in VARIANTS:  # each evaluated step: the mean and spread of the trials' own histories
+        runs = [r["run_id"] for r in result.trials if r["variant"] == variant]
+        histories = [{m.step: m.value for m in client.get_metric_history(run, "val/oIoU")} for run in runs]
+        assert all(sorted(h) == [1, 2] for h in histories)
+        for step in (1, 2):
+            scores = [h[step] for h in histories]
+            mean = sum(scores) / len(scores)
+            spread = (sum((s - mean) ** 2 for s in scores) / (len(scores) - 1)) ** 0.5
+            assert f"| {variant} | {step} | {len(SEEDS)} | {mean:.1f} ± {spread:.1f} |" in text
 
 
 def test_the_report_command_refuses_what_it_cannot_report(ablation, tmp_path):
