@@ -437,8 +437,9 @@ def report_markdown(
 ) -> str:
     """The ablation report: what ran (command, commit, config, budget), the tables of mean ± std
     (``cells``: ``aggregate_groups``) per value of group_by x split, overall and per kind, a
-    verdict per value and the plot; then, where the trials were evaluated more than once while
-    training, their learning curves per kind (``curves``: ``aggregate_curves``) and their plot."""
+    verdict per value against the first (where there are several) and the plot; then, where the
+    trials were evaluated more than once while training, their learning curves per kind
+    (``curves``: ``aggregate_curves``) and their plot."""
     baseline = cells[0][sweep.group_by]
     wins = wins_over_baseline(cells, sweep.group_by, baseline)
     params, tags = sweep.params, sweep.tags
@@ -446,7 +447,7 @@ def report_markdown(
     commit = tags.get("mlflow.source.git.commit", "unrecorded")
     dirty = " (with uncommitted changes)" if tags.get("git.dirty") == "true" else ""
     lines = [
-        f"# Ablation: {sweep.name}",
+        f"# Sweep report: {sweep.name}",
         "",
         f"Sweep `{sweep.name}` of MLflow experiment `{sweep.experiment}` (parent run `{sweep.run_id}`).",
         "",
@@ -468,19 +469,18 @@ def report_markdown(
     ]
     for name in METRICS:
         lines += ["", f"## {name} (%, mean ± std over seeds)", "", _groups_table(cells, sweep.group_by, name)]
-    lines += [
-        "",
-        "## Against the baseline",
-        "",
-        f"Rule: {sweep.group_by} X beats the baseline (`{baseline}`, the sweep file's first) on a split "
-        "and kind *beyond the spread* when mean_X - mean_baseline > std_X + std_baseline (sample std "
-        "over the seeds; 0 for one seed), so a gap the seeds' scatter alone could make does not count.",
-        "",
-        *(f"- {verdict(value, found, baseline)}" for value, found in wins.items()),
-        "",
-        f"![{' and '.join(METRICS)} per split and kind]({plot_name})",
-        "",
-    ]
+    if wins:  # more than one value of group_by: each against the first
+        lines += [
+            "",
+            "## Against the baseline",
+            "",
+            f"Rule: {sweep.group_by} X beats the baseline (`{baseline}`, the sweep file's first) on a split "
+            "and kind *beyond the spread* when mean_X - mean_baseline > std_X + std_baseline (sample std "
+            "over the seeds; 0 for one seed), so a gap the seeds' scatter alone could make does not count.",
+            "",
+            *(f"- {verdict(value, found, baseline)}" for value, found in wins.items()),
+        ]
+    lines += ["", f"![{' and '.join(METRICS)} per split and kind]({plot_name})", ""]
     if has_curves(curves):
         lines += [
             f"## Learning curves ({CURVE_METRIC} %, mean ± std over seeds, as evaluated during training)",

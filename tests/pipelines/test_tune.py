@@ -15,6 +15,7 @@ from magnet.config import load_config
 from pipelines import tracking
 from pipelines.sweep.driver import run_sweep
 from pipelines.sweep.report import (
+    FinishedSweep,
     aggregate,
     aggregate_curves,
     aggregate_groups,
@@ -24,6 +25,7 @@ from pipelines.sweep.report import (
     curves_plot,
     groups_plot,
     has_curves,
+    report_markdown,
     verdict,
     wins_over_baseline,
 )
@@ -207,6 +209,24 @@ def test_learning_curves_aggregate_seeds_per_variant_step_and_kind():
     assert curves_plot(curves, "variant").startswith(b"\x89PNG")
     once = aggregate_curves([{"variant": "all", "curves": {"val/oIoU": [(50, 30.0)]}}], "variant")
     assert not has_curves(once)  # evaluated once: no curve to draw
+
+
+def test_a_one_recipe_sweep_reports_its_spread_and_curves_without_a_baseline_verdict():
+    one = "as-configured"
+    rows = [
+        {"variant": one, "final": scores(30.0, 20.0), "curves": {"val/oIoU": [(50, 20.0), (100, 30.0)]}},
+        {"variant": one, "final": scores(34.0, 24.0), "curves": {"val/oIoU": [(50, 22.0), (100, 34.0)]}},
+    ]
+    sweep = FinishedSweep(
+        name="seeds", experiment="e", run_id="r", params={}, tags={}, group_by="variant", splits=("val",),
+        order=(one,), rows=rows,
+    )  # fmt: skip
+    cells = aggregate_groups(rows, "variant", ["val"], sweep.order)
+    text = report_markdown(sweep, cells, "seeds.png", aggregate_curves(rows, "variant"), "seeds-curves.png")
+    assert text.startswith("# Sweep report: seeds") and "Against the baseline" not in text
+    assert "| as-configured | val | 2 | 32.0 ± 2.8 | 22.0 ± 2.8 |" in text
+    assert "![oIoU per evaluated step, split and kind](seeds-curves.png)" in text
+    assert "| as-configured | 100 | 2 | 32.0 ± 2.8 |" in text
 
 
 @pytest.mark.parametrize(
