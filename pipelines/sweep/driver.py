@@ -323,13 +323,14 @@ def _register_best(
 def _score_trials(
     rows: list[dict[str, Any]], parent: dict[str, str], shards: str, splits: Sequence[str]
 ) -> None:
-    """Evaluate every finished trial's best checkpoint on whole splits; metrics go to its run."""
+    """Evaluate every finished trial's best checkpoint on whole splits (whatever eval.max_samples
+    capped while it trained); metrics go to its run."""
     from pipelines import tracking
 
     for row in rows:
         if row["status"] != "FINISHED" or not row["checkpoint"]:
             continue
-        metrics = evaluate_model(row["checkpoint"], shards, splits).metrics
+        metrics = evaluate_model(row["checkpoint"], shards, splits, whole_splits=True).metrics
         row["final"] = metrics
         logger = tracking.MlflowRunLogger(parent["tracking_uri"], row["run_id"])
         logger.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=int(row["step"] or 0))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,9 @@ from pipelines.sweep.space import Param, load_space
 
 pytestmark = pytest.mark.slow
 
-TINY = [*tiny_trial(max_steps=2), "train.eval_every=1"]  # two evaluations while training: a curve
+# two evaluations while training (a curve), of a few expressions only: the final scoring is whole
+CAPPED = 6
+TINY = [*tiny_trial(max_steps=2), "train.eval_every=1", f"eval.max_samples={CAPPED}"]
 VARIANTS = ("baseline", "all")
 SEEDS = (0, 1)
 
@@ -53,7 +56,7 @@ def ablation(synthetic_shards, tmp_path_factory):
         )  # fmt: skip
     finally:
         ray.shutdown()
-    return {"result": result, "uri": uri, "root": root, "space": space}
+    return {"result": result, "uri": uri, "root": root, "space": space, "shards": shards}
 
 
 def test_the_preset_runs_every_variant_and_seed_to_the_end(ablation):
@@ -63,6 +66,16 @@ def test_the_preset_runs_every_variant_and_seed_to_the_end(ablation):
     )
     assert all(r["status"] == "FINISHED" and not r["early_stopped"] for r in rows)
     assert ablation["space"].report.splits == ("val", "testA", "testB")
+
+
+def test_every_finished_trial_is_scored_on_whole_splits_whatever_its_training_capped(ablation):
+    client = tracking.client_for(ablation["uri"])
+    counts = json.loads((Path(ablation["shards"]) / "summary.json").read_text())["counts"]
+    for row in ablation["result"].trials:
+        metrics = client.get_run(row["run_id"]).data.metrics
+        assert metrics["val/n"] == CAPPED < counts["val"]["written"]  # the evaluations while training
+        for split in ("val", "testA", "testB"):
+            assert metrics[f"final/{split}/n"] == counts[split]["written"]
 
 
 def test_the_report_gives_mean_and_spread_per_variant_on_val_and_test_splits(ablation):
