@@ -464,8 +464,9 @@ def report_markdown(
         + f"; {params.get('sweep.num_samples', '?')} sample(s) of the grid, "
         + f"{params.get('sweep.workers_per_trial', '?')} worker(s) and "
         + f"{params.get('sweep.gpus_per_trial', '?')} GPU(s) per trial",
-        f"- Sweep file: `{params.get('sweep.space_file', '?')}`; per {sweep.group_by}, "
-        f"scored on {', '.join(sweep.splits)} ({params.get('eval.protocol', '?')} protocol)",
+        f"- Sweep file: `{params.get('sweep.space_file', '?')}`; per {sweep.group_by}, each trial's "
+        f"best checkpoint by {params.get('sweep.metric', '?')} scored on {', '.join(sweep.splits)} "
+        f"(whole splits, {params.get('eval.protocol', '?')} protocol)",
     ]
     for name in METRICS:
         lines += ["", f"## {name} (%, mean ± std over seeds)", "", _groups_table(cells, sweep.group_by, name)]
