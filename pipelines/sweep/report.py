@@ -1,8 +1,9 @@
 """What a sweep's results look like to a reader: the ranked trials as markdown and CSV tables, the
 ablation's aggregate (mean and sample std over seeds per variant, split and kind of expression) as
-tables and plots, and the ablation report `magnet sweep-report` writes from a finished sweep.
+tables and plots, and the ablation report `magnet sweep-report` writes from a finished sweep, with
+the trials' learning curves per kind where they were evaluated more than once while training.
 
-    magnet sweep-report <sweep name> --out docs/results/<sweep name>.md   # + <sweep name>.png
+    magnet sweep-report <sweep name> --out docs/results/<sweep name>.md   # + .png, -curves.png
 
 The rule the report applies: a variant beats the baseline on a split and kind *beyond the spread*
 when ``mean - baseline mean > std + baseline std`` (``beats_beyond_spread``), so a gap the seeds'
@@ -167,7 +168,7 @@ def aggregate_curves(
                 cells.setdefault((where["split"], where["group"], int(step)), []).append(value)
     table = []
     for value, cells in found.items():
-        for (split, group, step), values in sorted(cells.items(), key=lambda item: item[0]):
+        for (split, group, step), values in sorted(cells.items()):
             mean, std = _mean_std(values)
             table.append(
                 {group_by: value, "split": split, "group": group, "step": step, "n": len(values),
