@@ -25,6 +25,7 @@ import ctypes
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -367,6 +368,34 @@ def _restore(
     return state
 
 
+STAGING_PREFIX = "magnet-ckpt-"
+"""Rank 0 stages each checkpoint in ``<temp dir>/magnet-ckpt-<pid>-<random>`` before reporting it."""
+
+
+def remove_orphaned_staging(root: str | Path | None = None) -> list[Path]:
+    """Remove the checkpoint staging directories under ``root`` (the temp directory) whose process
+    is gone. A worker killed mid-checkpoint (preemption, OOM, a lost node) never removes its own,
+    and each holds a whole checkpoint, model and optimizer: GBs at the paper's size. Directories of
+    live processes, and any not named by pid, are left alone."""
+    removed = []
+    for path in Path(root or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
+        pid = path.name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 @contextmanager
 def _step_checkpoint(
     *,
@@ -384,7 +413,7 @@ def _step_checkpoint(
     if rank != 0:
         yield None
         return
-    with tempfile.TemporaryDirectory(prefix="magnet-ckpt-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-") as tmp:
         yield save_checkpoint(
             Path(tmp) / f"step_{state.step:08d}",
             model=model,
@@ -542,6 +571,8 @@ def train(
     rank, world_size = _world()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     keep_freed_memory()
+    if orphans := remove_orphaned_staging():
+        log.info("removed %d checkpoint staging directories of killed workers", len(orphans))
     logger = logger if (logger is not None and rank == 0) else NullLogger()
 
     train_shards = open_split(

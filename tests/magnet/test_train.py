@@ -1,7 +1,9 @@
 import math
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +13,7 @@ from torch import nn
 from magnet.config import TrainConfig, load_config
 from magnet.models import build_model
 from magnet.train import (
+    STAGING_PREFIX,
     LocalReporter,
     StepEvent,
     build_optimizer,
@@ -18,6 +21,7 @@ from magnet.train import (
     global_batch_mismatch,
     lr_factor,
     param_groups,
+    remove_orphaned_staging,
     train,
     train_step,
 )
@@ -286,6 +290,42 @@ def test_init_from_refuses_weights_of_another_architecture(tmp_path):
         match=r"misshapen: classifier\.predictor\.query_feat\.weight.*missing: image_model\.norm0\.weight",
     ):
         load_initial_weights(model, tmp_path)
+
+
+def test_a_killed_workers_staged_checkpoint_is_removed_and_a_live_ones_kept(tmp_path):
+    """Rank 0 dies inside its checkpoint's staging (os._exit: no cleanup runs), as a preempted or
+    OOM-killed worker does; what it left is removed, a live process's staging is not."""
+    script = textwrap.dedent(
+        """
+        import os, torch
+        from magnet.checkpoint import TrainState
+        from magnet.config import load_config
+        from magnet.train import _step_checkpoint
+        model = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.AdamW(model.parameters())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        with _step_checkpoint(
+            rank=0, model=model, optimizer=optimizer, scheduler=scheduler, state=TrainState(step=7),
+            cfg=load_config("tiny"),
+        ) as staged:
+            print(staged, flush=True)
+            os._exit(9)
+        """
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+    )
+    staged = Path(killed.stdout.strip())
+    assert killed.returncode == 9 and (staged / "model.pt").is_file(), killed.stderr[-2000:]
+    live = tmp_path / f"{STAGING_PREFIX}{os.getpid()}-live"
+    unnamed = tmp_path / f"{STAGING_PREFIX}abcdefgh"
+    live.mkdir(), unnamed.mkdir()
+
+    assert remove_orphaned_staging(tmp_path) == [staged.parent]
+    assert not staged.parent.exists() and live.is_dir() and unnamed.is_dir()
 
 
 def test_keep_freed_memory_stops_the_page_faults_of_reallocating_a_step() -> None:

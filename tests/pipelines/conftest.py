@@ -21,7 +21,7 @@ def prefect_harness() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint(module_tmp) -> Path:
     """A saved tiny MagNet (TINY_MODEL, random weights) as training leaves it at step 3."""
     import torch
 
@@ -35,7 +35,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return save_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "checkpoint_step00000003",
+        module_tmp("ckpt") / "checkpoint_step00000003",
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,

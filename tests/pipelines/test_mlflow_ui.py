@@ -192,14 +192,14 @@ def fill_store(root: Path, shards: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ui(synthetic_shards, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def ui(synthetic_shards, module_tmp) -> Iterator[dict]:
     """The store, one MLflow server on it and one browser tab; ``screens`` collects screenshots."""
     chromium = shutil.which("chromium")
     if chromium is None:  # before the minute the store takes
         pytest.skip("no chromium: scripts/ensure_chromium.sh installs Debian's package (as root)")
-    root = tmp_path_factory.mktemp("mlflow-ui")
+    root = module_tmp("mlflow-ui")
     store = fill_store(root, synthetic_shards(num_images=16, image_size=64, seed=0, samples_per_shard=8))
-    screens = tmp_path_factory.mktemp("mlflow-ui-screens")
+    screens = module_tmp("mlflow-ui-screens")
     print(f"\n[mlflow-ui] screenshots in {screens}")
     with running_mlflow_ui(store["uri"], root) as url, headless_chromium(chromium, root) as page:
         page.open(f"{url}/#/models")

@@ -30,8 +30,8 @@ EXPERIMENT = "promote-test"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, synthetic_shards) -> dict:
-    root = tmp_path_factory.mktemp("promote")
+def store(module_tmp, synthetic_shards) -> dict:
+    root = module_tmp("promote")
     return {
         "root": root,
         "shards": synthetic_shards(num_images=12, image_size=64, seed=0, samples_per_shard=8),

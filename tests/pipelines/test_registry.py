@@ -61,8 +61,8 @@ print(json.dumps({
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> dict:
-    root = tmp_path_factory.mktemp("store")
+def registered(module_tmp, checkpoint: Path) -> dict:
+    root = module_tmp("store")
     shards = root / "shards"
     shards.mkdir()
     (shards / SUMMARY).write_text(json.dumps({"dataset": "refcoco", "splitBy": "unc", "counts": {}}))

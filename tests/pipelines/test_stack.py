@@ -57,10 +57,10 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(module_tmp) -> Iterator[Stack]:
     """`magnet stack up` on free ports; `magnet stack down` after the module, which must stop
     every process it started."""
-    root = tmp_path_factory.mktemp("stack")
+    root = module_tmp("stack")
     state = root / "stack"
     prefect_port, mlflow_port = free_port(), free_port()
     env = {

@@ -25,7 +25,7 @@ OVERRIDES = [
 
 
 @pytest.fixture(scope="module")
-def flow_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def flow_run(module_tmp) -> dict:
     from prefect.artifacts import Artifact
     from prefect.testing.utilities import prefect_test_harness
 
@@ -37,7 +37,7 @@ def flow_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = (
         "1"  # Ray's workers inherit it: samples in seconds
     )
-    root = tmp_path_factory.mktemp("flow")
+    root = module_tmp("flow")
     shards = ensure_synthetic_shards(root, images=20, image_size=64)
     with prefect_test_harness():
         result = train_magnet(

@@ -272,7 +272,7 @@ def harness():
 
 
 @pytest.fixture(scope="module")
-def sweep(shards, harness, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def sweep(shards, harness, module_tmp) -> dict:
     """The tune-magnet flow on local Ray: 4 CPUs, one trial (one worker) at a time.
     A trial ASHA kills leaves its worker's CPU reserved when the state API (dashboard) is off;
     there is room for two such."""
@@ -282,7 +282,7 @@ def sweep(shards, harness, tmp_path_factory: pytest.TempPathFactory) -> dict:
     from pipelines.flows.tune import tune_magnet
 
     os.environ["HF_HUB_OFFLINE"] = "1"
-    root = tmp_path_factory.mktemp("sweep")
+    root = module_tmp("sweep")
     uri = f"sqlite:///{root}/mlflow.db"  # explicit: MLflow exports the last URI set as MLFLOW_TRACKING_URI
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:

@@ -30,11 +30,11 @@ SEEDS = (0, 1)
 
 
 @pytest.fixture(scope="module")
-def ablation(synthetic_shards, tmp_path_factory):
+def ablation(synthetic_shards, module_tmp):
     import ray
 
     shards = str(synthetic_shards(num_images=16, image_size=64, seed=0, samples_per_shard=8))
-    root = tmp_path_factory.mktemp("ablation")
+    root = module_tmp("ablation")
     cfg = load_config("tiny", TINY)
     preset = load_space(CONFIG_DIR / "sweeps" / "ablation.yaml", cfg)
     space = preset.model_copy(
