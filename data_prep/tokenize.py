@@ -22,8 +22,11 @@ from data_prep.defaults import PREPARE
 
 MINILM_ALIAS = "all-minilm-l6-v2"
 DEFAULT_TOKENIZER = PREPARE.tokenizer
-BERT_BASE_UNCASED = frozenset({"bert-base-uncased", "google-bert/bert-base-uncased"})
-"""Names whose WordPiece vocabulary is the one all-MiniLM-L6-v2 ships (same 30,522 words, uncased)."""
+UNCASED_BERT_VOCAB = frozenset(
+    {"bert-base-uncased", "google-bert/bert-base-uncased", "google/bert_uncased_l-6_h-128_a-2"}
+)
+"""Names whose WordPiece vocabulary is the one all-MiniLM-L6-v2 ships (same 30,522 words, uncased):
+bert-base-uncased and the Google BERT miniature magnet knows the config of."""
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER) -> PreTrainedTokenizer
     offline, so paper-config models tokenise without touching the network; any other hub name is
     fetched only when it is not in the local cache.
     """
-    source = MINILM_ALIAS if name_or_path.lower() in BERT_BASE_UNCASED else name_or_path
+    source = MINILM_ALIAS if name_or_path.lower() in UNCASED_BERT_VOCAB else name_or_path
     return from_local_or_hub(AutoTokenizer.from_pretrained, resolve_text_model(source))
 
 

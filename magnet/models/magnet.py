@@ -78,8 +78,19 @@ SWIN_KEY = re.compile(r"patch_embed\.|layers\.\d+\.(blocks|downsample)\.")
 PRETRAINED_TEXT_KEY = re.compile(r"language_model\.(embeddings|encoder)\.")
 """Parameters of the text side that pretrained BERT weights fill (its fusion layers are new)."""
 
-KNOWN_TEXT_CONFIGS: dict[str, dict[str, int]] = {"bert-base-uncased": {}, "google-bert/bert-base-uncased": {}}
-"""Text encoders whose config is known without a download (BertConfig's defaults ARE bert-base-uncased)."""
+KNOWN_TEXT_CONFIGS: dict[str, dict[str, int]] = {
+    "bert-base-uncased": {},
+    "google-bert/bert-base-uncased": {},
+    "google/bert_uncased_l-6_h-128_a-2": {
+        "num_hidden_layers": 6,
+        "hidden_size": 128,
+        "num_attention_heads": 2,
+        "intermediate_size": 512,
+    },
+}
+"""Text encoders whose config is known without a download: BertConfig's defaults ARE
+bert-base-uncased; the 6-layer, 128-wide Google BERT miniature (5 M parameters, the same vocabulary)
+is a quick random one for tests and smoke runs (``text.pretrained: false``; its weights are on the hub)."""
 
 
 @dataclass

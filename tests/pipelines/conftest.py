@@ -6,9 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tiny_runs import TINY_TEXT
 
-TINY_MODEL = ["model.image_size=64", "model.text.pretrained=false"]
-"""Overrides that make the tiny preset quick to build: small images, random text weights."""
+TINY_MODEL = ["model.image_size=64", *TINY_TEXT]
+"""Overrides that make the tiny preset quick to build: small images, a small random text encoder."""
 
 
 @pytest.fixture(scope="module")

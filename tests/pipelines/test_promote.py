@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_runs import TINY_TEXT
 
 from data_prep.contract import SUMMARY
 from magnet.checkpoint import TrainState, save_checkpoint
@@ -46,7 +47,7 @@ def checkpoint(directory: Path, threshold: float, max_samples: int | None = None
         "tiny",
         [
             "model.image_size=64",
-            "model.text.pretrained=false",
+            *TINY_TEXT,
             "data.loader_workers=0",
             "eval.eval_size=64",
             f"eval.threshold={threshold}",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from ports import free_port
+from tiny_runs import TINY_TEXT
 
 from data_prep.contract import SUMMARY
 
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TINY = [
     "model.image_size=64",
+    *TINY_TEXT,
     "data.batch_size=2",
     "data.loader_workers=0",
     "eval.eval_size=64",

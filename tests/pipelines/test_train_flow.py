@@ -8,20 +8,13 @@ import os
 from pathlib import Path
 
 import pytest
+from tiny_runs import TINY_RUN
 
 from pipelines import tracking
 
 pytestmark = pytest.mark.slow
 
-OVERRIDES = [
-    "model.image_size=64",
-    "data.batch_size=2",
-    "data.loader_workers=0",
-    "eval.eval_size=64",
-    "train.max_steps=3",
-    "train.checkpoint_every=3",
-    "train.log_every=1",
-]
+OVERRIDES = [*TINY_RUN, "eval.eval_size=64", "train.max_steps=3", "train.checkpoint_every=3"]
 
 
 @pytest.fixture(scope="module")
