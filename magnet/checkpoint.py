@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import random
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -249,12 +250,18 @@ def fetch_checkpoint(location: str | Path, into: str | Path) -> Path:
     return target
 
 
-def local_checkpoint(location: str | None) -> Path:
-    """A checkpoint directory on this machine: local paths as they are, URLs copied down to a new
-    temporary directory (kept: the caller evaluates and registers from it)."""
+@contextmanager
+def local_checkpoint(location: str | Path | None) -> Iterator[Path]:
+    """A checkpoint directory on this machine while the context is open: a local path as it is, a
+    URL copied down to a temporary directory that goes with the context (a whole checkpoint: GBs at
+    the paper's size)."""
     if location is None:
         raise RuntimeError("training finished without a checkpoint: nothing to evaluate or register")
-    return fetch_checkpoint(location, tempfile.mkdtemp(prefix="magnet-checkpoint-"))
+    if not is_url(location):
+        yield Path(location)
+        return
+    with tempfile.TemporaryDirectory(prefix="magnet-checkpoint-") as tmp:
+        yield fetch_checkpoint(location, tmp)
 
 
 def load_model_from_checkpoint(
@@ -267,8 +274,8 @@ def load_model_from_checkpoint(
     URL on object storage.
     """
     if is_url(directory):
-        with tempfile.TemporaryDirectory(prefix="magnet-checkpoint-") as tmp:
-            return load_model_from_checkpoint(fetch_checkpoint(directory, tmp), device)
+        with local_checkpoint(directory) as local:
+            return load_model_from_checkpoint(local, device)
     from magnet.models import build_model
 
     directory = Path(directory)

@@ -221,22 +221,21 @@ def train_magnet(
             max_failures=max_failures,
             final_splits=splits,
         )
-        checkpoint = local_checkpoint(result.best_checkpoint)
-        step = int(json.loads((checkpoint / "meta.json").read_text())["step"])
-        evaluation = evaluate_final(
-            checkpoint,
-            shard_root,
-            splits,
-            tracking,
-            step,
-            Path(pictures_dir).resolve() if pictures_dir else None,
-        )
-        version = (
-            register(tracking, checkpoint, shard_root, splits[0], aliases or []) if register_model else None
-        )
-        if version is not None:
-            compute = _compute(num_workers, use_gpu)
-            describe_model(tracking, version, checkpoint, shard_root, evaluation, compute)
+        with local_checkpoint(result.best_checkpoint) as checkpoint:
+            step = int(json.loads((checkpoint / "meta.json").read_text())["step"])
+            evaluation = evaluate_final(
+                checkpoint,
+                shard_root,
+                splits,
+                tracking,
+                step,
+                Path(pictures_dir).resolve() if pictures_dir else None,
+            )
+            version = None
+            if register_model:
+                version = register(tracking, checkpoint, shard_root, splits[0], aliases or [])
+                compute = _compute(num_workers, use_gpu)
+                describe_model(tracking, version, checkpoint, shard_root, evaluation, compute)
     except BaseException:
         mlflow_tracking.end_run(tracking, status="FAILED")
         raise
@@ -254,7 +253,7 @@ def train_magnet(
         "tracking_uri": tracking["tracking_uri"],
         "run_url": mlflow_tracking.run_url(tracking),
         "model_version": version,
-        "checkpoint": str(checkpoint),
+        "checkpoint": result.best_checkpoint,
         "protocol": evaluation["protocol"],
         "metrics": evaluation["metrics"],
     }

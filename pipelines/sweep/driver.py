@@ -312,7 +312,8 @@ def _register_best(
         if row["status"] != "FINISHED" or not row["checkpoint"] or row["run_id"] is None:
             continue
         child = {"tracking_uri": parent["tracking_uri"], "run_id": row["run_id"]}
-        version = log_and_register(child, local_checkpoint(row["checkpoint"]), first_example(shards, split))
+        with local_checkpoint(row["checkpoint"]) as checkpoint:
+            version = log_and_register(child, checkpoint, first_example(shards, split))
         client = tracking.client_for(parent["tracking_uri"])
         client.set_tag(parent["run_id"], "tune.best_run_id", row["run_id"])
         client.set_tag(parent["run_id"], "tune.best_model_version", version)

@@ -2,6 +2,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -326,6 +327,26 @@ def test_a_killed_workers_staged_checkpoint_is_removed_and_a_live_ones_kept(tmp_
 
     assert remove_orphaned_staging(tmp_path) == [staged.parent]
     assert not staged.parent.exists() and live.is_dir() and unnamed.is_dir()
+
+
+def test_a_checkpoint_fetched_from_a_url_lasts_as_long_as_its_context(tmp_path, monkeypatch):
+    """Training flows evaluate and register from local_checkpoint: a URL's copy goes when they are
+    done, and a local path makes no temporary directory at all."""
+    from magnet.checkpoint import local_checkpoint
+
+    stored = tmp_path / "store" / "checkpoint_step00000003"
+    stored.mkdir(parents=True)
+    (stored / "model.pt").write_bytes(b"weights")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
+    with local_checkpoint(str(stored)) as local:
+        assert local == stored
+    assert not any(scratch.iterdir())
+    with local_checkpoint(stored.as_uri()) as local:  # file://..., fetched like s3://...
+        assert (local / "model.pt").read_bytes() == b"weights" and local.is_relative_to(scratch)
+    assert not any(scratch.iterdir())
 
 
 def test_keep_freed_memory_stops_the_page_faults_of_reallocating_a_step() -> None:
