@@ -6,10 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tiny_runs import TINY_TEXT
-
-TINY_MODEL = ["model.image_size=64", *TINY_TEXT]
-"""Overrides that make the tiny preset quick to build: small images, a small random text encoder."""
+from tiny_runs import TINY_MODEL
 
 
 @pytest.fixture(scope="module")

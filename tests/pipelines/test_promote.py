@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_runs import TINY_TEXT
+from tiny_runs import TINY_MODEL
 
 from data_prep.contract import SUMMARY
 from magnet.checkpoint import TrainState, save_checkpoint
@@ -46,8 +46,7 @@ def checkpoint(directory: Path, threshold: float, max_samples: int | None = None
     cfg = load_config(
         "tiny",
         [
-            "model.image_size=64",
-            *TINY_TEXT,
+            *TINY_MODEL,
             "data.loader_workers=0",
             "eval.eval_size=64",
             f"eval.threshold={threshold}",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from ports import free_port
-from tiny_runs import TINY_TEXT
+from tiny_runs import TINY_RUN
 
 from data_prep.contract import SUMMARY
 
@@ -25,16 +25,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-TINY = [
-    "model.image_size=64",
-    *TINY_TEXT,
-    "data.batch_size=2",
-    "data.loader_workers=0",
-    "eval.eval_size=64",
-    "train.max_steps=2",
-    "train.checkpoint_every=2",
-    "train.log_every=1",
-]
+TINY = [*TINY_RUN, "eval.eval_size=64", "train.max_steps=2", "train.checkpoint_every=2"]
 
 
 def _pid(state: Path, service: str) -> int:
