@@ -33,12 +33,14 @@ import json
 import multiprocessing
 import os
 import reprlib
+import shutil
 import sys
 import tarfile
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path, PurePath, PurePosixPath
@@ -74,6 +76,7 @@ from data_prep.defaults import PREPARE
 from data_prep.folder import MaskFile, MaskFileError, is_folder_dataset, load_folder, read_mask
 from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, rasterize
 from data_prep.paths import is_url
+from data_prep.processes import leave_sigint_to_parent
 from data_prep.refer import Annotation, ImageInfo, Ref, Sentence, load_refer
 from data_prep.synth import load_kinds
 from data_prep.tokenize import encode_expressions, load_tokenizer, vocabulary_hash
@@ -476,11 +479,39 @@ def _part_paths(out_dir: _P, chunk: Chunk) -> tuple[_P, _P, _P]:
     )
 
 
+CHUNK_STAGING = "magnet-chunk-"
+"""A chunk for object storage is written in ``<temp dir>/magnet-chunk-<pid>-<random>``, then uploaded."""
+
+
+def remove_partial_files(out_dir: str | Path, writers: Iterable[int]) -> None:
+    """Remove what chunk writers stopped mid-chunk (the processes ``writers``, killed) left behind:
+    the ``.tmp`` files of a local output, their staging directories of an object-storage one. Their
+    chunks have no completion marker, so the next run writes them again."""
+    if not is_url(out_dir):
+        for partial in Path(out_dir).rglob("*.tmp"):
+            partial.unlink(missing_ok=True)
+    for pid in writers:
+        for staging in Path(tempfile.gettempdir()).glob(f"{CHUNK_STAGING}{pid}-*"):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write, renamed onto ``path`` when the block ends: a
+    reader never sees half a file. A block that fails or is interrupted (Ctrl-C) removes it."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _write_parquet(rows: list[dict[str, object]], schema: pa.Schema, path: Path) -> None:
     table = pa.Table.from_pylist(rows, schema=schema)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with _replacing(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def finished_chunk(
@@ -511,7 +542,7 @@ def prepare_chunk(
     if done is not None:
         return done
     if is_url(out_dir):
-        with tempfile.TemporaryDirectory(prefix="magnet-chunk-") as staging:
+        with tempfile.TemporaryDirectory(prefix=f"{CHUNK_STAGING}{os.getpid()}-") as staging:
             result = prepare_chunk(settings, vocab_hash, chunk, staging, image_dir)
             _upload_chunk(Path(staging), str(out_dir), chunk)
         return result
@@ -573,8 +604,10 @@ def prepare_chunk(
         has_known_word = np.isin(ids, tokenizer.all_special_ids, invert=True).any(axis=1)
     manifest: list[dict[str, object]] = []
     shard_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_shard = shard_path.with_name(shard_path.name + ".tmp")
-    with tarfile.open(tmp_shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with (
+        _replacing(shard_path) as tmp_shard,
+        tarfile.open(tmp_shard, "w", format=tarfile.USTAR_FORMAT) as tar,
+    ):
         for row, (info, ext, image_bytes, ref, mask, mask_png, sentence) in enumerate(candidates):
             if n_words[row] == 0:
                 reject(ref, sentence.sent_id, "empty_tokens", repr(sentence.raw))
@@ -609,7 +642,6 @@ def prepare_chunk(
                     **{k: meta[k] for k in MANIFEST_SCHEMA.names if k in meta},
                 }
             )
-    os.replace(tmp_shard, shard_path)
     # Rejects in input order whatever stage found them.
     order = {(cr.ref.ref_id, s.sent_id): i for i, (im, cr, s) in enumerate(_expressions(chunk))}
     rejects.sort(key=lambda r: order[(r["ref_id"], r["sent_id"])])
@@ -636,9 +668,8 @@ def prepare_chunk(
         "size": shard_path.stat().st_size,
         "result": asdict(result),
     }
-    tmp_done = done_path.with_name(done_path.name + ".tmp")
-    tmp_done.write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_done, done_path)
+    with _replacing(done_path) as tmp_done:
+        tmp_done.write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
     return result
 
 
@@ -782,9 +813,8 @@ def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult
             "mask_mode": settings.mask_mode,
         },
     }
-    tmp = out_dir / f"{SUMMARY}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / SUMMARY)
+    with _replacing(out_dir / SUMMARY) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return PrepareResult(
         out_dir=out_dir,
         counts=counts,
@@ -900,7 +930,7 @@ def prepare_dataset(
     else:
         # spawn: the parent has used the (multi-threaded) Rust tokenizer, which fork can deadlock.
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(workers, context, leave_sigint_to_parent) as pool:
             for future in as_completed([pool.submit(prepare_chunk, *job) for job in todo]):
                 finished(future.result())
     return assemble(plan, results)

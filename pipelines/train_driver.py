@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -28,6 +29,7 @@ from data_prep.paths import absolute_location
 from magnet.config import Config, config_from_dict
 from magnet.data import check_text_settings, open_split
 from magnet.train import NOT_EVALUATED, SCORE_KEY, StepHook, global_batch_mismatch
+from pipelines import interrupts
 
 if TYPE_CHECKING:
     from pipelines.tracking import MlflowRunLogger
@@ -155,7 +157,7 @@ def new_run_name(cfg: Config) -> str:
     return f"{cfg.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
-def _run_exists(storage_path: str, run_name: str) -> bool:
+def run_exists(storage_path: str, run_name: str) -> bool:
     import pyarrow.fs
 
     filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
@@ -214,6 +216,52 @@ def check_splits(cfg: Config, shards: str, splits: Sequence[str]) -> None:
             log.warning("split %s: skipping corrupt shards %s", split, ", ".join(opened.skipped))
 
 
+def _fit_off_the_main_thread(trainer: Any) -> Any:
+    """``trainer.fit()`` in a helper thread, the main thread waiting for it.
+
+    Run in the main thread, Ray Train replaces the process's SIGINT handler with its own (abort the
+    run, then ``sys.exit(0)``) and never puts the previous one back: `magnet`'s handler would be
+    lost and an interrupted command would exit as if it had succeeded. Off the main thread Ray
+    installs none; a Ctrl-C reaches the main thread here as KeyboardInterrupt, and ray.shutdown()
+    (or the driver's exit, which ends the run's actors) stops the run.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()  # a Tune trial: Tune handles the signals
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # handed to the main thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def last_checkpoint_step(storage_path: str, run_name: str) -> int | None:
+    """The step of the run's latest complete checkpoint (its meta.json written), where a resume
+    starts; None when it has none."""
+    import pyarrow.fs
+
+    from magnet.checkpoint import META_FILE
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    selector = pyarrow.fs.FileSelector(f"{root.rstrip('/')}/{run_name}", allow_not_found=True)
+    steps = [
+        int(info.base_name.removeprefix(CHECKPOINT_PREFIX))
+        for info in filesystem.get_file_info(selector)
+        if info.type == pyarrow.fs.FileType.Directory
+        and info.base_name.removeprefix(CHECKPOINT_PREFIX).isdigit()
+        and filesystem.get_file_info(f"{info.path}/{META_FILE}").type == pyarrow.fs.FileType.File
+    ]
+    return max(steps, default=None)
+
+
 def run_training(
     cfg: Config,
     shards: str | Path,
@@ -260,11 +308,11 @@ def run_training(
     if resume:
         if not run_name:
             raise ValueError("resume needs the name of the run to continue (run_name)")
-        if not _run_exists(storage, run_name):
+        if not run_exists(storage, run_name):
             raise FileNotFoundError(f"no run {run_name!r} under {storage} to resume")
     elif run_name is None:
         run_name = new_run_name(cfg)
-    elif _run_exists(storage, run_name):
+    elif run_exists(storage, run_name):
         raise FileExistsError(
             f"run {run_name!r} already exists under {storage}: resume it, or choose another name"
         )
@@ -278,6 +326,7 @@ def run_training(
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address=ray_address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        interrupts.reclaim_sigterm()
     try:
         trainer = TorchTrainer(
             _train_worker,
@@ -303,7 +352,7 @@ def run_training(
                 callbacks=list(callbacks),
             ),
         )
-        result = trainer.fit()
+        result = _fit_off_the_main_thread(trainer)
     finally:
         if started_ray:
             ray.shutdown()

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from data_prep.defaults import PREPARE
+from pipelines import interrupts
 
 
 def _refer_names(
@@ -123,6 +124,8 @@ def prepare(
     from data_prep.shards import dataset_dir
     from pipelines.flows.prepare import run_prepare
 
+    written_to = dataset_dir(absolute_location(out), dataset, split_by)
+    interrupts.on_interrupt(lambda: _stopped(written_to))
     try:
         summary = run_prepare(
             workers=workers,
@@ -143,6 +146,19 @@ def prepare(
     typer.echo(f"{'split':<8} {'read':>8} {'written':>8} {'rejected':>8}")
     for split, counts in summary["counts"].items():
         typer.echo(f"{split:<8} {counts['read']:>8} {counts['written']:>8} {counts['rejected']:>8}")
+
+
+def _stopped(out_dir: str | Path) -> str:
+    """What an interrupted `magnet prepare` left: whole chunks only (each written to a temporary
+    name, then renamed), which the same command keeps and completes."""
+    import fsspec
+
+    from data_prep.contract import WORK_DIR
+
+    filesystem, root = fsspec.core.url_to_fs(str(out_dir))
+    done = len(filesystem.glob(f"{root}/{WORK_DIR}/*/*.done.json"))
+    again = interrupts.magnet_command()
+    return f"prepare of {out_dir} stopped with {done} chunks written; continue with: {again}"
 
 
 def register(app: typer.Typer) -> None:

@@ -22,7 +22,7 @@ from data_prep.synthetic_shards import ensure_synthetic_shards
 from magnet.checkpoint import local_checkpoint
 from magnet.config import Config, load_config
 from magnet.data import first_example, held_out_splits
-from pipelines import mlflow_record
+from pipelines import interrupts, mlflow_record
 from pipelines import tracking as mlflow_tracking
 from pipelines.defaults import TRAIN
 from pipelines.evaluation import evaluate_model
@@ -195,6 +195,7 @@ def train_magnet(
         max_failures: worker failures Ray Train recovers from (restoring the last checkpoint).
         pictures_dir: also write the final prediction pictures there.
     """
+    interrupts.reclaim_sigterm()
     cfg = load_config(config, overrides or [])
     if resume and not run_name:
         raise ValueError("resume needs the run_name of the run to continue")
@@ -206,8 +207,8 @@ def train_magnet(
         shard_root = absolute_location(shards)
     splits = eval_splits or held_out_splits(shard_root, cfg.data.train_split)
     tracking = open_run(cfg, shard_root, tracking_uri, experiment, run_name, resume)
-    mlflow_record.link_flow_run(tracking, key=_artifact_key("mlflow-run", run_name))
     try:
+        mlflow_record.link_flow_run(tracking, key=_artifact_key("mlflow-run", run_name))
         result = train(
             cfg,
             shard_root,
@@ -236,8 +237,8 @@ def train_magnet(
                 version = register(tracking, checkpoint, shard_root, splits[0], aliases or [])
                 compute = _compute(num_workers, use_gpu)
                 describe_model(tracking, version, checkpoint, shard_root, evaluation, compute)
-    except BaseException:
-        mlflow_tracking.end_run(tracking, status="FAILED")
+    except BaseException as error:
+        mlflow_tracking.end_run(tracking, status=mlflow_tracking.ended_status(error))
         raise
     mlflow_tracking.end_run(tracking)
     report = _report(cfg, run_name, tracking, version, evaluation)

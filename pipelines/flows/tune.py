@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from data_prep.paths import absolute_location
 from data_prep.synthetic_shards import ensure_synthetic_shards
+from pipelines import interrupts
 from pipelines.defaults import PROMOTE, TUNE
 from pipelines.train_driver import absolute_storage
 
@@ -60,6 +61,7 @@ def tune_magnet(
     storage_path: str | None = None,
     ray_address: str | None = None,
     register_best: bool = TUNE.register_best,
+    sweep_name: str | None = None,
 ) -> dict[str, Any]:
     """Sweep MagNet's loss weights (or run the ablation) with Ray Tune over Ray Train.
 
@@ -79,7 +81,9 @@ def tune_magnet(
         storage_path: Ray storage (local path or URL); default ./ray-results.
         ray_address: Ray cluster; None = RAY_ADDRESS or a local Ray.
         register_best: register the best trial's model as a version of `magnet`.
+        sweep_name: the new sweep's name; None = a unique one (``resume`` names a resumed one).
     """
+    interrupts.reclaim_sigterm()
     if shards is None:
         shard_root = str(ensure_synthetic_shards(Path("demo-run").resolve()))
     else:
@@ -93,7 +97,7 @@ def tune_magnet(
         {
             "tracking_uri": tracking_uri,
             "experiment": experiment,
-            "sweep_name": resume,
+            "sweep_name": resume or sweep_name,
             "resume": resume is not None,
             "num_samples": trials,
             "search": search,
@@ -166,6 +170,7 @@ def promote_magnet(
         tracking_uri: MLflow; None = MLFLOW_TRACKING_URI or ./mlflow.db.
         device: where evaluation runs.
     """
+    interrupts.reclaim_sigterm()
     result = promote_task(
         {
             "shards": absolute_location(shards),
