@@ -21,6 +21,7 @@ from pipelines.commands import (
     evaluate,
     model,
     predict,
+    pretrain,
     register,
     stack,
     synth,
@@ -114,7 +115,7 @@ def main(
     quiet_known_noise()
 
 
-for group in (synth, data, model, weights, train, evaluate, predict, register, demo, stack, tune):
+for group in (synth, data, model, weights, pretrain, train, evaluate, predict, register, demo, stack, tune):
     group.register(app)
 
 

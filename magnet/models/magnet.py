@@ -563,8 +563,20 @@ def build_text_encoder(cfg: ModelConfig, load_pretrained: bool) -> BertModel:
     return bert
 
 
+SHIPPED_VISION_DIR = Path(__file__).resolve().parent.parent / "pretrained"
+"""Swin weights that ship with the project (``<name>.pt`` + ``<name>.json``, how each was made):
+``vision.pretrained: <name>`` loads one, as a timm name loads ImageNet weights."""
+
+
+def shipped_vision_weights(source: str) -> Path | None:
+    """The shipped weights file a ``vision.pretrained`` name stands for, or None."""
+    candidate = SHIPPED_VISION_DIR / f"{source}.pt"
+    return candidate if "/" not in source and candidate.is_file() else None
+
+
 def load_pretrained_vision(image_model: MultiModalSwin, source: str) -> None:
-    """Swin weights from a local checkpoint file or a timm hub name (network or HF cache).
+    """Swin weights from a local checkpoint file, a shipped name (``SHIPPED_VISION_DIR``) or a timm
+    hub name (network or HF cache).
 
     The file may hold a timm state dict or an original Swin one (``{'model': ...}``, patch
     merging at the end of each stage); timm's own converter renames the latter and resizes
@@ -574,9 +586,10 @@ def load_pretrained_vision(image_model: MultiModalSwin, source: str) -> None:
     import timm
     from timm.models.swin_transformer import checkpoint_filter_fn as swin_filter_fn
 
-    if Path(source).is_file():
-        state = torch.load(source, map_location="cpu", weights_only=True)
-        origin = f"local file {source}"
+    shipped = shipped_vision_weights(source)
+    if Path(source).is_file() or shipped:
+        state = torch.load(shipped or source, map_location="cpu", weights_only=True)
+        origin = f"shipped weights {shipped}" if shipped else f"local file {source}"
     else:
         state = timm.create_model(source, pretrained=True, num_classes=0).state_dict()
         origin = f"timm hub {source}"
