@@ -78,6 +78,25 @@ SWIN_KEY = re.compile(r"patch_embed\.|layers\.\d+\.(blocks|downsample)\.")
 PRETRAINED_TEXT_KEY = re.compile(r"language_model\.(embeddings|encoder)\.")
 """Parameters of the text side that pretrained BERT weights fill (its fusion layers are new)."""
 
+PARTS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("vision", re.compile(r"image_model\.(patch_embed|layers\.\d+\.(blocks|downsample))\.")),
+    ("vision_fusion", re.compile(r"image_model\.layers\.\d+\.(fusion|res_gate)\.")),
+    ("cam", re.compile(r"image_model\.layers\.\d+\.cam\.")),
+    ("text", re.compile(r"language_model\.(embeddings|encoder)\.")),
+    ("text_fusion", re.compile(r"language_model\.")),
+    ("decoder", re.compile(r"classifier\.")),
+    ("mask_grounding", re.compile(r"criterion\.mask_grounding\.")),
+    ("alignment", re.compile(r"criterion\.alignment\.")),
+)
+"""The model's parts by parameter name, first match wins: what the per-part gradient norms
+(``train/grad_norm/<part>``) and learning diagnostics group by. ``other`` takes the rest."""
+
+
+def part_of(name: str) -> str:
+    """The part (``PARTS``) a parameter name belongs to, or ``other``."""
+    return next((part for part, pattern in PARTS if pattern.match(name)), "other")
+
+
 KNOWN_TEXT_CONFIGS: dict[str, dict[str, int]] = {
     "bert-base-uncased": {},
     "google-bert/bert-base-uncased": {},
