@@ -29,6 +29,12 @@ MASK_MEMBER = "mask.png"
 INPUT_IDS_MEMBER = "input_ids.npy"
 ATTENTION_MASK_MEMBER = "attention_mask.npy"
 META_MEMBER = "json"
+OBJECTS_MEMBER = "objects.json"
+"""Every object of the sample's image, the referred one among them, so that evaluation can tell
+picking the wrong object from outlining the right one badly: a JSON list ordered by ann_id of
+``{"ann_id": int, "rle": {"size": [H, W], "counts": str}}`` (COCO's compressed RLE, pycocotools)
+at the original size, rasterised with the target's mask_mode. Objects whose segmentation gives no
+mask are left out. Written since shard format 3; older shards lack it (no pick metrics)."""
 
 MANIFEST_SCHEMA = pa.schema(
     [

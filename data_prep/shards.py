@@ -37,7 +37,7 @@ import sys
 import tarfile
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
@@ -60,6 +60,7 @@ from data_prep.contract import (
     MANIFEST_SCHEMA,
     MASK_MEMBER,
     META_MEMBER,
+    OBJECTS_MEMBER,
     REJECTS,
     REJECTS_SCHEMA,
     SHARD_GLOB,
@@ -72,13 +73,13 @@ from data_prep.contract import (
 )
 from data_prep.defaults import PREPARE
 from data_prep.folder import MaskFile, MaskFileError, is_folder_dataset, load_folder, read_mask
-from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, rasterize
+from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, encode_rle, rasterize
 from data_prep.paths import is_url
 from data_prep.refer import Annotation, ImageInfo, Ref, Sentence, load_refer
 from data_prep.synth import load_kinds
 from data_prep.tokenize import encode_expressions, load_tokenizer, vocabulary_hash
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bumped when the bytes written for the same input change, so old chunk markers are redone."""
 
 REJECT_REASONS: dict[str, str] = {
@@ -131,11 +132,14 @@ class ChunkRef:
 
 @dataclass(frozen=True)
 class ChunkImage:
-    """An image (None when instances.json lacks it) and its refs, ordered by ref_id."""
+    """An image (None when instances.json lacks it), its refs ordered by ref_id, and every object
+    annotated on it ordered by ann_id (a folder dataset's: its referred objects), written beside
+    each sample for pick accuracy (contract.OBJECTS_MEMBER)."""
 
     image_id: int
     info: ImageInfo | None
     refs: tuple[ChunkRef, ...]
+    objects: tuple[Annotation, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -243,10 +247,15 @@ def plan_prepare(
     chosen = tuple(splits) if splits else tuple(data.stored_splits())
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"splits must not repeat: {list(chosen)}")
+    objects_of: dict[int, list[Annotation]] = {}
+    for annotation in sorted(data.annotations.values(), key=lambda a: a.ann_id):
+        objects_of.setdefault(annotation.image_id, []).append(annotation)
     chunks: list[Chunk] = []
     for split in chosen:
         refs = sorted(data.select(split), key=lambda r: (r.image_id, r.ref_id))
-        chunks.extend(_chunk_split(split, refs, data.images, data.annotations, settings.samples_per_shard))
+        chunks.extend(
+            _chunk_split(split, refs, data.images, data.annotations, objects_of, settings.samples_per_shard)
+        )
     kinds = load_kinds(refer_root, settings.dataset, settings.split_by) or {}
     vocab_hash = vocabulary_hash(load_tokenizer(settings.tokenizer))
     out_dir = dataset_dir(out, settings.dataset, settings.split_by)
@@ -315,6 +324,7 @@ def _chunk_split(
     refs: list[Ref],
     images: dict[int, ImageInfo],
     annotations: dict[int, Annotation],
+    objects_of: Mapping[int, list[Annotation]],
     samples_per_shard: int,
 ) -> list[Chunk]:
     seen_sent_ids: set[int] = set()
@@ -335,7 +345,8 @@ def _chunk_split(
     pending: list[ChunkImage] = []
     pending_count = 0
     for image_id, chunk_refs in by_image.items():  # refs were sorted by image_id
-        pending.append(ChunkImage(image_id, images.get(image_id), tuple(chunk_refs)))
+        objects = tuple(objects_of.get(image_id, ()))
+        pending.append(ChunkImage(image_id, images.get(image_id), tuple(chunk_refs), objects))
         pending_count += sum(len(cr.ref.sentences) for cr in chunk_refs)
         if pending_count >= samples_per_shard:
             chunks.append(Chunk(split, len(chunks), tuple(pending)))
@@ -402,11 +413,26 @@ def _load_image(info: ImageInfo, image_dir: Path) -> tuple[str, bytes] | tuple[s
     return ("jpg" if fmt == "JPEG" else "png"), data
 
 
-def _ref_mask(
-    chunk_ref: ChunkRef, info: ImageInfo, image_dir: Path, mode: MaskMode
+def _object_mask(
+    annotation: Annotation, info: ImageInfo, image_dir: Path, mode: MaskMode
 ) -> np.ndarray | tuple[str, str]:
-    """The ref's mask [H, W] uint8 {0, 1} at the image's size, else (reason, detail). A folder
+    """An object's mask [H, W] uint8 {0, 1} at the image's size, else (reason, detail). A folder
     dataset's mask files are read relative to its folder (the image directory)."""
+    try:
+        if isinstance(annotation.segmentation, MaskFile):
+            return read_mask(image_dir, annotation.segmentation, info.height, info.width)
+        return rasterize(annotation.segmentation, info.height, info.width, mode)
+    except MaskFileError as err:
+        return err.reason, str(err)
+    except UnusableSegmentation as err:
+        return "unusable_segmentation", f"ann_id {annotation.ann_id}: {err}"
+
+
+def _ref_mask(
+    chunk_ref: ChunkRef, object_masks: Mapping[int, np.ndarray | tuple[str, str]]
+) -> np.ndarray | tuple[str, str]:
+    """The ref's mask among its image's ``object_masks`` (ann_id -> ``_object_mask``), else
+    (reason, detail)."""
     ref, annotation = chunk_ref.ref, chunk_ref.annotation
     if annotation is None:
         return "missing_annotation", f"ann_id {ref.ann_id} not in instances.json"
@@ -415,14 +441,17 @@ def _ref_mask(
             "annotation_image_mismatch",
             f"ann_id {ref.ann_id} is on image_id {annotation.image_id}, the ref on image_id {ref.image_id}",
         )
-    try:
-        if isinstance(annotation.segmentation, MaskFile):
-            return read_mask(image_dir, annotation.segmentation, info.height, info.width)
-        return rasterize(annotation.segmentation, info.height, info.width, mode)
-    except MaskFileError as err:
-        return err.reason, str(err)
-    except UnusableSegmentation as err:
-        return "unusable_segmentation", f"ann_id {ref.ann_id}: {err}"
+    return object_masks[ref.ann_id]
+
+
+def _objects_json(object_masks: Mapping[int, np.ndarray | tuple[str, str]]) -> bytes:
+    """The OBJECTS_MEMBER of an image's samples: every object that has a mask, as RLE."""
+    objects = [
+        {"ann_id": ann_id, "rle": encode_rle(mask)}
+        for ann_id, mask in object_masks.items()
+        if isinstance(mask, np.ndarray)
+    ]
+    return json.dumps(objects, sort_keys=True).encode()
 
 
 class _Candidate(NamedTuple):
@@ -434,6 +463,7 @@ class _Candidate(NamedTuple):
     ref: Ref
     mask: np.ndarray  # [H, W] uint8 {0, 1}
     mask_png: bytes
+    objects_json: bytes  # the image's objects (OBJECTS_MEMBER)
     sentence: Sentence
 
 
@@ -444,12 +474,13 @@ def _chunk_fingerprint(settings: PrepareSettings, vocab_hash: str, chunk: Chunk,
     digest.update(json.dumps([FORMAT_VERSION, asdict(settings), vocab_hash], sort_keys=True).encode())
     digest.update(json.dumps(asdict(chunk), sort_keys=True, default=str).encode())
     files = [image.info.file_name for image in chunk.images if image.info is not None]
-    files += [
-        chunk_ref.annotation.segmentation.path
+    annotations = [
+        annotation
         for image in chunk.images
-        for chunk_ref in image.refs
-        if chunk_ref.annotation is not None and isinstance(chunk_ref.annotation.segmentation, MaskFile)
+        for annotation in (*image.objects, *(chunk_ref.annotation for chunk_ref in image.refs))
+        if annotation is not None and isinstance(annotation.segmentation, MaskFile)
     ]
+    files += dict.fromkeys(annotation.segmentation.path for annotation in annotations)
     for name in files:
         try:
             stat = (image_dir / name).stat()
@@ -542,13 +573,18 @@ def prepare_chunk(
             else ("missing_image_record", f"image_id {image.image_id} not in instances.json")
         )
         image_ok = loaded[0] in ("jpg", "png")
+        if image_ok:
+            object_masks = {
+                a.ann_id: _object_mask(a, image.info, image_dir, settings.mask_mode) for a in image.objects
+            }
+            objects_json = _objects_json(object_masks)
         for chunk_ref in image.refs:
             ref = chunk_ref.ref
             if not image_ok:
                 for sentence in ref.sentences:
                     reject(ref, sentence.sent_id, *loaded)
                 continue
-            mask = _ref_mask(chunk_ref, image.info, image_dir, settings.mask_mode)
+            mask = _ref_mask(chunk_ref, object_masks)
             if isinstance(mask, tuple):
                 for sentence in ref.sentences:
                     reject(ref, sentence.sent_id, *mask)
@@ -563,7 +599,9 @@ def prepare_chunk(
                 elif not sentence.raw.strip():
                     reject(ref, sentence.sent_id, "empty_expression", repr(sentence.raw))
                 else:
-                    candidates.append(_Candidate(image.info, *loaded, ref, mask, mask_png, sentence))
+                    candidates.append(
+                        _Candidate(image.info, *loaded, ref, mask, mask_png, objects_json, sentence)
+                    )
 
     if candidates:
         tokenizer = load_tokenizer(settings.tokenizer)
@@ -575,7 +613,8 @@ def prepare_chunk(
     shard_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_shard = shard_path.with_name(shard_path.name + ".tmp")
     with tarfile.open(tmp_shard, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for row, (info, ext, image_bytes, ref, mask, mask_png, sentence) in enumerate(candidates):
+        for row, candidate in enumerate(candidates):
+            info, ext, image_bytes, ref, mask, mask_png, objects_json, sentence = candidate
             if n_words[row] == 0:
                 reject(ref, sentence.sent_id, "empty_tokens", repr(sentence.raw))
                 continue
@@ -600,6 +639,7 @@ def prepare_chunk(
             _tar_member(tar, f"{key}.{ATTENTION_MASK_MEMBER}", _npy_bytes(attention[row]))
             meta_json = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
             _tar_member(tar, f"{key}.{META_MEMBER}", meta_json)
+            _tar_member(tar, f"{key}.{OBJECTS_MEMBER}", objects_json)
             manifest.append(
                 {
                     "key": key,

@@ -17,6 +17,7 @@ from PIL import Image
 
 from data_prep.contract import MANIFEST, REJECTS, SUMMARY
 from data_prep.folder import load_folder
+from data_prep.masks import decode_rles
 from data_prep.refer import ReferFormatError
 from data_prep.shards import REJECT_REASONS, prepare_dataset
 
@@ -186,6 +187,7 @@ def test_written_masks_are_the_mask_files_objects(prepared: Path) -> None:
     assert sorted(manifest) == [1, 2, 3, 4, 5, 10, 17]
     assert manifest[5]["raw"] == "le café"
     expected = {1: "man.png", 3: "dog.png", 5: "cup.png", 17: "rgba.png"}
+    checked = False
     for shard in sorted(prepared.glob("*/shard-*.tar")):
         with tarfile.open(shard) as tar:
             for member in tar.getmembers():
@@ -195,6 +197,13 @@ def test_written_masks_are_the_mask_files_objects(prepared: Path) -> None:
                     obj, _ = MASKS[expected[int(key)]]
                     np.testing.assert_array_equal(pixels, obj.astype(np.uint8) * 255)
                     assert manifest[int(key)]["mask_area"] == obj.sum()
+                if ext == "objects.json" and int(key) == 1:  # image a.jpg: the man, the dog; no other mask
+                    objects = json.loads(tar.extractfile(member).read())
+                    assert [o["ann_id"] for o in objects] == [1, 2]
+                    found = decode_rles([o["rle"] for o in objects], 30, 40)
+                    np.testing.assert_array_equal(found, [MASKS["man.png"][0], MASKS["dog.png"][0]])
+                    checked = True
+    assert checked
 
 
 def test_csv_gives_the_same_bytes_and_reruns_are_identical(tmp_path: Path, prepared: Path) -> None:

@@ -16,7 +16,7 @@ from PIL import Image
 from refer_fixture import ANNOTATIONS, EXPECTED, IMAGES
 
 from data_prep.contract import INDEX_FILES, MANIFEST, REJECTS, SUMMARY
-from data_prep.masks import rasterize
+from data_prep.masks import decode_rles, rasterize
 from data_prep.shards import REJECT_REASONS, prepare_dataset
 from data_prep.tokenize import encode_expressions, load_tokenizer, vocabulary_hash
 
@@ -78,6 +78,11 @@ def _samples(shard: Path) -> dict[str, dict[str, bytes]]:
     return samples
 
 
+MEMBERS = ("mask.png", "input_ids.npy", "attention_mask.npy", "json", "objects.json")  # besides the image
+# Every object of an image with a usable mask (108 and 109 on image 1 give none), the referred one too.
+USABLE_OBJECTS = {1: [101], 2: [102, 103], 3: [104], 8: [110]}
+
+
 def test_shard_members_follow_the_contract(prepared: Path, refer_root: Path) -> None:
     summary = json.loads((prepared / SUMMARY).read_text())
     manifest = {r["key"]: r for r in pq.read_table(prepared / MANIFEST).to_pylist()}
@@ -96,7 +101,7 @@ def test_shard_members_follow_the_contract(prepared: Path, refer_root: Path) -> 
             assert key == f"{meta['sent_id']:010d}" and row["shard"] == shard["path"]
             name, width, height, _ = IMAGES[meta["image_id"]]
             ext = "png" if name.endswith(".png") else "jpg"
-            assert set(members) == {ext, "mask.png", "input_ids.npy", "attention_mask.npy", "json"}
+            assert set(members) == {ext, *MEMBERS}
             assert members[ext] == (image_dir / name).read_bytes()  # original bytes
             mask = Image.open(io.BytesIO(members["mask.png"]))
             assert mask.mode == "L" and mask.size == (width, height)
@@ -105,6 +110,11 @@ def test_shard_members_follow_the_contract(prepared: Path, refer_root: Path) -> 
             _, _, segmentation = ANNOTATIONS[meta["ann_id"]]
             np.testing.assert_array_equal(pixels // 255, rasterize(segmentation, height, width))
             assert row["mask_area"] == int((pixels > 0).sum())
+            objects = json.loads(members["objects.json"])
+            assert [o["ann_id"] for o in objects] == USABLE_OBJECTS[meta["image_id"]]
+            masks = decode_rles([o["rle"] for o in objects], height, width)
+            for obj, found in zip(objects, masks, strict=True):
+                np.testing.assert_array_equal(found, rasterize(ANNOTATIONS[obj["ann_id"]][2], height, width))
             ids = np.load(io.BytesIO(members["input_ids.npy"]))
             attention = np.load(io.BytesIO(members["attention_mask.npy"]))
             assert ids.dtype == attention.dtype == np.int32 and ids.shape == attention.shape == (20,)
