@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 WORST_EXAMPLES = 4
 SYSTEM_METRICS_INTERVAL_S = 10.0
-TABLE_COLUMNS = ("split", "sent_id", "image_id", "raw", "kind", "iou", "area")
+TABLE_COLUMNS = ("split", "sent_id", "image_id", "raw", "kind", "iou", "area", "picked")
 
 # Published MagNet oIoU (%), shared/design/magnet-architecture.md, and each split's number of
 # referred objects (refs, shared/design/refcoco-data-and-eval.md): a split holding at least
@@ -92,7 +92,8 @@ def _kinds(shards: str) -> dict[int, str]:
 
 def expression_table(evaluation: Evaluation, shards: str) -> Any:
     """One row per scored expression (pandas DataFrame, TABLE_COLUMNS): split, ids, the text, its
-    kind where the manifest has one, IoU (0-1) and the object's share of the image."""
+    kind where the manifest has one, IoU (0-1), the object's share of the image and whether the
+    prediction picked it over the image's other objects (null where the shards lack them)."""
     import pandas as pd
 
     kinds = _kinds(shards)
@@ -164,7 +165,7 @@ def _scores(evaluation: Mapping[str, Any], shards: str, summary: Mapping[str, An
     published = _benchmark_splits(shards, summary)
     metrics: Mapping[str, float] = evaluation["metrics"]
     splits = list(dict.fromkeys(key.split("/", 1)[0] for key in metrics))
-    names = ["n", "oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9"]
+    names = ["n", "oIoU", "mIoU", "pick_acc", "outline_IoU", "P@0.5", "P@0.7", "P@0.9"]
     mask_mode = (summary.get("settings") or {}).get("mask_mode", "unrecorded")
     lines = [
         f"**Scored** on {', '.join(f'`{s}`' for s in splits)}: {evaluation['protocol']}; "

@@ -337,7 +337,8 @@ class MlflowRunLogger:
     def log_evaluation(self, evaluation: Evaluation, step: int) -> None:
         """An evaluation's metrics, how it was scored (tags ``eval.protocol``, ``eval.mask_mode``,
         ``eval.breakdown``, ``eval.description``) and its breakdown table (split x group: oIoU,
-        mIoU, n) as ``evaluation/step%08d.json``, shown in the UI's artifact view.
+        mIoU, pick_acc, outline_IoU, n; pick figures null where not scored) as
+        ``evaluation/step%08d.json``, shown in the UI's artifact view.
 
         Args:
             evaluation: the result of magnet.evaluate.evaluate.
@@ -346,6 +347,7 @@ class MlflowRunLogger:
         from mlflow.entities import RunTag
 
         from magnet.evaluate import breakdown_rows
+        from magnet.metrics import GROUP_METRICS
 
         self.log_metrics(evaluation.metrics, step)
         tags = {
@@ -357,7 +359,5 @@ class MlflowRunLogger:
         self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         rows = breakdown_rows(evaluation.metrics)
         if rows:
-            columns = {
-                name: [row.get(name) for row in rows] for name in ("split", "group", "oIoU", "mIoU", "n")
-            }
+            columns = {name: [row.get(name) for row in rows] for name in ("split", "group", *GROUP_METRICS)}
             self._client.log_table(self.run_id, data=columns, artifact_file=f"evaluation/step{step:08d}.json")

@@ -133,7 +133,7 @@ def _report(
 ) -> str:
     metrics: dict[str, float] = evaluation["metrics"]
     splits = list(dict.fromkeys(key.split("/", 1)[0] for key in metrics))
-    names = ["oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9", "n"]
+    names = ["oIoU", "mIoU", "pick_acc", "outline_IoU", "P@0.5", "P@0.7", "P@0.9", "n"]
     lines = [
         f"# train-magnet: {run_name}",
         "",

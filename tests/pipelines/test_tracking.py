@@ -100,8 +100,10 @@ def test_evaluation_is_logged_with_its_protocol_mask_convention_and_table(store,
         protocol="lavt",
         eval_size=448,
         threshold=0.5,
-        metrics={"val/oIoU": 60.0, "val/P@0.5": 70.0, "val/mIoU": 55.0, "val/n": 3,
-                 "val/kind/relation/oIoU": 40.0, "val/kind/relation/mIoU": 35.0, "val/kind/relation/n": 1},
+        metrics={"val/oIoU": 60.0, "val/P@0.5": 70.0, "val/mIoU": 55.0, "val/pick_acc": 66.7,
+                 "val/outline_IoU": 80.0, "val/n": 3,
+                 "val/kind/relation/oIoU": 40.0, "val/kind/relation/mIoU": 35.0,
+                 "val/kind/relation/pick_acc": 0.0, "val/kind/relation/n": 1},
         splits={},
         mask_mode="refer",
         breakdown="kind",
@@ -122,8 +124,14 @@ def test_evaluation_is_logged_with_its_protocol_mask_convention_and_table(store,
         Path(client.download_artifacts(settings["run_id"], "evaluation/step00000007.json")).read_text()
     )
     rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
-    assert rows[0] == {"split": "val", "group": "all", "oIoU": 60.0, "mIoU": 55.0, "n": 3}
-    assert rows[1:] == [{"split": "val", "group": "kind/relation", "oIoU": 40.0, "mIoU": 35.0, "n": 1}]
+    assert rows[0] == {
+        "split": "val", "group": "all", "oIoU": 60.0, "mIoU": 55.0, "pick_acc": 66.7, "outline_IoU": 80.0,
+        "n": 3,
+    }  # fmt: skip
+    assert rows[1:] == [  # nothing picked right: no outline IoU
+        {"split": "val", "group": "kind/relation", "oIoU": 40.0, "mIoU": 35.0, "pick_acc": 0.0,
+         "outline_IoU": None, "n": 1}
+    ]  # fmt: skip
 
 
 def test_missing_summary_is_a_clear_error(store, tmp_path):
