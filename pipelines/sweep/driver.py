@@ -41,6 +41,7 @@ from pipelines.sweep.report import (
     REPORT_PARAM,
     RESUME_TAG,
     SWEEP_KIND_TAG,
+    TABLE_METRICS,
     aggregate,
     aggregate_groups,
     aggregate_plot,
@@ -519,7 +520,7 @@ def _wrap_up(
             if summary:
                 _log_bytes(parent, aggregate_plot(summary, group_by, splits), "report/summary.png")
             groups_columns = [group_by, "split", "group", "n"] + [
-                f"{m} {stat}" for m in METRICS for stat in ("mean", "std")
+                f"{m} {stat}" for m in TABLE_METRICS for stat in ("mean", "std")
             ]
             groups = aggregate_groups(rows, group_by, splits, order)
             _log_text(parent, csv_table(groups, groups_columns), "report/groups.csv")
