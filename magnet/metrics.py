@@ -117,7 +117,7 @@ def picks_referred(pred: torch.Tensor, target: torch.Tensor, others: torch.Tenso
         target: [H,W] the referred object, nonzero = foreground.
         others: [K,H,W] the image's other objects (K may be 0), at the target's size.
     """
-    objects = torch.cat([target[None], others.to(target.dtype)]).to(pred.device) > 0  # [1+K,H,W]
+    objects = torch.cat([target[None].to(pred.device) > 0, others.to(pred.device) > 0])  # [1+K,H,W]
     inter = (objects & pred).flatten(1).sum(1).double()
     union = (objects | pred).flatten(1).sum(1).double()
     scores = iou(inter, union)  # [1+K]
