@@ -21,7 +21,8 @@ def evaluate(
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="For models:/ and runs:/ URIs."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
-    """Score a model on whole splits (every expression) and write oIoU, mIoU and P@t."""
+    """Score a model on whole splits (every expression) and write oIoU, mIoU, P@t and, where the
+    shards carry the images' objects, pick accuracy and outline IoU."""
     from magnet.data import check_text_settings, open_split
     from magnet.evaluate import evaluate as run_evaluation
     from pipelines.registry import check_model_reference, load_model
