@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from data_prep.contract import SUMMARY
-from data_prep.paths import absolute_location, is_url
+from data_prep.paths import absolute_location, check_name, is_url
 from pipelines.defaults import TRAIN
 
 if TYPE_CHECKING:
@@ -104,7 +104,11 @@ def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
 
 
 def _safe_dir_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "experiment"
+    """A free-text MLflow name (an experiment's: "my exp", "..") as one directory name that passes
+    `data_prep.paths.check_name`: other characters become ``_``, leading ones that are not a letter
+    or digit go, so none is ``..`` or hidden."""
+    safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", name).lstrip("._+-")[:128]
+    return check_name(safe or "experiment", "directory")
 
 
 def client_for(tracking_uri: str) -> MlflowClient:

@@ -44,6 +44,9 @@ def test_tracking_uri_is_absolute_wherever_it_comes_from(tmp_path, monkeypatch):
     assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/env.db"
     location = tracking.default_artifact_location(f"sqlite:///{tmp_path}/mlflow.db", "my exp")
     assert location == (tmp_path / "mlartifacts" / "my_exp").as_uri()
+    for name, directory in (("..", "experiment"), ("../../up", "up"), (".hidden", "hidden")):
+        location = tracking.default_artifact_location(f"sqlite:///{tmp_path}/mlflow.db", name)
+        assert location == (tmp_path / "mlartifacts" / directory).as_uri()  # never outside mlartifacts
 
 
 def test_run_records_config_dataset_and_git(store, shard_root, tmp_path):
