@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from pipelines.commands import require_device, require_local_cpus, require_prepared
+from pipelines.commands import require_device, require_local_cpus, require_prepared, require_store
 from pipelines.defaults import PROMOTE, TUNE
 
 
@@ -115,12 +115,10 @@ def sweep_report(
         raise typer.BadParameter(f"{out}: the report is markdown, name it <name>.md", param_hint="--out")
     if not out.parent.is_dir():
         raise typer.BadParameter(f"{out.parent} is not a directory", param_hint="--out")
+    require_store(tracking_uri)
     from pipelines.sweep.report import read_sweep, write_report
 
-    try:
-        finished = read_sweep(sweep, experiment, tracking_uri)
-    except FileNotFoundError as err:  # no MLflow store where the URI points
-        raise typer.BadParameter(str(err), param_hint="--tracking-uri") from None
+    finished = read_sweep(sweep, experiment, tracking_uri)
     *written, last = write_report(finished, out)
     typer.echo(f"wrote {', '.join(map(str, written))} and {last}")
 
@@ -153,6 +151,7 @@ def promote(
         )
     require_device(device)
     shards = require_prepared(shards)
+    require_store(tracking_uri)
     from pipelines.flows.tune import promote_magnet
     from pipelines.promote import PromotionError
 
