@@ -14,7 +14,8 @@ writes the same shards, manifest, rejects and summary. Ids follow row order: an 
 its rank among first appearances, an object's ref_id (and ann_id) likewise, sent_ids number the
 expressions; the same file gives the same ids. What a row holds is judged by the preparation
 (a missing or broken image or mask, a bad expression: a rejects row); a file that cannot be read
-as rows at all (not JSON, a missing field, a path outside the folder, one object in two splits)
+as rows at all (not JSON, a missing field, a path outside the folder, a split that is no safe
+directory name (data_prep.paths.check_name), one object in two splits)
 is refused before any work, naming every bad line.
 """
 
@@ -29,6 +30,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from data_prep.contract import check_split
 from data_prep.masks import UnusableSegmentation
 from data_prep.refer import Annotation, ImageInfo, Ref, ReferData, ReferFormatError, Sentence
 
@@ -103,9 +105,7 @@ def _row(line: int, record: object) -> AnnotationRow:
         expressions = record["expressions"]
         if not isinstance(expressions, list) or not expressions:
             raise ValueError(f"'expressions' must be a non-empty list, got {expressions!r}")
-    split = record["split"]
-    if not isinstance(split, str) or not split.strip():
-        raise ValueError(f"'split' must be a non-empty name, got {split!r}")
+    split = check_split(record["split"])  # it becomes <out>/<dataset>-folder/<split>/
     return AnnotationRow(
         line, _inside(record["image"], "image"), _inside(record["mask"], "mask"), tuple(expressions), split
     )

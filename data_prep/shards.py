@@ -66,6 +66,7 @@ from data_prep.contract import (
     SHARD_GLOB,
     SUMMARY,
     WORK_DIR,
+    check_split,
     sample_key,
     shard_path,
     shard_stem,
@@ -74,7 +75,7 @@ from data_prep.contract import (
 from data_prep.defaults import PREPARE
 from data_prep.folder import MaskFile, MaskFileError, is_folder_dataset, load_folder, read_mask
 from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, encode_rle, rasterize
-from data_prep.paths import is_url
+from data_prep.paths import check_name, is_url
 from data_prep.refer import Annotation, ImageInfo, Ref, Sentence, load_refer
 from data_prep.synth import load_kinds
 from data_prep.tokenize import encode_expressions, load_tokenizer, vocabulary_hash
@@ -112,6 +113,8 @@ class PrepareSettings:
     mask_mode: MaskMode = PREPARE.mask_mode
 
     def __post_init__(self) -> None:
+        check_name(self.dataset, "dataset")  # both become <out>/<dataset>-<splitBy>/
+        check_name(self.split_by, "splitBy")
         if self.max_tokens < 2:
             raise ValueError(f"max_tokens must be at least 2 ([CLS] and one word), got {self.max_tokens}")
         if self.samples_per_shard < 1:
@@ -244,7 +247,7 @@ def plan_prepare(
         data = load_folder(refer_root, settings.dataset, settings.split_by)
     else:
         data = load_refer(refer_root, settings.dataset, settings.split_by, image_dir)
-    chosen = tuple(splits) if splits else tuple(data.stored_splits())
+    chosen = tuple(check_split(split) for split in splits) if splits else tuple(data.stored_splits())
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"splits must not repeat: {list(chosen)}")
     objects_of: dict[int, list[Annotation]] = {}

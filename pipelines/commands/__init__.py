@@ -29,6 +29,17 @@ def require_prepared(shards: str | Path) -> str:
     return location
 
 
+def require_store(tracking_uri: str | None) -> str:
+    """The MLflow store a command only reads from (promote, sweep-report), absolute; refused when
+    it is not there, since MLflow would create an empty one (a ./mlflow.db) on first contact."""
+    from pipelines.tracking import resolve_tracking_uri
+
+    try:
+        return resolve_tracking_uri(tracking_uri, existing=True)
+    except FileNotFoundError as err:
+        raise typer.BadParameter(str(err), param_hint="--tracking-uri") from None
+
+
 def require_local_cpus(workers: int, ray_address: str | None, param_hint: str) -> None:
     """Refuse more Train workers than a local Ray can place (one CPU each), which would otherwise
     wait for resources that never come; a cluster (--ray-address or RAY_ADDRESS) is not checked."""

@@ -12,18 +12,22 @@ from data_prep.defaults import PREPARE
 def _refer_names(
     refer_root: Path, dataset: str | None, split_by: str | None, image_dir: Path | None
 ) -> tuple[str, str]:
-    """The refer layout's dataset and splitBy (default refcoco, unc), checked with its files and
-    image directory."""
-    from data_prep.refer import DATASETS, IMAGE_SUBDIR, refer_files
+    """The refer layout's dataset and splitBy (default refcoco, unc), checked with its files, its
+    refs (readable, split names fit for directories) and image directory."""
+    from data_prep.refer import DATASETS, IMAGE_SUBDIR, ReferFormatError, load_refs, refer_files
 
     dataset, split_by = dataset or PREPARE.dataset, split_by or PREPARE.split_by
     try:
-        refer_files(refer_root, dataset, split_by)
+        refs_path, _ = refer_files(refer_root, dataset, split_by)
     except ValueError as err:
         raise typer.BadParameter(
             str(err), param_hint="--split-by" if dataset in DATASETS else "--dataset"
         ) from None
     except FileNotFoundError as err:
+        raise typer.BadParameter(str(err), param_hint="--refer-root") from None
+    try:
+        load_refs(refs_path)
+    except ReferFormatError as err:
         raise typer.BadParameter(str(err), param_hint="--refer-root") from None
     images = image_dir or refer_root / IMAGE_SUBDIR
     if not images.is_dir():
@@ -39,11 +43,15 @@ def _folder_names(
     """A folder dataset's name (default the folder's) and splitBy (`folder`), its annotation
     rows' structure checked."""
     from data_prep.folder import FOLDER_SPLIT_BY, read_rows
+    from data_prep.paths import UnsafeNameError, check_name
     from data_prep.refer import ReferFormatError
 
     name = dataset or folder.resolve().name
-    if name in ("", ".", "..") or any(separator in name for separator in "/\\"):
-        raise typer.BadParameter(f"{name!r} cannot name the output directory", param_hint="--dataset")
+    try:
+        check_name(name, "dataset" if dataset else "dataset (the folder's name)")
+    except UnsafeNameError as err:
+        hint = "" if dataset else ": give one with --dataset"
+        raise typer.BadParameter(f"{err}{hint}", param_hint="--dataset") from None
     if split_by not in (None, FOLDER_SPLIT_BY):
         raise typer.BadParameter(
             f"a folder dataset is prepared as {FOLDER_SPLIT_BY!r}, not {split_by!r}", param_hint="--split-by"
@@ -109,10 +117,16 @@ def prepare(
     """Run the `prepare-refcoco` Prefect flow: refer-format data, or a folder of one's own, into
     WebDataset shards, manifest.parquet, rejects.parquet and summary.json. A re-run skips
     finished chunks."""
+    from data_prep.contract import check_split
     from data_prep.folder import is_folder_dataset
     from data_prep.masks import MASK_MODES
+    from data_prep.paths import UnsafeNameError
 
     # Checked here, before the flow starts a Prefect server (and retries a missing file as I/O).
+    try:
+        splits = [check_split(split) for split in splits]
+    except UnsafeNameError as err:
+        raise typer.BadParameter(str(err), param_hint="--splits") from None
     names = _folder_names if is_folder_dataset(refer_root) else _refer_names
     dataset, split_by = names(refer_root, dataset, split_by, image_dir)
     if mask_mode not in MASK_MODES:

@@ -33,8 +33,8 @@ def evaluate(
         )
     require_device(device)
     shards = require_prepared(shards)
-    for split in splits:  # names a split the data lacks; checksums are verified as each is scored
-        open_split(shards, split, verify=False)
+    for split in splits:  # a split the data lacks, or a corrupt shard of any, named before the model loads
+        open_split(shards, split)
     check_model_reference(model, tracking_uri)
     try:
         net, cfg = load_model(model, tracking_uri=tracking_uri, device=device)

@@ -42,6 +42,7 @@ from data_prep.shards import (
     prepare_chunk,
 )
 from data_prep.tokenize import load_tokenizer, vocabulary_hash
+from pipelines.flows import artifact_key
 
 
 def _transient_io_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -160,7 +161,7 @@ def prepare_refcoco(
     result = assemble_task(quote(plan), results)
     create_markdown_artifact(
         report_markdown(result),
-        key=f"prepare-{dataset.replace('+', 'plus')}-{split_by}",
+        key=artifact_key("prepare", dataset, split_by),
         description="counts per split and rejects by reason",
     )
     return result.summary

@@ -266,3 +266,34 @@ def test_bad_rows_are_all_named_before_any_work(tmp_path: Path) -> None:
     )
     with pytest.raises(ReferFormatError, match=r"annotations.csv: not UTF-8 text"):
         load_folder(root, "bad")
+
+
+def test_names_that_would_leave_the_output_are_refused_before_any_write(tmp_path: Path) -> None:
+    """A split or dataset name becomes a directory: one that climbs out (onto another dataset's
+    shards, or out of --out), lands in the writer's own files or hides is refused by line before
+    anything is written, and the other dataset keeps its bytes."""
+    out = tmp_path / "a" / "b" / "out"
+    other = out / "other-unc" / "train" / "shard-000000.tar"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"another dataset's shard")
+    good = {"image": "images/a.jpg", "mask": "masks/man.png", "expression": "the man"}
+    masks = ["man.png", "dog.png", "cup.png", "rgba.png", "small.png", "black.png"]
+    splits = ["train", "../other-unc/train", "_work", "../../../escaped", "summary.json", ".hidden"]
+    root = tmp_path / "names"
+    build_folder(root, ROWS)
+    (root / "annotations.jsonl").write_text(
+        "".join(
+            json.dumps({**good, "mask": f"masks/{mask}", "split": split}) + "\n"
+            for mask, split in zip(masks, splits, strict=True)
+        )
+    )
+    with pytest.raises(ReferFormatError) as caught:
+        prepare_dataset(root, "mine", "folder", out)
+    message = str(caught.value)
+    assert message.startswith(f"{root / 'annotations.jsonl'}: 5 bad rows: line 2: split '../other-unc/train'")
+    assert "line 3: split '_work' cannot name a directory" in message
+    assert "line 5: split 'summary.json' is reserved" in message
+    with pytest.raises(ValueError, match=r"dataset '\.\./other' cannot name a directory"):
+        prepare_dataset(root, "../other", "folder", out)
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and root not in p.parents] == [other]
+    assert other.read_bytes() == b"another dataset's shard"
