@@ -49,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from data_prep.contract import (
     ATTENTION_MASK_MEMBER,
@@ -72,19 +72,21 @@ from data_prep.contract import (
 )
 from data_prep.defaults import PREPARE
 from data_prep.folder import MaskFile, MaskFileError, is_folder_dataset, load_folder, read_mask
+from data_prep.images import TooLargeImage, UnreadableImage, load_shown, open_image, turn_note
 from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, rasterize
 from data_prep.paths import is_url
 from data_prep.refer import Annotation, ImageInfo, Ref, Sentence, load_refer
 from data_prep.synth import load_kinds
 from data_prep.tokenize import encode_expressions, load_tokenizer, vocabulary_hash
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: images read upright (EXIF orientation), data_prep.images
 """Bumped when the bytes written for the same input change, so old chunk markers are redone."""
 
 REJECT_REASONS: dict[str, str] = {
     "missing_image_record": "the ref's image_id is not in instances.json",
     "missing_image": "the image file does not exist",
     "corrupt_image": "the image file does not decode (truncated or not an image)",
+    "image_too_large": "the image has more pixels than PIL.Image.MAX_IMAGE_PIXELS (decompression bombs)",
     "image_size_mismatch": "the decoded image size differs from instances.json",
     "missing_annotation": "the ref's ann_id is not in instances.json",
     "annotation_image_mismatch": "the ref's ann_id outlines an object of another image",
@@ -373,31 +375,34 @@ def _png_bytes(mask: np.ndarray) -> bytes:
 
 
 def _load_image(info: ImageInfo, image_dir: Path) -> tuple[str, bytes] | tuple[str, str]:
-    """("jpg"|"png", bytes) for a usable image, else (reason, detail). OSErrors other than a
-    missing file propagate: they are I/O trouble to retry, not a property of the data. Details
-    name the file relative to the image directory, so they do not depend on where it lies."""
+    """("jpg"|"png", bytes) for a usable image, else (reason, detail). The image is judged as
+    data_prep.images reads it (upright, as viewers show it), the size instances.json gives
+    included. OSErrors other than a missing file propagate: they are I/O trouble to retry, not a
+    property of the data. Details name the file relative to the image directory, so they do not
+    depend on where it lies."""
     path = image_dir / info.file_name
     try:
         data = path.read_bytes()
     except (FileNotFoundError, IsADirectoryError):
         return "missing_image", f"{info.file_name} not found in the image directory"
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # decodes every pixel: a truncated file opens but fails here
-            fmt, size = image.format, image.size
-            if fmt not in ("JPEG", "PNG"):
-                # The contract carries .jpg or .png: other formats are re-encoded losslessly.
-                buffer = io.BytesIO()
-                image.convert("RGB").save(buffer, format="PNG")
-                fmt, data = "PNG", buffer.getvalue()
-    except UnidentifiedImageError:  # its message holds a memory address: not reproducible
-        return "corrupt_image", f"{info.file_name}: not a recognised image format"
-    except Exception as err:  # PIL raises many types for bad data; all mean "does not decode"
-        return "corrupt_image", f"{info.file_name}: {type(err).__name__}: {err}"
-    if size != (info.width, info.height):
+        with open_image(data) as image:
+            fmt, shown = image.format, load_shown(image)
+    except TooLargeImage as err:
+        return "image_too_large", f"{info.file_name}: {err}"
+    except UnreadableImage as err:
+        return "corrupt_image", f"{info.file_name}: {err}"
+    if fmt not in ("JPEG", "PNG"):
+        # The contract carries .jpg or .png: other formats are stored as the PNG of what they show.
+        buffer = io.BytesIO()
+        shown.save(buffer, format="PNG")
+        fmt, data = "PNG", buffer.getvalue()
+    expected = (info.width, info.height)
+    if shown.size != expected:
         return (
             "image_size_mismatch",
-            f"{info.file_name} is {size[0]}x{size[1]}, instances.json says {info.width}x{info.height}",
+            f"{info.file_name} is {shown.size[0]}x{shown.size[1]}, instances.json says "
+            f"{info.width}x{info.height}{turn_note(shown.size, expected, 'its size')}",
         )
     return ("jpg" if fmt == "JPEG" else "png"), data
 

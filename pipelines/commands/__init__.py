@@ -61,18 +61,15 @@ def require_device(device: str) -> str:
 
 
 def require_image(path: Path) -> Image.Image:
-    """The image at ``path``, fully decoded: a file that is no image, or a truncated one, is refused
+    """The image at ``path`` as a person sees it (`data_prep.images.decode_image`: upright, RGB),
+    fully decoded: a file that is no image, a truncated one or one of too many pixels is refused
     here rather than after the model has loaded."""
-    from PIL import Image, UnidentifiedImageError
+    from data_prep.images import UnreadableImage, decode_image
 
     try:
-        picture = Image.open(path)
-        picture.load()
-    except UnidentifiedImageError:
-        raise typer.BadParameter(f"{path} is not an image file PIL can read", param_hint="--image") from None
-    except OSError as err:  # "image file is truncated", a broken PNG chunk, ...
-        raise typer.BadParameter(f"{path} is damaged: {err}", param_hint="--image") from None
-    return picture
+        return decode_image(path.read_bytes())
+    except UnreadableImage as err:
+        raise typer.BadParameter(f"{path} is {err}", param_hint="--image") from None
 
 
 def require_picture_path(path: Path, param_hint: str) -> Path:
