@@ -31,7 +31,6 @@ import hashlib
 import io
 import json
 import multiprocessing
-import os
 import reprlib
 import sys
 import tarfile
@@ -74,6 +73,7 @@ from data_prep.defaults import PREPARE
 from data_prep.folder import MaskFile, MaskFileError, is_folder_dataset, load_folder, read_mask
 from data_prep.images import TooLargeImage, UnreadableImage, load_shown, open_image, turn_note
 from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, rasterize
+from data_prep.output import written_whole
 from data_prep.paths import is_url
 from data_prep.refer import Annotation, ImageInfo, Ref, Sentence, load_refer
 from data_prep.synth import load_kinds
@@ -483,9 +483,8 @@ def _part_paths(out_dir: _P, chunk: Chunk) -> tuple[_P, _P, _P]:
 
 def _write_parquet(rows: list[dict[str, object]], schema: pa.Schema, path: Path) -> None:
     table = pa.Table.from_pylist(rows, schema=schema)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with written_whole(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def finished_chunk(
@@ -578,8 +577,10 @@ def prepare_chunk(
         has_known_word = np.isin(ids, tokenizer.all_special_ids, invert=True).any(axis=1)
     manifest: list[dict[str, object]] = []
     shard_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_shard = shard_path.with_name(shard_path.name + ".tmp")
-    with tarfile.open(tmp_shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with (
+        written_whole(shard_path) as tmp_shard,
+        tarfile.open(tmp_shard, "w", format=tarfile.USTAR_FORMAT) as tar,
+    ):
         for row, (info, ext, image_bytes, ref, mask, mask_png, sentence) in enumerate(candidates):
             if n_words[row] == 0:
                 reject(ref, sentence.sent_id, "empty_tokens", repr(sentence.raw))
@@ -614,7 +615,6 @@ def prepare_chunk(
                     **{k: meta[k] for k in MANIFEST_SCHEMA.names if k in meta},
                 }
             )
-    os.replace(tmp_shard, shard_path)
     # Rejects in input order whatever stage found them.
     order = {(cr.ref.ref_id, s.sent_id): i for i, (im, cr, s) in enumerate(_expressions(chunk))}
     rejects.sort(key=lambda r: order[(r["ref_id"], r["sent_id"])])
@@ -641,9 +641,8 @@ def prepare_chunk(
         "size": shard_path.stat().st_size,
         "result": asdict(result),
     }
-    tmp_done = done_path.with_name(done_path.name + ".tmp")
-    tmp_done.write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_done, done_path)
+    with written_whole(done_path) as tmp_done:
+        tmp_done.write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
     return result
 
 
@@ -787,9 +786,8 @@ def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult
             "mask_mode": settings.mask_mode,
         },
     }
-    tmp = out_dir / f"{SUMMARY}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / SUMMARY)
+    with written_whole(out_dir / SUMMARY) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return PrepareResult(
         out_dir=out_dir,
         counts=counts,

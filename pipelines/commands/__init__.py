@@ -29,6 +29,21 @@ def require_prepared(shards: str | Path) -> str:
     return location
 
 
+def require_writable(location: str, param_hint: str) -> None:
+    """Refuse a local output that cannot be written (read-only, forbidden, full, a path through a
+    file) in a moment, before Prefect starts and retries; object storage is not checked."""
+    from data_prep.output import check_writable, describe
+    from data_prep.paths import is_url
+
+    if is_url(location):
+        return
+    try:
+        check_writable(Path(location))
+    except OSError as err:
+        message = f"cannot write to {location}: {describe(err, location)}"
+        raise typer.BadParameter(message, param_hint=param_hint) from None
+
+
 def require_local_cpus(workers: int, ray_address: str | None, param_hint: str) -> None:
     """Refuse more Train workers than a local Ray can place (one CPU each), which would otherwise
     wait for resources that never come; a cluster (--ray-address or RAY_ADDRESS) is not checked."""
