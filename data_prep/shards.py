@@ -31,7 +31,6 @@ import hashlib
 import io
 import json
 import multiprocessing
-import os
 import reprlib
 import sys
 import tarfile
@@ -49,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from data_prep.contract import (
     ATTENTION_MASK_MEMBER,
@@ -74,19 +73,22 @@ from data_prep.contract import (
 )
 from data_prep.defaults import PREPARE
 from data_prep.folder import MaskFile, MaskFileError, is_folder_dataset, load_folder, read_mask
+from data_prep.images import TooLargeImage, UnreadableImage, load_shown, open_image, turn_note
 from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, encode_rle, rasterize
+from data_prep.output import written_whole
 from data_prep.paths import check_name, is_url
 from data_prep.refer import Annotation, ImageInfo, Ref, Sentence, load_refer
 from data_prep.synth import load_kinds
 from data_prep.tokenize import encode_expressions, load_tokenizer, vocabulary_hash
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 3: every object of the image (objects.json); 4: images read upright (data_prep.images)
 """Bumped when the bytes written for the same input change, so old chunk markers are redone."""
 
 REJECT_REASONS: dict[str, str] = {
     "missing_image_record": "the ref's image_id is not in instances.json",
     "missing_image": "the image file does not exist",
     "corrupt_image": "the image file does not decode (truncated or not an image)",
+    "image_too_large": "the image has more pixels than PIL.Image.MAX_IMAGE_PIXELS (decompression bombs)",
     "image_size_mismatch": "the decoded image size differs from instances.json",
     "missing_annotation": "the ref's ann_id is not in instances.json",
     "annotation_image_mismatch": "the ref's ann_id outlines an object of another image",
@@ -387,31 +389,34 @@ def _png_bytes(mask: np.ndarray) -> bytes:
 
 
 def _load_image(info: ImageInfo, image_dir: Path) -> tuple[str, bytes] | tuple[str, str]:
-    """("jpg"|"png", bytes) for a usable image, else (reason, detail). OSErrors other than a
-    missing file propagate: they are I/O trouble to retry, not a property of the data. Details
-    name the file relative to the image directory, so they do not depend on where it lies."""
+    """("jpg"|"png", bytes) for a usable image, else (reason, detail). The image is judged as
+    data_prep.images reads it (upright, as viewers show it), the size instances.json gives
+    included. OSErrors other than a missing file propagate: they are I/O trouble to retry, not a
+    property of the data. Details name the file relative to the image directory, so they do not
+    depend on where it lies."""
     path = image_dir / info.file_name
     try:
         data = path.read_bytes()
     except (FileNotFoundError, IsADirectoryError):
         return "missing_image", f"{info.file_name} not found in the image directory"
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # decodes every pixel: a truncated file opens but fails here
-            fmt, size = image.format, image.size
-            if fmt not in ("JPEG", "PNG"):
-                # The contract carries .jpg or .png: other formats are re-encoded losslessly.
-                buffer = io.BytesIO()
-                image.convert("RGB").save(buffer, format="PNG")
-                fmt, data = "PNG", buffer.getvalue()
-    except UnidentifiedImageError:  # its message holds a memory address: not reproducible
-        return "corrupt_image", f"{info.file_name}: not a recognised image format"
-    except Exception as err:  # PIL raises many types for bad data; all mean "does not decode"
-        return "corrupt_image", f"{info.file_name}: {type(err).__name__}: {err}"
-    if size != (info.width, info.height):
+        with open_image(data) as image:
+            fmt, shown = image.format, load_shown(image)
+    except TooLargeImage as err:
+        return "image_too_large", f"{info.file_name}: {err}"
+    except UnreadableImage as err:
+        return "corrupt_image", f"{info.file_name}: {err}"
+    if fmt not in ("JPEG", "PNG"):
+        # The contract carries .jpg or .png: other formats are stored as the PNG of what they show.
+        buffer = io.BytesIO()
+        shown.save(buffer, format="PNG")
+        fmt, data = "PNG", buffer.getvalue()
+    expected = (info.width, info.height)
+    if shown.size != expected:
         return (
             "image_size_mismatch",
-            f"{info.file_name} is {size[0]}x{size[1]}, instances.json says {info.width}x{info.height}",
+            f"{info.file_name} is {shown.size[0]}x{shown.size[1]}, instances.json says "
+            f"{info.width}x{info.height}{turn_note(shown.size, expected, 'its size')}",
         )
     return ("jpg" if fmt == "JPEG" else "png"), data
 
@@ -512,9 +517,8 @@ def _part_paths(out_dir: _P, chunk: Chunk) -> tuple[_P, _P, _P]:
 
 def _write_parquet(rows: list[dict[str, object]], schema: pa.Schema, path: Path) -> None:
     table = pa.Table.from_pylist(rows, schema=schema)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with written_whole(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def finished_chunk(
@@ -614,8 +618,10 @@ def prepare_chunk(
         has_known_word = np.isin(ids, tokenizer.all_special_ids, invert=True).any(axis=1)
     manifest: list[dict[str, object]] = []
     shard_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_shard = shard_path.with_name(shard_path.name + ".tmp")
-    with tarfile.open(tmp_shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with (
+        written_whole(shard_path) as tmp_shard,
+        tarfile.open(tmp_shard, "w", format=tarfile.USTAR_FORMAT) as tar,
+    ):
         for row, candidate in enumerate(candidates):
             info, ext, image_bytes, ref, mask, mask_png, objects_json, sentence = candidate
             if n_words[row] == 0:
@@ -652,7 +658,6 @@ def prepare_chunk(
                     **{k: meta[k] for k in MANIFEST_SCHEMA.names if k in meta},
                 }
             )
-    os.replace(tmp_shard, shard_path)
     # Rejects in input order whatever stage found them.
     order = {(cr.ref.ref_id, s.sent_id): i for i, (im, cr, s) in enumerate(_expressions(chunk))}
     rejects.sort(key=lambda r: order[(r["ref_id"], r["sent_id"])])
@@ -679,9 +684,8 @@ def prepare_chunk(
         "size": shard_path.stat().st_size,
         "result": asdict(result),
     }
-    tmp_done = done_path.with_name(done_path.name + ".tmp")
-    tmp_done.write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_done, done_path)
+    with written_whole(done_path) as tmp_done:
+        tmp_done.write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
     return result
 
 
@@ -825,9 +829,8 @@ def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult
             "mask_mode": settings.mask_mode,
         },
     }
-    tmp = out_dir / f"{SUMMARY}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / SUMMARY)
+    with written_whole(out_dir / SUMMARY) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return PrepareResult(
         out_dir=out_dir,
         counts=counts,

@@ -61,6 +61,7 @@ from data_prep.contract import (
     shard_path,
     split_of,
 )
+from data_prep.images import decode_image
 from data_prep.masks import decode_rles
 from magnet.config import DataConfig, EvalConfig, TextConfig
 
@@ -220,7 +221,8 @@ def _refs_per_shard(root: str, split: str) -> dict[str, int]:
 def resize_pair(
     image: Image.Image, mask: np.ndarray, image_size: int, mask_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """RGB image -> uint8 [S,S,3] (PIL bilinear, like the reference); {0,1} mask -> uint8 [S',S'] (nearest).
+    """Image as shown (`data_prep.images.decode_image`) -> uint8 [S,S,3] (PIL bilinear, like the
+    reference); {0,1} mask -> uint8 [S',S'] (nearest).
 
     Shared by the shard reader and the benchmark's naive reader so both do the same work.
     """
@@ -277,7 +279,13 @@ def decode_sample(
             f"sample {key} in {raw.get('__url__')}: mask is {mask.shape}, "
             f"its json says {meta['height']}x{meta['width']}"
         )
-    image, small_mask = resize_pair(Image.open(io.BytesIO(image_bytes)), mask, image_size, mask_size)
+    shown = decode_image(image_bytes)  # upright, RGB: as preparation judged it against the mask
+    if shown.size != (meta["width"], meta["height"]):
+        raise ShardError(
+            f"sample {key} in {raw.get('__url__')}: image is {shown.width}x{shown.height} upright, "
+            f"its json says {meta['width']}x{meta['height']} (prepared before images were read upright?)"
+        )
+    image, small_mask = resize_pair(shown, mask, image_size, mask_size)
     sample = {
         "image": image,
         "mask": small_mask,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -133,30 +135,70 @@ def prepare(
         raise typer.BadParameter(
             f"{mask_mode!r} is not one of {', '.join(MASK_MODES)}", param_hint="--mask-mode"
         )
+    from data_prep.output import describe, is_permanent
     from data_prep.paths import absolute_location
     from data_prep.shards import dataset_dir
+    from pipelines.commands import require_writable
     from pipelines.flows.prepare import run_prepare
 
+    location = absolute_location(out)
+    require_writable(location, "--out")
     try:
-        summary = run_prepare(
-            workers=workers,
-            refer_root=str(refer_root.resolve()),
-            out=absolute_location(out),
-            dataset=dataset,
-            split_by=split_by,
-            splits=list(splits) or None,
-            tokenizer=tokenizer,
-            max_tokens=max_tokens,
-            samples_per_shard=samples_per_shard,
-            mask_mode=mask_mode,
-            image_dir=str(image_dir.resolve()) if image_dir else None,
-        )
+        with _write_failures_in_one_line():
+            summary = run_prepare(
+                workers=workers,
+                refer_root=str(refer_root.resolve()),
+                out=location,
+                dataset=dataset,
+                split_by=split_by,
+                splits=list(splits) or None,
+                tokenizer=tokenizer,
+                max_tokens=max_tokens,
+                samples_per_shard=samples_per_shard,
+                mask_mode=mask_mode,
+                image_dir=str(image_dir.resolve()) if image_dir else None,
+            )
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from None
+    except OSError as err:
+        if not is_permanent(err):
+            raise
+        # Partial files are removed (data_prep.output.written_whole); finished chunks are kept.
+        message = f"cannot write to {location}: {describe(err, location)}; a re-run keeps the finished shards"
+        raise typer.BadParameter(message, param_hint="--out") from None
     typer.echo(f"wrote {dataset_dir(out, dataset, split_by)}: {len(summary['shards'])} shards")
     typer.echo(f"{'split':<8} {'read':>8} {'written':>8} {'rejected':>8}")
     for split, counts in summary["counts"].items():
         typer.echo(f"{split:<8} {counts['read']:>8} {counts['written']:>8} {counts['rejected']:>8}")
+
+
+@contextmanager
+def _write_failures_in_one_line() -> Iterator[None]:
+    """While the flow runs, Prefect's terminal log shows a write error no retry can mend (full disk,
+    read-only place: `data_prep.output.is_permanent`) as its one line, without the traceback, which
+    holds nothing a person can act on; the server's log keeps it. The command ends with its own
+    line naming the output."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from data_prep.output import is_permanent
+
+    class NoTraceback(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and is_permanent(record.exc_info[1]):
+                record.exc_info = record.exc_text = None
+            return True
+
+    consoles = [h for h in logging.getLogger("prefect").handlers if isinstance(h, PrefectConsoleHandler)]
+    quiet = NoTraceback()
+    for handler in consoles:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in consoles:
+            handler.removeFilter(quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -178,7 +178,7 @@ def test_counts_and_every_mask_file_reason(prepared: Path) -> None:
     )
     assert rejects[16] == (
         "unusable_segmentation",
-        "ann_id 9: mask masks/black.png is empty (no non-black pixel)",
+        "ann_id 9: mask masks/black.png is empty (no object pixel: all black or transparent)",
     )
 
 

@@ -33,8 +33,9 @@ def test_counts_and_every_reject_reason(prepared: Path) -> None:
     assert summary["counts"] == EXPECTED["counts"]
     assert summary["rejects_by_reason"] == EXPECTED["rejects"]
     found = {r for split in EXPECTED["rejects"].values() for r in split}
-    # The fixture exercises every reason but those of mask files (test_folder.py).
-    assert found == set(REJECT_REASONS) - {"missing_mask", "corrupt_mask"}
+    # The fixture exercises every reason but those of mask files (test_folder.py) and of a picture
+    # of too many pixels (test_image_modes.py).
+    assert found == set(REJECT_REASONS) - {"missing_mask", "corrupt_mask", "image_too_large"}
 
 
 def test_read_equals_written_plus_rejected(prepared: Path) -> None:

@@ -55,7 +55,7 @@ def _predict_case(tmp_path: Path, image: Path, case: str) -> tuple[list[str], st
     if case == "not an image":
         args["--image"] = str(tmp_path / "notes.jpg")
         Path(args["--image"]).write_text("not a picture")
-        expected = "--image: " + args["--image"] + " is not an image file"
+        expected = "--image: " + args["--image"] + " is not a recognised image format"
     elif case == "truncated image":
         args["--image"] = str(tmp_path / "half.jpg")
         data = image.read_bytes()

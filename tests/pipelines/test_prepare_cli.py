@@ -68,6 +68,17 @@ def test_bad_arguments_are_refused_before_the_flow(
     assert not flow_calls and "Traceback" not in result.output
 
 
+def test_an_unwritable_output_is_refused_before_the_flow(layout: Path, flow_calls: list[dict]) -> None:
+    """A path through a file (ENOTDIR: read-only places cannot be made as root) is refused at
+    once, not retried by Prefect's tasks for a minute."""
+    (layout / "notes.txt").write_text("a file, not a directory")
+    result = CliRunner().invoke(app, ["prepare", "--refer-root", ".", "--out", "notes.txt/out"])
+    assert result.exit_code == 2, result.output
+    expected = f"Invalid value for --out: cannot write to {layout / 'notes.txt' / 'out'}: Not a directory"
+    assert expected in plain(result.output)
+    assert not flow_calls and "Traceback" not in result.output
+
+
 def test_good_arguments_reach_the_flow(layout: Path, flow_calls: list[dict]) -> None:
     result = CliRunner().invoke(app, ["prepare", "--refer-root", str(layout), "--out", str(layout / "out")])
     assert result.exit_code == 0, result.output
