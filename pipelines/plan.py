@@ -376,7 +376,7 @@ class Dataset:
 
 def render(
     *,
-    config_name: str,
+    config_label: str,
     image_size: int,
     parameters: int,
     gpu: Gpu,
@@ -392,7 +392,7 @@ def render(
     """The plan as the tables `magnet plan` prints."""
     schedule_text = f"{max_steps:,} steps (train.max_steps)" if max_steps else f"{epochs} epochs"
     lines = [
-        f"MagNet '{config_name}' ({parameters / 1e6:.1f} M trained parameters, {image_size}x{image_size}) on "
+        f"MagNet {config_label} ({parameters / 1e6:.1f} M trained parameters, {image_size}x{image_size}) on "
         f"{gpus} x {gpu.label}, {gpu.memory_bytes / GIB:.1f} GiB each",
         f"global batch {global_batch} ({global_source}); {schedule_text}; "
         f"{flops_per_sample / 1e12:.2f} TFLOP per sample (forward + backward, counted on the model)",

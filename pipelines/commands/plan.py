@@ -70,7 +70,10 @@ def plan(
     except ConfigError as err:
         raise typer.BadParameter(str(err), param_hint="--config/--set") from None
     datasets = _datasets(cfg, shards)
-    typer.echo(_plan_text(cfg, card_name=gpu, gpus=gpus, precisions=chosen, mfu=mfu, datasets=datasets))
+    label = f"'{cfg.name}'" + (f" with {len(overrides)} --set" if overrides else "")
+    typer.echo(
+        _plan_text(cfg, label, card_name=gpu, gpus=gpus, precisions=chosen, mfu=mfu, datasets=datasets)
+    )
 
 
 def _datasets(cfg: Config, shards: Path | None) -> list[Dataset]:
@@ -98,6 +101,7 @@ def _datasets(cfg: Config, shards: Path | None) -> list[Dataset]:
 
 def _plan_text(
     cfg: Config,
+    label: str,
     *,
     card_name: str,
     gpus: int,
@@ -126,7 +130,7 @@ def _plan_text(
         worst = ", ".join(f"{p.precision}: {over_by(p.memory, card, gpus)}" for p in plans if p.memory)
         raise typer.BadParameter(f"{card_name}: no batch fits the {card.label} ({worst})", param_hint="--gpu")
     return render(
-        config_name=cfg.name,
+        config_label=label,
         image_size=cfg.model.image_size,
         parameters=parameters,
         gpu=card,
