@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import statistics
@@ -40,10 +39,10 @@ from typing import Any
 
 import fsspec
 from _latency_proxy import LatencyProxy
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from data_prep.contract import META_MEMBER
+from data_prep.images import decode_image
 from data_prep.masks import rasterize
 from data_prep.refer import ReferData, load_refer
 from data_prep.shards import prepare_dataset
@@ -139,7 +138,7 @@ class NaiveReferDataset(Dataset):
         ref, sent = self.items[index]
         info = self.refer.images[ref.image_id]
         annotation = self.refer.annotations[ref.ann_id]
-        image = Image.open(io.BytesIO(_read(f"{self.image_root}/{info.file_name}", self.storage_options)))
+        image = decode_image(_read(f"{self.image_root}/{info.file_name}", self.storage_options))
         mask = rasterize(annotation.segmentation, info.height, info.width)  # [H,W] {0,1}
         ids, attention, _ = encode_expressions(load_tokenizer(), [sent.raw], self.max_tokens)
         rgb, small = resize_pair(image, mask, self.image_size, self.image_size)
@@ -271,7 +270,7 @@ def _per_sample_costs(naive: NaiveReferDataset, shards: SplitShards, input_size:
     shard_samples, shard_ms = timed(lambda i: decode_sample(raws[i], input_size, input_size, False))
     naive_samples, naive_ms = timed(lambda i: naive[items[i]])
     _, resize_ms = timed(
-        lambda i: resize_pair(Image.open(io.BytesIO(raws[i]["jpg"])), masks[i], input_size, input_size)
+        lambda i: resize_pair(decode_image(raws[i]["jpg"]), masks[i], input_size, input_size)
     )
     normalise_ms = collate_ms(shard_samples)
     return Costs(

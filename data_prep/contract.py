@@ -7,12 +7,16 @@
     <root>/summary.json             counts, shard checksums, tokenizer, settings
     <root>/_work/                   the writer's per-shard parts and completion markers
 
-``<root>`` is ``<out>/<dataset>-<splitBy>``, a local directory or an fsspec URL.
+``<root>`` is ``<out>/<dataset>-<splitBy>``, a local directory or an fsspec URL. Dataset, splitBy
+and split names pass `data_prep.paths.check_name` (splits also `check_split`) before anything is
+written, so none reaches outside ``<root>`` or onto another dataset's or the writer's own files.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
+
+from data_prep.paths import check_name
 
 SUMMARY = "summary.json"
 MANIFEST = "manifest.parquet"
@@ -29,6 +33,12 @@ MASK_MEMBER = "mask.png"
 INPUT_IDS_MEMBER = "input_ids.npy"
 ATTENTION_MASK_MEMBER = "attention_mask.npy"
 META_MEMBER = "json"
+OBJECTS_MEMBER = "objects.json"
+"""Every object of the sample's image, the referred one among them, so that evaluation can tell
+picking the wrong object from outlining the right one badly: a JSON list ordered by ann_id of
+``{"ann_id": int, "rle": {"size": [H, W], "counts": str}}`` (COCO's compressed RLE, pycocotools)
+at the original size, rasterised with the target's mask_mode. Objects whose segmentation gives no
+mask are left out. Written since shard format 3; older shards lack it (no pick metrics)."""
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -64,6 +74,11 @@ REJECTS_SCHEMA = pa.schema(
     ]
 )
 """`reason`: a key of data_prep.shards.REJECT_REASONS; `detail`: the specific message."""
+
+
+def check_split(name: str) -> str:
+    """A split name that may become ``<root>/<split>/``: `check_name`, and none of the index files."""
+    return check_name(name, "split", reserved=INDEX_FILES)
 
 
 def shard_stem(index: int) -> str:

@@ -2,7 +2,10 @@
 
     <root>/annotations.jsonl (or annotations.csv)   one row per referred object (or expression)
     <root>/<image paths named in the rows>          the images, JPEG or PNG
-    <root>/<mask paths named in the rows>           one mask per object: non-black pixels are it
+    <root>/<mask paths named in the rows>           one mask per object (data_prep.images.decode_mask:
+                                                    the opaque pixels of a mask with transparency,
+                                                    else its non-black pixels), at the image's
+                                                    upright size (EXIF orientation applied)
 
 A JSONL row: {"image": "...", "mask": "...", "expressions": ["...", ...], "split": "train"}
 ("expression": "..." for one). A CSV has the columns image, mask, expression, split, one
@@ -14,7 +17,8 @@ writes the same shards, manifest, rejects and summary. Ids follow row order: an 
 its rank among first appearances, an object's ref_id (and ann_id) likewise, sent_ids number the
 expressions; the same file gives the same ids. What a row holds is judged by the preparation
 (a missing or broken image or mask, a bad expression: a rejects row); a file that cannot be read
-as rows at all (not JSON, a missing field, a path outside the folder, one object in two splits)
+as rows at all (not JSON, a missing field, a path outside the folder, a split that is no safe
+directory name (data_prep.paths.check_name), one object in two splits)
 is refused before any work, naming every bad line.
 """
 
@@ -27,8 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from data_prep.contract import check_split
+from data_prep.images import UnreadableImage, decode_mask, shown_size, turn_note
 from data_prep.masks import UnusableSegmentation
 from data_prep.refer import Annotation, ImageInfo, Ref, ReferData, ReferFormatError, Sentence
 
@@ -103,9 +109,7 @@ def _row(line: int, record: object) -> AnnotationRow:
         expressions = record["expressions"]
         if not isinstance(expressions, list) or not expressions:
             raise ValueError(f"'expressions' must be a non-empty list, got {expressions!r}")
-    split = record["split"]
-    if not isinstance(split, str) or not split.strip():
-        raise ValueError(f"'split' must be a non-empty name, got {split!r}")
+    split = check_split(record["split"])  # it becomes <out>/<dataset>-folder/<split>/
     return AnnotationRow(
         line, _inside(record["image"], "image"), _inside(record["mask"], "mask"), tuple(expressions), split
     )
@@ -168,11 +172,11 @@ def read_rows(root: str | Path) -> list[AnnotationRow]:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """(height, width) from the image's header, or (0, 0) when it cannot be read: the image is then
-    rejected as missing or corrupt when its chunk decodes it."""
+    """(height, width) upright (EXIF orientation applied) from the image's header, or (0, 0) when
+    it cannot be read: the image is then rejected as missing or corrupt when its chunk decodes it."""
     try:
         with Image.open(path) as image:
-            width, height = image.size
+            width, height = shown_size(image)
         return height, width
     except Exception:  # PIL raises many types for bad data; the chunk names the problem
         return 0, 0
@@ -214,8 +218,9 @@ def load_folder(root: str | Path, dataset: str, split_by: str = FOLDER_SPLIT_BY)
 
 
 def read_mask(root: Path, mask: MaskFile, height: int, width: int) -> np.ndarray:
-    """The object's mask [height, width] uint8 {0, 1}: the file's non-black pixels. Messages name
-    the file relative to the folder, so they do not depend on where it lies.
+    """The object's mask [height, width] uint8 {0, 1}, read by `data_prep.images.decode_mask`
+    (upright; the opaque pixels of a mask with transparency, else the non-black ones). Messages
+    name the file relative to the folder, so they do not depend on where it lies.
 
     Raises:
         MaskFileError: the file is missing (`missing_mask`) or does not decode (`corrupt_mask`).
@@ -226,20 +231,15 @@ def read_mask(root: Path, mask: MaskFile, height: int, width: int) -> np.ndarray
     except (FileNotFoundError, IsADirectoryError):
         raise MaskFileError("missing_mask", f"{mask.path} not found in the folder") from None
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            if image.mode in ("1", "L", "I", "I;16", "F"):
-                pixels = np.asarray(image) != 0  # [H, W]
-            else:
-                pixels = np.asarray(image.convert("RGB")).any(axis=2)  # [H, W, 3] -> [H, W]
-    except UnidentifiedImageError:  # its message holds a memory address: not reproducible
-        raise MaskFileError("corrupt_mask", f"{mask.path}: not a recognised image format") from None
-    except Exception as err:  # PIL raises many types for bad data; all mean "does not decode"
-        raise MaskFileError("corrupt_mask", f"{mask.path}: {type(err).__name__}: {err}") from None
+        pixels = decode_mask(data)  # [H, W] bool
+    except UnreadableImage as err:
+        raise MaskFileError("corrupt_mask", f"{mask.path}: {err}") from None
     if pixels.shape != (height, width):
+        size = (pixels.shape[1], pixels.shape[0])
         raise UnusableSegmentation(
-            f"mask {mask.path} is {pixels.shape[1]}x{pixels.shape[0]}, the image {width}x{height}"
+            f"mask {mask.path} is {size[0]}x{size[1]}, the image {width}x{height}"
+            f"{turn_note((width, height), size, 'the mask')}"
         )
     if not pixels.any():
-        raise UnusableSegmentation(f"mask {mask.path} is empty (no non-black pixel)")
+        raise UnusableSegmentation(f"mask {mask.path} is empty (no object pixel: all black or transparent)")
     return pixels.astype(np.uint8)

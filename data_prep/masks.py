@@ -92,3 +92,17 @@ def rasterize(segmentation: Any, height: int, width: int, mode: MaskMode = "unio
     if not mask.any():
         raise UnusableSegmentation("the mask is empty (segmentation outside the image?)")
     return mask
+
+
+def encode_rle(mask: np.ndarray) -> dict[str, Any]:
+    """A {0, 1} mask [H, W] as COCO's compressed RLE, JSON-ready: ``{"size": [H, W], "counts": str}``."""
+    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def decode_rles(rles: list[dict[str, Any]], height: int, width: int) -> np.ndarray:
+    """Masks uint8 [K, height, width] in {0, 1} of ``encode_rle``'s RLEs (K may be 0)."""
+    if not rles:
+        return np.zeros((0, height, width), dtype=np.uint8)
+    coded = [{"size": r["size"], "counts": r["counts"].encode("ascii")} for r in rles]
+    return np.ascontiguousarray(mask_utils.decode(coded).transpose(2, 0, 1))  # [H, W, K] -> [K, H, W]

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from data_prep.contract import check_split
+from data_prep.paths import UnsafeNameError
+
 DATASETS: dict[str, tuple[str, ...]] = {
     "refcoco": ("unc", "google"),
     "refcoco+": ("unc", "google"),
@@ -211,10 +214,14 @@ def _int(value: Any, what: str, where: Path) -> int:
 
 
 def _split_name(value: object, where: Path) -> str:
+    """The ref's split, which becomes a directory of the prepared output: text and a safe name."""
     name = _text(value)
     if not isinstance(name, str):
         raise ReferFormatError(f"{where}: split must be text, got {value!r}")
-    return name
+    try:
+        return check_split(name)
+    except UnsafeNameError as err:
+        raise ReferFormatError(f"{where}: {err}") from None
 
 
 def _parse_ref(item: Any, where: Path) -> Ref:
@@ -258,6 +265,15 @@ def refer_files(refer_root: str | Path, dataset: str, split_by: str) -> tuple[Pa
     return refs_path, instances_path
 
 
+def load_refs(refs_path: str | Path) -> tuple[Ref, ...]:
+    """The refs of a refs pickle, each checked (ids, split names); `magnet prepare` reads them
+    before its flow starts, so a bad file is named there."""
+    raw_refs = load_refs_pickle(refs_path)
+    if not isinstance(raw_refs, list):
+        raise ReferFormatError(f"{refs_path}: expected a list of refs, got {type(raw_refs).__name__}")
+    return tuple(_parse_ref(item, Path(refs_path)) for item in raw_refs)
+
+
 def load_refer(
     refer_root: str | Path, dataset: str, split_by: str, image_dir: str | Path | None = None
 ) -> ReferData:
@@ -271,10 +287,7 @@ def load_refer(
     """
     root = Path(refer_root)
     refs_path, instances_path = refer_files(root, dataset, split_by)
-    raw_refs = load_refs_pickle(refs_path)
-    if not isinstance(raw_refs, list):
-        raise ReferFormatError(f"{refs_path}: expected a list of refs, got {type(raw_refs).__name__}")
-    refs = tuple(_parse_ref(item, refs_path) for item in raw_refs)
+    refs = load_refs(refs_path)
 
     try:
         instances = json.loads(instances_path.read_text(encoding="utf-8"))

@@ -38,9 +38,8 @@ import sys
 import tarfile
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path, PurePath, PurePosixPath
@@ -51,7 +50,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from data_prep.contract import (
     ATTENTION_MASK_MEMBER,
@@ -62,11 +61,13 @@ from data_prep.contract import (
     MANIFEST_SCHEMA,
     MASK_MEMBER,
     META_MEMBER,
+    OBJECTS_MEMBER,
     REJECTS,
     REJECTS_SCHEMA,
     SHARD_GLOB,
     SUMMARY,
     WORK_DIR,
+    check_split,
     sample_key,
     shard_path,
     shard_stem,
@@ -74,20 +75,23 @@ from data_prep.contract import (
 )
 from data_prep.defaults import PREPARE
 from data_prep.folder import MaskFile, MaskFileError, is_folder_dataset, load_folder, read_mask
-from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, rasterize
-from data_prep.paths import is_url
+from data_prep.images import TooLargeImage, UnreadableImage, load_shown, open_image, turn_note
+from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, encode_rle, rasterize
+from data_prep.output import written_whole
+from data_prep.paths import check_name, is_url
 from data_prep.processes import leave_sigint_to_parent
 from data_prep.refer import Annotation, ImageInfo, Ref, Sentence, load_refer
 from data_prep.synth import load_kinds
 from data_prep.tokenize import encode_expressions, load_tokenizer, vocabulary_hash
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 4  # 3: every object of the image (objects.json); 4: images read upright (data_prep.images)
 """Bumped when the bytes written for the same input change, so old chunk markers are redone."""
 
 REJECT_REASONS: dict[str, str] = {
     "missing_image_record": "the ref's image_id is not in instances.json",
     "missing_image": "the image file does not exist",
     "corrupt_image": "the image file does not decode (truncated or not an image)",
+    "image_too_large": "the image has more pixels than PIL.Image.MAX_IMAGE_PIXELS (decompression bombs)",
     "image_size_mismatch": "the decoded image size differs from instances.json",
     "missing_annotation": "the ref's ann_id is not in instances.json",
     "annotation_image_mismatch": "the ref's ann_id outlines an object of another image",
@@ -114,6 +118,8 @@ class PrepareSettings:
     mask_mode: MaskMode = PREPARE.mask_mode
 
     def __post_init__(self) -> None:
+        check_name(self.dataset, "dataset")  # both become <out>/<dataset>-<splitBy>/
+        check_name(self.split_by, "splitBy")
         if self.max_tokens < 2:
             raise ValueError(f"max_tokens must be at least 2 ([CLS] and one word), got {self.max_tokens}")
         if self.samples_per_shard < 1:
@@ -134,11 +140,14 @@ class ChunkRef:
 
 @dataclass(frozen=True)
 class ChunkImage:
-    """An image (None when instances.json lacks it) and its refs, ordered by ref_id."""
+    """An image (None when instances.json lacks it), its refs ordered by ref_id, and every object
+    annotated on it ordered by ann_id (a folder dataset's: its referred objects), written beside
+    each sample for pick accuracy (contract.OBJECTS_MEMBER)."""
 
     image_id: int
     info: ImageInfo | None
     refs: tuple[ChunkRef, ...]
+    objects: tuple[Annotation, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -243,13 +252,18 @@ def plan_prepare(
         data = load_folder(refer_root, settings.dataset, settings.split_by)
     else:
         data = load_refer(refer_root, settings.dataset, settings.split_by, image_dir)
-    chosen = tuple(splits) if splits else tuple(data.stored_splits())
+    chosen = tuple(check_split(split) for split in splits) if splits else tuple(data.stored_splits())
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"splits must not repeat: {list(chosen)}")
+    objects_of: dict[int, list[Annotation]] = {}
+    for annotation in sorted(data.annotations.values(), key=lambda a: a.ann_id):
+        objects_of.setdefault(annotation.image_id, []).append(annotation)
     chunks: list[Chunk] = []
     for split in chosen:
         refs = sorted(data.select(split), key=lambda r: (r.image_id, r.ref_id))
-        chunks.extend(_chunk_split(split, refs, data.images, data.annotations, settings.samples_per_shard))
+        chunks.extend(
+            _chunk_split(split, refs, data.images, data.annotations, objects_of, settings.samples_per_shard)
+        )
     kinds = load_kinds(refer_root, settings.dataset, settings.split_by) or {}
     vocab_hash = vocabulary_hash(load_tokenizer(settings.tokenizer))
     out_dir = dataset_dir(out, settings.dataset, settings.split_by)
@@ -318,6 +332,7 @@ def _chunk_split(
     refs: list[Ref],
     images: dict[int, ImageInfo],
     annotations: dict[int, Annotation],
+    objects_of: Mapping[int, list[Annotation]],
     samples_per_shard: int,
 ) -> list[Chunk]:
     seen_sent_ids: set[int] = set()
@@ -338,7 +353,8 @@ def _chunk_split(
     pending: list[ChunkImage] = []
     pending_count = 0
     for image_id, chunk_refs in by_image.items():  # refs were sorted by image_id
-        pending.append(ChunkImage(image_id, images.get(image_id), tuple(chunk_refs)))
+        objects = tuple(objects_of.get(image_id, ()))
+        pending.append(ChunkImage(image_id, images.get(image_id), tuple(chunk_refs), objects))
         pending_count += sum(len(cr.ref.sentences) for cr in chunk_refs)
         if pending_count >= samples_per_shard:
             chunks.append(Chunk(split, len(chunks), tuple(pending)))
@@ -376,40 +392,58 @@ def _png_bytes(mask: np.ndarray) -> bytes:
 
 
 def _load_image(info: ImageInfo, image_dir: Path) -> tuple[str, bytes] | tuple[str, str]:
-    """("jpg"|"png", bytes) for a usable image, else (reason, detail). OSErrors other than a
-    missing file propagate: they are I/O trouble to retry, not a property of the data. Details
-    name the file relative to the image directory, so they do not depend on where it lies."""
+    """("jpg"|"png", bytes) for a usable image, else (reason, detail). The image is judged as
+    data_prep.images reads it (upright, as viewers show it), the size instances.json gives
+    included. OSErrors other than a missing file propagate: they are I/O trouble to retry, not a
+    property of the data. Details name the file relative to the image directory, so they do not
+    depend on where it lies."""
     path = image_dir / info.file_name
     try:
         data = path.read_bytes()
     except (FileNotFoundError, IsADirectoryError):
         return "missing_image", f"{info.file_name} not found in the image directory"
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # decodes every pixel: a truncated file opens but fails here
-            fmt, size = image.format, image.size
-            if fmt not in ("JPEG", "PNG"):
-                # The contract carries .jpg or .png: other formats are re-encoded losslessly.
-                buffer = io.BytesIO()
-                image.convert("RGB").save(buffer, format="PNG")
-                fmt, data = "PNG", buffer.getvalue()
-    except UnidentifiedImageError:  # its message holds a memory address: not reproducible
-        return "corrupt_image", f"{info.file_name}: not a recognised image format"
-    except Exception as err:  # PIL raises many types for bad data; all mean "does not decode"
-        return "corrupt_image", f"{info.file_name}: {type(err).__name__}: {err}"
-    if size != (info.width, info.height):
+        with open_image(data) as image:
+            fmt, shown = image.format, load_shown(image)
+    except TooLargeImage as err:
+        return "image_too_large", f"{info.file_name}: {err}"
+    except UnreadableImage as err:
+        return "corrupt_image", f"{info.file_name}: {err}"
+    if fmt not in ("JPEG", "PNG"):
+        # The contract carries .jpg or .png: other formats are stored as the PNG of what they show.
+        buffer = io.BytesIO()
+        shown.save(buffer, format="PNG")
+        fmt, data = "PNG", buffer.getvalue()
+    expected = (info.width, info.height)
+    if shown.size != expected:
         return (
             "image_size_mismatch",
-            f"{info.file_name} is {size[0]}x{size[1]}, instances.json says {info.width}x{info.height}",
+            f"{info.file_name} is {shown.size[0]}x{shown.size[1]}, instances.json says "
+            f"{info.width}x{info.height}{turn_note(shown.size, expected, 'its size')}",
         )
     return ("jpg" if fmt == "JPEG" else "png"), data
 
 
-def _ref_mask(
-    chunk_ref: ChunkRef, info: ImageInfo, image_dir: Path, mode: MaskMode
+def _object_mask(
+    annotation: Annotation, info: ImageInfo, image_dir: Path, mode: MaskMode
 ) -> np.ndarray | tuple[str, str]:
-    """The ref's mask [H, W] uint8 {0, 1} at the image's size, else (reason, detail). A folder
+    """An object's mask [H, W] uint8 {0, 1} at the image's size, else (reason, detail). A folder
     dataset's mask files are read relative to its folder (the image directory)."""
+    try:
+        if isinstance(annotation.segmentation, MaskFile):
+            return read_mask(image_dir, annotation.segmentation, info.height, info.width)
+        return rasterize(annotation.segmentation, info.height, info.width, mode)
+    except MaskFileError as err:
+        return err.reason, str(err)
+    except UnusableSegmentation as err:
+        return "unusable_segmentation", f"ann_id {annotation.ann_id}: {err}"
+
+
+def _ref_mask(
+    chunk_ref: ChunkRef, object_masks: Mapping[int, np.ndarray | tuple[str, str]]
+) -> np.ndarray | tuple[str, str]:
+    """The ref's mask among its image's ``object_masks`` (ann_id -> ``_object_mask``), else
+    (reason, detail)."""
     ref, annotation = chunk_ref.ref, chunk_ref.annotation
     if annotation is None:
         return "missing_annotation", f"ann_id {ref.ann_id} not in instances.json"
@@ -418,14 +452,17 @@ def _ref_mask(
             "annotation_image_mismatch",
             f"ann_id {ref.ann_id} is on image_id {annotation.image_id}, the ref on image_id {ref.image_id}",
         )
-    try:
-        if isinstance(annotation.segmentation, MaskFile):
-            return read_mask(image_dir, annotation.segmentation, info.height, info.width)
-        return rasterize(annotation.segmentation, info.height, info.width, mode)
-    except MaskFileError as err:
-        return err.reason, str(err)
-    except UnusableSegmentation as err:
-        return "unusable_segmentation", f"ann_id {ref.ann_id}: {err}"
+    return object_masks[ref.ann_id]
+
+
+def _objects_json(object_masks: Mapping[int, np.ndarray | tuple[str, str]]) -> bytes:
+    """The OBJECTS_MEMBER of an image's samples: every object that has a mask, as RLE."""
+    objects = [
+        {"ann_id": ann_id, "rle": encode_rle(mask)}
+        for ann_id, mask in object_masks.items()
+        if isinstance(mask, np.ndarray)
+    ]
+    return json.dumps(objects, sort_keys=True).encode()
 
 
 class _Candidate(NamedTuple):
@@ -437,6 +474,7 @@ class _Candidate(NamedTuple):
     ref: Ref
     mask: np.ndarray  # [H, W] uint8 {0, 1}
     mask_png: bytes
+    objects_json: bytes  # the image's objects (OBJECTS_MEMBER)
     sentence: Sentence
 
 
@@ -447,12 +485,13 @@ def _chunk_fingerprint(settings: PrepareSettings, vocab_hash: str, chunk: Chunk,
     digest.update(json.dumps([FORMAT_VERSION, asdict(settings), vocab_hash], sort_keys=True).encode())
     digest.update(json.dumps(asdict(chunk), sort_keys=True, default=str).encode())
     files = [image.info.file_name for image in chunk.images if image.info is not None]
-    files += [
-        chunk_ref.annotation.segmentation.path
+    annotations = [
+        annotation
         for image in chunk.images
-        for chunk_ref in image.refs
-        if chunk_ref.annotation is not None and isinstance(chunk_ref.annotation.segmentation, MaskFile)
+        for annotation in (*image.objects, *(chunk_ref.annotation for chunk_ref in image.refs))
+        if annotation is not None and isinstance(annotation.segmentation, MaskFile)
     ]
+    files += dict.fromkeys(annotation.segmentation.path for annotation in annotations)
     for name in files:
         try:
             stat = (image_dir / name).stat()
@@ -495,22 +534,9 @@ def remove_partial_files(out_dir: str | Path, writers: Iterable[int]) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-@contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """A temporary name beside ``path`` to write, renamed onto ``path`` when the block ends: a
-    reader never sees half a file. A block that fails or is interrupted (Ctrl-C) removes it."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_parquet(rows: list[dict[str, object]], schema: pa.Schema, path: Path) -> None:
     table = pa.Table.from_pylist(rows, schema=schema)
-    with _replacing(path) as tmp:
+    with written_whole(path) as tmp:
         pq.write_table(table, tmp)
 
 
@@ -573,13 +599,18 @@ def prepare_chunk(
             else ("missing_image_record", f"image_id {image.image_id} not in instances.json")
         )
         image_ok = loaded[0] in ("jpg", "png")
+        if image_ok:
+            object_masks = {
+                a.ann_id: _object_mask(a, image.info, image_dir, settings.mask_mode) for a in image.objects
+            }
+            objects_json = _objects_json(object_masks)
         for chunk_ref in image.refs:
             ref = chunk_ref.ref
             if not image_ok:
                 for sentence in ref.sentences:
                     reject(ref, sentence.sent_id, *loaded)
                 continue
-            mask = _ref_mask(chunk_ref, image.info, image_dir, settings.mask_mode)
+            mask = _ref_mask(chunk_ref, object_masks)
             if isinstance(mask, tuple):
                 for sentence in ref.sentences:
                     reject(ref, sentence.sent_id, *mask)
@@ -594,7 +625,9 @@ def prepare_chunk(
                 elif not sentence.raw.strip():
                     reject(ref, sentence.sent_id, "empty_expression", repr(sentence.raw))
                 else:
-                    candidates.append(_Candidate(image.info, *loaded, ref, mask, mask_png, sentence))
+                    candidates.append(
+                        _Candidate(image.info, *loaded, ref, mask, mask_png, objects_json, sentence)
+                    )
 
     if candidates:
         tokenizer = load_tokenizer(settings.tokenizer)
@@ -605,10 +638,11 @@ def prepare_chunk(
     manifest: list[dict[str, object]] = []
     shard_path.parent.mkdir(parents=True, exist_ok=True)
     with (
-        _replacing(shard_path) as tmp_shard,
+        written_whole(shard_path) as tmp_shard,
         tarfile.open(tmp_shard, "w", format=tarfile.USTAR_FORMAT) as tar,
     ):
-        for row, (info, ext, image_bytes, ref, mask, mask_png, sentence) in enumerate(candidates):
+        for row, candidate in enumerate(candidates):
+            info, ext, image_bytes, ref, mask, mask_png, objects_json, sentence = candidate
             if n_words[row] == 0:
                 reject(ref, sentence.sent_id, "empty_tokens", repr(sentence.raw))
                 continue
@@ -633,6 +667,7 @@ def prepare_chunk(
             _tar_member(tar, f"{key}.{ATTENTION_MASK_MEMBER}", _npy_bytes(attention[row]))
             meta_json = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
             _tar_member(tar, f"{key}.{META_MEMBER}", meta_json)
+            _tar_member(tar, f"{key}.{OBJECTS_MEMBER}", objects_json)
             manifest.append(
                 {
                     "key": key,
@@ -668,7 +703,7 @@ def prepare_chunk(
         "size": shard_path.stat().st_size,
         "result": asdict(result),
     }
-    with _replacing(done_path) as tmp_done:
+    with written_whole(done_path) as tmp_done:
         tmp_done.write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
     return result
 
@@ -813,7 +848,7 @@ def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult
             "mask_mode": settings.mask_mode,
         },
     }
-    with _replacing(out_dir / SUMMARY) as tmp:
+    with written_whole(out_dir / SUMMARY) as tmp:
         tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return PrepareResult(
         out_dir=out_dir,

@@ -154,14 +154,33 @@ def _rle(polygon: tuple[float, ...], size: int) -> dict:
     return mask_utils.merge(mask_utils.frPyObjects([list(polygon)], size, size))
 
 
-def _make_image(seed: int, index: int, image_size: int, image_dir: Path) -> dict:
-    """Render, save and describe image ``index``; ids are local (object order), numbered later."""
+@dataclass(frozen=True)
+class RenderedScene:
+    """Image ``index`` of a seed as drawn: the scene, each object's RLE and mask, and the image."""
+
+    scene: Scene
+    rles: list[dict]
+    masks: list[np.ndarray]
+    image: Image.Image
+
+
+def render_scene(seed: int, index: int, image_size: int) -> tuple[RenderedScene, np.random.Generator]:
+    """Draw image ``index`` (a pure function of the arguments); also returns the image's rng, which
+    the caller goes on drawing from (expressions, baselines). Shared with the vision pretraining
+    (magnet.pretrain), whose scenes are this data's without the language."""
     scene = scene_for(seed, index, image_size)
     rng = np.random.default_rng([seed, index, 1])
-    image_id = index + 1
     rles = [_rle(o.polygon, image_size) for o in scene.objects]
     masks = [mask_utils.decode(r).astype(bool) for r in rles]  # [S, S] each
-    _draw(scene, masks, rng).save(image_dir / image_file_name(image_id), quality=JPEG_QUALITY, subsampling=0)
+    return RenderedScene(scene, rles, masks, _draw(scene, masks, rng)), rng
+
+
+def _make_image(seed: int, index: int, image_size: int, image_dir: Path) -> dict:
+    """Render, save and describe image ``index``; ids are local (object order), numbered later."""
+    rendered, rng = render_scene(seed, index, image_size)
+    scene, rles, masks = rendered.scene, rendered.rles, rendered.masks
+    image_id = index + 1
+    rendered.image.save(image_dir / image_file_name(image_id), quality=JPEG_QUALITY, subsampling=0)
     areas = [float(mask_utils.area(r)) for r in rles]
     objects = [
         {

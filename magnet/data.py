@@ -12,6 +12,8 @@ contract in DEVELOPERS.md:
     sent_id, ref_id, image_id  int64 [B]
     raw             list[str]
     orig_mask       list of uint8 [H_i, W_i] in {0, 1} (evaluation, 'original' protocol only)
+    others          list of uint8 [K_i, S', S'] (or [K_i, H_i, W_i] with orig_mask) in {0, 1}: the
+                    image's other objects (evaluation, shards of format 3 on: pick accuracy)
 
 How work is split. Every quantity comes from summary.json and manifest.parquet, so no process
 has to scan the data to know its share. An epoch is a virtual sequence of *units* (samples, or
@@ -54,10 +56,13 @@ from data_prep.contract import (
     MANIFEST,
     MASK_MEMBER,
     META_MEMBER,
+    OBJECTS_MEMBER,
     SUMMARY,
     shard_path,
     split_of,
 )
+from data_prep.images import decode_image
+from data_prep.masks import decode_rles
 from magnet.config import DataConfig, EvalConfig, TextConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -216,14 +221,19 @@ def _refs_per_shard(root: str, split: str) -> dict[str, int]:
 def resize_pair(
     image: Image.Image, mask: np.ndarray, image_size: int, mask_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """RGB image -> uint8 [S,S,3] (PIL bilinear, like the reference); {0,1} mask -> uint8 [S',S'] (nearest).
+    """Image as shown (`data_prep.images.decode_image`) -> uint8 [S,S,3] (PIL bilinear, like the
+    reference); {0,1} mask -> uint8 [S',S'] (nearest).
 
     Shared by the shard reader and the benchmark's naive reader so both do the same work.
     """
     rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
     rgb = np.asarray(rgb.resize((image_size, image_size), Image.BILINEAR))
-    small = Image.fromarray(mask).resize((mask_size, mask_size), Image.NEAREST)
-    return rgb, np.asarray(small)
+    return rgb, resize_mask(mask, mask_size)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """uint8 mask [H,W] -> [size,size], nearest neighbour (PIL), as every target is resized."""
+    return np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -241,15 +251,18 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "image_id": torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
         "raw": [s["raw"] for s in samples],
     }
-    if "orig_mask" in samples[0]:
-        batch["orig_mask"] = [torch.from_numpy(s["orig_mask"]) for s in samples]
+    for key in ("orig_mask", "others"):
+        if key in samples[0]:
+            batch[key] = [torch.from_numpy(s[key]) for s in samples]
     return batch
 
 
 def decode_sample(
-    raw: dict[str, Any], image_size: int, mask_size: int, keep_orig_mask: bool
+    raw: dict[str, Any], image_size: int, mask_size: int, keep_orig_mask: bool, keep_others: bool = False
 ) -> dict[str, Any]:
-    """One tar sample (member suffix -> bytes) -> arrays ready for ``collate``."""
+    """One tar sample (member suffix -> bytes) -> arrays ready for ``collate``. ``keep_others``
+    adds the image's other objects where the shard carries them, at the size the target is
+    scored at: the original with ``keep_orig_mask``, else ``mask_size``."""
     key = raw["__key__"]
     image_bytes = next((raw[m] for m in IMAGE_MEMBERS if m in raw), None)
     if image_bytes is None or MASK_MEMBER not in raw:
@@ -266,7 +279,13 @@ def decode_sample(
             f"sample {key} in {raw.get('__url__')}: mask is {mask.shape}, "
             f"its json says {meta['height']}x{meta['width']}"
         )
-    image, small_mask = resize_pair(Image.open(io.BytesIO(image_bytes)), mask, image_size, mask_size)
+    shown = decode_image(image_bytes)  # upright, RGB: as preparation judged it against the mask
+    if shown.size != (meta["width"], meta["height"]):
+        raise ShardError(
+            f"sample {key} in {raw.get('__url__')}: image is {shown.width}x{shown.height} upright, "
+            f"its json says {meta['width']}x{meta['height']} (prepared before images were read upright?)"
+        )
+    image, small_mask = resize_pair(shown, mask, image_size, mask_size)
     sample = {
         "image": image,
         "mask": small_mask,
@@ -279,6 +298,13 @@ def decode_sample(
     }
     if keep_orig_mask:
         sample["orig_mask"] = mask
+    if keep_others and OBJECTS_MEMBER in raw:
+        rles = [o["rle"] for o in json.loads(raw[OBJECTS_MEMBER]) if o["ann_id"] != meta["ann_id"]]
+        others = decode_rles(rles, *mask.shape)  # [K,H,W]
+        if not keep_orig_mask:
+            resized = [resize_mask(m, mask_size) for m in others]
+            others = np.array(resized, dtype=np.uint8).reshape(len(rles), mask_size, mask_size)
+        sample["others"] = others
     return sample
 
 
@@ -382,6 +408,7 @@ class _ShardStream(IterableDataset):
         pick_seed: str | None,
         shuffle_buffer: int,
         keep_orig_mask: bool,
+        keep_others: bool,
     ) -> None:
         self.plans = plans
         self.batch_size = batch_size
@@ -390,6 +417,7 @@ class _ShardStream(IterableDataset):
         self.pick_seed = pick_seed
         self.shuffle_buffer = shuffle_buffer
         self.keep_orig_mask = keep_orig_mask
+        self.keep_others = keep_others
 
     def __len__(self) -> int:
         return sum(plan.batches - plan.skip for plan in self.plans)
@@ -408,7 +436,10 @@ class _ShardStream(IterableDataset):
             if index < plan.skip:
                 continue
             yield collate(
-                [decode_sample(r, self.image_size, self.mask_size, self.keep_orig_mask) for r in raw]
+                [
+                    decode_sample(r, self.image_size, self.mask_size, self.keep_orig_mask, self.keep_others)
+                    for r in raw
+                ]
             )
 
 
@@ -513,6 +544,7 @@ def build_train_loader(
         pick_seed=epoch_seed if cfg.one_expression_per_object else None,
         shuffle_buffer=cfg.shuffle_buffer,
         keep_orig_mask=False,
+        keep_others=False,
     )
     return _loader(stream, cfg.loader_workers)
 
@@ -532,7 +564,8 @@ def build_eval_loader(
     Rank r takes a contiguous block of the split (sizes differ by at most one); images are
     resized to the model input ``image_size``, masks to ``eval_cfg.size_for(image_size)`` (the
     lavt protocol's comparison size: the model's input size unless eval_size says otherwise); the
-    'original' protocol adds ``orig_mask``. The last batch of a rank may be smaller.
+    'original' protocol adds ``orig_mask``, shards carrying the images' objects add ``others`` (at
+    the size the target is scored at). The last batch of a rank may be smaller.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -560,6 +593,7 @@ def build_eval_loader(
         pick_seed=None,
         shuffle_buffer=0,
         keep_orig_mask=eval_cfg.protocol == "original",
+        keep_others=True,
     )
     return _loader(stream, cfg.loader_workers)
 

@@ -13,13 +13,17 @@ each rank sums intersections and unions, and one all_reduce per split gives exac
 Every result names its protocol and the mask convention the shards were prepared with
 (summary.json ``settings.mask_mode``: union, or refer as LAVT / MagNet), and breaks the scores down
 by kind of expression: the generator's kinds where the manifest has a ``kind`` column (synthetic
-data), else simple features of the text (magnet.metrics.TEXT_GROUPS).
+data), else simple features of the text (magnet.metrics.TEXT_GROUPS). Where the shards carry every
+object of each image (format 3 on), the scores add pick accuracy and outline IoU (magnet.metrics):
+wrong object, or bad mask?
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -37,18 +41,26 @@ from magnet.config import Config, EvalConfig
 from magnet.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_loader, open_split
 from magnet.metrics import (
     GROUP_METRICS,
+    PICK_METRICS,
     TEXT_GROUPS,
     GroupScores,
     IoUAccumulator,
     intersection_union,
     intersection_union_per_size,
     iou,
+    pick_outcomes,
     predict_masks,
     text_groups,
 )
 
 ALIGN_CORNERS: dict[str, bool] = {"lavt": True, "original": False}
 """The logits' bilinear upsampling per protocol: LAVT and MagNet align corners, CRIS does not."""
+PREDICTION_FILL = (1.0, 0.1, 0.1)
+TRUTH_OUTLINE = (0.0, 0.85, 1.0)
+"""The ground truth's outline in prediction pictures: cyan, a colour no synthetic scene uses
+(data_prep.scenes.COLOURS), so it reads as a line and not as one more shape."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,8 +89,8 @@ class Breakdown:
 @dataclass
 class SplitResult:
     """Sums of one split and of its groups (already reduced across ranks); this rank's examples,
-    and on request its per-expression rows (sent_id, image_id, raw, iou, area) and lowest-IoU
-    examples."""
+    and on request its per-expression rows (sent_id, image_id, raw, iou, area, picked: None where
+    the shards lack the images' objects) and lowest-IoU examples."""
 
     split: str
     scores: IoUAccumulator
@@ -93,7 +105,8 @@ class Evaluation:
     """Metrics of every evaluated split, and how they were scored.
 
     ``metrics`` keys are ``<split>/<name>``: oIoU, mIoU, P@0.5 ... P@0.9 (percent) and n (samples),
-    and per group ``<split>/<group>/<oIoU|mIoU|n>`` with group 'kind/<kind>' or 'text/<feature>'.
+    pick_acc and outline_IoU (percent) where the shards carry the images' objects, and per group
+    ``<split>/<group>/<oIoU|mIoU|pick_acc|outline_IoU|n>`` with group 'kind/<kind>' or 'text/<feature>'.
     """
 
     protocol: str
@@ -133,7 +146,8 @@ class Evaluation:
 
 def breakdown_rows(metrics: Mapping[str, float]) -> list[dict[str, Any]]:
     """The breakdown table of flat metrics (``Evaluation.metrics``, or merged from several):
-    per split a row 'all' and one per group, each with oIoU, mIoU and n, in the metrics' order."""
+    per split a row 'all' and one per group, each with oIoU, mIoU, n and, where scored, pick_acc and
+    outline_IoU, in the metrics' order."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for key, value in metrics.items():
         split, *group, name = key.split("/")  # '<split>/<name>' or '<split>/<prefix>/<group>/<name>'
@@ -173,13 +187,17 @@ def _examples(
     ]
 
 
-def _sample_rows(batch: Mapping[str, Any], ious: list[float]) -> list[dict[str, Any]]:
-    """One row per sample; ``area`` is the referred object's share of the image (eval-size mask)."""
+def _sample_rows(
+    batch: Mapping[str, Any], ious: list[float], picked: torch.Tensor | None
+) -> list[dict[str, Any]]:
+    """One row per sample; ``area`` is the referred object's share of the image (eval-size mask),
+    ``picked`` whether the prediction picked it (None where the image's objects are unknown)."""
     areas = batch["mask"].flatten(1).float().mean(1).tolist()  # [B]
+    picks = picked.tolist() if picked is not None else [None] * len(ious)
     return [
-        {"sent_id": int(sent), "image_id": int(image), "raw": raw, "iou": value, "area": area}
-        for sent, image, raw, value, area in zip(
-            batch["sent_id"], batch["image_id"], batch["raw"], ious, areas, strict=True
+        {"sent_id": int(sent), "image_id": int(image), "raw": raw, "iou": value, "area": area, "picked": pick}
+        for sent, image, raw, value, area, pick in zip(
+            batch["sent_id"], batch["image_id"], batch["raw"], ious, areas, picks, strict=True
         )
     ]
 
@@ -308,14 +326,18 @@ def evaluate_split(
             targets = batch["orig_mask"]
             inter, union = intersection_union_per_size(logits, targets, eval_cfg.threshold, align_corners)
         else:
-            target = batch["mask"].to(device)
-            inter, union = intersection_union(logits, target, eval_cfg.threshold, align_corners)
-        scores.update(inter, union)
+            targets = batch["mask"].to(device)
+            inter, union = intersection_union(logits, targets, eval_cfg.threshold, align_corners)
+        picked = None
+        if "others" in batch:  # shards that carry every object of the image
+            picked = pick_outcomes(logits, targets, batch["others"], eval_cfg.threshold, align_corners)
+        scores.update(inter, union, picked)
         if breakdown is not None:
-            groups.update(inter, union, [breakdown.of_sample.get(int(i), ()) for i in batch["sent_id"]])
+            memberships = [breakdown.of_sample.get(int(i), ()) for i in batch["sent_id"]]
+            groups.update(inter, union, memberships, picked)
         if keep_rows or keep_worst:
             ious = iou(inter, union).tolist()
-            rows += _sample_rows(batch, ious) if keep_rows else []
+            rows += _sample_rows(batch, ious, picked) if keep_rows else []
             if keep_worst:
                 worst = _keep_worst(
                     worst, batch, logits.cpu(), ious, keep_worst, eval_cfg.threshold, align_corners
@@ -430,6 +452,9 @@ def evaluate(
         metrics.update({f"{split}/{name}": value for name, value in result.scores.compute().items()})
         for group, values in result.groups.compute().items():
             metrics.update({f"{split}/{group}/{name}": value for name, value in values.items()})
+    unpicked = [split for split in splits if f"{split}/{PICK_METRICS[0]}" not in metrics]
+    if unpicked and rank == 0:
+        _note_no_objects(shards, tuple(unpicked))
     return Evaluation(
         protocol=cfg.eval.protocol,
         eval_size=size if cfg.eval.protocol == "lavt" else None,
@@ -441,9 +466,22 @@ def evaluate(
     )
 
 
+@functools.cache
+def _note_no_objects(shards: str, splits: tuple[str, ...]) -> None:
+    """Say once per process and data (an evaluation runs every eval_every steps) why the pick
+    metrics are missing."""
+    log.warning(
+        "%s: the shards of %s carry no objects of the images (prepared before shard format 3): "
+        "pick_acc and outline_IoU left out; prepare the data again to have them",
+        shards,
+        ", ".join(splits),
+    )
+
+
 def prediction_figure(examples: Sequence[Example], title: str = "") -> bytes:
-    """PNG of examples, one row each: the image with its expression, the prediction (red) and the
-    ground truth (green) overlaid side by side."""
+    """PNG of examples, one row each: the image with its expression, the prediction (red fill) and
+    the image alone, both with the ground truth's outline (TRUTH_OUTLINE): a filled truth looked
+    like one more shape of the scene."""
     from matplotlib.figure import Figure  # drawn with the Agg canvas; no pyplot state, no display
 
     if not examples:
@@ -451,15 +489,15 @@ def prediction_figure(examples: Sequence[Example], title: str = "") -> bytes:
     fig = Figure(figsize=(9, 3 * len(examples)))
     axes = fig.subplots(len(examples), 3, squeeze=False)
     for row, ex in zip(axes, examples, strict=True):
-        for ax, mask, colour, label in (
-            (row[0], None, None, ex.text),
-            (row[1], ex.pred, (1.0, 0.1, 0.1), "predicted"),
-            (row[2], ex.target, (0.1, 0.9, 0.1), "ground truth"),
+        predicted = np.where(ex.pred[..., None], 0.45 * ex.image + 0.55 * np.array(PREDICTION_FILL), ex.image)
+        for ax, shown, label, outline in (
+            (row[0], ex.image, ex.text, False),
+            (row[1], predicted, "predicted (red), truth (outline)", True),
+            (row[2], ex.image, "ground truth (outline)", True),
         ):
-            shown = ex.image
-            if mask is not None:
-                shown = np.where(mask[..., None], 0.45 * ex.image + 0.55 * np.array(colour), ex.image)
             ax.imshow(shown)
+            if outline and ex.target.any():
+                ax.contour(ex.target.astype(np.float32), levels=[0.5], colors=[TRUTH_OUTLINE], linewidths=1.5)
             ax.set_title(label, fontsize=9, wrap=True)
             ax.axis("off")
     if title:

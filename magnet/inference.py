@@ -1,9 +1,11 @@
 """Model-side prediction: an image and an expression in, a mask at the image's own size out, and
 the overlay pictures people look at (the `predict` command, the registry's pyfunc, the demo).
 
-Preprocessing is the shard reader's (PIL bilinear resize to ``image_size`` with the aspect not
-kept, ImageNet normalisation) and tokenisation is preparation's (``data_prep.tokenize``), so a
-prediction here equals the one evaluation scores for the same sample.
+Images are taken as a person sees them (``data_prep.images.as_shown``: upright by their EXIF
+orientation, 16-bit grey over its full range, transparency over white), preprocessing is the shard
+reader's (PIL bilinear resize to ``image_size`` with the aspect not kept, ImageNet normalisation)
+and tokenisation is preparation's (``data_prep.tokenize``), so a prediction here equals the one
+evaluation scores for the same sample, and masks are at the upright image's size.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from data_prep.images import as_shown
 from data_prep.tokenize import encode_expressions, load_tokenizer
 from magnet.config import ModelConfig
 from magnet.data import IMAGENET_MEAN, IMAGENET_STD
@@ -32,8 +35,9 @@ CAPTION_FONT = "DejaVuSans.ttf"  # shipped with matplotlib (a dependency): Latin
 
 
 def preprocess_images(images: Sequence[Image.Image], image_size: int) -> torch.Tensor:
-    """PIL images of any sizes -> float32 [B,3,S,S], resized like the shard reader and normalised."""
-    arrays = [np.asarray(im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)) for im in images]
+    """PIL images of any sizes and modes, as shown (`as_shown`) -> float32 [B,3,S,S], resized like the
+    shard reader and normalised."""
+    arrays = [np.asarray(as_shown(im).resize((image_size, image_size), Image.BILINEAR)) for im in images]
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)  # [B,3,S,S]
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -85,12 +89,12 @@ def predict(
     threshold: float = 0.5,
     batch_size: int = 8,
 ) -> list[np.ndarray]:
-    """Masks, one uint8 [H_i,W_i] in {0,1} per (image, expression) pair, at each image's size.
+    """Masks, one uint8 [H_i,W_i] in {0,1} per (image, expression) pair, at each image's upright size.
 
     Args:
         model: a MagNet (``magnet.models.build_model``); put in eval mode here.
         cfg: its model config (input size, tokenizer, token length).
-        images: PIL images, any sizes and modes.
+        images: PIL images, any sizes and modes, read as shown (`data_prep.images.as_shown`).
         texts: one expression per image.
         threshold: probability above which a pixel belongs to the mask.
         batch_size: pairs per forward pass.
@@ -101,7 +105,7 @@ def predict(
     device = next(model.parameters()).device
     masks: list[np.ndarray] = []
     for start in range(0, len(images), batch_size):
-        chunk = list(images[start : start + batch_size])
+        chunk = [as_shown(image) for image in images[start : start + batch_size]]
         pixels = preprocess_images(chunk, cfg.image_size).to(device)  # [B,3,S,S]
         ids, attention = tokenize(texts[start : start + batch_size], cfg)  # [B,L]
         logits = model(pixels, ids.to(device), attention.to(device)).mask_logits  # [B,1,S/4,S/4]
@@ -135,12 +139,12 @@ def render_overlay(
     expression written in a strip above it.
 
     Args:
-        image: the original image.
-        pred: {0,1} mask [H,W] at the image's size.
+        image: the original image, drawn as shown (`data_prep.images.as_shown`).
+        pred: {0,1} mask [H,W] at the image's upright size.
         true: optional ground-truth {0,1} mask [H,W].
         text: optional expression (and score) to caption the picture with.
     """
-    rgb = np.asarray(image.convert("RGB")).astype(np.float32)  # [H,W,3]
+    rgb = np.asarray(as_shown(image)).astype(np.float32)  # [H,W,3]
     if pred.shape != rgb.shape[:2]:
         raise ValueError(f"mask is {pred.shape}, image is {rgb.shape[:2]}; predict at the image's size")
     fill = np.asarray(pred, dtype=bool)

@@ -64,7 +64,7 @@ from magnet.data import (
 )
 from magnet.evaluate import _autocast, evaluate, prediction_figure
 from magnet.models import build_model
-from magnet.models.magnet import PRETRAINED_TEXT_KEY
+from magnet.models.magnet import PRETRAINED_TEXT_KEY, part_of
 
 log = logging.getLogger(__name__)
 
@@ -266,14 +266,29 @@ def train_step(
             (out.losses["loss"] / len(micro_batches)).backward()
         for key, value in out.losses.items():
             totals[key] = totals.get(key, 0.0) + float(value.detach()) / len(micro_batches)
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    grad_norm, part_norms = _grad_norms(model)
     if cfg.grad_clip is not None:
         torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.grad_clip, grad_norm)
     totals["grad_norm"] = float(grad_norm)
+    totals.update({f"grad_norm/{part}": norm for part, norm in part_norms.items()})
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return totals
+
+
+def _grad_norms(model: nn.Module) -> tuple[torch.Tensor, dict[str, float]]:
+    """The global gradient norm (before clipping) and the norm of each part's gradients
+    (``magnet.models.magnet.PARTS``): which part the loss reaches, and how hard, step by step."""
+    by_part: dict[str, list[torch.Tensor]] = {}
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            by_part.setdefault(part_of(name.removeprefix("module.").removeprefix("_orig_mod.")), []).append(
+                param.grad
+            )
+    norms = {part: torch.nn.utils.get_total_norm(grads) for part, grads in by_part.items()}
+    total = torch.linalg.vector_norm(torch.stack(list(norms.values()))) if norms else torch.zeros(())
+    return total, {part: float(norm) for part, norm in sorted(norms.items())}
 
 
 # --------------------------------------------------------------------------------- the loop

@@ -28,7 +28,9 @@ from pipelines.commands import (
     demo,
     evaluate,
     model,
+    plan,
     predict,
+    pretrain,
     register,
     stack,
     synth,
@@ -167,7 +169,21 @@ def main(
     interrupts.on_interrupt(lambda: f"{command} stopped before it finished")  # commands say more
 
 
-for group in (synth, data, model, weights, train, evaluate, predict, register, demo, stack, tune):
+for group in (
+    synth,
+    data,
+    model,
+    weights,
+    pretrain,
+    train,
+    evaluate,
+    predict,
+    register,
+    demo,
+    stack,
+    tune,
+    plan,
+):
     group.register(app)
 
 

@@ -4,9 +4,9 @@
     <workdir>/shards/refcoco-unc/  WebDataset shards, manifest, rejects, summary.json
     <workdir>/mlflow.db, mlartifacts/   the MLflow store (runs, the registered model `magnet`)
     <workdir>/ray-results/      Ray Train checkpoints, and the Tune sweep's trials
-    <workdir>/pictures/         predictions per split (predicted red, true green)
-    <workdir>/demo-summary.json metrics per split and per kind of expression beside the
-                                language-blind baselines
+    <workdir>/pictures/         predictions per split (predicted red, true outlined in cyan)
+    <workdir>/demo-summary.json metrics per split and per kind of expression (oIoU, mIoU, pick
+                                accuracy, outline IoU) beside the language-blind baselines
 
 After the training, the model is promoted to `champion` (its score recorded on the version), then
 a short sweep of the loss weights runs (`SWEEP_TRIALS` tiny trials: an MLflow parent run with a
@@ -61,12 +61,15 @@ def _baselines(data: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def _score_row(metrics: dict[str, float], prefix: str, floors: dict[str, Any]) -> dict[str, float]:
-    """The model's oIoU, mIoU and n under ``prefix`` ('val', 'val/kind/relation') beside the
-    baselines' oIoU, all in percent."""
+def _score_row(metrics: dict[str, float], prefix: str, floors: dict[str, Any]) -> dict[str, float | None]:
+    """The model's oIoU, mIoU, pick accuracy, outline IoU and n under ``prefix`` ('val',
+    'val/kind/relation') beside the baselines' oIoU, all in percent; a pick figure the evaluation
+    did not give (shards without the images' objects, nothing picked right) is None."""
     return {
         "oIoU": metrics[f"{prefix}/oIoU"],
         "mIoU": metrics[f"{prefix}/mIoU"],
+        "pick_acc": metrics.get(f"{prefix}/pick_acc"),
+        "outline_IoU": metrics.get(f"{prefix}/outline_IoU"),
         "n": metrics[f"{prefix}/n"],
         "baseline_largest": 100 * floors["largest"],
         "baseline_random": 100 * floors["random"],
@@ -92,14 +95,23 @@ def _beats_both(row: dict[str, float]) -> bool:
     return row["oIoU"] > max(row["baseline_largest"], row["baseline_random"])
 
 
+def _percent(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.2f}"
+
+
 def score_table(rows: dict[str, dict[str, Any]]) -> str:
-    """The splits, each followed by its kinds (indented), model beside baselines (oIoU, percent)."""
-    header = f"{'split / kind':<14} {'n':>5} {'model oIoU':>10} {'mIoU':>7} {'largest':>8} {'random':>7}"
+    """The splits, each followed by its kinds (indented), model beside baselines (oIoU, percent);
+    pick accuracy and outline IoU beside the model's oIoU and mIoU ('-' where not scored)."""
+    header = (
+        f"{'split / kind':<14} {'n':>5} {'model oIoU':>10} {'mIoU':>7} {'pick':>7} {'outline':>7} "
+        f"{'largest':>8} {'random':>7}"
+    )
     lines = [f"{header}  beats both"]
     for split, row in rows.items():
         for name, line in ((split, row), *((f"  {kind}", k) for kind, k in row["kinds"].items())):
             lines.append(
                 f"{name:<14} {line['n']:>5.0f} {line['oIoU']:>10.2f} {line['mIoU']:>7.2f} "
+                f"{_percent(line['pick_acc'], 7)} {_percent(line['outline_IoU'], 7)} "
                 f"{line['baseline_largest']:>8.2f} {line['baseline_random']:>7.2f}  "
                 + ("yes" if _beats_both(line) else "NO")
             )
@@ -299,6 +311,10 @@ def run_demo(workdir: Path, num_workers: int = DEMO_WORKERS, config: str = DEMO_
     print()
     print(f"MagNet demo: {result['protocol']}; oIoU in percent, per split and per kind of expression")
     print(score_table(rows))
+    print(
+        "pick: share of expressions whose mask picks the referred object over the image's others; "
+        "outline: mean IoU of those"
+    )
     print()
     print(f"summary: {workdir / 'demo-summary.json'}   pictures: {workdir / 'pictures'}")
     print(_ui_guide(summary))

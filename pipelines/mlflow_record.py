@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 WORST_EXAMPLES = 4
 SYSTEM_METRICS_INTERVAL_S = 10.0
-TABLE_COLUMNS = ("split", "sent_id", "image_id", "raw", "kind", "iou", "area")
+TABLE_COLUMNS = ("split", "sent_id", "image_id", "raw", "kind", "iou", "area", "picked")
+SECTION_MARK = "## "  # a registered version's description: the model card, then ``## <title>`` sections
 
 # Published MagNet oIoU (%), shared/design/magnet-architecture.md, and each split's number of
 # referred objects (refs, shared/design/refcoco-data-and-eval.md): a split holding at least
@@ -92,7 +93,8 @@ def _kinds(shards: str) -> dict[int, str]:
 
 def expression_table(evaluation: Evaluation, shards: str) -> Any:
     """One row per scored expression (pandas DataFrame, TABLE_COLUMNS): split, ids, the text, its
-    kind where the manifest has one, IoU (0-1) and the object's share of the image."""
+    kind where the manifest has one, IoU (0-1), the object's share of the image and whether the
+    prediction picked it over the image's other objects (null where the shards lack them)."""
     import pandas as pd
 
     kinds = _kinds(shards)
@@ -164,7 +166,7 @@ def _scores(evaluation: Mapping[str, Any], shards: str, summary: Mapping[str, An
     published = _benchmark_splits(shards, summary)
     metrics: Mapping[str, float] = evaluation["metrics"]
     splits = list(dict.fromkeys(key.split("/", 1)[0] for key in metrics))
-    names = ["n", "oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9"]
+    names = ["n", "oIoU", "mIoU", "pick_acc", "outline_IoU", "P@0.5", "P@0.7", "P@0.9"]
     mask_mode = (summary.get("settings") or {}).get("mask_mode", "unrecorded")
     lines = [
         f"**Scored** on {', '.join(f'`{s}`' for s in splits)}: {evaluation['protocol']}; "
@@ -229,8 +231,26 @@ def model_card(
 
 
 def describe_version(tracking_uri: str, version: str, card: str, model_name: str = "magnet") -> None:
-    """Put the model card on the registered version (the registry UI shows it as its description)."""
-    client_for(tracking_uri).update_model_version(model_name, version, description=card)
+    """Put the model card on the registered version (the registry UI shows it as its description),
+    keeping the sections others added after it (`with_section`: the promotion's record), so a
+    re-registration of the same checkpoint does not erase why the version holds its alias."""
+    client = client_for(tracking_uri)
+    before = client.get_model_version(model_name, version).description or ""
+    start = next((i for i, line in enumerate(before.split("\n")) if line.startswith(SECTION_MARK)), None)
+    sections = "\n".join(before.split("\n")[start:]) if start is not None else ""
+    client.update_model_version(model_name, version, description="\n\n".join(filter(None, [card, sections])))
+
+
+def with_section(description: str | None, title: str, body: str) -> str:
+    """``description`` with its section ``title`` (from the line ``## <title>`` to the next ``## ``
+    heading or the end) holding ``body``: replaced where it is, else appended; the rest (the model
+    card, other sections) kept as it was. The same call again gives the same text."""
+    lines = (description or "").split("\n")
+    heading = f"{SECTION_MARK}{title}"
+    start = next((i for i, line in enumerate(lines) if line == heading), len(lines))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith(SECTION_MARK)), len(lines))
+    before, after = "\n".join(lines[:start]).rstrip(), "\n".join(lines[end:]).strip()
+    return "\n\n".join(filter(None, [before, f"{heading}\n\n{body.strip()}", after]))
 
 
 # ------------------------------------------------------------------------------- prefect link

@@ -3,10 +3,11 @@ move the registry alias only when the challenger wins by a margin.
 
     promote(tracking_uri, experiment="magnet", metric="val_oIoU", shards=..., min_gain=0.5) -> Promotion
 
-The comparison is written on the challenger's model version (tags and a description), so the
-MLflow UI tells why an alias sits where it does. Scores are cached on each version as tags keyed by
-split, protocol and the dataset's summary.json hash, and every write happens only when the value
-differs: running a promotion twice changes nothing the second time.
+The comparison is written on the challenger's model version (tags, and a `## Promotion` section of
+its description, below the model card the train flow wrote), so the MLflow UI tells why an alias
+sits where it does. Scores are cached on each version as tags keyed by split, protocol and the
+dataset's summary.json hash, and every write happens only when the value differs: running a
+promotion twice changes nothing the second time.
 
 Promotions at once (two sweeps finishing together, a flow retried beside a manual run) are
 serialised by a lock kept in the registry itself: the registered model ``<model>.promotion-lock``,
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING
 from data_prep.paths import absolute_location
 from pipelines.defaults import PROMOTE
 from pipelines.evaluation import evaluate_model
+from pipelines.mlflow_record import with_section
 from pipelines.registry import MODEL_NAME
 from pipelines.tracking import client_for, dataset_tags, resolve_tracking_uri
 
@@ -52,6 +54,7 @@ PARENT_TAG = "mlflow.parentRunId"
 LOCK_SUFFIX = ".promotion-lock"
 LOCK_STALE_S = 600.0  # far above the seconds a holder needs: it reads and writes tags only
 LOCK_WAIT_S = 1800.0
+PROMOTION_SECTION = "Promotion"  # the description's section holding the decision (mlflow_record.with_section)
 
 
 class PromotionError(ValueError):
@@ -222,9 +225,12 @@ def _set_alias(client: MlflowClient, model_name: str, alias: str, version: str) 
 
 
 def _set_description(client: MlflowClient, version: ModelVersion, text: str) -> bool:
-    if (version.description or "") == text:
+    """The promotion's record as the ``Promotion`` section of the version's description: the model
+    card the train flow wrote above it stays."""
+    described = with_section(version.description, PROMOTION_SECTION, text)
+    if (version.description or "") == described:
         return False
-    client.update_model_version(version.name, version.version, description=text)
+    client.update_model_version(version.name, version.version, description=described)
     return True
 
 
@@ -333,7 +339,7 @@ def promote(
         model_name: registered model.
         device: where evaluation runs.
     """
-    uri = resolve_tracking_uri(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri, existing=True)  # it reads runs: a missing store is no store
     client = client_for(uri)
     key = resolve_metric(metric)
     metric_split, score_name = key.split("/", 1)

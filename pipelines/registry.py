@@ -11,10 +11,13 @@ it too (`code_paths`), and its requirements are index packages only, so `mlflow 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import io
 import os
 import re
+import reprlib
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -28,8 +31,10 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
+from data_prep.images import decode_image
 from data_prep.paths import is_url
 from magnet.checkpoint import CONFIG_FILE, META_FILE, MODEL_FILE, load_model_from_checkpoint
 from magnet.config import Config
@@ -61,7 +66,9 @@ SERVING_REQUIREMENTS = (
     "fsspec",
     "pyarrow",
     "webdataset",
+    "pycocotools",  # magnet.data reads the shards' objects (data_prep.masks)
 )
+_MAX_NAMED_ROWS = 10  # bad rows named in one error message
 
 
 def mask_to_png(mask: np.ndarray) -> bytes:
@@ -87,24 +94,58 @@ class MagNetPyfunc(mlflow.pyfunc.PythonModel):
         every import of this module that `predict` lacks type hints."""
         from magnet.inference import predict
 
-        frame = pd.DataFrame(model_input)
-        missing = {"image", "text"} - set(frame.columns)
-        if missing:
-            raise ValueError(f"model input lacks column(s) {sorted(missing)}; expected 'image' and 'text'")
-        images = [Image.open(io.BytesIO(_as_bytes(value))) for value in frame["image"]]
-        masks = predict(self.model, self.cfg.model, images, list(frame["text"]), self.cfg.eval.threshold)
+        images, texts = _read_rows(pd.DataFrame(model_input))
+        masks = predict(self.model, self.cfg.model, images, texts, self.cfg.eval.threshold)
         return pd.DataFrame({"mask": [mask_to_png(m) for m in masks]})
 
 
+def _invalid(message: str) -> MlflowException:
+    """A bad request: the scoring server answers 400 with this message and nothing of the server."""
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _read_rows(frame: pd.DataFrame) -> tuple[list[Image.Image], list[str]]:
+    """Each row's image as a person sees it (`data_prep.images.decode_image`) and its expression.
+
+    Raises:
+        MlflowException: INVALID_PARAMETER_VALUE naming every bad row (counted from 0, as the
+            request's rows) and what is wrong with it, e.g. "row 3: image: not a recognised image
+            format", before the model runs.
+    """
+    missing = {"image", "text"} - set(frame.columns)
+    if missing:
+        raise _invalid(f"model input lacks column(s) {sorted(missing)}; expected 'image' and 'text'")
+    images: list[Image.Image] = []
+    problems: list[str] = []
+    for row, (cell, text) in enumerate(zip(frame["image"], frame["text"], strict=True)):
+        try:
+            images.append(decode_image(_as_bytes(cell)))
+        except ValueError as err:  # not bytes, not base64, not an image, damaged, too large
+            problems.append(f"row {row}: image: {err}")
+        if not isinstance(text, str):
+            problems.append(f"row {row}: text: not text ({type(text).__name__} {reprlib.repr(text)})")
+        elif not text.strip():
+            problems.append(f"row {row}: text: empty: say which object to segment")
+    if problems:
+        more = len(problems) - _MAX_NAMED_ROWS
+        raise _invalid("; ".join(problems[:_MAX_NAMED_ROWS]) + (f" (and {more} more)" if more > 0 else ""))
+    return images, list(frame["text"])
+
+
 def _as_bytes(value: Any) -> bytes:
-    """Image cells arrive as bytes in Python and as base64 text through the REST server."""
+    """Image cells arrive as bytes in Python and as base64 text through the REST server.
+
+    Raises:
+        ValueError: a cell of another type, or text that is not base64.
+    """
     if isinstance(value, bytes | bytearray):
         return bytes(value)
     if isinstance(value, str):
-        import base64
-
-        return base64.b64decode(value)
-    raise TypeError(f"image cell is {type(value).__name__}; expected the image file's bytes")
+        try:
+            return base64.b64decode(value)
+        except binascii.Error as err:
+            raise ValueError(f"not base64 text ({err})") from None
+    raise ValueError(f"not the image file's bytes ({type(value).__name__} {reprlib.repr(value)})")
 
 
 def signature() -> mlflow.models.ModelSignature:

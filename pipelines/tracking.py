@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from data_prep.contract import SUMMARY
-from data_prep.paths import absolute_location, is_url
+from data_prep.paths import absolute_location, check_name, is_url
 from pipelines.defaults import TRAIN
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ DEFAULT_EXPERIMENT = TRAIN.experiment
 CONTEXT_TAG = "mlflow.data.context"  # MLflow's tag for what an input was used for
 DIGEST_LENGTH = 36  # MLflow's limit on a dataset digest: the summary's sha256, cut to fit
 ARTIFACT_DIR_NAME = "mlartifacts"
+RUN_PATH_TAG = "train.run_path"  # <storage>/<run name>: where the run's Ray checkpoints are
 _PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
 _PARAM_VALUE_LIMIT = 6000
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
@@ -104,7 +105,11 @@ def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
 
 
 def _safe_dir_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "experiment"
+    """A free-text MLflow name (an experiment's: "my exp", "..") as one directory name that passes
+    `data_prep.paths.check_name`: other characters become ``_``, leading ones that are not a letter
+    or digit go, so none is ``..`` or hidden."""
+    safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", name).lstrip("._+-")[:128]
+    return check_name(safe or "experiment", "directory")
 
 
 def client_for(tracking_uri: str) -> MlflowClient:
@@ -227,6 +232,7 @@ def start_run(
     resume: bool = False,
     extra_tags: Mapping[str, str] | None = None,
     trains: bool = True,
+    run_path: str | None = None,
 ) -> dict[str, str]:
     """Open (or, with ``resume``, reopen by name) the MLflow run of one training.
 
@@ -234,6 +240,11 @@ def start_run(
     split as the run's dataset input (`log_dataset_inputs`; not when the
     run only registers a checkpoint, ``trains=False``). Returns the
     settings rank 0 builds its `MlflowRunLogger` from: ``{"tracking_uri", "run_id"}``.
+
+    Args:
+        run_path: where the run's checkpoints live (``<storage>/<run name>``), tagged
+            ``RUN_PATH_TAG``: a resume continues the run of that name that trained there
+            (`_find_run`), not another of the same name.
     """
     import yaml
     from mlflow.entities import Param, RunTag
@@ -241,8 +252,10 @@ def start_run(
     tracking_uri = resolve_tracking_uri(tracking_uri)
     client = client_for(tracking_uri)
     experiment_id = get_or_create_experiment(client, experiment, tracking_uri)
-    run_id = _find_run(client, experiment_id, run_name) if resume else None
+    run_id = _find_run(client, experiment_id, run_name, run_path) if resume else None
     tags = {**dataset_tags(shards), **git_tags(), "config.name": cfg.name, **(extra_tags or {})}
+    if run_path is not None:
+        tags[RUN_PATH_TAG] = run_path
     if run_id is None:
         run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         params = [Param(key, _param_value(value)) for key, value in cfg.flat().items()]
@@ -259,21 +272,33 @@ def start_run(
 
 
 def find_run(tracking_uri: str, experiment: str, run_name: str) -> Run | None:
-    """The newest run of that name in the experiment, or None."""
+    """The run of that name in the experiment a resume would continue (`_find_run`), or None."""
     client = client_for(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     run_id = _find_run(client, found.experiment_id, run_name) if found else None
     return client.get_run(run_id) if run_id else None
 
 
-def _find_run(client: MlflowClient, experiment_id: str, run_name: str) -> str | None:
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"attributes.run_name = '{run_name}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
+def _find_run(
+    client: MlflowClient, experiment_id: str, run_name: str, run_path: str | None = None
+) -> str | None:
+    """The run a resume continues: of the runs of that name (none tagged with another ``run_path``:
+    their checkpoints are elsewhere), the one tagged with this ``run_path``, else one that logged
+    metrics (a run refused before it trained logged none), the newest first."""
+    runs = client.search_runs([experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
+    if run_path is not None:
+        runs = [run for run in runs if run.data.tags.get(RUN_PATH_TAG, run_path) == run_path]
+    if not runs:
+        return None
+    best = max(
+        runs,
+        key=lambda run: (
+            run_path is not None and run.data.tags.get(RUN_PATH_TAG) == run_path,
+            bool(run.data.metrics),
+            run.info.start_time,
+        ),
     )
-    return runs[0].info.run_id if runs else None
+    return best.info.run_id
 
 
 def _param_value(value: Any) -> str:
@@ -343,7 +368,8 @@ class MlflowRunLogger:
     def log_evaluation(self, evaluation: Evaluation, step: int) -> None:
         """An evaluation's metrics, how it was scored (tags ``eval.protocol``, ``eval.mask_mode``,
         ``eval.breakdown``, ``eval.description``) and its breakdown table (split x group: oIoU,
-        mIoU, n) as ``evaluation/step%08d.json``, shown in the UI's artifact view.
+        mIoU, pick_acc, outline_IoU, n; pick figures null where not scored) as
+        ``evaluation/step%08d.json``, shown in the UI's artifact view.
 
         Args:
             evaluation: the result of magnet.evaluate.evaluate.
@@ -352,6 +378,7 @@ class MlflowRunLogger:
         from mlflow.entities import RunTag
 
         from magnet.evaluate import breakdown_rows
+        from magnet.metrics import GROUP_METRICS
 
         self.log_metrics(evaluation.metrics, step)
         tags = {
@@ -363,7 +390,5 @@ class MlflowRunLogger:
         self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         rows = breakdown_rows(evaluation.metrics)
         if rows:
-            columns = {
-                name: [row.get(name) for row in rows] for name in ("split", "group", "oIoU", "mIoU", "n")
-            }
+            columns = {name: [row.get(name) for row in rows] for name in ("split", "group", *GROUP_METRICS)}
             self._client.log_table(self.run_id, data=columns, artifact_file=f"evaluation/step{step:08d}.json")

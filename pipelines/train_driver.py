@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from data_prep.paths import absolute_location
+from data_prep.paths import absolute_location, check_name
 from magnet.config import Config, config_from_dict
 from magnet.data import check_text_settings, open_split
 from magnet.train import NOT_EVALUATED, SCORE_KEY, StepHook, global_batch_mismatch
@@ -57,7 +57,12 @@ class TrainResult:
 
     @property
     def run_path(self) -> str:
-        return f"{self.storage_path.rstrip('/')}/{self.run_name}"
+        return run_path(self.storage_path, self.run_name)
+
+
+def run_path(storage_path: str, run_name: str) -> str:
+    """``<storage_path>/<run_name>``: where Ray Train keeps a run's checkpoints."""
+    return f"{storage_path.rstrip('/')}/{run_name}"
 
 
 class RayReporter:
@@ -165,6 +170,36 @@ def run_exists(storage_path: str, run_name: str) -> bool:
     return info.type != pyarrow.fs.FileType.NotFound
 
 
+def check_run_name(storage_path: str, run_name: str | None, resume: bool) -> None:
+    """Refuse a run name before anything is created for it (an MLflow run, Ray's directory): one that
+    is no safe directory name, a new run under a name already used there, or a resume of a run that
+    is not there. `magnet train` and the train-magnet flow call it before they open the MLflow run,
+    so a refused run leaves no trace; `run_training` calls it again for its other callers.
+
+    Args:
+        storage_path: absolute Ray storage (path or URL) the run's checkpoints live under.
+        run_name: the run's name; None = a new unique one (not with ``resume``).
+        resume: continue the run ``run_name`` from its checkpoints.
+
+    Raises:
+        UnsafeNameError: the name cannot be one directory under the storage.
+        ValueError: ``resume`` without a name.
+        FileNotFoundError: ``resume`` and no run of that name under the storage.
+        FileExistsError: a new run under the name of one the storage holds.
+    """
+    if run_name is not None:
+        check_name(run_name, "run name")
+    if resume:
+        if not run_name:
+            raise ValueError("resume needs the name of the run to continue (run_name)")
+        if not run_exists(storage_path, run_name):
+            raise FileNotFoundError(f"no run {run_name!r} under {storage_path} to resume")
+    elif run_name is not None and run_exists(storage_path, run_name):
+        raise FileExistsError(
+            f"run {run_name!r} already exists under {storage_path}: resume it, or choose another name"
+        )
+
+
 def checkpoint_reports(storage_path: str, run_name: str) -> list[dict[str, Any]]:
     """The metrics reported with each checkpoint a Train run still keeps (its meta.json), by step."""
     import pyarrow.fs
@@ -193,6 +228,12 @@ def _best(best_checkpoints: Sequence[tuple[Any, dict[str, Any]]]) -> Any | None:
         (m[SCORE_KEY], c) for c, m in best_checkpoints if m.get(SCORE_KEY, NOT_EVALUATED) > NOT_EVALUATED
     ]
     return max(scored, key=lambda pair: pair[0])[1] if scored else None
+
+
+def run_splits(cfg: Config, final_splits: Sequence[str] = ()) -> list[str]:
+    """Every split a run reads: the training split, ``data.eval_splits`` (evaluated while it trains)
+    and ``final_splits`` (those its caller scores at the end), each once."""
+    return list(dict.fromkeys([cfg.data.train_split, *cfg.data.eval_splits, *final_splits]))
 
 
 def check_splits(cfg: Config, shards: str, splits: Sequence[str]) -> None:
@@ -305,23 +346,14 @@ def run_training(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     storage = absolute_location(storage_path)
-    if resume:
-        if not run_name:
-            raise ValueError("resume needs the name of the run to continue (run_name)")
-        if not run_exists(storage, run_name):
-            raise FileNotFoundError(f"no run {run_name!r} under {storage} to resume")
-    elif run_name is None:
-        run_name = new_run_name(cfg)
-    elif run_exists(storage, run_name):
-        raise FileExistsError(
-            f"run {run_name!r} already exists under {storage}: resume it, or choose another name"
-        )
+    check_run_name(storage, run_name, resume)
+    run_name = run_name or new_run_name(cfg)
 
     mismatch = global_batch_mismatch(cfg, num_workers)
     if mismatch:
         log.warning("%s: lr and schedule are the recipe's, so the run is not comparable", mismatch)
 
-    check_splits(cfg, absolute_location(shards), [cfg.data.train_split, *cfg.data.eval_splits, *final_splits])
+    check_splits(cfg, absolute_location(shards), run_splits(cfg, final_splits))
 
     started_ray = not ray.is_initialized()
     if started_ray:

@@ -78,3 +78,23 @@ def test_step_benchmark_splits_the_step_into_parts_that_add_up() -> None:
         assert abs(total - step) <= 0.02 * step, out
     assert re.search(rf"GFLOP/s fp32 matmul peak \({NUMBER}%\)", out), out
     assert re.search(rf"this tree vs HEAD: {NUMBER}x samples/s", out), out
+
+
+def test_learning_benchmark_scores_kinds_against_their_floors_and_checks_the_targets() -> None:
+    """bench_learning's arithmetic (its run is the overfit check's loop, tests/magnet/test_learning.py)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_learning as bench
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    floors = {"all": 20.0, "ordinal": 25.0}
+    metrics = {"val/oIoU": 70.0, "val/pick_acc": 85.0, "val/kind/ordinal/oIoU": 45.0}
+    rows = bench.kind_scores(metrics, floors)
+    assert rows["all"]["ratio"] == 3.5 and rows["all"]["pick_acc"] == 85.0 and rows["ordinal"]["ratio"] == 1.8
+    assert list(bench.verdict(rows).values()) == [True, False, True]
+    points = {
+        1: {"train/grad_norm/vision": 2.0},
+        2: {"train/grad_norm/vision": 4.0},
+        99: {"train/grad_norm/vision": 9.0},
+    }
+    assert bench.gradient_table(points, steps=50) == {"vision": 3.0}

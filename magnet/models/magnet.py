@@ -78,6 +78,25 @@ SWIN_KEY = re.compile(r"patch_embed\.|layers\.\d+\.(blocks|downsample)\.")
 PRETRAINED_TEXT_KEY = re.compile(r"language_model\.(embeddings|encoder)\.")
 """Parameters of the text side that pretrained BERT weights fill (its fusion layers are new)."""
 
+PARTS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("vision", re.compile(r"image_model\.(patch_embed|layers\.\d+\.(blocks|downsample))\.")),
+    ("vision_fusion", re.compile(r"image_model\.layers\.\d+\.(fusion|res_gate)\.")),
+    ("cam", re.compile(r"image_model\.layers\.\d+\.cam\.")),
+    ("text", re.compile(r"language_model\.(embeddings|encoder)\.")),
+    ("text_fusion", re.compile(r"language_model\.")),
+    ("decoder", re.compile(r"classifier\.")),
+    ("mask_grounding", re.compile(r"criterion\.mask_grounding\.")),
+    ("alignment", re.compile(r"criterion\.alignment\.")),
+)
+"""The model's parts by parameter name, first match wins: what the per-part gradient norms
+(``train/grad_norm/<part>``) and learning diagnostics group by. ``other`` takes the rest."""
+
+
+def part_of(name: str) -> str:
+    """The part (``PARTS``) a parameter name belongs to, or ``other``."""
+    return next((part for part, pattern in PARTS if pattern.match(name)), "other")
+
+
 KNOWN_TEXT_CONFIGS: dict[str, dict[str, int]] = {
     "bert-base-uncased": {},
     "google-bert/bert-base-uncased": {},
@@ -563,8 +582,20 @@ def build_text_encoder(cfg: ModelConfig, load_pretrained: bool) -> BertModel:
     return bert
 
 
+SHIPPED_VISION_DIR = Path(__file__).resolve().parent.parent / "pretrained"
+"""Swin weights that ship with the project (``<name>.pt`` + ``<name>.json``, how each was made):
+``vision.pretrained: <name>`` loads one, as a timm name loads ImageNet weights."""
+
+
+def shipped_vision_weights(source: str) -> Path | None:
+    """The shipped weights file a ``vision.pretrained`` name stands for, or None."""
+    candidate = SHIPPED_VISION_DIR / f"{source}.pt"
+    return candidate if "/" not in source and candidate.is_file() else None
+
+
 def load_pretrained_vision(image_model: MultiModalSwin, source: str) -> None:
-    """Swin weights from a local checkpoint file or a timm hub name (network or HF cache).
+    """Swin weights from a local checkpoint file, a shipped name (``SHIPPED_VISION_DIR``) or a timm
+    hub name (network or HF cache).
 
     The file may hold a timm state dict or an original Swin one (``{'model': ...}``, patch
     merging at the end of each stage); timm's own converter renames the latter and resizes
@@ -574,9 +605,10 @@ def load_pretrained_vision(image_model: MultiModalSwin, source: str) -> None:
     import timm
     from timm.models.swin_transformer import checkpoint_filter_fn as swin_filter_fn
 
-    if Path(source).is_file():
-        state = torch.load(source, map_location="cpu", weights_only=True)
-        origin = f"local file {source}"
+    shipped = shipped_vision_weights(source)
+    if Path(source).is_file() or shipped:
+        state = torch.load(shipped or source, map_location="cpu", weights_only=True)
+        origin = f"shipped weights {shipped}" if shipped else f"local file {source}"
     else:
         state = timm.create_model(source, pretrained=True, num_classes=0).state_dict()
         origin = f"timm hub {source}"

@@ -29,6 +29,32 @@ def require_prepared(shards: str | Path) -> str:
     return location
 
 
+def require_store(tracking_uri: str | None) -> str:
+    """The MLflow store a command only reads from (promote, sweep-report), absolute; refused when
+    it is not there, since MLflow would create an empty one (a ./mlflow.db) on first contact."""
+    from pipelines.tracking import resolve_tracking_uri
+
+    try:
+        return resolve_tracking_uri(tracking_uri, existing=True)
+    except FileNotFoundError as err:
+        raise typer.BadParameter(str(err), param_hint="--tracking-uri") from None
+
+
+def require_writable(location: str, param_hint: str) -> None:
+    """Refuse a local output that cannot be written (read-only, forbidden, full, a path through a
+    file) in a moment, before Prefect starts and retries; object storage is not checked."""
+    from data_prep.output import check_writable, describe
+    from data_prep.paths import is_url
+
+    if is_url(location):
+        return
+    try:
+        check_writable(Path(location))
+    except OSError as err:
+        message = f"cannot write to {location}: {describe(err, location)}"
+        raise typer.BadParameter(message, param_hint=param_hint) from None
+
+
 def require_local_cpus(workers: int, ray_address: str | None, param_hint: str) -> None:
     """Refuse more Train workers than a local Ray can place (one CPU each), which would otherwise
     wait for resources that never come; a cluster (--ray-address or RAY_ADDRESS) is not checked."""
@@ -61,18 +87,15 @@ def require_device(device: str) -> str:
 
 
 def require_image(path: Path) -> Image.Image:
-    """The image at ``path``, fully decoded: a file that is no image, or a truncated one, is refused
+    """The image at ``path`` as a person sees it (`data_prep.images.decode_image`: upright, RGB),
+    fully decoded: a file that is no image, a truncated one or one of too many pixels is refused
     here rather than after the model has loaded."""
-    from PIL import Image, UnidentifiedImageError
+    from data_prep.images import UnreadableImage, decode_image
 
     try:
-        picture = Image.open(path)
-        picture.load()
-    except UnidentifiedImageError:
-        raise typer.BadParameter(f"{path} is not an image file PIL can read", param_hint="--image") from None
-    except OSError as err:  # "image file is truncated", a broken PNG chunk, ...
-        raise typer.BadParameter(f"{path} is damaged: {err}", param_hint="--image") from None
-    return picture
+        return decode_image(path.read_bytes())
+    except UnreadableImage as err:
+        raise typer.BadParameter(f"{path} is {err}", param_hint="--image") from None
 
 
 def require_picture_path(path: Path, param_hint: str) -> Path:

@@ -27,11 +27,12 @@ def register_checkpoint(
     """Register a checkpoint that no training run produced (e.g. imported published weights) as a
     new version of `magnet`, in a run of its own carrying its config and the dataset's tags."""
     from magnet.checkpoint import load_config_from_checkpoint
-    from magnet.data import first_example
+    from magnet.data import first_example, open_split
     from pipelines import mlflow_record, registry
     from pipelines import tracking as mlflow_tracking
 
     shards = require_prepared(shards)
+    open_split(shards, split, verify=False)  # a split the data lacks, named before the run is opened
     try:
         cfg = load_config_from_checkpoint(checkpoint)
     except FileNotFoundError as err:

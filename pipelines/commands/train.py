@@ -40,10 +40,24 @@ def train(
     ),
 ) -> None:
     """Train MagNet with Ray Train through the train-magnet flow, tracked in MLflow."""
+    from data_prep.paths import UnsafeNameError
     from magnet.config import ConfigError, load_config
-    from magnet.data import check_text_settings, open_split
+    from magnet.data import held_out_splits
+    from pipelines.train_driver import (
+        absolute_storage,
+        check_run_name,
+        check_splits,
+        new_run_name,
+        run_splits,
+    )
 
     require_local_cpus(num_workers, ray_address, "--num-workers")
+    try:  # before Prefect and the MLflow run: a refused name leaves no run behind
+        check_run_name(absolute_storage(storage_path), run_name, resume)
+    except (UnsafeNameError, FileExistsError) as err:
+        raise typer.BadParameter(str(err), param_hint="--run-name") from None
+    except (ValueError, FileNotFoundError) as err:
+        raise typer.BadParameter(str(err), param_hint="--resume") from None
     if init_from is not None:
         if not (init_from / "model.pt").is_file():
             raise typer.BadParameter(
@@ -55,13 +69,11 @@ def train(
     except ConfigError as err:
         raise typer.BadParameter(str(err), param_hint="--config/--set") from None
     shards = require_prepared(shards)
-    # A corrupt shard named now, not in a Prefect task's traceback; the driver checks again (one
-    # more read of the split) because the flow is also started without this command
-    check_text_settings(shards, cfg.model.text)
-    data = cfg.data
-    open_split(shards, data.train_split, verify=data.verify_checksums, skip_corrupt=data.skip_corrupt_shards)
+    # A corrupt shard of any split the run reads (the flow scores the held-out ones at the end)
+    # named now, not in a Prefect task's traceback; the driver checks again (one more read of the
+    # splits) because the flow is also started without this command
+    check_splits(cfg, shards, run_splits(cfg, held_out_splits(shards, cfg.data.train_split)))
     from pipelines.flows.train import train_magnet  # Prefect only once the arguments are good
-    from pipelines.train_driver import new_run_name
 
     run_name = run_name or new_run_name(cfg)  # named here, so that an interruption can name it
     interrupts.on_interrupt(lambda: _stopped(run_name, storage_path))

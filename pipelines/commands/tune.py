@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from pipelines import interrupts
-from pipelines.commands import require_device, require_local_cpus, require_prepared
+from pipelines.commands import require_device, require_local_cpus, require_prepared, require_store
 from pipelines.defaults import PROMOTE, TUNE
 
 
@@ -52,9 +52,9 @@ def tune(
 ) -> None:
     """Sweep loss weights (or run the ablation) with Ray Tune; each trial is a Ray Train run."""
     from magnet.config import ConfigError, load_config
-    from magnet.data import check_text_settings
-    from pipelines.sweep.driver import build_scheduler
+    from pipelines.sweep.driver import build_scheduler, check_sweep_name, check_sweep_splits
     from pipelines.sweep.space import SEARCHES, SpaceError, check_search, load_space
+    from pipelines.train_driver import absolute_storage
 
     if search is not None and search not in SEARCHES:
         raise typer.BadParameter(f"{search!r} is not one of {', '.join(SEARCHES)}", param_hint="--search")
@@ -74,7 +74,13 @@ def tune(
     except (ConfigError, SpaceError) as err:
         raise typer.BadParameter(str(err), param_hint="--space/--config/--search") from None
     shards = require_prepared(shards)
-    check_text_settings(shards, cfg.model.text)  # each trial's driver checks its own config again
+    try:  # before Prefect and the sweep's MLflow run
+        check_sweep_name(absolute_storage(storage_path), resume, resume is not None)
+    except (ValueError, FileNotFoundError) as err:
+        raise typer.BadParameter(str(err), param_hint="--resume") from None
+    # every split the trials and the wrap-up read, checked now, not in a trial's traceback (each
+    # trial's driver checks its own config's again)
+    check_sweep_splits(cfg, parsed, shards, register_best)
     from pipelines.flows.tune import tune_magnet  # Prefect only once the arguments are good
     from pipelines.sweep.driver import new_sweep_name
 
@@ -106,9 +112,9 @@ def _stopped(sweep_name: str, storage_path: str | None) -> str:
     resume from their latest checkpoints."""
     from ray import tune
 
-    from pipelines.train_driver import absolute_storage
+    from pipelines.train_driver import absolute_storage, run_path
 
-    if not tune.Tuner.can_restore(f"{absolute_storage(storage_path).rstrip('/')}/{sweep_name}"):
+    if not tune.Tuner.can_restore(run_path(absolute_storage(storage_path), sweep_name)):
         again = interrupts.magnet_command()
         return f"sweep {sweep_name!r} stopped before Tune started; start again with: {again}"
     again = interrupts.magnet_command("--resume", sweep_name, options=["--resume"])
@@ -134,12 +140,10 @@ def sweep_report(
         raise typer.BadParameter(f"{out}: the report is markdown, name it <name>.md", param_hint="--out")
     if not out.parent.is_dir():
         raise typer.BadParameter(f"{out.parent} is not a directory", param_hint="--out")
+    require_store(tracking_uri)
     from pipelines.sweep.report import read_sweep, write_report
 
-    try:
-        finished = read_sweep(sweep, experiment, tracking_uri)
-    except FileNotFoundError as err:  # no MLflow store where the URI points
-        raise typer.BadParameter(str(err), param_hint="--tracking-uri") from None
+    finished = read_sweep(sweep, experiment, tracking_uri)
     *written, last = write_report(finished, out)
     typer.echo(f"wrote {', '.join(map(str, written))} and {last}")
 
@@ -172,6 +176,7 @@ def promote(
         )
     require_device(device)
     shards = require_prepared(shards)
+    require_store(tracking_uri)
     from pipelines.flows.tune import promote_magnet
     from pipelines.promote import PromotionError
 

@@ -1,4 +1,5 @@
-"""The Prefect flows (prepare, train, evaluate, tune, promote).
+"""The Prefect flows (one module each), and what they share: `artifact_key`, and Prefect's
+temporary API server shielded from Ctrl-C.
 
 Without PREFECT_API_URL, Prefect starts a temporary API server in a child process of this one,
 in its process group: a Ctrl-C at the terminal reached it too and killed it first, and every
@@ -10,10 +11,25 @@ Prefect sends it at exit, or `pipelines.interrupts` sends it when the process en
 
 from __future__ import annotations
 
+import hashlib
+import re
 import signal
 from typing import Any
 
 from pipelines import interrupts
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key from its parts (a stage, and names users chose: a dataset, a run, a
+    sweep, an experiment). Prefect takes lowercase letters, digits and dashes only, and refuses any
+    other key after the flow's work is done; so every other character becomes a dash, and a key
+    that had to change gets 8 hex of the parts' hash, so that `My_Kitchen` and `my-kitchen` (both
+    good dataset names) keep reports of their own."""
+    text = "-".join(parts)
+    key = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    if key != text:
+        key = f"{key}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return key
 
 
 def _shield_temporary_server() -> None:

@@ -13,10 +13,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from data_prep.paths import absolute_location
-from magnet.data import held_out_splits
+from magnet.data import held_out_splits, open_split
 from pipelines import interrupts, mlflow_record
 from pipelines import tracking as mlflow_tracking
 from pipelines.evaluation import evaluate_model
+from pipelines.flows import artifact_key
 from pipelines.registry import check_model_reference
 
 DEFAULT_EXPERIMENT = "magnet-evaluations"
@@ -80,8 +81,10 @@ def evaluate_magnet(
     shard_root = absolute_location(shards)
     check_model_reference(model, tracking_uri)
     splits = splits or held_out_splits(shard_root, train_split)
+    for split in splits:  # a missing split or corrupt shard refused before the run is opened
+        open_split(shard_root, split)
     tracking = open_evaluation_run(model, shard_root, tracking_uri, experiment, run_name)
-    mlflow_record.link_flow_run(tracking, key=f"mlflow-run-{tracking['run_id']}")
+    mlflow_record.link_flow_run(tracking, key=artifact_key("mlflow-run", tracking["run_id"]))
     try:
         evaluation = evaluate(
             model, shard_root, splits, tracking, Path(pictures_dir).resolve() if pictures_dir else None

@@ -27,6 +27,7 @@ from prefect.utilities.annotations import quote
 
 from data_prep.defaults import PREPARE
 from data_prep.masks import MaskMode
+from data_prep.output import is_permanent
 from data_prep.processes import leave_sigint_to_parent
 from data_prep.shards import (
     REJECT_REASONS,
@@ -46,13 +47,15 @@ from data_prep.shards import (
 from data_prep.tokenize import load_tokenizer, vocabulary_hash
 from magnet import progress
 from pipelines import interrupts
+from pipelines.flows import artifact_key
 
 
 def _transient_io_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only I/O errors (a flaky disk or network mount); bad data never raises here, it
-    becomes rejects rows, and a bug should fail at once."""
+    """Retry only I/O errors that may pass (a flaky disk or network mount); bad data never raises
+    here, it becomes rejects rows, a bug should fail at once, and so should a write no retry can
+    mend (full disk, read-only or forbidden place: `data_prep.output.is_permanent`)."""
     error = state.result(raise_on_failure=False)
-    return isinstance(error, OSError)
+    return isinstance(error, OSError) and not is_permanent(error)
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_io_error, cache_policy=NONE)
@@ -172,7 +175,7 @@ def prepare_refcoco(
     result = assemble_task(quote(plan), results)
     create_markdown_artifact(
         report_markdown(result),
-        key=f"prepare-{dataset.replace('+', 'plus')}-{split_by}",
+        key=artifact_key("prepare", dataset, split_by),
         description="counts per split and rejects by reason",
     )
     return result.summary

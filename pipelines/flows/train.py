@@ -10,7 +10,6 @@ because Ray runs workers in another directory.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +25,35 @@ from pipelines import interrupts, mlflow_record
 from pipelines import tracking as mlflow_tracking
 from pipelines.defaults import TRAIN
 from pipelines.evaluation import evaluate_model
-from pipelines.train_driver import absolute_storage, new_run_name, run_training
+from pipelines.flows import artifact_key
+from pipelines.train_driver import (
+    absolute_storage,
+    check_run_name,
+    new_run_name,
+    run_path,
+    run_training,
+)
 
 
 # ----------------------------------------------------------------------------------- tasks
 @task(name="open-mlflow-run")
 def open_run(
-    cfg: Config, shards: str, tracking_uri: str | None, experiment: str, run_name: str, resume: bool
+    cfg: Config,
+    shards: str,
+    tracking_uri: str | None,
+    experiment: str,
+    run_name: str,
+    resume: bool,
+    run_path: str,
 ) -> dict[str, str]:
     settings = mlflow_tracking.start_run(
-        cfg, shards=shards, tracking_uri=tracking_uri, experiment=experiment, run_name=run_name, resume=resume
+        cfg,
+        shards=shards,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        run_name=run_name,
+        resume=resume,
+        run_path=run_path,
     )
     get_run_logger().info("MLflow run %s at %s", settings["run_id"], settings["tracking_uri"])
     return settings
@@ -122,18 +140,13 @@ def _compute(num_workers: int, use_gpu: bool) -> str:
     return f"{num_workers} Ray Train worker(s), one {name} each"
 
 
-def _artifact_key(prefix: str, run_name: str) -> str:
-    """Prefect artifact keys take lowercase letters, digits and dashes."""
-    return re.sub(r"[^a-z0-9-]", "-", f"{prefix}-{run_name}".lower())
-
-
 # ------------------------------------------------------------------------------------ flow
 def _report(
     cfg: Config, run_name: str, tracking: dict[str, str], version: str | None, evaluation: dict[str, Any]
 ) -> str:
     metrics: dict[str, float] = evaluation["metrics"]
     splits = list(dict.fromkeys(key.split("/", 1)[0] for key in metrics))
-    names = ["oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9", "n"]
+    names = ["oIoU", "mIoU", "pick_acc", "outline_IoU", "P@0.5", "P@0.7", "P@0.9", "n"]
     lines = [
         f"# train-magnet: {run_name}",
         "",
@@ -197,25 +210,26 @@ def train_magnet(
     """
     interrupts.reclaim_sigterm()
     cfg = load_config(config, overrides or [])
-    if resume and not run_name:
-        raise ValueError("resume needs the run_name of the run to continue")
-    if run_name is None:
-        run_name = new_run_name(cfg)
+    storage = absolute_storage(storage_path)
+    check_run_name(storage, run_name, resume)  # before the MLflow run: a refusal leaves no trace
+    run_name = run_name or new_run_name(cfg)
     if shards is None:
         shard_root = str(ensure_synthetic_shards(Path("demo-run").resolve()))
     else:
         shard_root = absolute_location(shards)
     splits = eval_splits or held_out_splits(shard_root, cfg.data.train_split)
-    tracking = open_run(cfg, shard_root, tracking_uri, experiment, run_name, resume)
+    tracking = open_run(
+        cfg, shard_root, tracking_uri, experiment, run_name, resume, run_path(storage, run_name)
+    )
     try:
-        mlflow_record.link_flow_run(tracking, key=_artifact_key("mlflow-run", run_name))
+        mlflow_record.link_flow_run(tracking, key=artifact_key("mlflow-run", run_name))
         result = train(
             cfg,
             shard_root,
             num_workers=num_workers,
             use_gpu=use_gpu,
             ray_address=ray_address,
-            storage_path=absolute_storage(storage_path),
+            storage_path=storage,
             run_name=run_name,
             resume=resume,
             tracking=tracking,
@@ -244,7 +258,7 @@ def train_magnet(
     report = _report(cfg, run_name, tracking, version, evaluation)
     create_markdown_artifact(
         report,
-        key=_artifact_key("train-magnet", run_name),
+        key=artifact_key("train-magnet", run_name),
         description="Final metrics of the train-magnet run",
     )
     print(report)

@@ -8,7 +8,6 @@ alias when it wins (pipelines.promote). The flows only put the work in order.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,8 @@ from data_prep.paths import absolute_location
 from data_prep.synthetic_shards import ensure_synthetic_shards
 from pipelines import interrupts
 from pipelines.defaults import PROMOTE, TUNE
+from pipelines.flows import artifact_key
 from pipelines.train_driver import absolute_storage
-
-
-def _key(text: str) -> str:
-    return re.sub(r"[^a-z0-9-]", "-", text.lower())
 
 
 @task(name="sweep")
@@ -111,7 +107,7 @@ def tune_magnet(
     columns = result.columns
     create_table_artifact(
         [{c: row.get(c) for c in columns} for row in result.trials],
-        key=_key(f"tune-magnet-{result.sweep_name}"),
+        key=artifact_key("tune-magnet", result.sweep_name),
         description=f"Trials of {result.sweep_name} ranked by {result.metric}",
     )
     lines = [f"# tune-magnet: {result.sweep_name}", "", result.table_markdown]
@@ -123,7 +119,7 @@ def tune_magnet(
             f"Best trial's model: `models:/magnet/{result.model_version}` (run {result.best_run_id})",
         ]
     report = "\n".join(lines)
-    create_markdown_artifact(report, key=_key(f"tune-magnet-report-{result.sweep_name}"))
+    create_markdown_artifact(report, key=artifact_key("tune-magnet-report", result.sweep_name))
     print(report)
     return {
         "sweep_name": result.sweep_name,
@@ -188,6 +184,6 @@ def promote_magnet(
     create_markdown_artifact(
         f"# promote-magnet: {result.decision}\n\n{result.summary}\n\n"
         f"`champion` = version {result.champion_version}",
-        key=_key(f"promote-magnet-{experiment}"),
+        key=artifact_key("promote-magnet", experiment),
     )
     return asdict(result)

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from data_prep.paths import absolute_location
+from data_prep.paths import absolute_location, check_name
 from magnet import progress
 from magnet.checkpoint import local_checkpoint
 from magnet.config import Config
@@ -43,6 +43,7 @@ from pipelines.sweep.report import (
     REPORT_PARAM,
     RESUME_TAG,
     SWEEP_KIND_TAG,
+    TABLE_METRICS,
     aggregate,
     aggregate_groups,
     aggregate_plot,
@@ -52,6 +53,7 @@ from pipelines.sweep.report import (
 )
 from pipelines.sweep.space import SpaceError, SweepSpace, check_against, check_search, with_overrides
 from pipelines.sweep.trial import PARAMS_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG, run_trial
+from pipelines.train_driver import absolute_storage, check_splits, run_path, run_splits
 
 TRIALS_CSV = "trials.csv"
 TRIALS_MD = "trials.md"
@@ -77,6 +79,45 @@ class SweepResult:
 
 def new_sweep_name() -> str:
     return f"sweep-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def check_sweep_name(storage_path: str, sweep_name: str | None, resume: bool) -> None:
+    """Refuse a sweep name before anything is made for it (its MLflow parent run, Tune's directory):
+    one that is no safe directory name, a new sweep under a used name, or a resume of a sweep that
+    is not there. `magnet tune` calls it before Prefect starts, `run_sweep` before its parent run.
+
+    Raises:
+        UnsafeNameError: the name cannot be one directory under the storage.
+        ValueError: ``resume`` without a name.
+        FileNotFoundError: ``resume`` and no sweep of that name under the storage.
+        FileExistsError: a new sweep under the name of one the storage holds.
+    """
+    if sweep_name is None:
+        if resume:
+            raise ValueError("resume needs the name of the sweep to continue (sweep_name)")
+        return
+    check_name(sweep_name, "sweep name")
+    from ray import tune
+
+    exists = tune.Tuner.can_restore(run_path(storage_path, sweep_name))
+    if resume and not exists:
+        raise FileNotFoundError(f"no sweep {sweep_name!r} under {storage_path} to resume")
+    if not resume and exists:
+        raise FileExistsError(f"sweep {sweep_name!r} already exists under {storage_path}: resume it")
+
+
+def check_sweep_splits(cfg: Config, space: SweepSpace, shards: str, register_best: bool) -> None:
+    """`train_driver.check_splits` on every split a sweep reads, before any trial starts: each
+    trial's (``cfg`` with the sweep file's overrides), those its report scores at the end, and the
+    first held-out one, whose first sample the registered best model keeps as its input example.
+    Found in a trial, a corrupt shard would fail every trial; in the report, only after all of them.
+
+    Raises:
+        ShardError: naming the split or the shard (see `check_splits`).
+    """
+    cfg = with_overrides(cfg, space.overrides) if space.overrides else cfg
+    example = held_out_splits(shards, cfg.data.train_split)[:1] if register_best else []
+    check_splits(cfg, shards, run_splits(cfg, [*space.report.splits, *example]))
 
 
 # Tune's reservation for a trial's driver process: memory only, see the module docstring.
@@ -198,6 +239,7 @@ def _open_parent(
     tracking_uri: str | None,
     experiment: str,
     sweep_name: str,
+    experiment_path: str,
     search: str,
     num_samples: int,
     resume: bool,
@@ -215,6 +257,7 @@ def _open_parent(
         experiment=experiment,
         run_name=sweep_name,
         resume=resume,
+        run_path=experiment_path,
         extra_tags={
             SWEEP_KIND_TAG: "sweep",
             SWEEP_TAG: sweep_name,
@@ -428,7 +471,6 @@ def run_sweep(
     from ray import tune
 
     from pipelines.ray_workers import QUIET_WORKERS
-    from pipelines.train_driver import absolute_storage
 
     search = search or space.search
     check_search(space, search)
@@ -443,18 +485,15 @@ def run_sweep(
     scheduler = build_scheduler(space, cfg)
     shards = absolute_location(shards)
     storage = absolute_storage(str(storage_path))
-    if resume and not sweep_name:
-        raise ValueError("resume needs the name of the sweep to continue (sweep_name)")
+    check_sweep_name(storage, sweep_name, resume)
+    check_sweep_splits(cfg, space, shards, register_best)
     sweep_name = sweep_name or new_sweep_name()
-    experiment_path = f"{storage.rstrip('/')}/{sweep_name}"
-    if resume and not tune.Tuner.can_restore(experiment_path):
-        raise FileNotFoundError(f"no sweep {sweep_name!r} under {storage} to resume")
-    if not resume and tune.Tuner.can_restore(experiment_path):
-        raise FileExistsError(f"sweep {sweep_name!r} already exists under {storage}: resume it")
+    experiment_path = run_path(storage, sweep_name)
     samples = num_samples or space.num_samples
     parent = _open_parent(
         cfg, space, shards=shards, tracking_uri=tracking_uri, experiment=experiment,
-        sweep_name=sweep_name, search=search, num_samples=samples, resume=resume,
+        sweep_name=sweep_name, experiment_path=experiment_path, search=search, num_samples=samples,
+        resume=resume,
         workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial,
     )  # fmt: skip
     sweep = {
@@ -570,7 +609,7 @@ def _wrap_up(
             if summary:
                 _log_bytes(parent, aggregate_plot(summary, group_by, splits), "report/summary.png")
             groups_columns = [group_by, "split", "group", "n"] + [
-                f"{m} {stat}" for m in METRICS for stat in ("mean", "std")
+                f"{m} {stat}" for m in TABLE_METRICS for stat in ("mean", "std")
             ]
             groups = aggregate_groups(rows, group_by, splits, order)
             _log_text(parent, csv_table(groups, groups_columns), "report/groups.csv")

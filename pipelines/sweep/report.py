@@ -20,9 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from magnet.metrics import PICK_METRICS
 from pipelines.sweep.space import SweepSpace
 
 METRICS = ("oIoU", "mIoU")
+"""What the verdicts and plots compare."""
+TABLE_METRICS = (*METRICS, *PICK_METRICS)
+"""What the tables show: also pick accuracy and outline IoU (wrong object, or bad mask?) where the
+trials were scored on shards that carry the images' objects."""
 # what the driver records on a sweep's parent run at its start, for the report
 SWEEP_KIND_TAG = "tune.kind"
 COMMAND_PARAM = "sweep.command"
@@ -79,11 +84,13 @@ def aggregate_groups(
     splits: Sequence[str],
     order: Sequence[Any] = (),
 ) -> list[dict[str, Any]]:
-    """Mean and sample std of oIoU and mIoU per value of ``group_by``, split and group of
+    """Mean and sample std of each of TABLE_METRICS per value of ``group_by``, split and group of
     expressions, over the trials that have final scores (``row["final"]``, the seeds of an ablation
     variant). Groups as ``magnet.evaluate.breakdown_rows`` names them: ``all``, then ``kind/<kind>``
     (synthetic data) or ``text/<feature>`` (real data). Values in ``order`` (the sweep file's, e.g.
-    baseline first), others after them as met; ``n`` counts the trials scored on that group."""
+    baseline first), others after them as met; ``n`` counts the trials scored on that group. A pick
+    figure is averaged over the trials that have it and left out where none has (shards without
+    the images' objects; outline IoU where nothing was picked right)."""
     from magnet.evaluate import breakdown_rows
 
     scores: dict[Any, dict[tuple[str, str], dict[str, list[float]]]] = {value: {} for value in order}
@@ -93,9 +100,12 @@ def aggregate_groups(
         cells = scores.setdefault(row[group_by], {})
         for found in breakdown_rows(row["final"]):
             if found["split"] in splits:
-                cell = cells.setdefault((found["split"], found["group"]), {name: [] for name in METRICS})
-                for name in METRICS:
-                    cell[name].append(found[name])
+                cell = cells.setdefault(
+                    (found["split"], found["group"]), {name: [] for name in TABLE_METRICS}
+                )
+                for name in TABLE_METRICS:
+                    if name in found:
+                        cell[name].append(found[name])
     table = []
     for value, cells in scores.items():
         for split in splits:
@@ -108,8 +118,9 @@ def aggregate_groups(
                     "group": group,
                     "n": len(cell["oIoU"]),
                 }
-                for name in METRICS:
-                    entry[f"{name} mean"], entry[f"{name} std"] = _mean_std(cell[name])
+                for name in TABLE_METRICS:
+                    if cell[name]:
+                        entry[f"{name} mean"], entry[f"{name} std"] = _mean_std(cell[name])
                 table.append(entry)
     return table
 
@@ -402,7 +413,8 @@ def read_sweep(sweep_name: str, experiment: str, tracking_uri: str | None = None
 
 
 def _groups_table(cells: Sequence[Mapping[str, Any]], group_by: str, name: str) -> str:
-    """Rows (value, split), columns overall and each kind: ``mean ± std`` of ``name``."""
+    """Rows (value, split), columns overall and each kind: ``mean ± std`` of ``name`` (blank
+    where no trial has it)."""
     groups = list(dict.fromkeys(c["group"] for c in cells))
     table: dict[tuple[Any, str], dict[str, Any]] = {}
     for cell in cells:
@@ -411,7 +423,8 @@ def _groups_table(cells: Sequence[Mapping[str, Any]], group_by: str, name: str) 
         )
         if cell["group"] == OVERALL:
             row["n"] = cell["n"]
-        row[group_label(cell["group"])] = f"{cell[f'{name} mean']:.1f} ± {cell[f'{name} std']:.1f}"
+        if f"{name} mean" in cell:
+            row[group_label(cell["group"])] = f"{cell[f'{name} mean']:.1f} ± {cell[f'{name} std']:.1f}"
     return markdown_table(list(table.values()), [group_by, "split", "n", *map(group_label, groups)])
 
 
@@ -469,8 +482,15 @@ def report_markdown(
         f"best checkpoint by {params.get('sweep.metric', '?')} scored on {', '.join(sweep.splits)} "
         f"(whole splits, {params.get('eval.protocol', '?')} protocol)",
     ]
-    for name in METRICS:
+    for name in (name for name in TABLE_METRICS if any(f"{name} mean" in cell for cell in cells)):
         lines += ["", f"## {name} (%, mean ± std over seeds)", "", _groups_table(cells, sweep.group_by, name)]
+    if any(f"{PICK_METRICS[0]} mean" in cell for cell in cells):
+        lines += [
+            "",
+            "pick_acc: share of expressions whose mask picks the referred object (its IoU with it "
+            "strictly above that with every other object of the image); outline_IoU: mean IoU of "
+            "those. A low pick_acc is the wrong object; a low outline_IoU, a poor mask of the right one.",
+        ]
     if wins:  # more than one value of group_by: each against the first
         lines += [
             "",

@@ -17,6 +17,7 @@ from PIL import Image
 
 from data_prep.contract import MANIFEST, REJECTS, SUMMARY
 from data_prep.folder import load_folder
+from data_prep.masks import decode_rles
 from data_prep.refer import ReferFormatError
 from data_prep.shards import REJECT_REASONS, prepare_dataset
 
@@ -177,7 +178,7 @@ def test_counts_and_every_mask_file_reason(prepared: Path) -> None:
     )
     assert rejects[16] == (
         "unusable_segmentation",
-        "ann_id 9: mask masks/black.png is empty (no non-black pixel)",
+        "ann_id 9: mask masks/black.png is empty (no object pixel: all black or transparent)",
     )
 
 
@@ -186,6 +187,7 @@ def test_written_masks_are_the_mask_files_objects(prepared: Path) -> None:
     assert sorted(manifest) == [1, 2, 3, 4, 5, 10, 17]
     assert manifest[5]["raw"] == "le café"
     expected = {1: "man.png", 3: "dog.png", 5: "cup.png", 17: "rgba.png"}
+    checked = False
     for shard in sorted(prepared.glob("*/shard-*.tar")):
         with tarfile.open(shard) as tar:
             for member in tar.getmembers():
@@ -195,6 +197,13 @@ def test_written_masks_are_the_mask_files_objects(prepared: Path) -> None:
                     obj, _ = MASKS[expected[int(key)]]
                     np.testing.assert_array_equal(pixels, obj.astype(np.uint8) * 255)
                     assert manifest[int(key)]["mask_area"] == obj.sum()
+                if ext == "objects.json" and int(key) == 1:  # image a.jpg: the man, the dog; no other mask
+                    objects = json.loads(tar.extractfile(member).read())
+                    assert [o["ann_id"] for o in objects] == [1, 2]
+                    found = decode_rles([o["rle"] for o in objects], 30, 40)
+                    np.testing.assert_array_equal(found, [MASKS["man.png"][0], MASKS["dog.png"][0]])
+                    checked = True
+    assert checked
 
 
 def test_csv_gives_the_same_bytes_and_reruns_are_identical(tmp_path: Path, prepared: Path) -> None:
@@ -257,3 +266,34 @@ def test_bad_rows_are_all_named_before_any_work(tmp_path: Path) -> None:
     )
     with pytest.raises(ReferFormatError, match=r"annotations.csv: not UTF-8 text"):
         load_folder(root, "bad")
+
+
+def test_names_that_would_leave_the_output_are_refused_before_any_write(tmp_path: Path) -> None:
+    """A split or dataset name becomes a directory: one that climbs out (onto another dataset's
+    shards, or out of --out), lands in the writer's own files or hides is refused by line before
+    anything is written, and the other dataset keeps its bytes."""
+    out = tmp_path / "a" / "b" / "out"
+    other = out / "other-unc" / "train" / "shard-000000.tar"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"another dataset's shard")
+    good = {"image": "images/a.jpg", "mask": "masks/man.png", "expression": "the man"}
+    masks = ["man.png", "dog.png", "cup.png", "rgba.png", "small.png", "black.png"]
+    splits = ["train", "../other-unc/train", "_work", "../../../escaped", "summary.json", ".hidden"]
+    root = tmp_path / "names"
+    build_folder(root, ROWS)
+    (root / "annotations.jsonl").write_text(
+        "".join(
+            json.dumps({**good, "mask": f"masks/{mask}", "split": split}) + "\n"
+            for mask, split in zip(masks, splits, strict=True)
+        )
+    )
+    with pytest.raises(ReferFormatError) as caught:
+        prepare_dataset(root, "mine", "folder", out)
+    message = str(caught.value)
+    assert message.startswith(f"{root / 'annotations.jsonl'}: 5 bad rows: line 2: split '../other-unc/train'")
+    assert "line 3: split '_work' cannot name a directory" in message
+    assert "line 5: split 'summary.json' is reserved" in message
+    with pytest.raises(ValueError, match=r"dataset '\.\./other' cannot name a directory"):
+        prepare_dataset(root, "../other", "folder", out)
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and root not in p.parents] == [other]
+    assert other.read_bytes() == b"another dataset's shard"

@@ -16,7 +16,7 @@ from PIL import Image
 from refer_fixture import ANNOTATIONS, EXPECTED, IMAGES
 
 from data_prep.contract import INDEX_FILES, MANIFEST, REJECTS, SUMMARY
-from data_prep.masks import rasterize
+from data_prep.masks import decode_rles, rasterize
 from data_prep.shards import REJECT_REASONS, prepare_dataset
 from data_prep.tokenize import encode_expressions, load_tokenizer, vocabulary_hash
 
@@ -33,8 +33,9 @@ def test_counts_and_every_reject_reason(prepared: Path) -> None:
     assert summary["counts"] == EXPECTED["counts"]
     assert summary["rejects_by_reason"] == EXPECTED["rejects"]
     found = {r for split in EXPECTED["rejects"].values() for r in split}
-    # The fixture exercises every reason but those of mask files (test_folder.py).
-    assert found == set(REJECT_REASONS) - {"missing_mask", "corrupt_mask"}
+    # The fixture exercises every reason but those of mask files (test_folder.py) and of a picture
+    # of too many pixels (test_image_modes.py).
+    assert found == set(REJECT_REASONS) - {"missing_mask", "corrupt_mask", "image_too_large"}
 
 
 def test_read_equals_written_plus_rejected(prepared: Path) -> None:
@@ -78,6 +79,11 @@ def _samples(shard: Path) -> dict[str, dict[str, bytes]]:
     return samples
 
 
+MEMBERS = ("mask.png", "input_ids.npy", "attention_mask.npy", "json", "objects.json")  # besides the image
+# Every object of an image with a usable mask (108 and 109 on image 1 give none), the referred one too.
+USABLE_OBJECTS = {1: [101], 2: [102, 103], 3: [104], 8: [110]}
+
+
 def test_shard_members_follow_the_contract(prepared: Path, refer_root: Path) -> None:
     summary = json.loads((prepared / SUMMARY).read_text())
     manifest = {r["key"]: r for r in pq.read_table(prepared / MANIFEST).to_pylist()}
@@ -96,7 +102,7 @@ def test_shard_members_follow_the_contract(prepared: Path, refer_root: Path) -> 
             assert key == f"{meta['sent_id']:010d}" and row["shard"] == shard["path"]
             name, width, height, _ = IMAGES[meta["image_id"]]
             ext = "png" if name.endswith(".png") else "jpg"
-            assert set(members) == {ext, "mask.png", "input_ids.npy", "attention_mask.npy", "json"}
+            assert set(members) == {ext, *MEMBERS}
             assert members[ext] == (image_dir / name).read_bytes()  # original bytes
             mask = Image.open(io.BytesIO(members["mask.png"]))
             assert mask.mode == "L" and mask.size == (width, height)
@@ -105,6 +111,11 @@ def test_shard_members_follow_the_contract(prepared: Path, refer_root: Path) -> 
             _, _, segmentation = ANNOTATIONS[meta["ann_id"]]
             np.testing.assert_array_equal(pixels // 255, rasterize(segmentation, height, width))
             assert row["mask_area"] == int((pixels > 0).sum())
+            objects = json.loads(members["objects.json"])
+            assert [o["ann_id"] for o in objects] == USABLE_OBJECTS[meta["image_id"]]
+            masks = decode_rles([o["rle"] for o in objects], height, width)
+            for obj, found in zip(objects, masks, strict=True):
+                np.testing.assert_array_equal(found, rasterize(ANNOTATIONS[obj["ann_id"]][2], height, width))
             ids = np.load(io.BytesIO(members["input_ids.npy"]))
             attention = np.load(io.BytesIO(members["attention_mask.npy"]))
             assert ids.dtype == attention.dtype == np.int32 and ids.shape == attention.shape == (20,)
@@ -179,6 +190,19 @@ def test_synthetic_set_is_written_whole(tmp_path: Path) -> None:
         split: stats.n_expressions for split, stats in report.splits.items()
     }
     assert all(c.rejected == 0 and c.written == c.read for c in result.counts.values())
+
+
+def test_synthetic_shards_of_an_older_format_are_prepared_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from data_prep import synthetic_shards
+
+    monkeypatch.setattr(synthetic_shards.os, "cpu_count", lambda: 1)  # one process: no pool to start
+    shards = synthetic_shards.ensure_synthetic_shards(tmp_path, images=6, image_size=64)
+    current = json.loads((shards / SUMMARY).read_text())
+    (shards / SUMMARY).write_text(json.dumps({**current, "format_version": current["format_version"] - 1}))
+    synthetic_shards.ensure_synthetic_shards(tmp_path, images=6, image_size=64)  # a demo directory kept
+    assert json.loads((shards / SUMMARY).read_text()) == current
 
 
 def test_partial_prepare_merges_into_the_index_or_refuses(

@@ -1,7 +1,11 @@
 """Evaluation over whole splits: every expression once, both protocols, rank shares adding up."""
 
+import hashlib
+import io
 import json
+import logging
 import shutil
+import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -9,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from data_prep.contract import MANIFEST, SUMMARY
+from data_prep.contract import MANIFEST, META_MEMBER, OBJECTS_MEMBER, SUMMARY
+from data_prep.masks import decode_rles
 from data_prep.synth import load_kinds
 from magnet.config import load_config
 from magnet.evaluate import Breakdown, breakdown_rows, evaluate, evaluate_split, prediction_figure
@@ -148,9 +153,13 @@ def test_real_data_is_broken_down_by_text_features(shards, tmp_path):
     lengths = [k for k in result.metrics if k.startswith("val/text/length_") and k.endswith("/n")]
     assert sum(result.metrics[k] for k in lengths) == result.metrics["val/n"]
     rows = breakdown_rows(result.metrics)
-    whole = {"split": "val", "group": "all", **{k: result.metrics[f"val/{k}"] for k in ("oIoU", "mIoU", "n")}}
+    names = ("oIoU", "mIoU", "pick_acc", "outline_IoU", "n")
+    whole = {"split": "val", "group": "all", **{k: result.metrics[f"val/{k}"] for k in names}}
     assert rows[0] == whole and all(r["group"].startswith("text/") for r in rows[1:])
-    assert all(set(r) == {"split", "group", "oIoU", "mIoU", "n"} for r in rows)
+    assert all(
+        {"split", "group", "oIoU", "mIoU", "pick_acc", "n"} <= set(r) <= {"split", "group", *names}
+        for r in rows
+    )
 
 
 def test_kinds_survive_synth_prepare_and_evaluate(shards):
@@ -221,3 +230,106 @@ def test_picture_examples_come_from_different_images_and_cover_every_kind():
         keep_examples=4,
     )
     assert [example.text for example in result.examples] == ["s1", "s3", "s6", "s4"]
+
+
+# The lavt protocol's align_corners=True upsampling makes the left quarter 3 columns of 16, not 4.
+@pytest.mark.parametrize(("protocol", "outline"), [("lavt", 100 * (3 / 4 + 3 / 8) / 2), ("original", 75.0)])
+def test_hand_made_samples_picked_or_not(protocol, outline):
+    # The model predicts the left quarter. Sample 1: that is the referred object (picked, IoU 1);
+    # sample 2: the referred object is the right quarter and the left quarter another object of the
+    # image (the wrong one picked); sample 3: the left half, beside an object in the right half
+    # (picked, IoU 1/2).
+    batch = _hand_made_batch(16, [1, 2, 3])
+    left, right, right_half = (torch.zeros(16, 16, dtype=torch.uint8) for _ in range(3))
+    left[:, :4], right[:, 12:], right_half[:, 8:] = 1, 1, 1
+    targets = [left, right, left.clone()]
+    targets[2][:, :8] = 1
+    batch["mask"] = torch.stack(targets).float()
+    batch["orig_mask"] = targets
+    batch["others"] = [torch.stack([right]), torch.stack([left]), torch.stack([right_half])]
+    batch["image_id"] = torch.tensor([1, 2, 3])
+    cfg = load_config("tiny", ["model.image_size=16", f"eval.protocol={protocol}"]).eval
+    breakdown = Breakdown("kind", ("kind/a", "kind/b"), {1: ("kind/a",), 2: ("kind/b",), 3: ("kind/b",)})
+    result = evaluate_split(
+        LeftColumns(),
+        [batch],
+        cfg,
+        split="val",
+        device=torch.device("cpu"),
+        breakdown=breakdown,
+        keep_rows=True,
+    )
+    assert result.scores.compute()["pick_acc"] == pytest.approx(200 / 3)
+    assert result.scores.compute()["outline_IoU"] == pytest.approx(outline)
+    assert result.groups.compute()["kind/b"]["pick_acc"] == 50.0
+    assert [row["picked"] for row in result.rows] == [True, False, True]
+
+
+def _objects_of_samples(shards: str, split: str) -> dict[int, tuple[int, list[int]]]:
+    """sent_id -> (area of the referred object, areas of the image's other objects), read from the
+    shards' members themselves."""
+    found = {}
+    for shard in sorted(Path(shards, split).glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name, data in members.items():
+            if name.endswith(f".{OBJECTS_MEMBER}"):
+                meta = json.loads(members[name.replace(OBJECTS_MEMBER, META_MEMBER)])
+                objects = json.loads(data)
+                areas = decode_rles([o["rle"] for o in objects], meta["height"], meta["width"]).sum(
+                    axis=(1, 2)
+                )
+                ids = [o["ann_id"] for o in objects]
+                target = int(areas[ids.index(meta["ann_id"])])
+                others = [int(a) for i, a in zip(ids, areas, strict=True) if i != meta["ann_id"]]
+                found[meta["sent_id"]] = (target, others)
+    return found
+
+
+def test_the_images_objects_reach_the_evaluation(shards):
+    # Predicting the whole image picks the object of the largest area: the referred object is
+    # picked right when it is strictly the largest of its image, and its IoU is its image share.
+    manifest = {r["sent_id"]: r for r in pq.read_table(f"{shards}/{MANIFEST}").to_pylist()}
+    objects = _objects_of_samples(shards, "val")
+    result = evaluate(Everywhere(), shards, config("original"), splits=["val"], keep_rows=True)
+    assert len(objects) == result.metrics["val/n"] and any(others for _, others in objects.values())
+    picked = {sent: target > max(others, default=0) for sent, (target, others) in objects.items()}
+    assert 0 < sum(picked.values()) < len(picked)
+    assert {row["sent_id"]: row["picked"] for row in result.splits["val"].rows} == picked
+    assert result.metrics["val/pick_acc"] == pytest.approx(100 * sum(picked.values()) / len(picked))
+    shares = [
+        manifest[s]["mask_area"] / (manifest[s]["height"] * manifest[s]["width"]) for s in picked if picked[s]
+    ]
+    assert result.metrics["val/outline_IoU"] == pytest.approx(100 * sum(shares) / len(shares))
+    assert {f"val/kind/{k}/pick_acc" for k in ("attribute", "relation")} <= set(result.metrics)
+
+
+def test_shards_without_objects_still_evaluate_without_pick_metrics(shards, tmp_path, caplog):
+    # Shards prepared before format 3: the same samples without the objects member.
+    old = tmp_path / "format-2"
+    shutil.copytree(shards, old)
+    summary = json.loads((old / SUMMARY).read_text())
+    for entry in summary["shards"]:
+        path = old / entry["path"]
+        with tarfile.open(path) as tar:
+            kept = [
+                (m, tar.extractfile(m).read())
+                for m in tar.getmembers()
+                if not m.name.endswith(OBJECTS_MEMBER)
+            ]
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for member, data in kept:
+                tar.addfile(member, io.BytesIO(data))
+        entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (old / SUMMARY).write_text(json.dumps(summary))
+    with caplog.at_level(logging.WARNING, logger="magnet.evaluate"):
+        for _ in range(2):  # an evaluation every eval_every steps says it once
+            result = evaluate(Everywhere(), str(old), config("lavt"), splits=["val"], keep_rows=True)
+    assert not [k for k in result.metrics if k.endswith(("/pick_acc", "/outline_IoU"))]
+    assert (
+        result.metrics["val/oIoU"]
+        == evaluate(Everywhere(), shards, config("lavt"), splits=["val"]).metrics["val/oIoU"]
+    )
+    assert all(row["picked"] is None for row in result.splits["val"].rows)
+    notes = [r.getMessage() for r in caplog.records if "pick_acc and outline_IoU left out" in r.getMessage()]
+    assert len(notes) == 1 and "carry no objects" in notes[0]

@@ -10,6 +10,8 @@ from magnet.metrics import (
     intersection_union,
     intersection_union_per_size,
     iou,
+    pick_outcomes,
+    picks_referred,
     predict_masks,
     text_groups,
 )
@@ -130,6 +132,63 @@ def test_group_scores_count_each_sample_in_its_groups():
         scores.update(torch.zeros(3), torch.ones(3), [[], []])
 
 
+def _box(rows: slice, cols: slice, size: int = 12) -> torch.Tensor:
+    mask = torch.zeros(size, size, dtype=torch.uint8)
+    mask[rows, cols] = 1
+    return mask
+
+
+# A hand-made scene of 12x12: the referred 2x2 object, a 4x4 neighbour beside it, and a 10x10
+# object (the big neighbour) just below both.
+TARGET = _box(slice(0, 2), slice(0, 2))
+NEIGHBOUR = _box(slice(0, 4), slice(4, 8))
+BIG = _box(slice(2, 12), slice(0, 10))
+
+
+@pytest.mark.parametrize(
+    ("case", "pred", "others", "picked"),
+    [
+        ("right object, poor mask", _box(slice(0, 1), slice(0, 1)), [NEIGHBOUR, BIG], True),
+        ("wrong object", NEIGHBOUR.clone(), [NEIGHBOUR, BIG], False),
+        # IoU 4/10 with the target, 6/104 with the big neighbour: its larger intersection does not count
+        ("big neighbour merely touched", _box(slice(0, 5), slice(0, 2)), [BIG], True),
+        # half of the target and half of an equal copy beside it: IoU 1/3 with each
+        ("tie", _box(slice(0, 2), slice(1, 3)), [_box(slice(0, 2), slice(2, 4))], False),
+        ("empty prediction", torch.zeros(12, 12, dtype=torch.uint8), [NEIGHBOUR], False),
+        ("empty prediction, lone object", torch.zeros(12, 12, dtype=torch.uint8), [], False),
+        ("lone object hit", TARGET.clone(), [], True),
+    ],
+)
+def test_a_prediction_picks_the_object_it_overlaps_best(case, pred, others, picked):
+    stacked = torch.stack(others) if others else torch.zeros(0, 12, 12, dtype=torch.uint8)
+    assert picks_referred(pred.bool(), TARGET, stacked) is picked, case
+    # the same through logits, at the target's own size (the original-size protocol)
+    assert pick_outcomes(logits_of(pred[None]), [TARGET], [stacked]).tolist() == [picked], case
+
+
+def test_pick_accuracy_and_outline_iou_of_picked_samples():
+    # IoU 1/2 picked, 9/10 wrong object, 1/4 picked, 0 (empty prediction) not picked
+    inter, union = torch.tensor([1.0, 9.0, 1.0, 0.0]), torch.tensor([2.0, 10.0, 4.0, 3.0])
+    acc = IoUAccumulator()
+    acc.update(inter, union, torch.tensor([True, False, True, False]))
+    got = acc.compute()
+    assert got["pick_acc"] == 50.0 and got["outline_IoU"] == pytest.approx(100 * (0.5 + 0.25) / 2)
+    nothing_picked = IoUAccumulator()
+    nothing_picked.update(inter, union, torch.zeros(4, dtype=torch.bool))
+    assert nothing_picked.compute()["pick_acc"] == 0.0 and "outline_IoU" not in nothing_picked.compute()
+    unknown = IoUAccumulator()  # shards without the images' objects: no pick metrics at all
+    unknown.update(inter, union)
+    assert not {"pick_acc", "outline_IoU"} & set(unknown.compute())
+    groups = GroupScores(["kind/a", "kind/b"])
+    groups.update(inter, union, [["kind/a"], ["kind/b"], ["kind/a"], ["kind/b"]], torch.tensor([1, 0, 1, 0]))
+    assert groups.compute()["kind/a"] == pytest.approx(
+        {"oIoU": 100 * 2 / 6, "mIoU": 37.5, "pick_acc": 100.0, "outline_IoU": 37.5, "n": 2}
+    )
+    assert groups.compute()["kind/b"] == pytest.approx(
+        {"oIoU": 100 * 9 / 13, "mIoU": 45.0, "pick_acc": 0.0, "n": 2}
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "groups"),
     [
@@ -158,14 +217,19 @@ def _all_reduce_worker(rank: int, init_file: str, result_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     acc = IoUAccumulator()
     if rank == 0:
-        acc.update(torch.tensor([1.0, 9.0]), torch.tensor([2.0, 10.0]))
+        acc.update(torch.tensor([1.0, 9.0]), torch.tensor([2.0, 10.0]), torch.tensor([True, True]))
     else:
-        acc.update(torch.tensor([0.0]), torch.tensor([5.0]))
+        acc.update(torch.tensor([0.0]), torch.tensor([5.0]), torch.tensor([False]))
     groups = GroupScores(["kind/a", "kind/b"])  # rank 1 sees no sample of kind/a
     if rank == 0:
-        groups.update(torch.tensor([1.0, 9.0]), torch.tensor([2.0, 10.0]), [["kind/a"], ["kind/b"]])
+        groups.update(
+            torch.tensor([1.0, 9.0]),
+            torch.tensor([2.0, 10.0]),
+            [["kind/a"], ["kind/b"]],
+            torch.tensor([1, 1]),
+        )
     else:
-        groups.update(torch.tensor([0.0]), torch.tensor([5.0]), [["kind/b"]])
+        groups.update(torch.tensor([0.0]), torch.tensor([5.0]), [["kind/b"]], torch.tensor([0]))
     acc.all_reduce()
     groups.all_reduce()
     if rank == 0:
@@ -178,7 +242,12 @@ def test_all_reduce_across_two_gloo_ranks(tmp_path):
     mp.spawn(_all_reduce_worker, args=(str(tmp_path / "init"), str(result_file)), nprocs=2)
     reduced, reduced_groups = torch.load(result_file)
     single = IoUAccumulator()
-    single.update(torch.tensor([1.0, 9.0, 0.0]), torch.tensor([2.0, 10.0, 5.0]))
+    single.update(torch.tensor([1.0, 9.0, 0.0]), torch.tensor([2.0, 10.0, 5.0]), torch.tensor([1, 1, 0]))
     assert reduced == pytest.approx(single.compute())
-    assert reduced_groups["kind/a"] == pytest.approx({"oIoU": 50.0, "mIoU": 50.0, "n": 1})
-    assert reduced_groups["kind/b"] == pytest.approx({"oIoU": 60.0, "mIoU": 45.0, "n": 2})
+    assert reduced["pick_acc"] == pytest.approx(200 / 3) and reduced["outline_IoU"] == pytest.approx(70.0)
+    assert reduced_groups["kind/a"] == pytest.approx(
+        {"oIoU": 50.0, "mIoU": 50.0, "pick_acc": 100.0, "outline_IoU": 50.0, "n": 1}
+    )
+    assert reduced_groups["kind/b"] == pytest.approx(
+        {"oIoU": 60.0, "mIoU": 45.0, "pick_acc": 50.0, "outline_IoU": 90.0, "n": 2}
+    )

@@ -393,3 +393,31 @@ def test_keep_freed_memory_stops_the_page_faults_of_reallocating_a_step() -> Non
     # reused: a few allocations' pages at most (a loaded machine's kernel may take some back;
     # the suite under load once measured 2 allocations' worth out of 5)
     assert faults["keep"] <= 3 * pages, faults
+
+
+def test_each_part_gets_its_own_gradient_norm_and_they_add_up_to_the_global_one():
+    """train/grad_norm/<part>: the vision and the text side apart, a part no loss reaches absent."""
+    model = nn.Module()
+    model.image_model = nn.Module()
+    model.image_model.patch_embed = nn.Linear(1, 1, bias=False)  # vision
+    model.language_model = nn.Module()
+    model.language_model.pwams = nn.Linear(1, 1, bias=False)  # text_fusion
+    model.classifier = nn.Linear(1, 1, bias=False)  # decoder: no gradient below
+    nn.init.constant_(model.image_model.patch_embed.weight, 3.0)
+    nn.init.constant_(model.language_model.pwams.weight, 4.0)
+    x = torch.ones(1, 1)
+    model.forward = lambda image, input_ids, attention_mask, target_mask: SimpleNamespace(
+        losses={
+            "loss": (model.image_model.patch_embed(x) ** 2 + model.language_model.pwams(x) ** 2).sum() / 2
+        }
+    )
+    cfg = TrainConfig(lr=0.1, weight_decay=0.0, precision="fp32")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = {k: torch.zeros(1, 1) for k in ("image", "mask", "input_ids", "attention_mask")}
+    losses = train_step(
+        model, [batch], optimizer, build_scheduler(optimizer, cfg, 10), cfg, torch.device("cpu")
+    )
+    assert losses["grad_norm/vision"] == pytest.approx(3.0) and losses[
+        "grad_norm/text_fusion"
+    ] == pytest.approx(4.0)
+    assert "grad_norm/decoder" not in losses and losses["grad_norm"] == pytest.approx(5.0)

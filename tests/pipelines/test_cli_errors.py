@@ -55,7 +55,7 @@ def _predict_case(tmp_path: Path, image: Path, case: str) -> tuple[list[str], st
     if case == "not an image":
         args["--image"] = str(tmp_path / "notes.jpg")
         Path(args["--image"]).write_text("not a picture")
-        expected = "--image: " + args["--image"] + " is not an image file"
+        expected = "--image: " + args["--image"] + " is not a recognised image format"
     elif case == "truncated image":
         args["--image"] = str(tmp_path / "half.jpg")
         data = image.read_bytes()
@@ -223,6 +223,41 @@ def test_more_workers_than_local_cpus_are_refused_before_prefect(sweep, monkeypa
     args = [command, "--shards", str(prepared), option, str(workers)]
     line = refused(args + (["--space", str(path)] if command == "tune" else []))
     assert f"{workers} workers need {workers} CPUs (one each) but this machine has {workers - 1}" in line
+
+
+def test_a_sweep_name_to_resume_is_checked_before_prefect(sweep, monkeypatch, tmp_path):
+    import pipelines.flows.tune as flows
+
+    monkeypatch.setattr(flows, "tune_magnet", lambda **kwargs: pytest.fail("the sweep started"))
+    path, prepared = sweep
+    path.write_text(GOOD_SWEEP)
+    args = ["tune", "--space", str(path), "--shards", str(prepared), "--storage-path", str(tmp_path / "ray")]
+    assert f"--resume: no sweep 'gone' under {tmp_path / 'ray'} to resume" in refused(
+        [*args, "--resume", "gone"]
+    )
+    assert "--resume: sweep name '../gone' cannot name a directory" in refused([*args, "--resume", "../gone"])
+
+
+# ---------------------------------------------------------------------------- readers of a store
+def test_commands_that_read_a_store_refuse_a_missing_one_and_create_none(sweep, tmp_path, monkeypatch):
+    """promote and sweep-report only read MLflow: without a store they say so, before Prefect,
+    instead of leaving an empty ./mlflow.db (MLflow makes one on first contact); the library's
+    promote creates none either."""
+    import pipelines.flows.tune as flows
+    from pipelines.promote import promote
+
+    monkeypatch.setattr(flows, "promote_magnet", lambda **kwargs: pytest.fail("promotion started"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _, prepared = sweep
+    for args in (
+        ["promote", "--experiment", "magnet", "--shards", str(prepared)],
+        ["sweep-report", "some-sweep", "--out", str(tmp_path / "report.md")],
+    ):
+        assert "--tracking-uri: no MLflow tracking store at sqlite:///" in refused(args)
+    with pytest.raises(FileNotFoundError, match="no MLflow tracking store"):
+        promote(shards=prepared, experiment="magnet")
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 # ---------------------------------------------------------------------------- weights misfit

@@ -1,15 +1,19 @@
 """Preparation faults made for real: an image that the file system cannot read for a while (a
 symlink loop, ELOOP, standing in for a flaky mount) makes a task fail and Prefect retry it; a
 `magnet prepare` process SIGKILLed after some chunks finished is re-run and reuses them. Both
-end byte-identical to a clean run."""
+end byte-identical to a clean run. A write that cannot succeed (a full disk; a file-size limit,
+which root cannot escape, stands in for it) fails at once, without retries or partial files."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -146,3 +150,55 @@ def test_rerun_after_sigkill_mid_prepare_reuses_finished_chunks(prefect_harness,
     report = max(reports, key=lambda a: a.created).data
     assert f"{total} shards, {len(finished)} already done" in report
     assert_identical(out, clean)
+
+
+def test_a_full_disk_mid_shard_leaves_no_partial_file(refer_root, tmp_path, monkeypatch):
+    """The library: the disk fills while a shard is written (ENOSPC from the tar writer)."""
+    written = []
+
+    def addfile(tar: tarfile.TarFile, info: tarfile.TarInfo, fileobj=None) -> None:
+        if len(written) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tar.name)
+        written.append(info.name)
+        real_addfile(tar, info, fileobj)
+
+    real_addfile = tarfile.TarFile.addfile
+    monkeypatch.setattr(tarfile.TarFile, "addfile", addfile)
+    with pytest.raises(OSError) as raised:
+        prepare_dataset(refer_root, "refcoco", "unc", tmp_path, samples_per_shard=SAMPLES_PER_SHARD)
+    assert raised.value.errno == errno.ENOSPC and written
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [], "partial files left behind"
+
+
+def test_magnet_prepare_on_a_full_disk_fails_at_once_in_one_line(prefect_harness, refer_root, tmp_path):
+    """`magnet prepare` under an 8 kB file-size limit (EFBIG on the first shard): no Prefect retry
+    (they waited 2 + 10 + 30 s), exit 2 and a line naming the output and the file, no traceback,
+    no partial file."""
+    from prefect.settings import PREFECT_API_URL
+
+    command = [sys.executable, "-m", "pipelines.cli", "prepare", "--refer-root", str(refer_root)]
+    command += ["--out", str(tmp_path), "--samples-per-shard", str(SAMPLES_PER_SHARD), "--workers", "1"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),  # this checkout's code
+        "PREFECT_API_URL": PREFECT_API_URL.value(),  # the test's server: its database has no limit
+    }
+
+    def limit_file_size() -> None:  # in the child only; Python ignores SIGXFSZ, so writes get EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8_000, resource.RLIM_INFINITY))
+
+    runs_before = {run.id for run in task_runs()}
+    done = subprocess.run(
+        command, env=env, preexec_fn=limit_file_size, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    shards = tmp_path / "refcoco-unc" / "train"  # the shard named is the first failure Prefect saw
+    assert last.startswith(
+        f"error: Invalid value for --out: cannot write to {tmp_path}: File too large ({shards}/"
+    )
+    assert last.endswith(".tar); a re-run keeps the finished shards"), last
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]  # Prefect's log of it is one line too
+    chunk_runs = [run for run in task_runs() if run.id not in runs_before and run.name.startswith("chunk-")]
+    assert chunk_runs and all(run.run_count == 1 for run in chunk_runs), "a permanent error was retried"
+    assert not list(tmp_path.rglob("*.tmp")), "partial files left behind"

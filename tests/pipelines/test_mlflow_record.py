@@ -94,6 +94,7 @@ def test_evaluation_table_has_a_row_per_expression_and_worst_cases_a_picture(run
             row["split"],
         )
         assert row["iou"] == pytest.approx(row["area"])  # predicting everywhere, at the eval size
+    assert {row["picked"] for row in rows} == {True, False}  # everywhere picks each image's largest
     listed = json.loads(client.get_run(run["run_id"]).data.tags["mlflow.loggedArtifacts"])
     assert {"path": artifact, "type": "table"} in listed  # what the UI's evaluation view lists
     pictures = {a.path for a in client.list_artifacts(run["run_id"], "predictions")}

@@ -4,6 +4,7 @@ message naming the option, exit code 2, no traceback. The flow is replaced to se
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ def layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     directory so that messages hold short relative paths rich does not wrap."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "refcoco").mkdir()
-    (tmp_path / "refcoco" / "refs(unc).p").write_bytes(b"")
+    (tmp_path / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps([]))  # read for its split names
     (tmp_path / "refcoco" / "instances.json").write_text("{}")
     (tmp_path / IMAGE_SUBDIR).mkdir(parents=True)
     return tmp_path
@@ -67,6 +68,17 @@ def test_bad_arguments_are_refused_before_the_flow(
     assert not flow_calls and "Traceback" not in result.output
 
 
+def test_an_unwritable_output_is_refused_before_the_flow(layout: Path, flow_calls: list[dict]) -> None:
+    """A path through a file (ENOTDIR: read-only places cannot be made as root) is refused at
+    once, not retried by Prefect's tasks for a minute."""
+    (layout / "notes.txt").write_text("a file, not a directory")
+    result = CliRunner().invoke(app, ["prepare", "--refer-root", ".", "--out", "notes.txt/out"])
+    assert result.exit_code == 2, result.output
+    expected = f"Invalid value for --out: cannot write to {layout / 'notes.txt' / 'out'}: Not a directory"
+    assert expected in plain(result.output)
+    assert not flow_calls and "Traceback" not in result.output
+
+
 def test_good_arguments_reach_the_flow(layout: Path, flow_calls: list[dict]) -> None:
     result = CliRunner().invoke(app, ["prepare", "--refer-root", str(layout), "--out", str(layout / "out")])
     assert result.exit_code == 0, result.output
@@ -105,13 +117,47 @@ def test_a_folder_dataset_is_named_after_its_folder_and_its_rows_checked(
             "Invalid value for --split-by: a folder dataset is prepared as 'folder', not 'unc'",
         ),
         (["--image-dir", "."], "Invalid value for --image-dir: is for the refer layout"),
-        (["--dataset", "a/b"], "Invalid value for --dataset: 'a/b' cannot name the output directory"),
+        (["--dataset", "a/b"], "Invalid value for --dataset: dataset 'a/b' cannot name a directory"),
+        (["--dataset", ".."], "Invalid value for --dataset: dataset '..' cannot name a directory"),
+        (["--splits", "../x"], "Invalid value for --splits: split '../x' cannot name a directory"),
     ]
-    (layout / "mine" / "annotations.jsonl").write_text(json.dumps({**row, "split": ""}) + "\n")
-    refused.append(
-        ([], "Invalid value for --folder: mine/annotations.jsonl: 1 bad row: line 1: 'split' must be")
-    )
     for args, message in refused:
         result = CliRunner().invoke(app, ["prepare", "--folder", "mine", "--out", "out", *args])
         assert result.exit_code == 2 and message in plain(result.output), result.output
-    assert len(flow_calls) == 1
+    # split names become <out>/mine-folder/<split>/: none may climb onto another dataset, out of
+    # --out, into the writer's _work or onto its index files; every bad row is named
+    bad = ["", "../refcoco-unc/train", "_work", "../../../escaped", "Summary.json", "a/b"]
+    rows = [{**row, "mask": f"{index}.png", "split": split} for index, split in enumerate(bad)]
+    (layout / "mine" / "annotations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(app, ["prepare", "--folder", "mine", "--out", "out"])
+    message = "Invalid value for --folder: mine/annotations.jsonl: 6 bad rows: line 1: split '' cannot name"
+    assert result.exit_code == 2 and message in plain(result.output), result.output
+    for line, split in enumerate(bad[1:], start=2):
+        assert f"line {line}: split '{split}' " in plain(result.output)
+    # a folder whose name is no safe directory name needs --dataset
+    (layout / "mine" / "annotations.jsonl").write_text(json.dumps(row) + "\n")
+    (layout / "mine").rename(layout / "my kitchen")
+    result = CliRunner().invoke(app, ["prepare", "--folder", "my kitchen", "--out", "out"])
+    message = "dataset (the folder's name) 'my kitchen' cannot name a directory"
+    assert (
+        result.exit_code == 2
+        and message in plain(result.output)
+        and "give one with --dataset" in plain(result.output)
+    )
+    result = CliRunner().invoke(
+        app, ["prepare", "--folder", "my kitchen", "--dataset", "My_Kitchen", "--out", "o"]
+    )
+    assert result.exit_code == 0, result.output
+    assert [c["dataset"] for c in flow_calls] == ["mine", "My_Kitchen"]
+
+
+def test_a_refs_file_whose_split_names_no_directory_is_refused_before_the_flow(
+    layout: Path, flow_calls: list[dict]
+) -> None:
+    ref = {"ref_id": 1, "ann_id": 1, "image_id": 1, "split": "../../escaped", "sentences": []}
+    (layout / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps([ref], protocol=2))
+    result = CliRunner().invoke(app, ["prepare", "--refer-root", ".", "--out", "out"])
+    assert result.exit_code == 2 and not flow_calls, result.output
+    assert "Invalid value for --refer-root: refcoco/refs(unc).p: split '../../escaped' cannot name" in plain(
+        result.output
+    )

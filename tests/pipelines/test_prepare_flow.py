@@ -73,3 +73,32 @@ def test_unknown_split_is_a_clear_cli_error(prefect_harness: None, refer_root: P
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0
     assert "unknown split 'testC'" in result.output
+
+
+def test_a_dataset_name_prefect_keys_cannot_hold_gets_its_report(
+    prefect_harness: None, tmp_path: Path
+) -> None:
+    """`My_Kitchen` is a good dataset name but no Prefect artifact key (lowercase, digits, dashes):
+    the flow derives its report's key (pipelines.flows.artifact_key) instead of failing after every
+    shard was written."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.flows import artifact_key
+    from pipelines.flows.prepare import run_prepare
+
+    folder = tmp_path / "My_Kitchen"
+    folder.mkdir()
+    Image.fromarray(np.full((16, 16, 3), 90, dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(np.eye(16, dtype=np.uint8) * 255).save(folder / "m.png")
+    row = {"image": "a.png", "mask": "m.png", "expression": "the line"}
+    (folder / "annotations.jsonl").write_text(json.dumps({**row, "split": "train"}) + "\n")
+    summary = run_prepare(
+        refer_root=str(folder), out=str(tmp_path / "out"), dataset="My_Kitchen", split_by="folder"
+    )
+    assert summary["counts"] == {"train": {"read": 1, "written": 1, "rejected": 0}}
+    key = artifact_key("prepare", "My_Kitchen", "folder")
+    assert key.startswith("prepare-my-kitchen-folder-") and key != artifact_key(
+        "prepare", "my-kitchen", "folder"
+    )
+    assert key in {artifact.key for artifact in _artifacts()["markdown"]}

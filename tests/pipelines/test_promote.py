@@ -18,7 +18,7 @@ from data_prep.contract import SUMMARY
 from magnet.checkpoint import TrainState, save_checkpoint
 from magnet.config import load_config
 from magnet.models import build_model
-from pipelines import registry, tracking
+from pipelines import mlflow_record, registry, tracking
 from pipelines.promote import (
     CHALLENGER,
     CHAMPION,
@@ -150,14 +150,20 @@ def test_promotion_story(store):
     assert first.decision == "first-champion" and first.challenger.value == 0.0
     assert aliases(store) == {CHAMPION: weak}
 
-    # a better model: the alias moves, the old champion becomes challenger
+    # a better model: the alias moves, the old champion becomes challenger; the model card the
+    # train flow wrote stays, the promotion is a section of its own below it
     strong = trained_run(store, "strong", threshold=0.3, val_oiou=20.0)
+    card = "**Weights**: trained here (1 steps).\n\n| split | n |\n|---|---|\n| val | 4 |"
+    mlflow_record.describe_version(store["uri"], strong, card)
     second = run_promotion(store, min_gain=1.0)
     assert second.decision == "promoted" and second.challenger.value > 1.0 and second.gain >= 1.0
     assert aliases(store) == {CHAMPION: strong, CHALLENGER: weak}
     story = client.get_model_version("magnet", strong)
     assert story.tags["promotion.decision"] == "promoted" and story.tags["promotion.against_version"] == weak
+    assert story.description.startswith(f"{card}\n\n## Promotion\n\nPromotion: challenger version {strong}")
     assert f"champion version {weak}" in story.description and "became `champion`" in story.description
+    mlflow_record.describe_version(store["uri"], strong, card)  # the card written again keeps the record
+    assert client.get_model_version("magnet", strong).description == story.description
 
     # running it again changes nothing, and evaluates nothing (scores come from the tags)
     before = registry_state(client)
@@ -172,6 +178,9 @@ def test_promotion_story(store):
     assert aliases(store) == {CHAMPION: strong, CHALLENGER: worse}
     loser = client.get_model_version("magnet", worse)
     assert loser.tags["promotion.decision"] == "kept" and "remains `champion`" in loser.description
+    # a later decision on a version replaces its promotion section, the card and other sections stay
+    twice = mlflow_record.with_section(f"{card}\n\n## Promotion\n\nold\n\n## Notes\n\nx", "Promotion", "new")
+    assert twice == f"{card}\n\n## Promotion\n\nnew\n\n## Notes\n\nx"
     before = registry_state(client)
     assert not run_promotion(store, min_gain=1.0).changed
     assert registry_state(client) == before

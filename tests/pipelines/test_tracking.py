@@ -44,6 +44,9 @@ def test_tracking_uri_is_absolute_wherever_it_comes_from(tmp_path, monkeypatch):
     assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/env.db"
     location = tracking.default_artifact_location(f"sqlite:///{tmp_path}/mlflow.db", "my exp")
     assert location == (tmp_path / "mlartifacts" / "my_exp").as_uri()
+    for name, directory in (("..", "experiment"), ("../../up", "up"), (".hidden", "hidden")):
+        location = tracking.default_artifact_location(f"sqlite:///{tmp_path}/mlflow.db", name)
+        assert location == (tmp_path / "mlartifacts" / directory).as_uri()  # never outside mlartifacts
 
 
 def test_run_records_config_dataset_and_git(store, shard_root, tmp_path):
@@ -69,6 +72,30 @@ def test_run_records_config_dataset_and_git(store, shard_root, tmp_path):
     assert again["run_id"] == settings["run_id"]
     fresh = tracking.start_run(cfg, shards=shard_root, tracking_uri=store, run_name="r1")
     assert fresh["run_id"] != settings["run_id"]
+
+
+def test_resume_continues_the_run_that_trained_there(store, shard_root):
+    """Of the runs of one name, a resume continues the one whose checkpoints it resumes: not a
+    newer run of that name trained under other storage, nor one a refused start left (FAILED, no
+    metrics, as `magnet train` left before it checked the name first)."""
+    cfg = load_config("tiny")
+    client = tracking.client_for(store)
+
+    def run(path: str | None, metric: bool) -> str:
+        settings = tracking.start_run(cfg, shards=shard_root, tracking_uri=store, run_name="r", run_path=path)
+        if metric:
+            tracking.MlflowRunLogger(**settings).log_metrics({"train/loss": 1.0}, step=1)
+        tracking.end_run(settings, status="FINISHED" if metric else "FAILED")
+        return settings["run_id"]
+
+    original = run("/ray/r", metric=True)
+    run(None, metric=False)  # left by a refused start, untagged
+    run("/elsewhere/r", metric=True)
+    resumed = tracking.start_run(
+        cfg, shards=shard_root, tracking_uri=store, run_name="r", resume=True, run_path="/ray/r"
+    )
+    assert resumed["run_id"] == original
+    assert client.get_run(original).info.status == "RUNNING"
 
 
 def test_logger_writes_metrics_and_pictures(store, shard_root):
@@ -100,8 +127,10 @@ def test_evaluation_is_logged_with_its_protocol_mask_convention_and_table(store,
         protocol="lavt",
         eval_size=448,
         threshold=0.5,
-        metrics={"val/oIoU": 60.0, "val/P@0.5": 70.0, "val/mIoU": 55.0, "val/n": 3,
-                 "val/kind/relation/oIoU": 40.0, "val/kind/relation/mIoU": 35.0, "val/kind/relation/n": 1},
+        metrics={"val/oIoU": 60.0, "val/P@0.5": 70.0, "val/mIoU": 55.0, "val/pick_acc": 66.7,
+                 "val/outline_IoU": 80.0, "val/n": 3,
+                 "val/kind/relation/oIoU": 40.0, "val/kind/relation/mIoU": 35.0,
+                 "val/kind/relation/pick_acc": 0.0, "val/kind/relation/n": 1},
         splits={},
         mask_mode="refer",
         breakdown="kind",
@@ -122,8 +151,14 @@ def test_evaluation_is_logged_with_its_protocol_mask_convention_and_table(store,
         Path(client.download_artifacts(settings["run_id"], "evaluation/step00000007.json")).read_text()
     )
     rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
-    assert rows[0] == {"split": "val", "group": "all", "oIoU": 60.0, "mIoU": 55.0, "n": 3}
-    assert rows[1:] == [{"split": "val", "group": "kind/relation", "oIoU": 40.0, "mIoU": 35.0, "n": 1}]
+    assert rows[0] == {
+        "split": "val", "group": "all", "oIoU": 60.0, "mIoU": 55.0, "pick_acc": 66.7, "outline_IoU": 80.0,
+        "n": 3,
+    }  # fmt: skip
+    assert rows[1:] == [  # nothing picked right: no outline IoU
+        {"split": "val", "group": "kind/relation", "oIoU": 40.0, "mIoU": 35.0, "pick_acc": 0.0,
+         "outline_IoU": None, "n": 1}
+    ]  # fmt: skip
 
 
 def test_missing_summary_is_a_clear_error(store, tmp_path):

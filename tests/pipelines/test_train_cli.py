@@ -61,3 +61,50 @@ def test_a_corrupt_training_shard_is_one_line_before_the_flow_starts(synthetic_s
     assert result.exit_code == 2 and not flow_calls
     assert result.output.strip().splitlines() == [result.output.strip()]
     assert result.output.startswith(f"error: shard {shard} is corrupt: sha256 ")
+
+
+def test_a_corrupt_shard_of_any_split_the_run_reads_is_refused_before_the_flow(
+    synthetic_shards, flow_calls, tmp_path
+):
+    """testB is read by the evaluations while training (an override here) and scored at the end
+    (a held-out split): a corrupt shard there is one line now, not a Prefect traceback later."""
+    copy = tmp_path / "refcoco-unc"
+    shutil.copytree(synthetic_shards(), copy)
+    shard = copy / "testB" / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    args = ["train", "--shards", str(copy), "--set", "data.eval_splits=[val,testA,testB]"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and not flow_calls, result.output
+    assert result.output.startswith(f"error: shard {shard} is corrupt: sha256 "), result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_run_names_are_refused_before_anything_is_made_for_them(prepared, flow_calls, tmp_path):
+    """A name taken without --resume, a resume of nothing, or a name that is no directory: refused
+    before Prefect starts and before the MLflow run is opened, so no stray run is left behind."""
+    storage = tmp_path / "ray"
+    (storage / "taken").mkdir(parents=True)
+    base = ["train", "--shards", str(prepared), "--storage-path", str(storage)]
+    cases = [
+        (["--run-name", "taken"], f"--run-name: run 'taken' already exists under {storage}: resume it"),
+        (["--run-name", "gone", "--resume"], f"--resume: no run 'gone' under {storage} to resume"),
+        (["--resume"], "--resume: resume needs the name of the run to continue"),
+        (["--run-name", "../taken"], "--run-name: run name '../taken' cannot name a directory"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(app, [*base, *args])
+        assert result.exit_code == 2 and message in plain(result.output), result.output
+    assert not flow_calls and sorted(storage.iterdir()) == [storage / "taken"]
+    result = CliRunner().invoke(app, [*base, "--run-name", "taken", "--resume"])
+    assert result.exit_code == 0 and flow_calls[0]["run_name"] == "taken", result.output
+
+
+def test_the_flow_refuses_a_taken_run_name_before_it_opens_the_mlflow_run(prepared, tmp_path, monkeypatch):
+    import pipelines.flows.train as flows
+
+    monkeypatch.setattr(flows, "open_run", lambda *args: pytest.fail("an MLflow run was opened"))
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError, match="run 'taken' already exists"):
+        flows.train_magnet.fn(shards=str(prepared), run_name="taken", storage_path=str(tmp_path))

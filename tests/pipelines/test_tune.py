@@ -229,6 +229,32 @@ def test_a_one_recipe_sweep_reports_its_spread_and_curves_without_a_baseline_ver
     assert "| as-configured | 100 | 2 | 32.0 ± 2.8 |" in text
 
 
+def test_the_report_tables_pick_accuracy_and_outline_iou_beside_oiou():
+    picks = {"val/pick_acc": 60.0, "val/outline_IoU": 70.0, "val/kind/relation/pick_acc": 50.0}
+    rows = [
+        {"variant": "baseline", "final": {**scores(30.0, 20.0), **picks}},
+        {"variant": "baseline", "final": {**scores(34.0, 24.0), **picks, "val/pick_acc": 64.0,
+                                          "val/outline_IoU": 72.0, "val/kind/relation/pick_acc": 0.0}},
+        {"variant": "+MG", "final": scores(40.0, 30.0)},  # scored on shards without the images' objects
+    ]  # fmt: skip
+    sweep = FinishedSweep(
+        name="picks", experiment="e", run_id="r", params={}, tags={}, group_by="variant", splits=("val",),
+        order=("baseline", "+MG"), rows=rows,
+    )  # fmt: skip
+    cells = aggregate_groups(rows, "variant", ["val"], sweep.order)
+    baseline, relation, mg = cells[0], cells[1], cells[2]
+    assert baseline["pick_acc mean"] == 62.0 and baseline["outline_IoU mean"] == 71.0
+    assert baseline["outline_IoU std"] == pytest.approx(1.4142, abs=1e-3)
+    assert "outline_IoU mean" not in relation  # nothing picked right there
+    assert "pick_acc mean" not in mg
+    text = report_markdown(sweep, cells, "picks.png")
+    pick_acc = text[text.index("## pick_acc (%, mean ± std over seeds)") : text.index("## outline_IoU")]
+    assert "| baseline | val | 2 | 62.0 ± 2.8 | 25.0 ± 35.4 |" in pick_acc
+    assert "| +MG | val | 1 |  |  |" in pick_acc
+    assert "| baseline | val | 2 | 71.0 ± 1.4 |  |" in text[text.index("## outline_IoU") :]
+    assert "A low pick_acc is the wrong object" in text
+
+
 @pytest.mark.parametrize(
     ("mean", "std", "expected"),
     [(56.0, 1.0, True), (55.0, 1.0, False), (55.0, 0.0, True), (60.0, 5.0, True), (60.0, 6.5, False)],
