@@ -126,10 +126,16 @@ def _end_now(signum: int) -> None:
 
 def end_process(code: int) -> NoReturn:
     """End the process the quick way: the exit handlers run (Prefect stops its temporary server,
-    which ignores SIGINT and would outlive this process), the interpreter's teardown does not."""
-    atexit._run_exitfuncs()  # what sys.exit would run first; the watchdog still guards it
+    which ignores SIGINT and would outlive this process), the interpreter's teardown does not.
+
+    The interrupted line is the last thing the command says: what the exit handlers would print
+    (Prefect's log shipper failing on the server it just stopped) goes to /dev/null."""
     sys.stdout.flush()
     sys.stderr.flush()
+    silent = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(silent, sys.stdout.fileno())
+    os.dup2(silent, sys.stderr.fileno())
+    atexit._run_exitfuncs()  # what sys.exit would run first; the watchdog still guards it
     os._exit(code)
 
 
