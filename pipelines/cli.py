@@ -165,8 +165,8 @@ def main(
 ) -> None:
     """MagNet Pipeline command line (``debug`` and ``quiet`` are read by MagnetGroup.invoke)."""
     quiet_known_noise()
-    command = f"magnet {ctx.invoked_subcommand}"
-    interrupts.on_interrupt(lambda: f"{command} stopped before it finished")  # commands say more
+    stopped = f"magnet {ctx.invoked_subcommand} stopped before it finished; run it again: "
+    interrupts.on_interrupt(lambda: stopped + interrupts.magnet_command())  # commands say more
 
 
 for group in (
