@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint_step"
 DEFAULT_STORAGE = "ray-results"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train's record, in the run's directory, of the checkpoints it registered: what a resume restores."""
 
 
 @dataclass(frozen=True)
@@ -285,22 +287,18 @@ def _fit_off_the_main_thread(trainer: Any) -> Any:
 
 
 def last_checkpoint_step(storage_path: str, run_name: str) -> int | None:
-    """The step of the run's latest complete checkpoint (its meta.json written), where a resume
-    starts; None when it has none."""
+    """The step a resume of the run starts from: its latest checkpoint that Ray Train registered
+    (`RAY_SNAPSHOT`). A checkpoint written just before the run stopped may not be registered yet
+    (the controller polls its workers), and a resume does not see it. None when none is."""
     import pyarrow.fs
 
-    from magnet.checkpoint import META_FILE
-
     filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
-    selector = pyarrow.fs.FileSelector(f"{root.rstrip('/')}/{run_name}", allow_not_found=True)
-    steps = [
-        int(info.base_name.removeprefix(CHECKPOINT_PREFIX))
-        for info in filesystem.get_file_info(selector)
-        if info.type == pyarrow.fs.FileType.Directory
-        and info.base_name.removeprefix(CHECKPOINT_PREFIX).isdigit()
-        and filesystem.get_file_info(f"{info.path}/{META_FILE}").type == pyarrow.fs.FileType.File
-    ]
-    return max(steps, default=None)
+    snapshot = f"{root.rstrip('/')}/{run_name}/{RAY_SNAPSHOT}"
+    if filesystem.get_file_info(snapshot).type != pyarrow.fs.FileType.File:
+        return None
+    with filesystem.open_input_stream(snapshot) as stream:
+        registered = json.loads(stream.read())["checkpoint_results"]
+    return max((int(result["metrics"]["step"]) for result in registered), default=None)
 
 
 def run_training(
