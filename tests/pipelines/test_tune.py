@@ -66,6 +66,10 @@ def test_shipped_sweeps_load_and_fit_the_config():
     baseline = apply_params(cfg, {"variant": "baseline", "train.seed": 2}, ablation.variants)
     assert not baseline.model.fusion.use_cam and not baseline.model.mask_grounding.enabled
     assert not baseline.model.alignment.enabled and baseline.train.seed == 2
+    grounding = load_space("configs/sweeps/mask-grounding.yaml", cfg)
+    separate = apply_params(cfg, {"variant": "+MG separate", "train.seed": 0}, grounding.variants)
+    assert separate.model.mask_grounding.encoder_pass == "separate" and not separate.model.alignment.enabled
+    assert grounding.report.splits == ("val",)  # choices on val only
     seeds = load_space("configs/sweeps/seeds.yaml", cfg)
     assert seeds.params["train.seed"].values == (0, 1, 2) and seeds.report.group_by == "variant"
     assert apply_params(cfg, {"variant": "as-configured", "train.seed": 1}, seeds.variants) == cfg.model_copy(
