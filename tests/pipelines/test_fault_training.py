@@ -19,6 +19,7 @@ import pytest
 from tiny_runs import SCORE_VAL, TINY_RUN, lifetimes, step_records
 
 from data_prep.contract import MANIFEST, SUMMARY
+from magnet.checkpoint import load_model_from_checkpoint
 from magnet.config import load_config
 from magnet.data import DataPosition, ShardError, build_train_loader, open_split, train_batches_per_epoch
 from magnet.train import EVAL_FAILED_KEY, NOT_EVALUATED, SCORE_KEY, SKIPPED_SHARDS_KEY, LocalReporter, train
@@ -194,6 +195,9 @@ def test_worker_sigkilled_mid_epoch_resumes_and_does_every_step_once(shards, loc
         int(p.name.removeprefix(CHECKPOINT_PREFIX)) for p in (runs / name).glob(f"{CHECKPOINT_PREFIX}*")
     )
     assert saved == [3, 6, 9, 10]
+    assert Path(result.last_checkpoint) == runs / name / f"{CHECKPOINT_PREFIX}{cfg.train.max_steps:08d}"
+    model, saved_cfg = load_model_from_checkpoint(result.last_checkpoint)  # the restarted run's last is whole
+    assert saved_cfg.train.max_steps == cfg.train.max_steps and not model.training
 
 
 # ------------------------------------------------------------------------------ corrupt shards
