@@ -303,9 +303,10 @@ def harness():
 
 @pytest.fixture(scope="module")
 def sweep(shards, harness, module_tmp) -> dict:
-    """The tune-magnet flow on local Ray: 4 CPUs, one trial (one worker) at a time.
-    A trial ASHA kills leaves its worker's CPU reserved when the state API (dashboard) is off;
-    there is room for two such."""
+    """The tune-magnet flow on local Ray: 4 CPUs, two one-worker trials at a time (their start-up
+    waits overlap). A trial ASHA kills leaves its worker's CPU reserved when the state API
+    (dashboard) is off; there is room for that. The last 0.95 trial starts only once an earlier
+    trial has ended, so it meets the first rung's recorded scores and is stopped whatever the race."""
     import ray
     from prefect.artifacts import Artifact
 
@@ -324,7 +325,7 @@ def sweep(shards, harness, module_tmp) -> dict:
             experiment="sweep-test",
             tracking_uri=uri,
             storage_path=str(root / "ray"),
-            max_concurrent=1,
+            max_concurrent=2,
         )
     finally:
         ray.shutdown()
