@@ -77,8 +77,7 @@ from data_prep.images import TooLargeImage, UnreadableImage, load_shown, open_im
 from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, encode_rle, rasterize
 from data_prep.output import written_whole
 from data_prep.paths import check_name, is_url
-from data_prep.refer import Annotation, ImageInfo, Ref, Sentence, load_refer
-from data_prep.synth import load_kinds
+from data_prep.refer import Annotation, ImageInfo, Ref, Sentence, load_kinds, load_refer
 from data_prep.tokenize import encode_expressions, load_tokenizer, vocabulary_hash
 
 FORMAT_VERSION = 4  # 3: every object of the image (objects.json); 4: images read upright (data_prep.images)

@@ -157,7 +157,7 @@ def breakdown_rows(metrics: Mapping[str, float]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
-def _autocast(device: torch.device, precision: str) -> Any:
+def mixed_precision(device: torch.device, precision: str) -> Any:
     """bf16 autocast on GPU only: CPU bf16 is slow and changes results for no gain."""
     if device.type == "cuda" and precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -315,7 +315,7 @@ def evaluate_split(
     rows: list[dict[str, Any]] = []
     worst: list[tuple[float, Example]] = []
     for batch in batches:
-        with _autocast(device, precision):
+        with mixed_precision(device, precision):
             out = model(
                 batch["image"].to(device, non_blocking=True),
                 batch["input_ids"].to(device, non_blocking=True),

@@ -61,7 +61,7 @@ from magnet.data import (
     open_split,
     train_batches_per_epoch,
 )
-from magnet.evaluate import _autocast, evaluate, prediction_figure
+from magnet.evaluate import evaluate, mixed_precision, prediction_figure
 from magnet.models import build_model
 from magnet.models.magnet import PRETRAINED_TEXT_KEY, part_of
 
@@ -258,7 +258,7 @@ def train_step(
         sync = nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
         data = _to_device(batch, device)
         with sync:
-            with _autocast(device, cfg.precision):
+            with mixed_precision(device, cfg.precision):
                 out = model(
                     data["image"], data["input_ids"], data["attention_mask"], target_mask=data["mask"]
                 )

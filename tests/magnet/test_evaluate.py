@@ -15,7 +15,7 @@ from torch import nn
 
 from data_prep.contract import MANIFEST, META_MEMBER, OBJECTS_MEMBER, SUMMARY
 from data_prep.masks import decode_rles
-from data_prep.synth import load_kinds
+from data_prep.refer import load_kinds
 from magnet.config import load_config
 from magnet.evaluate import Breakdown, breakdown_rows, evaluate, evaluate_split, prediction_figure
 from magnet.metrics import GroupScores, IoUAccumulator
