@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_prep.contract import MANIFEST, SUMMARY
+from data_prep.contract import MANIFEST, read_summary
 from magnet.config import Config, EvalConfig
 from magnet.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_loader, open_split
 from magnet.metrics import (
@@ -361,11 +360,6 @@ def evaluate_split(
     )
 
 
-def _read_json(url: str) -> dict[str, Any]:
-    with fsspec.open(url, "rt") as handle:
-        return json.load(handle)
-
-
 def split_breakdowns(shards: str, splits: Sequence[str]) -> tuple[str, dict[str, Breakdown]]:
     """What the data is broken down by ('kind' where preparation carried the generator's ``kind``
     column, synthetic data; else 'text', the expression's features) and each split's breakdown."""
@@ -420,7 +414,7 @@ def evaluate(
     device = torch.device(device)
     splits = list(splits if splits is not None else cfg.data.eval_splits)
     size = cfg.eval.size_for(cfg.model.image_size)
-    settings = _read_json(f"{shards.rstrip('/')}/{SUMMARY}").get("settings", {})
+    settings = read_summary(shards).settings
     breakdown_by, breakdowns = split_breakdowns(shards, splits)
     results: dict[str, SplitResult] = {}
     metrics: dict[str, float] = {}
@@ -461,7 +455,7 @@ def evaluate(
         threshold=cfg.eval.threshold,
         metrics=metrics,
         splits=results,
-        mask_mode=settings.get("mask_mode"),
+        mask_mode=settings.mask_mode,
         breakdown=breakdown_by,
     )
 

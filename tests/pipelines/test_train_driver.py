@@ -12,10 +12,15 @@ from pathlib import Path
 import pytest
 from tiny_runs import SCORE_VAL, TINY_RUN, lifetimes
 
-from magnet.checkpoint import META_FILE, load_model_from_checkpoint
+from magnet.checkpoint import (
+    CHECKPOINT_GLOB,
+    checkpoint_name,
+    load_model_from_checkpoint,
+    read_checkpoint_meta,
+)
 from magnet.config import load_config
 from magnet.data import ShardError
-from pipelines.train_driver import CHECKPOINT_PREFIX, TrainResult, new_run_name, run_training
+from pipelines.train_driver import TrainResult, new_run_name, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -79,10 +84,7 @@ class StepTrace:
 
 
 def checkpoint_steps(result: TrainResult) -> list[int]:
-    return sorted(
-        json.loads((path / META_FILE).read_text())["step"]
-        for path in Path(result.run_path).glob(f"{CHECKPOINT_PREFIX}*")
-    )
+    return sorted(read_checkpoint_meta(path).step for path in Path(result.run_path).glob(CHECKPOINT_GLOB))
 
 
 def test_worker_killed_mid_run_resumes_and_does_every_step_once(shards, local_ray, tmp_path):
@@ -101,7 +103,7 @@ def test_worker_killed_mid_run_resumes_and_does_every_step_once(shards, local_ra
     assert {"val/oIoU", "val/mIoU", "val/P@0.5", "train/loss"} <= set(result.metrics)
     # checkpoints every 2 steps and at the end, all kept
     assert checkpoint_steps(result) == [2, 4, MAX_STEPS]
-    assert Path(result.last_checkpoint).name.endswith(f"{MAX_STEPS:08d}")
+    assert Path(result.last_checkpoint).name == checkpoint_name(MAX_STEPS)
     assert result.best_checkpoint == result.last_checkpoint  # the only evaluated one
 
     for rank in (0, 1):
@@ -131,7 +133,7 @@ def test_stopped_run_resumes_by_name(shards, local_ray, s3_store, tmp_path, stor
     first, second = lifetimes(steps, 0)
     assert [r["step"] for r in first] == [1, 2, 3]
     assert [r["step"] for r in second] == [3, 4, 5]
-    assert result.last_checkpoint == f"{runs}/{name}/{CHECKPOINT_PREFIX}{MAX_STEPS:08d}"
+    assert result.last_checkpoint == f"{runs}/{name}/{checkpoint_name(MAX_STEPS)}"
 
 
 def test_resume_needs_an_existing_run(tmp_path):
