@@ -205,6 +205,7 @@ class Summary(_ContractFile):
 
 
 def summary_url(root: str) -> str:
+    """Where a prepared dataset's (a directory or URL) summary.json lies."""
     return f"{str(root).rstrip('/')}/{SUMMARY}"
 
 

@@ -77,6 +77,7 @@ from data_prep.contract import (
     sample_key,
     shard_path,
     shard_stem,
+    summary_url,
 )
 from data_prep.defaults import PREPARE
 from data_prep.folder import MaskFile, MaskFileError, is_folder_dataset, load_folder, read_mask
@@ -275,7 +276,7 @@ def plan_prepare(
 def _earlier_summary(out_dir: Path | str) -> Summary | None:
     """An earlier preparation's summary.json in out_dir, or None."""
     filesystem, root = fsspec.core.url_to_fs(str(out_dir))
-    return read_summary(str(out_dir)) if filesystem.exists(f"{root.rstrip('/')}/{SUMMARY}") else None
+    return read_summary(str(out_dir)) if filesystem.exists(summary_url(root)) else None
 
 
 def merged_splits(
