@@ -184,3 +184,8 @@ def test_no_module_imports_another_modules_private_name() -> None:
         if alias.name.startswith("_") and not alias.name.startswith("__")
     }
     assert not wrong, sorted(wrong)
+
+
+def test_the_shard_writer_knows_nothing_of_the_synthetic_generator() -> None:
+    """Preparation is for any refer-format data; the generator's kinds file is read by data_prep.refer."""
+    assert not {"data_prep.synth", "data_prep.synthetic_shards"} & imported_modules("data_prep.shards")
