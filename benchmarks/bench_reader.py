@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -41,7 +40,7 @@ import fsspec
 from _latency_proxy import LatencyProxy
 from torch.utils.data import DataLoader, Dataset
 
-from data_prep.contract import META_MEMBER
+from data_prep.contract import META_MEMBER, SampleMeta
 from data_prep.images import decode_image
 from data_prep.masks import rasterize
 from data_prep.refer import ReferData, load_refer
@@ -257,7 +256,7 @@ def _per_sample_costs(naive: NaiveReferDataset, shards: SplitShards, input_size:
     raws = list(read_shard(shards.shards[0].url))
     tar_ms = 1000 * (time.perf_counter() - start) / len(raws)
     index_of = {sent.sent_id: i for i, (_, sent) in enumerate(naive.items)}
-    items = [index_of[json.loads(raw[META_MEMBER])["sent_id"]] for raw in raws]
+    items = [index_of[SampleMeta.from_bytes(raw[META_MEMBER], raw["__key__"]).sent_id] for raw in raws]
     masks = [decode_sample(raw, 1, 1, keep_orig_mask=True)["orig_mask"] for raw in raws]
 
     def timed(make: Callable[[int], Any]) -> tuple[list[Any], float]:

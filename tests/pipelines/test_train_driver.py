@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from tiny_runs import SCORE_VAL, TINY_RUN, lifetimes
 
+from magnet.checkpoint import checkpoint_name
 from magnet.config import load_config
 from magnet.data import ShardError
-from pipelines.train_driver import CHECKPOINT_PREFIX, new_run_name, run_training
+from pipelines.train_driver import new_run_name, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +91,7 @@ def test_stopped_run_resumes_by_name(shards, local_ray, s3_store, tmp_path, stor
     first, second = lifetimes(steps, 0)
     assert [r["step"] for r in first] == [1, 2, 3]
     assert [r["step"] for r in second] == [3, 4, 5]
-    assert result.last_checkpoint == f"{runs}/{name}/{CHECKPOINT_PREFIX}{MAX_STEPS:08d}"
+    assert result.last_checkpoint == f"{runs}/{name}/{checkpoint_name(MAX_STEPS)}"
 
 
 def test_resume_needs_an_existing_run(tmp_path):
