@@ -58,6 +58,15 @@ def open_run(
     return settings
 
 
+def _kill_opened_run(tracking_uri: str | None, experiment: str, run_name: str) -> None:
+    """Mark KILLED the run `open_run` created or reopened when a Ctrl-C came before the task handed
+    it back (its result is lost then): left RUNNING, it would look alive in MLflow for good."""
+    uri = mlflow_tracking.resolve_tracking_uri(tracking_uri)
+    opened = mlflow_tracking.find_run(uri, experiment, run_name)
+    if opened is not None and opened.info.status == "RUNNING":
+        mlflow_tracking.end_run({"tracking_uri": uri, "run_id": opened.info.run_id}, status="KILLED")
+
+
 @task(name="train")
 def train(
     cfg: Config,
@@ -217,9 +226,13 @@ def train_magnet(
     else:
         shard_root = absolute_location(shards)
     splits = eval_splits or held_out_splits(shard_root, cfg.data.train_split)
-    tracking = open_run(
-        cfg, shard_root, tracking_uri, experiment, run_name, resume, run_path(storage, run_name)
-    )
+    try:
+        tracking = open_run(
+            cfg, shard_root, tracking_uri, experiment, run_name, resume, run_path(storage, run_name)
+        )
+    except KeyboardInterrupt:
+        _kill_opened_run(tracking_uri, experiment, run_name)
+        raise
     try:
         mlflow_record.link_flow_run(tracking, key=artifact_key("mlflow-run", run_name))
         result = train(
