@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 # live server, the MLflow run is closed, Ray shut down) takes a few; interrupts.GRACE_SECONDS is
 # the backstop, so an exit that needed it fails here.
 EXIT_SECONDS = interrupts.GRACE_SECONDS - 3
-SETUP_SECONDS = 300  # a command's start on a loaded 2-core machine: imports, Prefect's server, Ray
+SETUP_SECONDS = 600  # a start on a loaded 2-core machine (imports, Prefect's server, Ray) took over 300 s
 # a progress line of training (rank 0's, forwarded by Ray with its worker prefix) or preparation
 PROGRESS_LINE = re.compile(r"(step \d+/\d+|prepare \S+: \d+/\d+ chunks) \(")
 
