@@ -32,6 +32,7 @@ class TuneDefaults:
     experiment: str = "magnet-sweeps"
     workers_per_trial: int = 1
     gpus_per_trial: int = 0
+    max_failures: int = 2  # worker-group restarts within a trial (a lost worker or node)
     register_best: bool = True
 
 

@@ -33,6 +33,7 @@ from data_prep.paths import absolute_location, check_name
 from magnet.checkpoint import local_checkpoint
 from magnet.config import Config
 from magnet.data import first_example, held_out_splits
+from pipelines.defaults import TUNE
 from pipelines.evaluation import evaluate_model
 from pipelines.sweep.report import (
     COMMAND_PARAM,
@@ -403,7 +404,7 @@ def run_sweep(
     cpus_per_worker: float = 1.0,
     max_concurrent: int | None = None,
     ray_address: str | None = None,
-    max_failures: int = 0,
+    max_failures: int = TUNE.max_failures,
     register_best: bool = True,
 ) -> SweepResult:
     """Run (or, with ``resume``, continue) a sweep: Tune trials of Ray Train runs, tracked in MLflow.
@@ -424,7 +425,8 @@ def run_sweep(
         cpus_per_worker: CPUs reserved per Train worker.
         max_concurrent: at most this many trials at once (never more than the cluster holds).
         ray_address: Ray cluster to join; None = RAY_ADDRESS or a local Ray started here.
-        max_failures: worker-group restarts within a trial.
+        max_failures: worker-group restarts within a trial (from its last checkpoint): a lost worker
+            or node costs the trial the steps since that checkpoint, not the trial.
         register_best: register the best finished trial's model as a new version of `magnet`.
     """
     import os
