@@ -192,7 +192,7 @@ def gpu_cluster_deployment(cluster: RayCluster, shards: str, storage: str) -> di
     entry["parameters"].update(
         config="tiny", shards=shards, storage_path=storage, num_workers=2, use_gpu=False,
         overrides=TRAIN, placement_strategy="STRICT_SPREAD", run_name="across-nodes", experiment=EXPERIMENT,
-        eval_splits=["val"],
+        eval_splits=["val"], register_model=False,  # the sweep registers (and promotes) below
     )  # fmt: skip
     entry["pull"] = [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     entry["work_pool"] = {
@@ -243,7 +243,7 @@ def across_nodes(prefect, cluster, shards, user_env, mlflow_server, s3_store, mo
 
 
 def test_prefect_worker_trains_on_two_nodes_and_keeps_everything_in_object_storage(
-    across_nodes, cluster, shards, mlflow_server
+    across_nodes, cluster, shards
 ):
     run, storage = across_nodes["run"], across_nodes["storage"]
     assert run.info.status == "FINISHED"
@@ -261,9 +261,6 @@ def test_prefect_worker_trains_on_two_nodes_and_keeps_everything_in_object_stora
     inputs = run.inputs.dataset_inputs
     assert inputs and all(json.loads(i.dataset.source)["uri"].startswith(shards) for i in inputs)
     assert registered(run_url)[-1] == STEPS
-    client = tracking.client_for(mlflow_server.url)
-    versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
-    assert len(versions) == 1  # registered by the flow, its files on the MLflow server
     # the flow ran in the checkout (the pull step) and wrote nothing there
     assert across_nodes["after"] == across_nodes["before"]
 
@@ -376,7 +373,8 @@ def test_a_sweep_across_nodes_survives_a_lost_node_and_promotes(
     # the trials started on different nodes, one each
     assert sorted(nodes[0] for nodes in lost["at"].values()) == sorted(first_nodes.values())
     trials = {run.info.run_name: run for run in children()}
-    assert len(trials) == 2 and all(run.info.status == "FINISHED" for run in trials.values())
+    statuses = {name: run.info.status for name, run in trials.items()}
+    assert list(statuses.values()) == ["FINISHED"] * 2, f"{statuses}\n{log.read_text()[-6000:]}"
     hit = trials.pop(lost["trial"])
     (other,) = trials.values()
     # the trial whose node was lost resumed from its checkpoint on a live node (the new one, or the
