@@ -1,5 +1,6 @@
 """The synthetic dataset the demo and the flows fall back on when no shards are given: generated
-(data_prep.synth) and prepared (data_prep.shards) under one directory, each only when missing."""
+(data_prep.synth) and prepared (data_prep.shards) under one directory, each only when missing (or,
+for the shards, older than the data or of an older shard format)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 from pathlib import Path
 
 from data_prep.contract import SUMMARY
-from data_prep.shards import dataset_dir, prepare_dataset
+from data_prep.shards import FORMAT_VERSION, dataset_dir, prepare_dataset
 from data_prep.synth import synthesize
 
 SYNTHETIC_IMAGES = 800
@@ -23,7 +24,9 @@ def ensure_synthetic_shards(
     image_size: int = SYNTHETIC_IMAGE_SIZE,
     seed: int = SYNTHETIC_SEED,
 ) -> Path:
-    """Synthetic refer-format data and its shards under ``workdir``; made only when missing.
+    """Synthetic refer-format data and its shards under ``workdir``; made only when missing, the
+    shards again when older than the data or of another format (a demo directory kept from
+    before the shards carried the images' objects gets them).
 
     Returns the prepared dataset root ``<workdir>/shards/refcoco-unc``.
     """
@@ -36,7 +39,8 @@ def ensure_synthetic_shards(
         synthesize(data, num_images=images, image_size=image_size, seed=seed)
     shards = dataset_dir(workdir / "shards", DATASET, SPLIT_BY)
     summary = shards / SUMMARY
-    if not summary.is_file() or summary.stat().st_mtime < report.stat().st_mtime:
+    stale = not summary.is_file() or summary.stat().st_mtime < report.stat().st_mtime
+    if stale or json.loads(summary.read_text()).get("format_version") != FORMAT_VERSION:
         print(f"[demo] preparing shards under {shards}")
         prepare_dataset(data, DATASET, SPLIT_BY, workdir / "shards", workers=min(2, os.cpu_count() or 1))
     return shards

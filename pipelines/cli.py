@@ -20,6 +20,7 @@ from pipelines.commands import (
     demo,
     evaluate,
     model,
+    plan,
     predict,
     pretrain,
     register,
@@ -115,7 +116,21 @@ def main(
     quiet_known_noise()
 
 
-for group in (synth, data, model, weights, pretrain, train, evaluate, predict, register, demo, stack, tune):
+for group in (
+    synth,
+    data,
+    model,
+    weights,
+    pretrain,
+    train,
+    evaluate,
+    predict,
+    register,
+    demo,
+    stack,
+    tune,
+    plan,
+):
     group.register(app)
 
 

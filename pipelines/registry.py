@@ -66,6 +66,7 @@ SERVING_REQUIREMENTS = (
     "fsspec",
     "pyarrow",
     "webdataset",
+    "pycocotools",  # magnet.data reads the shards' objects (data_prep.masks)
 )
 _MAX_NAMED_ROWS = 10  # bad rows named in one error message
 

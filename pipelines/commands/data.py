@@ -190,7 +190,8 @@ def _write_failures_in_one_line() -> Iterator[None]:
                 record.exc_info = record.exc_text = None
             return True
 
-    consoles = [h for h in logging.getLogger("prefect").handlers if isinstance(h, PrefectConsoleHandler)]
+    loggers = (logging.getLogger(), logging.getLogger("prefect"))  # where Prefect's config may put it
+    consoles = [h for lg in loggers for h in lg.handlers if isinstance(h, PrefectConsoleHandler)]
     quiet = NoTraceback()
     for handler in consoles:
         handler.addFilter(quiet)

@@ -33,9 +33,9 @@ def evaluate(
         )
     require_device(device)
     shards = require_prepared(shards)
+    check_model_reference(model, tracking_uri)  # a store lookup: cheaper than hashing the shards below
     for split in splits:  # a split the data lacks, or a corrupt shard of any, named before the model loads
         open_split(shards, split)
-    check_model_reference(model, tracking_uri)
     try:
         net, cfg = load_model(model, tracking_uri=tracking_uri, device=device)
     except (ValueError, FileNotFoundError) as err:

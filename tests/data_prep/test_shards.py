@@ -192,6 +192,19 @@ def test_synthetic_set_is_written_whole(tmp_path: Path) -> None:
     assert all(c.rejected == 0 and c.written == c.read for c in result.counts.values())
 
 
+def test_synthetic_shards_of_an_older_format_are_prepared_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from data_prep import synthetic_shards
+
+    monkeypatch.setattr(synthetic_shards.os, "cpu_count", lambda: 1)  # one process: no pool to start
+    shards = synthetic_shards.ensure_synthetic_shards(tmp_path, images=6, image_size=64)
+    current = json.loads((shards / SUMMARY).read_text())
+    (shards / SUMMARY).write_text(json.dumps({**current, "format_version": current["format_version"] - 1}))
+    synthetic_shards.ensure_synthetic_shards(tmp_path, images=6, image_size=64)  # a demo directory kept
+    assert json.loads((shards / SUMMARY).read_text()) == current
+
+
 def test_partial_prepare_merges_into_the_index_or_refuses(
     prepared: Path, refer_root: Path, tmp_path: Path
 ) -> None:
