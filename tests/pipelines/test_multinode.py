@@ -52,8 +52,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
 REPO = Path(__file__).resolve().parents[2]
 NODES = ("node_a", "node_b")
-STEPS = 6
-# A checkpoint at step 3 and 6 (each 140 MB to upload), evaluated once, at the end (val only).
+STEPS = 4  # the fewest that show a resume: a checkpoint, steps lost after it, a last checkpoint
+# A checkpoint at step 2 and 4 (each 140 MB to upload), evaluated once, at the end (val only).
 TRAIN = [*TINY_RUN, *SCORE_VAL, f"train.max_steps={STEPS}", f"train.checkpoint_every={STEPS // 2}"]
 EXPERIMENT, SWEEP_EXPERIMENT = "multinode", "multinode-sweeps"
 PREFIX = "multinode"  # of this module's objects in the bucket
@@ -146,6 +146,11 @@ def loss_steps(uri: str, run_id: str) -> dict[int, float]:
     history = tracking.client_for(uri).get_metric_history(run_id, "train/loss")
     assert len(history) == len({point.step for point in history}), "a step was logged twice"
     return {point.step: point.value for point in history}
+
+
+def largest_difference(metrics: dict[str, float], reference: dict[str, float]) -> float:
+    """The largest relative difference of a metric of ``reference`` in ``metrics``."""
+    return max(abs(metrics[k] - v) / max(abs(v), 1e-12) for k, v in reference.items())
 
 
 def lose_node_when(
@@ -251,6 +256,7 @@ def test_prefect_worker_trains_on_two_nodes_and_keeps_everything_in_object_stora
     # the run's own record: rank 0 and rank 1 on the two worker nodes, one each, never restarted
     nodes = cluster.alive()
     assert sorted(placement(tags, 2)) == sorted(nodes[name] for name in NODES)
+    print(f"ranks on nodes {placement(tags, 2)}; worker nodes {nodes}")  # for the log (-rP)
     assert tags[WORKER_GROUPS_TAG] == "1" and RESUMED_FROM_TAG not in tags
     hosts = [tags[worker_tag(rank, "host")] for rank in range(2)]  # "<hostname> (<node IP>)"
     assert hosts[0] != hosts[1] and all(host.startswith(socket.gethostname()) for host in hosts)
@@ -318,6 +324,12 @@ def test_a_lost_node_costs_the_steps_since_the_last_checkpoint(
         k: v for k, v in reference.data.metrics.items() if not k.startswith(("system/", "train/samples"))
     }
     assert {k: run.data.metrics[k] for k in final} == pytest.approx(final, rel=1e-6)
+    difference = largest_difference(run.data.metrics, final)
+    print(  # the measured figures, for the log (-rP)
+        f"ranks on {placement(tags, 2)} (first {first_nodes}); node {lost['node']} lost at logged "
+        f"step {lost['logged']}, resumed from step {resumed}: {lost['logged'] - resumed} step(s) "
+        f"redone; largest relative difference of a final metric {difference:.1e}"
+    )
 
 
 # ------------------------------------------------------------------ 3. a sweep across nodes
@@ -380,9 +392,14 @@ def test_a_sweep_across_nodes_survives_a_lost_node_and_promotes(
     # the trial whose node was lost resumed from its checkpoint on a live node (the new one, or the
     # other trial's if that had ended)
     assert hit.data.tags[WORKER_GROUPS_TAG] == "2"
-    assert int(hit.data.tags[RESUMED_FROM_TAG].removeprefix(CHECKPOINT_PREFIX)) >= lost["registered"]
+    resumed = int(hit.data.tags[RESUMED_FROM_TAG].removeprefix(CHECKPOINT_PREFIX))
+    assert resumed >= lost["registered"]
     (resumed_on,) = placement(hit.data.tags, 1)
     assert resumed_on in cluster.alive().values() and resumed_on != lost["at"][hit.info.run_name][0]
+    print(  # for the log (-rP)
+        f"trials started on {lost['at']}; {hit.info.run_name} lost node {lost['node']}, resumed "
+        f"from step {resumed} on {resumed_on}"
+    )
     # the other was untouched: one worker group, on the node it started on
     assert other.data.tags[WORKER_GROUPS_TAG] == "1" and RESUMED_FROM_TAG not in other.data.tags
     assert placement(other.data.tags, 1) == lost["at"][other.info.run_name]
