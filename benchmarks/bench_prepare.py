@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from data_prep.contract import INDEX_FILES, SUMMARY
+    from data_prep.contract import INDEX_FILES, read_summary
     from data_prep.shards import prepare_dataset
     from data_prep.synth import synthesize
 
@@ -70,11 +70,9 @@ def main() -> None:
         (f"magnet prepare (Prefect flow), {args.workers} workers", _time(cli)),
         ("magnet prepare re-run (all chunks done)", _time(cli)),
     ]
-    import json
-
-    summary = json.loads((workdir / "cli" / "refcoco-unc" / SUMMARY).read_text())
-    read = sum(c["read"] for c in summary["counts"].values())
-    written = sum(c["written"] for c in summary["counts"].values())
+    summary = read_summary(str(workdir / "cli" / "refcoco-unc"))
+    read = sum(c.read for c in summary.counts.values())
+    written = sum(c.written for c in summary.counts.values())
     same = all(
         (workdir / d / "refcoco-unc" / name).read_bytes()
         == (workdir / "cli" / "refcoco-unc" / name).read_bytes()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -41,7 +40,7 @@ import fsspec
 from _latency_proxy import LatencyProxy
 from torch.utils.data import DataLoader, Dataset
 
-from data_prep.contract import META_MEMBER
+from data_prep.contract import META_MEMBER, SampleMeta
 from data_prep.images import decode_image
 from data_prep.masks import rasterize
 from data_prep.refer import ReferData, load_refer
@@ -191,8 +190,12 @@ class Rate:
         return self.samples / self.seconds
 
 
+Readers = tuple[Storage, NaiveReferDataset, SplitShards]
+"""One storage and both readers over it."""
+
+
 def _best_rates(
-    readers: dict[str, tuple[Storage, NaiveReferDataset, SplitShards]],
+    readers: dict[str, Readers],
     input_size: int,
     args: argparse.Namespace,
 ) -> dict[tuple[str, str], Rate]:
@@ -253,7 +256,7 @@ def _per_sample_costs(naive: NaiveReferDataset, shards: SplitShards, input_size:
     raws = list(read_shard(shards.shards[0].url))
     tar_ms = 1000 * (time.perf_counter() - start) / len(raws)
     index_of = {sent.sent_id: i for i, (_, sent) in enumerate(naive.items)}
-    items = [index_of[json.loads(raw[META_MEMBER])["sent_id"]] for raw in raws]
+    items = [index_of[SampleMeta.from_bytes(raw[META_MEMBER], raw["__key__"]).sent_id] for raw in raws]
     masks = [decode_sample(raw, 1, 1, keep_orig_mask=True)["orig_mask"] for raw in raws]
 
     def timed(make: Callable[[int], Any]) -> tuple[list[Any], float]:
@@ -294,7 +297,7 @@ def _object_store(refer_root: Path, shards_dir: Path) -> Iterator[tuple[str, str
         yield store.endpoint, store.url("refer"), store.url(f"shards/{shards_dir.name}")
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000, help="synthetic images (~4.5 expressions each)")
     parser.add_argument("--image-size", type=int, default=128, help="side of the synthetic images")
@@ -322,68 +325,68 @@ def main() -> None:
         default=["local", "s3", "s3-latency"],
         help="where data is read: local disk, loopback S3, S3 with --s3-latency-ms added",
     )
-    args = parser.parse_args()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.work_dir or Path(tmp)
-        refer_root, out = work / "refer", work / "shards"
-        synthesize(refer_root, num_images=args.images, image_size=args.image_size, seed=0)
-        start = time.perf_counter()
-        prepared = prepare_dataset(
-            refer_root, "refcoco", "unc", out, workers=args.workers, samples_per_shard=500
-        )
-        prepare_s = time.perf_counter() - start
-        written = sum(c.written for c in prepared.counts.values())
 
-        load_tokenizer()  # loaded once before the workers fork, as a real naive loader would
-        refer = load_refer(refer_root, "refcoco", "unc")  # parsed once, whatever the storage
-        image_subdir = refer.image_dir.relative_to(refer_root).as_posix()
+@dataclass(frozen=True)
+class Prepared:
+    """The synthetic refer layout and its shards, both readers' data."""
 
-        def readers_on(storage: Storage) -> tuple[Storage, NaiveReferDataset, SplitShards]:
-            """Both readers of one storage: the naive one over its refer layout, its verified shards."""
-            image_root = f"{storage.refer_root}/{image_subdir}"
-            naive = NaiveReferDataset(
-                refer, "train", args.input_sizes[0], image_root, storage.storage_options
-            )
-            return storage, naive, open_split(storage.shard_root, "train")
+    refer_root: Path
+    refer: ReferData
+    shard_dir: Path
+    expressions: int
+    seconds: float
 
-        local = Storage("local disk", str(refer_root), str(prepared.out_dir), None, args.max_batches)
-        on_local = readers_on(local)
-        _, local_naive, local_shards = on_local
-        costs = {
-            size: _per_sample_costs(local_naive, local_shards, size, args.batch_size)
-            for size in args.input_sizes
-        }
-        with contextlib.ExitStack() as stack:
-            storages: list[Storage] = []
-            if "local" in args.storages:
-                storages.append(local)
-            if {"s3", "s3-latency"} & set(args.storages):
-                endpoint, refer_url, shard_url = stack.enter_context(
-                    _object_store(refer_root, prepared.out_dir)
-                )
-                for choice, latency_ms, batches, name in (
-                    ("s3", 0.0, args.max_batches, "S3 loopback (+0 ms)"),
-                    (
-                        "s3-latency",
-                        args.s3_latency_ms,
-                        args.latency_batches,
-                        f"S3 +{args.s3_latency_ms:g} ms",
-                    ),
-                ):
-                    if choice in args.storages:
-                        proxy = stack.enter_context(LatencyProxy(endpoint, latency_ms))
-                        storages.append(Storage(name, refer_url, shard_url, proxy, batches))
-            readers = {s.name: on_local if s is local else readers_on(s) for s in storages}
-            results = {size: _best_rates(readers, size, args) for size in args.input_sizes}
-            first_image = f"{image_subdir}/{next(iter(refer.images.values())).file_name}"
-            read_ms = {
-                storage.name: _read_ms(storage, first_image) for storage in dict.fromkeys([local, *storages])
-            }
+    @property
+    def image_subdir(self) -> str:
+        return self.refer.image_dir.relative_to(self.refer_root).as_posix()
 
-    expressions = len(next(iter(readers.values()))[1])
+
+def _prepare(work: Path, args: argparse.Namespace) -> Prepared:
+    """Generate the refer layout and prepare its shards (timed, for reference)."""
+    refer_root = work / "refer"
+    synthesize(refer_root, num_images=args.images, image_size=args.image_size, seed=0)
+    start = time.perf_counter()
+    prepared = prepare_dataset(
+        refer_root, "refcoco", "unc", work / "shards", workers=args.workers, samples_per_shard=500
+    )
+    seconds = time.perf_counter() - start
+    load_tokenizer()  # loaded once before the workers fork, as a real naive loader would
+    refer = load_refer(refer_root, "refcoco", "unc")  # parsed once, whatever the storage
+    written = sum(c.written for c in prepared.counts.values())
+    return Prepared(refer_root, refer, prepared.out_dir, written, seconds)
+
+
+def _readers_on(storage: Storage, data: Prepared, input_size: int) -> Readers:
+    """Both readers of one storage: the naive one over its refer layout, its verified shards."""
+    image_root = f"{storage.refer_root}/{data.image_subdir}"
+    naive = NaiveReferDataset(data.refer, "train", input_size, image_root, storage.storage_options)
+    return storage, naive, open_split(storage.shard_root, "train")
+
+
+def _remote_storages(stack: contextlib.ExitStack, data: Prepared, args: argparse.Namespace) -> list[Storage]:
+    """The S3 storages asked for: one moto server, reached through a relay per modelled latency."""
+    if not {"s3", "s3-latency"} & set(args.storages):
+        return []
+    endpoint, refer_url, shard_url = stack.enter_context(_object_store(data.refer_root, data.shard_dir))
+    storages = []
+    for choice, latency_ms, batches, name in (
+        ("s3", 0.0, args.max_batches, "S3 loopback (+0 ms)"),
+        ("s3-latency", args.s3_latency_ms, args.latency_batches, f"S3 +{args.s3_latency_ms:g} ms"),
+    ):
+        if choice in args.storages:
+            proxy = stack.enter_context(LatencyProxy(endpoint, latency_ms))
+            storages.append(Storage(name, refer_url, shard_url, proxy, batches))
+    return storages
+
+
+def _print_rates(
+    results: dict[int, dict[tuple[str, str], Rate]],
+    storages: list[Storage],
+    expressions: int,
+    args: argparse.Namespace,
+) -> None:
     print(
         f"\ntrain split: {expressions} expressions of {args.image_size}px images, batch {args.batch_size}, "
         f"{args.workers} loader workers each, timed after the first batch, best of {args.repeats} passes of "
@@ -398,9 +401,19 @@ def main() -> None:
                 rate, naive = best[(storage.name, name)], best[(storage.name, NAIVE)]
                 row += f"{rate.per_s:>26.1f}{rate.per_s / naive.per_s:>6.2f}x"
             print(row)
+
+
+def _print_costs(
+    costs: dict[int, Costs],
+    shards: SplitShards,
+    storages: list[Storage],
+    read_ms: dict[str, float],
+    local: Storage,
+    batch_size: int,
+) -> None:
     print(
-        f"\nWhere one sample's time goes (ms, one process, the {local_shards.shards[0].samples} samples of "
-        f"{local_shards.shards[0].name}, batch {args.batch_size}); ceiling = naive / shared, plus a GET:"
+        f"\nWhere one sample's time goes (ms, one process, the {shards.shards[0].samples} samples of "
+        f"{shards.shards[0].name}, batch {batch_size}); ceiling = naive / shared, plus a GET:"
     )
     print(
         f"{'input':>5}{'shared':>9}{'naive only':>12}{'shard only':>12}"
@@ -417,7 +430,15 @@ def main() -> None:
         "shared: JPEG decode + resize + normalisation; naive only: read the file, rasterise, tokenise; "
         "shard only: tar members, mask PNG, .npy, json."
     )
-    first, on_s3 = results[args.input_sizes[0]], [s for s in storages if s.proxy]
+
+
+def _print_requests(
+    first: dict[tuple[str, str], Rate],
+    storages: list[Storage],
+    read_ms: dict[str, float],
+    args: argparse.Namespace,
+) -> None:
+    on_s3 = [s for s in storages if s.proxy]
     if on_s3:
         print(f"\nS3 requests per sample at input {args.input_sizes[0]} (relay count, prefetch included):")
     for storage in on_s3:
@@ -431,7 +452,37 @@ def main() -> None:
     )
     if on_s3:
         print(_S3_NOTE.format(latency_ms=args.s3_latency_ms))
-    print(f"\nprepare (for reference): {written} expressions in {prepare_s:.1f} s")
+
+
+def main() -> None:
+    args = _parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _prepare(args.work_dir or Path(tmp), args)
+        local = Storage("local disk", str(data.refer_root), str(data.shard_dir), None, args.max_batches)
+        on_local = _readers_on(local, data, args.input_sizes[0])
+        _, local_naive, local_shards = on_local
+        costs = {
+            size: _per_sample_costs(local_naive, local_shards, size, args.batch_size)
+            for size in args.input_sizes
+        }
+        with contextlib.ExitStack() as stack:
+            storages = ([local] if "local" in args.storages else []) + _remote_storages(stack, data, args)
+            readers = {
+                s.name: on_local if s is local else _readers_on(s, data, args.input_sizes[0])
+                for s in storages
+            }
+            results = {size: _best_rates(readers, size, args) for size in args.input_sizes}
+            first_image = f"{data.image_subdir}/{next(iter(data.refer.images.values())).file_name}"
+            read_ms = {
+                storage.name: _read_ms(storage, first_image) for storage in dict.fromkeys([local, *storages])
+            }
+
+    _print_rates(results, storages, len(next(iter(readers.values()))[1]), args)
+    _print_costs(costs, local_shards, storages, read_ms, local, args.batch_size)
+    _print_requests(results[args.input_sizes[0]], storages, read_ms, args)
+    print(f"\nprepare (for reference): {data.expressions} expressions in {data.seconds:.1f} s")
 
 
 if __name__ == "__main__":

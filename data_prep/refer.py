@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 from data_prep.contract import check_split
 from data_prep.paths import UnsafeNameError
+from data_prep.scenes import KINDS
 
 DATASETS: dict[str, tuple[str, ...]] = {
     "refcoco": ("unc", "google"),
@@ -316,3 +317,27 @@ def load_refer(
         annotations=annotations,
         image_dir=Path(image_dir) if image_dir is not None else root / IMAGE_SUBDIR,
     )
+
+
+def kinds_path(refer_root: Path, dataset: str, split_by: str) -> Path:
+    """Where the kinds of a refs file lie: ``<root>/<dataset>/kinds(<splitBy>).json``."""
+    return Path(refer_root) / dataset / f"kinds({split_by}).json"
+
+
+def load_kinds(refer_root: str | Path, dataset: str, split_by: str) -> dict[int, str] | None:
+    """sent_id -> kind from the generator's kinds file, or None when there is none (real data).
+
+    Raises ReferFormatError naming the file when it is not what ``synthesize`` writes.
+    """
+    path = kinds_path(Path(refer_root), dataset, split_by)
+    if not path.is_file():
+        return None
+    try:
+        entries = json.loads(path.read_text())["sentences"]
+        kinds = {int(e["sent_id"]): str(e["kind"]) for e in entries}
+    except (ValueError, KeyError, TypeError) as err:
+        raise ReferFormatError(f"{path}: not a kinds file ({type(err).__name__}: {err})") from None
+    unknown = sorted(set(kinds.values()) - set(KINDS))
+    if unknown:
+        raise ReferFormatError(f"{path}: unknown kinds {unknown}; expected {', '.join(KINDS)}")
+    return kinds

@@ -38,7 +38,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path, PurePath, PurePosixPath
 from typing import NamedTuple, TypeVar
@@ -52,6 +52,7 @@ from PIL import Image
 
 from data_prep.contract import (
     ATTENTION_MASK_MEMBER,
+    FORMAT_VERSION,
     INDEX_FILES,
     INPUT_IDS_MEMBER,
     KIND_FIELD,
@@ -65,11 +66,18 @@ from data_prep.contract import (
     SHARD_GLOB,
     SUMMARY,
     WORK_DIR,
+    SampleMeta,
+    ShardEntry,
+    SplitCounts,
+    Summary,
+    SummarySettings,
+    TokenizerRecord,
     check_split,
+    read_summary,
     sample_key,
     shard_path,
     shard_stem,
-    split_of,
+    summary_url,
 )
 from data_prep.defaults import PREPARE
 from data_prep.folder import MaskFile, MaskFileError, is_folder_dataset, load_folder, read_mask
@@ -77,12 +85,8 @@ from data_prep.images import TooLargeImage, UnreadableImage, load_shown, open_im
 from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, encode_rle, rasterize
 from data_prep.output import written_whole
 from data_prep.paths import check_name, is_url
-from data_prep.refer import Annotation, ImageInfo, Ref, Sentence, load_refer
-from data_prep.synth import load_kinds
+from data_prep.refer import Annotation, ImageInfo, Ref, Sentence, load_kinds, load_refer
 from data_prep.tokenize import encode_expressions, load_tokenizer, vocabulary_hash
-
-FORMAT_VERSION = 4  # 3: every object of the image (objects.json); 4: images read upright (data_prep.images)
-"""Bumped when the bytes written for the same input change, so old chunk markers are redone."""
 
 REJECT_REASONS: dict[str, str] = {
     "missing_image_record": "the ref's image_id is not in instances.json",
@@ -200,22 +204,15 @@ class ChunkResult:
 
 
 @dataclass(frozen=True)
-class SplitCounts:
-    read: int
-    written: int
-    rejected: int
-
-
-@dataclass(frozen=True)
 class PrepareResult:
     """The outcome of a whole preparation."""
 
     out_dir: Path | str
     counts: dict[str, SplitCounts]
     rejects_by_reason: dict[str, dict[str, int]]
-    shards: list[dict[str, object]]
+    shards: list[ShardEntry]
+    summary: Summary
     chunks_skipped: int = 0
-    summary: dict[str, object] = field(default_factory=dict)
 
 
 def dataset_dir(out: str | Path, dataset: str, split_by: str) -> Path | str:
@@ -276,13 +273,10 @@ def plan_prepare(
     )
 
 
-def _read_summary(out_dir: Path | str) -> dict | None:
+def _earlier_summary(out_dir: Path | str) -> Summary | None:
     """An earlier preparation's summary.json in out_dir, or None."""
-    try:
-        with fsspec.open(f"{str(out_dir).rstrip('/')}/{SUMMARY}", "rt", encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        return None
+    filesystem, root = fsspec.core.url_to_fs(str(out_dir))
+    return read_summary(str(out_dir)) if filesystem.exists(summary_url(root)) else None
 
 
 def merged_splits(
@@ -295,8 +289,8 @@ def merged_splits(
     Raises:
         ValueError: out_dir holds other splits prepared with other settings.
     """
-    previous = _read_summary(out_dir)
-    earlier = list((previous or {}).get("counts", {}))
+    previous = _earlier_summary(out_dir)
+    earlier = list(previous.counts) if previous else []
     if not any(split not in chosen for split in earlier):
         return chosen
     wanted = {
@@ -308,10 +302,10 @@ def merged_splits(
         "mask_mode": settings.mask_mode,
     }
     found = {
-        "format_version": previous.get("format_version"),
-        "tokenizer": previous["tokenizer"]["name"],
-        "vocabulary_hash": previous["tokenizer"]["vocabulary_hash"],
-        **{key: previous["settings"].get(key) for key in ("max_tokens", "samples_per_shard", "mask_mode")},
+        "format_version": previous.format_version,
+        "tokenizer": previous.tokenizer.name,
+        "vocabulary_hash": previous.tokenizer.vocabulary_hash,
+        **{key: getattr(previous.settings, key) for key in ("max_tokens", "samples_per_shard", "mask_mode")},
     }
     differ = [f"{key} {found[key]!r} (now {wanted[key]!r})" for key in wanted if found[key] != wanted[key]]
     if differ:
@@ -631,23 +625,22 @@ def prepare_chunk(
                 reject(ref, sentence.sent_id, "no_known_words", repr(sentence.raw))
                 continue
             key = sample_key(sentence.sent_id)
-            meta = {
-                "ref_id": ref.ref_id,
-                "sent_id": sentence.sent_id,
-                "ann_id": ref.ann_id,
-                "image_id": ref.image_id,
-                "category_id": ref.category_id,
-                "split": chunk.split,
-                "raw": sentence.raw,
-                "height": info.height,
-                "width": info.width,
-            }
+            meta = SampleMeta(
+                ref_id=ref.ref_id,
+                sent_id=sentence.sent_id,
+                ann_id=ref.ann_id,
+                image_id=ref.image_id,
+                category_id=ref.category_id,
+                split=chunk.split,
+                raw=sentence.raw,
+                height=info.height,
+                width=info.width,
+            )
             _tar_member(tar, f"{key}.{ext}", image_bytes)
             _tar_member(tar, f"{key}.{MASK_MEMBER}", mask_png)
             _tar_member(tar, f"{key}.{INPUT_IDS_MEMBER}", _npy_bytes(ids[row]))
             _tar_member(tar, f"{key}.{ATTENTION_MASK_MEMBER}", _npy_bytes(attention[row]))
-            meta_json = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
-            _tar_member(tar, f"{key}.{META_MEMBER}", meta_json)
+            _tar_member(tar, f"{key}.{META_MEMBER}", meta.to_bytes())
             _tar_member(tar, f"{key}.{OBJECTS_MEMBER}", objects_json)
             manifest.append(
                 {
@@ -655,7 +648,7 @@ def prepare_chunk(
                     "shard": chunk.shard,
                     "n_tokens": int(n_words[row]) + 2,
                     "mask_area": int(mask.sum(dtype=np.int64)),
-                    **{k: meta[k] for k in MANIFEST_SCHEMA.names if k in meta},
+                    **{k: v for k, v in meta.model_dump().items() if k in MANIFEST_SCHEMA.names},
                 }
             )
     # Rejects in input order whatever stage found them.
@@ -788,7 +781,7 @@ def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult
 
     counts: dict[str, SplitCounts] = {}
     reasons: dict[str, dict[str, int]] = {}
-    shards: list[dict[str, object]] = []
+    shards: list[ShardEntry] = []
     for split in listed:
         if split in previous:
             counts[split] = previous[split].counts
@@ -807,37 +800,37 @@ def assemble(plan: PreparePlan, results: Iterable[ChunkResult]) -> PrepareResult
             total.update(r.rejects_by_reason)
         reasons[split] = dict(sorted(total.items()))
         shards += [
-            {"path": c.shard, "sha256": r.sha256, "samples": r.written}
+            ShardEntry(path=c.shard, sha256=r.sha256, samples=r.written)
             for c, r in zip(chunks, chunk_results, strict=True)
         ]
     settings = plan.settings
-    summary = {
-        "dataset": settings.dataset,
-        "splitBy": settings.split_by,
-        "format_version": FORMAT_VERSION,
-        "tokenizer": {"name": settings.tokenizer, "vocabulary_hash": plan.vocabulary_hash},
-        "counts": {split: asdict(c) for split, c in counts.items()},
-        "rejects_by_reason": reasons,
-        "shards": shards,
-        "manifest_sha256": _file_sha256(out_dir / MANIFEST),
-        "rejects_sha256": _file_sha256(out_dir / REJECTS),
-        "versions": _tool_versions(),
-        "settings": {
-            "splits": list(listed),
-            "max_tokens": settings.max_tokens,
-            "samples_per_shard": settings.samples_per_shard,
-            "mask_mode": settings.mask_mode,
-        },
-    }
+    summary = Summary(
+        dataset=settings.dataset,
+        split_by=settings.split_by,
+        format_version=FORMAT_VERSION,
+        tokenizer=TokenizerRecord(name=settings.tokenizer, vocabulary_hash=plan.vocabulary_hash),
+        counts=counts,
+        rejects_by_reason=reasons,
+        shards=tuple(shards),
+        manifest_sha256=_file_sha256(out_dir / MANIFEST),
+        rejects_sha256=_file_sha256(out_dir / REJECTS),
+        versions=_tool_versions(),
+        settings=SummarySettings(
+            splits=tuple(listed),
+            max_tokens=settings.max_tokens,
+            samples_per_shard=settings.samples_per_shard,
+            mask_mode=settings.mask_mode,
+        ),
+    )
     with written_whole(out_dir / SUMMARY) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.write_bytes(summary.to_bytes())
     return PrepareResult(
         out_dir=out_dir,
         counts=counts,
         rejects_by_reason=reasons,
         shards=shards,
-        chunks_skipped=sum(r.skipped for r in by_chunk.values()),
         summary=summary,
+        chunks_skipped=sum(r.skipped for r in by_chunk.values()),
     )
 
 
@@ -849,23 +842,23 @@ class _KeptSplit:
     rejects: pa.Table
     counts: SplitCounts
     rejects_by_reason: dict[str, int]
-    shards: list[dict[str, object]]
+    shards: list[ShardEntry]
 
 
 def _previous_index(out_dir: Path, splits: tuple[str, ...]) -> dict[str, _KeptSplit]:
     """The earlier index's manifest and rejects rows, counts and shard entries of ``splits``."""
     if not splits:
         return {}
-    summary = _read_summary(out_dir)
+    summary = read_summary(str(out_dir))
     manifest = pq.read_table(out_dir / MANIFEST, schema=MANIFEST_SCHEMA)
     rejects = pq.read_table(out_dir / REJECTS, schema=REJECTS_SCHEMA)
     return {
         split: _KeptSplit(
             manifest=manifest.filter(pc.equal(manifest["split"], split)),
             rejects=rejects.filter(pc.equal(rejects["split"], split)),
-            counts=SplitCounts(**summary["counts"][split]),
-            rejects_by_reason=summary["rejects_by_reason"][split],
-            shards=[e for e in summary["shards"] if split_of(e["path"]) == split],
+            counts=summary.counts[split],
+            rejects_by_reason=summary.rejects_by_reason[split],
+            shards=summary.split_shards(split),
         )
         for split in splits
     }

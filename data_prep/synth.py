@@ -13,7 +13,7 @@ worker count. ``synth_report.json`` holds the scores of two language-blind basel
 largest object; a random object), the floor a model that reads the expression must beat, over
 each split and each kind of expression. The refer layout has no field for what a sentence
 tests, so ``kinds(unc).json`` lies beside it: per sent_id its kind (data_prep.scenes.KINDS) and
-the words that carry it; preparation carries the kind into the manifest (``load_kinds``).
+the words that carry it; preparation carries the kind into the manifest (``data_prep.refer.load_kinds``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from data_prep.refer import IMAGE_SUBDIR, ReferFormatError
+from data_prep.refer import IMAGE_SUBDIR, kinds_path
 from data_prep.scenes import (
     COLOURS,
     KINDS,
@@ -53,30 +53,6 @@ CATEGORIES: list[dict] = [
     {"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(SHAPES)
 ]
 CATEGORY_ID: dict[str, int] = {c["name"]: c["id"] for c in CATEGORIES}
-
-
-def kinds_path(refer_root: Path, dataset: str, split_by: str) -> Path:
-    """Where the kinds of a refs file lie: ``<root>/<dataset>/kinds(<splitBy>).json``."""
-    return Path(refer_root) / dataset / f"kinds({split_by}).json"
-
-
-def load_kinds(refer_root: str | Path, dataset: str, split_by: str) -> dict[int, str] | None:
-    """sent_id -> kind from the generator's kinds file, or None when there is none (real data).
-
-    Raises ReferFormatError naming the file when it is not what ``synthesize`` writes.
-    """
-    path = kinds_path(Path(refer_root), dataset, split_by)
-    if not path.is_file():
-        return None
-    try:
-        entries = json.loads(path.read_text())["sentences"]
-        kinds = {int(e["sent_id"]): str(e["kind"]) for e in entries}
-    except (ValueError, KeyError, TypeError) as err:
-        raise ReferFormatError(f"{path}: not a kinds file ({type(err).__name__}: {err})") from None
-    unknown = sorted(set(kinds.values()) - set(KINDS))
-    if unknown:
-        raise ReferFormatError(f"{path}: unknown kinds {unknown}; expected {', '.join(KINDS)}")
-    return kinds
 
 
 def split_of(index: int) -> str:

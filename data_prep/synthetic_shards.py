@@ -8,8 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from data_prep.contract import SUMMARY
-from data_prep.shards import FORMAT_VERSION, dataset_dir, prepare_dataset
+from data_prep.contract import FORMAT_VERSION, SUMMARY, read_summary
+from data_prep.shards import dataset_dir, prepare_dataset
 from data_prep.synth import synthesize
 
 SYNTHETIC_IMAGES = 800
@@ -40,7 +40,7 @@ def ensure_synthetic_shards(
     shards = dataset_dir(workdir / "shards", DATASET, SPLIT_BY)
     summary = shards / SUMMARY
     stale = not summary.is_file() or summary.stat().st_mtime < report.stat().st_mtime
-    if stale or json.loads(summary.read_text()).get("format_version") != FORMAT_VERSION:
+    if stale or read_summary(str(shards)).format_version != FORMAT_VERSION:
         print(f"[demo] preparing shards under {shards}")
         prepare_dataset(data, DATASET, SPLIT_BY, workdir / "shards", workers=min(2, os.cpu_count() or 1))
     return shards

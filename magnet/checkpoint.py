@@ -8,6 +8,9 @@ Layout of a checkpoint directory:
                     states (python, numpy, torch, cuda) of every rank
     config.yaml     the resolved Config the run trained with
     meta.json       step, epoch, world size and the metrics reported with the checkpoint
+                    (CheckpointMeta; an imported published model also says from which file)
+
+A run's checkpoints are named ``checkpoint_step%08d`` by step (`checkpoint_name`), wherever they lie.
 
 Ray Train copies the directory to the run's storage (a local directory or object storage); this
 module knows nothing of Ray. Loading takes a local directory or a URL (s3://..., copied down).
@@ -27,8 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from data_prep.contract import parse_contract_file
 from data_prep.paths import is_url
 from magnet.config import Config, config_from_dict
 
@@ -36,6 +41,71 @@ MODEL_FILE = "model.pt"
 TRAIN_STATE_FILE = "train_state.pt"
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
+CHECKPOINT_PREFIX = "checkpoint_step"
+CHECKPOINT_GLOB = f"{CHECKPOINT_PREFIX}*"
+"""Matches the names `checkpoint_name` gives (in a run's directory)."""
+
+
+def checkpoint_name(step: int) -> str:
+    """The directory name of a run's checkpoint after ``step`` steps: zero-padded, so names sort by step."""
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint directory named by `checkpoint_name`; None for any other name."""
+    digits = name.removeprefix(CHECKPOINT_PREFIX)
+    return int(digits) if digits != name and digits.isdigit() else None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory whose meta.json this code cannot read (broken, or another layout)."""
+
+
+class ImportRecord(BaseModel):
+    """Where imported weights came from (magnet.weights): the published file and what was mapped."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    file: str
+    sha256: str
+    tensors_mapped: int
+    dropped: dict[str, str]
+    training_only_kept: tuple[str, ...]
+
+
+class CheckpointMeta(BaseModel):
+    """meta.json: where the checkpoint stands and the metrics reported with it (Ray keeps the best
+    by them); ``imported_from`` only for an imported published model."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    step: int
+    epoch: int
+    world_size: int
+    metrics: dict[str, int | float] = {}
+    imported_from: ImportRecord | None = None
+
+    def write(self, directory: str | Path) -> None:
+        """The one writing of meta.json (``imported_from`` left out when there is none)."""
+        (Path(directory) / META_FILE).write_text(
+            json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2)
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes | str, where: str) -> CheckpointMeta:
+        """The file's content; CheckpointError naming ``where`` and what is wrong when it is not one."""
+        return parse_contract_file(cls, data, where, CheckpointError)
+
+
+def read_checkpoint_meta(directory: str | Path) -> CheckpointMeta:
+    """The meta.json of a local checkpoint directory, the one reading of the file.
+
+    Raises:
+        FileNotFoundError: there is none (not a checkpoint directory).
+        CheckpointError: it is not JSON, or a field is missing or of the wrong type.
+    """
+    path = _require(Path(directory), META_FILE)
+    return CheckpointMeta.from_bytes(path.read_bytes(), str(path))
 
 
 @dataclass
@@ -127,13 +197,9 @@ def save_checkpoint(
         directory / TRAIN_STATE_FILE,
     )
     (directory / CONFIG_FILE).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    meta = {
-        "step": state.step,
-        "epoch": state.epoch,
-        "world_size": len(rng_states),
-        "metrics": metrics or {},
-    }
-    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+    CheckpointMeta(
+        step=state.step, epoch=state.epoch, world_size=len(rng_states), metrics=metrics or {}
+    ).write(directory)
     return directory
 
 

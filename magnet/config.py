@@ -177,9 +177,6 @@ class DataConfig(_Section):
     train_split: str = "train"
     eval_splits: tuple[str, ...] = ("val",)
     skip_corrupt_shards: bool = Field(False, description="Skip (and count) shards failing their checksum.")
-    root: str | None = Field(
-        None, description="Prepared dataset, <out>/<dataset>-<splitBy>: a directory or an fsspec URL."
-    )
     verify_checksums: bool = Field(True, description="Check each shard's sha256 against summary.json first.")
 
 

@@ -58,6 +58,9 @@ from data_prep.contract import (
     META_MEMBER,
     OBJECTS_MEMBER,
     SUMMARY,
+    SampleMeta,
+    ShardError,
+    read_summary,
     shard_path,
     split_of,
 )
@@ -71,10 +74,6 @@ _PIXEL_SCALE = 1 / (255 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 _PIXEL_SHIFT = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 _HASH_CHUNK = 1 << 20
 _HASH_THREADS = 8
-
-
-class ShardError(RuntimeError):
-    """A shard set that cannot be read as promised: missing summary, bad checksum, wrong counts."""
 
 
 # ------------------------------------------------------------------------------ the shard set
@@ -132,46 +131,35 @@ def open_split(root: str, split: str, *, verify: bool = True, skip_corrupt: bool
         skip_corrupt: drop shards failing the check (named in ``SplitShards.skipped``) instead of
             raising, so the trainer can count them.
     """
-    summary = _read_summary(root)
-    entries = [entry for entry in summary.get("shards", []) if split_of(entry["path"]) == split]
+    summary = read_summary(root)
+    entries = summary.split_shards(split)
     if not entries:
-        known = sorted({split_of(entry["path"]) for entry in summary.get("shards", [])})
+        known = sorted({split_of(entry.path) for entry in summary.shards})
         raise ShardError(f"{root} has no shards for split {split!r}; splits with shards: {known}")
     refs_per_shard = _refs_per_shard(root, split)
 
-    urls = [_join(root, entry["path"]) for entry in entries]
+    urls = [_join(root, entry.path) for entry in entries]
     if verify:  # hashlib releases the GIL on large chunks: threads hash shards in parallel
         with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:
             digests = list(pool.map(_sha256, urls))
     shards: list[ShardInfo] = []
     skipped: list[str] = []
     for index, (entry, url) in enumerate(zip(entries, urls, strict=True)):
-        name = entry["path"]
+        name = entry.path
         if verify:
             actual = digests[index]
-            if actual != entry["sha256"]:
+            if actual != entry.sha256:
                 if not skip_corrupt:
                     raise ShardError(
-                        f"shard {url} is corrupt: sha256 {actual} but {SUMMARY} says {entry['sha256']}"
+                        f"shard {url} is corrupt: sha256 {actual} but {SUMMARY} says {entry.sha256}"
                     )
                 skipped.append(name)
                 continue
-        samples, refs = int(entry["samples"]), refs_per_shard.get(name, 0)
+        samples, refs = entry.samples, refs_per_shard.get(name, 0)
         if samples > 0 and refs == 0:
             raise ShardError(f"shard {url} holds {samples} samples but {MANIFEST} lists none of them")
         shards.append(ShardInfo(name, url, samples, refs))
     return SplitShards(root, split, tuple(shards), tuple(skipped))
-
-
-def _read_summary(root: str) -> dict[str, Any]:
-    summary_url = _join(root, SUMMARY)
-    try:
-        with fsspec.open(summary_url, "rt") as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        raise ShardError(
-            f"{summary_url} is missing: is {root} a prepared dataset (magnet prepare)?"
-        ) from None
 
 
 def check_text_settings(root: str, text: TextConfig) -> None:
@@ -183,17 +171,16 @@ def check_text_settings(root: str, text: TextConfig) -> None:
     """
     from data_prep.tokenize import load_tokenizer, vocabulary_hash
 
-    summary = _read_summary(root)
-    tokenizer = summary.get("tokenizer", {})
-    written = tokenizer.get("vocabulary_hash")
+    summary = read_summary(root)
+    written = summary.tokenizer.vocabulary_hash
     expected = vocabulary_hash(load_tokenizer(text.name_or_path))
     if written != expected:
         raise ShardError(
-            f"{root} was tokenised with {tokenizer.get('name')} (vocabulary sha256 {str(written)[:12]}) but "
+            f"{root} was tokenised with {summary.tokenizer.name} (vocabulary sha256 {written[:12]}) but "
             f"text.name_or_path {text.name_or_path} has vocabulary sha256 {expected[:12]}: "
             f"prepare the data again with --tokenizer {text.name_or_path}"
         )
-    max_tokens = summary.get("settings", {}).get("max_tokens")
+    max_tokens = summary.settings.max_tokens
     if max_tokens != text.max_tokens:
         raise ShardError(
             f"{root} holds expressions of max_tokens {max_tokens} but the model reads "
@@ -267,23 +254,23 @@ def decode_sample(
     image_bytes = next((raw[m] for m in IMAGE_MEMBERS if m in raw), None)
     if image_bytes is None or MASK_MEMBER not in raw:
         raise ShardError(f"sample {key} in {raw.get('__url__')} lacks its image or {MASK_MEMBER} member")
-    meta = json.loads(raw[META_MEMBER])
+    meta = SampleMeta.from_bytes(raw[META_MEMBER], f"sample {key} in {raw.get('__url__')}: {META_MEMBER}")
     mask_png = Image.open(io.BytesIO(raw[MASK_MEMBER]))
     if mask_png.mode != "L":
         raise ShardError(
             f"sample {key} in {raw.get('__url__')}: {MASK_MEMBER} is mode {mask_png.mode}, expected L"
         )
     mask = (np.asarray(mask_png) > 127).astype(np.uint8)  # [H,W] {0,1}
-    if mask.shape != (meta["height"], meta["width"]):
+    if mask.shape != (meta.height, meta.width):
         raise ShardError(
             f"sample {key} in {raw.get('__url__')}: mask is {mask.shape}, "
-            f"its json says {meta['height']}x{meta['width']}"
+            f"its json says {meta.height}x{meta.width}"
         )
     shown = decode_image(image_bytes)  # upright, RGB: as preparation judged it against the mask
-    if shown.size != (meta["width"], meta["height"]):
+    if shown.size != (meta.width, meta.height):
         raise ShardError(
             f"sample {key} in {raw.get('__url__')}: image is {shown.width}x{shown.height} upright, "
-            f"its json says {meta['width']}x{meta['height']} (prepared before images were read upright?)"
+            f"its json says {meta.width}x{meta.height} (prepared before images were read upright?)"
         )
     image, small_mask = resize_pair(shown, mask, image_size, mask_size)
     sample = {
@@ -291,15 +278,15 @@ def decode_sample(
         "mask": small_mask,
         "input_ids": np.load(io.BytesIO(raw[INPUT_IDS_MEMBER])),
         "attention_mask": np.load(io.BytesIO(raw[ATTENTION_MASK_MEMBER])),
-        "sent_id": meta["sent_id"],
-        "ref_id": meta["ref_id"],
-        "image_id": meta["image_id"],
-        "raw": meta["raw"],
+        "sent_id": meta.sent_id,
+        "ref_id": meta.ref_id,
+        "image_id": meta.image_id,
+        "raw": meta.raw,
     }
     if keep_orig_mask:
         sample["orig_mask"] = mask
     if keep_others and OBJECTS_MEMBER in raw:
-        rles = [o["rle"] for o in json.loads(raw[OBJECTS_MEMBER]) if o["ann_id"] != meta["ann_id"]]
+        rles = [o["rle"] for o in json.loads(raw[OBJECTS_MEMBER]) if o["ann_id"] != meta.ann_id]
         others = decode_rles(rles, *mask.shape)  # [K,H,W]
         if not keep_orig_mask:
             resized = [resize_mask(m, mask_size) for m in others]
@@ -321,7 +308,8 @@ def _pick_per_ref(samples: Iterable[dict[str, Any]], pick_seed: str) -> Iterator
     group: list[dict[str, Any]] = []
     group_ref = None
     for sample in samples:
-        ref_id = json.loads(sample[META_MEMBER])["ref_id"]
+        where = f"sample {sample['__key__']} in {sample.get('__url__')}: {META_MEMBER}"
+        ref_id = SampleMeta.from_bytes(sample[META_MEMBER], where).ref_id
         if group and ref_id != group_ref:
             yield group[random.Random(f"{pick_seed}:{group_ref}").randrange(len(group))]
             group = []
@@ -601,9 +589,7 @@ def build_eval_loader(
 # ----------------------------------------------------------------------- the prepared dataset
 def held_out_splits(shards: str, train_split: str) -> list[str]:
     """Every split of the prepared data except the training split, in summary.json's order."""
-    with fsspec.open(f"{shards}/{SUMMARY}", "rb") as handle:
-        summary = json.load(handle)
-    return [split for split in summary.get("counts", {}) if split != train_split]
+    return [split for split in read_summary(shards).counts if split != train_split]
 
 
 def first_example(shards: str, split: str) -> tuple[bytes, str]:
@@ -614,6 +600,7 @@ def first_example(shards: str, split: str) -> tuple[bytes, str]:
     ):
         members = {m.name: m for m in tar.getmembers()}
         key = min(name.split(".", 1)[0] for name in members)
-        meta = json.loads(tar.extractfile(members[f"{key}.{META_MEMBER}"]).read())
+        where = f"sample {key} in {shards}/{shard_path(split, 0)}: {META_MEMBER}"
+        meta = SampleMeta.from_bytes(tar.extractfile(members[f"{key}.{META_MEMBER}"]).read(), where)
         image_name = next(f"{key}.{ext}" for ext in IMAGE_MEMBERS if f"{key}.{ext}" in members)
-        return tar.extractfile(members[image_name]).read(), meta["raw"]
+        return tar.extractfile(members[image_name]).read(), meta.raw

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_prep.contract import MANIFEST, SUMMARY
+from data_prep.contract import MANIFEST, read_summary
 from magnet.config import Config, EvalConfig
 from magnet.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_loader, open_split
 from magnet.metrics import (
@@ -157,7 +156,7 @@ def breakdown_rows(metrics: Mapping[str, float]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
-def _autocast(device: torch.device, precision: str) -> Any:
+def mixed_precision(device: torch.device, precision: str) -> Any:
     """bf16 autocast on GPU only: CPU bf16 is slow and changes results for no gain."""
     if device.type == "cuda" and precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -315,7 +314,7 @@ def evaluate_split(
     rows: list[dict[str, Any]] = []
     worst: list[tuple[float, Example]] = []
     for batch in batches:
-        with _autocast(device, precision):
+        with mixed_precision(device, precision):
             out = model(
                 batch["image"].to(device, non_blocking=True),
                 batch["input_ids"].to(device, non_blocking=True),
@@ -359,11 +358,6 @@ def evaluate_split(
     return SplitResult(
         split=split, scores=scores, groups=groups, examples=examples, rows=rows, worst=worst_examples
     )
-
-
-def _read_json(url: str) -> dict[str, Any]:
-    with fsspec.open(url, "rt") as handle:
-        return json.load(handle)
 
 
 def split_breakdowns(shards: str, splits: Sequence[str]) -> tuple[str, dict[str, Breakdown]]:
@@ -420,7 +414,7 @@ def evaluate(
     device = torch.device(device)
     splits = list(splits if splits is not None else cfg.data.eval_splits)
     size = cfg.eval.size_for(cfg.model.image_size)
-    settings = _read_json(f"{shards.rstrip('/')}/{SUMMARY}").get("settings", {})
+    settings = read_summary(shards).settings
     breakdown_by, breakdowns = split_breakdowns(shards, splits)
     results: dict[str, SplitResult] = {}
     metrics: dict[str, float] = {}
@@ -461,7 +455,7 @@ def evaluate(
         threshold=cfg.eval.threshold,
         metrics=metrics,
         splits=results,
-        mask_mode=settings.get("mask_mode"),
+        mask_mode=settings.mask_mode,
         breakdown=breakdown_by,
     )
 

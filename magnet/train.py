@@ -22,7 +22,6 @@ draws an uninterrupted run would have used at step k + 1.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import math
 import os
@@ -44,10 +43,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from magnet.checkpoint import (
-    META_FILE,
+    CHECKPOINT_GLOB,
     TrainState,
+    checkpoint_name,
     load_initial_weights,
     load_training_state,
+    read_checkpoint_meta,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -61,7 +62,7 @@ from magnet.data import (
     open_split,
     train_batches_per_epoch,
 )
-from magnet.evaluate import _autocast, evaluate, prediction_figure
+from magnet.evaluate import evaluate, mixed_precision, prediction_figure
 from magnet.models import build_model
 from magnet.models.magnet import PRETRAINED_TEXT_KEY, part_of
 
@@ -112,7 +113,7 @@ class Reporter(Protocol):
 
 
 class LocalReporter:
-    """Checkpoints kept under a local directory as ``checkpoint_<step>``: runs without Ray.
+    """Checkpoints kept under a local directory as `checkpoint_name` names them: runs without Ray.
 
     Args:
         directory: where checkpoints are copied; a restart resumes from the newest one.
@@ -123,7 +124,7 @@ class LocalReporter:
         self.reports: list[dict[str, float]] = []
 
     def checkpoints(self) -> list[Path]:
-        return sorted(self.directory.glob("checkpoint_*"))
+        return sorted(self.directory.glob(CHECKPOINT_GLOB))
 
     @contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
@@ -133,7 +134,7 @@ class LocalReporter:
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         self.reports.append(dict(metrics))
         if checkpoint_dir is not None:
-            shutil.copytree(checkpoint_dir, self.directory / f"checkpoint_{int(metrics['step']):08d}")
+            shutil.copytree(checkpoint_dir, self.directory / checkpoint_name(int(metrics["step"])))
 
 
 @dataclass(frozen=True)
@@ -258,7 +259,7 @@ def train_step(
         sync = nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
         data = _to_device(batch, device)
         with sync:
-            with _autocast(device, cfg.precision):
+            with mixed_precision(device, cfg.precision):
                 out = model(
                     data["image"], data["input_ids"], data["attention_mask"], target_mask=data["mask"]
                 )
@@ -430,7 +431,7 @@ def _step_checkpoint(
         return
     with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-") as tmp:
         yield save_checkpoint(
-            Path(tmp) / f"step_{state.step:08d}",
+            Path(tmp) / checkpoint_name(state.step),
             model=model,
             optimizer=optimizer,
             scheduler=scheduler,
@@ -444,9 +445,7 @@ def _report(reporter: Reporter, metrics: dict[str, float], checkpoint_dir: Path 
     """Every rank reports (a barrier in Ray); rank 0 attaches the checkpoint, its meta.json given the
     metrics it is reported with."""
     if checkpoint_dir is not None:
-        meta_file = checkpoint_dir / META_FILE
-        meta = json.loads(meta_file.read_text())
-        meta_file.write_text(json.dumps({**meta, "metrics": metrics}, indent=2))
+        read_checkpoint_meta(checkpoint_dir).model_copy(update={"metrics": metrics}).write(checkpoint_dir)
     reporter.report(metrics, checkpoint_dir)
 
 

@@ -36,7 +36,6 @@ the corrected language-side fusion (outputs then differ from the reference's).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import zipfile
@@ -48,7 +47,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from magnet.checkpoint import CONFIG_FILE, META_FILE, MODEL_FILE, describe_misfit
+from magnet.checkpoint import CONFIG_FILE, MODEL_FILE, CheckpointMeta, ImportRecord, describe_misfit
 from magnet.config import Config, load_config
 from magnet.models.magnet import TRAINING_ONLY_PREFIX
 
@@ -365,18 +364,12 @@ def import_published(
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / MODEL_FILE)
     (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    meta = {
-        "step": 0,
-        "epoch": 0,
-        "world_size": 1,
-        "metrics": {},
-        "imported_from": {
-            "file": str(checkpoint.resolve()),
-            "sha256": _sha256(checkpoint),
-            "tensors_mapped": len(report.mapped),
-            "dropped": report.dropped,
-            "training_only_kept": report.kept_training_only,
-        },
-    }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2))
+    imported_from = ImportRecord(
+        file=str(checkpoint.resolve()),
+        sha256=_sha256(checkpoint),
+        tensors_mapped=len(report.mapped),
+        dropped=report.dropped,
+        training_only_kept=tuple(report.kept_training_only),
+    )
+    CheckpointMeta(step=0, epoch=0, world_size=1, imported_from=imported_from).write(out)
     return out

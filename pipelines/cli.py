@@ -37,7 +37,7 @@ USAGE_EXIT_CODE = 2  # click's code for a usage error: the same for every mistak
 def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean the input is wrong, not the program: shown as one line, exit 2.
     Imported here, when a command fails, so that `--help` stays quick."""
-    from magnet.checkpoint import StateDictMismatch
+    from magnet.checkpoint import CheckpointError, StateDictMismatch
     from magnet.config import ConfigError
     from magnet.data import ShardError
     from magnet.weights import WeightImportError
@@ -52,6 +52,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
         ReportError,
         ModelReferenceError,
         StateDictMismatch,
+        CheckpointError,
         WeightImportError,
     )
 

@@ -8,7 +8,6 @@ active run), like `pipelines.tracking`, so it is safe in Ray workers and beside 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -16,9 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.tracking import MlflowRunLogger, client_for, read_summary
+from pipelines.tracking import MlflowRunLogger, client_for
 
 if TYPE_CHECKING:
+    from data_prep.contract import Summary
+    from magnet.checkpoint import CheckpointMeta
     from magnet.evaluate import Evaluation
 
 WORST_EXAMPLES = 4
@@ -127,14 +128,14 @@ def log_evaluation(tracking: Mapping[str, str], evaluation: Evaluation, shards: 
 
 
 # ---------------------------------------------------------------------------------- model card
-def _benchmark_splits(shards: str, summary: Mapping[str, Any]) -> dict[str, float]:
+def _benchmark_splits(shards: str, summary: Summary) -> dict[str, float]:
     """Published oIoU of the splits that are the benchmark's own (see BENCHMARK_REFS)."""
     import fsspec
     import pyarrow.parquet as pq
 
     from data_prep.contract import MANIFEST
 
-    key = (str(summary.get("dataset")), str(summary.get("splitBy")))
+    key = (summary.dataset, summary.split_by)
     if key not in PUBLISHED_OIOU:
         return {}
     with fsspec.open(f"{shards.rstrip('/')}/{MANIFEST}", "rb") as handle:
@@ -150,24 +151,24 @@ def _benchmark_splits(shards: str, summary: Mapping[str, Any]) -> dict[str, floa
     }
 
 
-def _origin(meta: Mapping[str, Any], init_from: str | None) -> str:
+def _origin(meta: CheckpointMeta | None, init_from: str | None) -> str:
     """Where the weights came from: imported (meta.json says from which file), fine-tuned or trained."""
-    step = meta.get("step", 0)
-    if "imported_from" in meta:
-        source = meta["imported_from"]
-        return f"imported from the published checkpoint {source['file']} (sha256 {source['sha256']})"
+    step = meta.step if meta else 0
+    if meta and meta.imported_from:
+        source = meta.imported_from
+        return f"imported from the published checkpoint {source.file} (sha256 {source.sha256})"
     if init_from:
         return f"fine-tuned here from {init_from} ({step} steps)"
     return f"trained here ({step} steps)"
 
 
-def _scores(evaluation: Mapping[str, Any], shards: str, summary: Mapping[str, Any]) -> list[str]:
+def _scores(evaluation: Mapping[str, Any], shards: str, summary: Summary) -> list[str]:
     """The card's protocol line and score table, the published oIoU beside the benchmark's splits."""
     published = _benchmark_splits(shards, summary)
     metrics: Mapping[str, float] = evaluation["metrics"]
     splits = list(dict.fromkeys(key.split("/", 1)[0] for key in metrics))
     names = ["n", "oIoU", "mIoU", "pick_acc", "outline_IoU", "P@0.5", "P@0.7", "P@0.9"]
-    mask_mode = (summary.get("settings") or {}).get("mask_mode", "unrecorded")
+    mask_mode = summary.settings.mask_mode
     lines = [
         f"**Scored** on {', '.join(f'`{s}`' for s in splits)}: {evaluation['protocol']}; "
         f"masks prepared as `{mask_mode}`"
@@ -204,19 +205,20 @@ def model_card(
             evaluate task); None when it was not scored at registration.
         compute: how it was trained (workers, devices), in words.
     """
-    from magnet.checkpoint import META_FILE, load_config_from_checkpoint
+    from data_prep.contract import read_summary_and_sha256
+    from magnet.checkpoint import META_FILE, load_config_from_checkpoint, read_checkpoint_meta
 
     cfg = load_config_from_checkpoint(checkpoint)
-    meta_path = Path(checkpoint) / META_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = read_checkpoint_meta(checkpoint) if (Path(checkpoint) / META_FILE).is_file() else None
     run = client_for(tracking["tracking_uri"]).get_run(tracking["run_id"])
-    summary, sha256 = read_summary(shards)
-    used = f"trained on `{cfg.data.train_split}`" if "imported_from" not in meta else "not trained on them"
+    summary, sha256 = read_summary_and_sha256(shards)
+    imported = meta is not None and meta.imported_from is not None
+    used = "not trained on them" if imported else f"trained on `{cfg.data.train_split}`"
     lines = [
         f"**Weights**: {_origin(meta, cfg.train.init_from)}; "
         f"config `{cfg.name}`, MLflow run `{run.info.run_name}` ({run.info.run_id}).",
         "",
-        f"**Data**: {summary.get('dataset')} / {summary.get('splitBy')}, shards `{shards}` "
+        f"**Data**: {summary.dataset} / {summary.split_by}, shards `{shards}` "
         f"(summary sha256 `{sha256}`); {used}.",
         "",
         *(_scores(evaluation, shards, summary) if evaluation else ["Not scored at registration."]),

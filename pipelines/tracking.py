@@ -9,7 +9,6 @@ in that dict is absolute: Ray changes the working directory of its workers, and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from data_prep.contract import SUMMARY
+from data_prep.contract import read_summary_and_sha256
 from data_prep.paths import absolute_location, check_name, is_url
 from pipelines.defaults import TRAIN
 
@@ -132,40 +131,20 @@ def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str)
 def dataset_tags(shards: str | Path) -> dict[str, str]:
     """Tags identifying the prepared data: summary.json's sha256, dataset, splitBy, counts, and the
     mask convention (union, or refer as LAVT / MagNet) the figures are scored against."""
-    import fsspec
-
     root = absolute_location(shards)
-    summary_url = f"{root.rstrip('/')}/{SUMMARY}"
-    try:
-        with fsspec.open(summary_url, "rb") as handle:
-            raw = handle.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{summary_url} not found: {shards} is not a prepared shard root") from None
-    summary = json.loads(raw)
-    tags = {"dataset.summary_sha256": hashlib.sha256(raw).hexdigest(), "dataset.path": root}
-    for key in ("dataset", "splitBy"):
-        if key in summary:
-            tags[f"dataset.{key}"] = str(summary[key])
-    if "mask_mode" in (summary.get("settings") or {}):
-        tags["dataset.mask_mode"] = str(summary["settings"]["mask_mode"])
-    for split, count in (summary.get("counts") or {}).items():  # {"read", "written", "rejected"}
-        tags[f"dataset.count.{split}"] = str(count["written"] if isinstance(count, dict) else count)
-        if isinstance(count, dict) and count.get("rejected"):
-            tags[f"dataset.rejected.{split}"] = str(count["rejected"])
+    summary, sha256 = read_summary_and_sha256(root)
+    tags = {
+        "dataset.summary_sha256": sha256,
+        "dataset.path": root,
+        "dataset.dataset": summary.dataset,
+        "dataset.splitBy": summary.split_by,
+        "dataset.mask_mode": summary.settings.mask_mode,
+    }
+    for split, count in summary.counts.items():
+        tags[f"dataset.count.{split}"] = str(count.written)
+        if count.rejected:
+            tags[f"dataset.rejected.{split}"] = str(count.rejected)
     return tags
-
-
-def _read(url: str) -> bytes:
-    import fsspec
-
-    with fsspec.open(url, "rb") as handle:
-        return handle.read()
-
-
-def read_summary(shards: str) -> tuple[dict[str, Any], str]:
-    """summary.json of the shards and its sha256 (the ``dataset.summary_sha256`` tag)."""
-    raw = _read(f"{shards.rstrip('/')}/{SUMMARY}")
-    return json.loads(raw), hashlib.sha256(raw).hexdigest()
 
 
 def log_dataset_inputs(tracking: Mapping[str, str], shards: str, splits: Sequence[str], context: str) -> None:
@@ -180,8 +159,8 @@ def log_dataset_inputs(tracking: Mapping[str, str], shards: str, splits: Sequenc
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    summary, sha256 = read_summary(shards)
-    name = f"{summary.get('dataset', 'dataset')}-{summary.get('splitBy', '')}".rstrip("-")
+    summary, sha256 = read_summary_and_sha256(shards)
+    name = f"{summary.dataset}-{summary.split_by}"
     inputs = []
     for split in splits:
         with warnings.catch_warnings():  # a local path matches both of MLflow's local source types
@@ -189,8 +168,8 @@ def log_dataset_inputs(tracking: Mapping[str, str], shards: str, splits: Sequenc
             source = resolve_dataset_source(f"{shards.rstrip('/')}/{split}")
         profile = {
             "summary_sha256": sha256,
-            "counts": (summary.get("counts") or {}).get(split),
-            "mask_mode": (summary.get("settings") or {}).get("mask_mode"),
+            "counts": summary.counts[split].model_dump() if split in summary.counts else None,
+            "mask_mode": summary.settings.mask_mode,
         }
         dataset = Dataset(
             name=f"{name}/{split}",

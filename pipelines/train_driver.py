@@ -13,7 +13,6 @@ handed to them is absolute.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import uuid
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data_prep.paths import absolute_location, check_name
+from magnet.checkpoint import META_FILE, CheckpointMeta, checkpoint_name, checkpoint_step
 from magnet.config import Config, config_from_dict
 from magnet.data import check_text_settings, open_split
 from magnet.train import NOT_EVALUATED, SCORE_KEY, StepHook, global_batch_mismatch
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint_step"
 DEFAULT_STORAGE = "ray-results"
 
 
@@ -86,7 +85,7 @@ class RayReporter:
         ray.train.report(
             metrics,
             checkpoint=checkpoint,
-            checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{int(metrics['step']):08d}",
+            checkpoint_dir_name=checkpoint_name(int(metrics["step"])),
         )
 
 
@@ -225,15 +224,14 @@ def checkpoint_reports(storage_path: str, run_name: str) -> list[dict[str, Any]]
     """The metrics reported with each checkpoint a Train run still keeps (its meta.json), by step."""
     import pyarrow.fs
 
-    from magnet.checkpoint import META_FILE
-
     filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
     found = filesystem.get_file_info(pyarrow.fs.FileSelector(f"{root.rstrip('/')}/{run_name}"))
     reports = []
-    for info in sorted(found, key=lambda info: info.base_name):  # checkpoint_step<zero-padded>
-        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith(CHECKPOINT_PREFIX):
-            with filesystem.open_input_stream(f"{info.path}/{META_FILE}") as stream:
-                reports.append(json.loads(stream.read())["metrics"])
+    for info in sorted(found, key=lambda info: info.base_name):  # checkpoint_name: zero-padded steps
+        if info.type == pyarrow.fs.FileType.Directory and checkpoint_step(info.base_name) is not None:
+            where = f"{info.path}/{META_FILE}"
+            with filesystem.open_input_stream(where) as stream:
+                reports.append(CheckpointMeta.from_bytes(stream.read(), where).metrics)
     return reports
 
 

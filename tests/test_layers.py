@@ -170,3 +170,22 @@ sys.exit(1 if failed else 0)
         [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300
     )
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+
+
+def test_no_module_imports_another_modules_private_name() -> None:
+    """A name with a leading underscore is its module's own: another module needing it means it
+    wants a public home."""
+    wrong = {
+        (name, f"{node.module}.{alias.name}")
+        for name, path in MODULES.items()
+        for node in _import_nodes(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.ImportFrom) and _top(node.module or "") in PACKAGES
+        for alias in node.names
+        if alias.name.startswith("_") and not alias.name.startswith("__")
+    }
+    assert not wrong, sorted(wrong)
+
+
+def test_the_shard_writer_knows_nothing_of_the_synthetic_generator() -> None:
+    """Preparation is for any refer-format data; the generator's kinds file is read by data_prep.refer."""
+    assert not {"data_prep.synth", "data_prep.synthetic_shards"} & imported_modules("data_prep.shards")

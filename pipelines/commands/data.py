@@ -166,10 +166,10 @@ def prepare(
         # Partial files are removed (data_prep.output.written_whole); finished chunks are kept.
         message = f"cannot write to {location}: {describe(err, location)}; a re-run keeps the finished shards"
         raise typer.BadParameter(message, param_hint="--out") from None
-    typer.echo(f"wrote {dataset_dir(out, dataset, split_by)}: {len(summary['shards'])} shards")
+    typer.echo(f"wrote {dataset_dir(out, dataset, split_by)}: {len(summary.shards)} shards")
     typer.echo(f"{'split':<8} {'read':>8} {'written':>8} {'rejected':>8}")
-    for split, counts in summary["counts"].items():
-        typer.echo(f"{split:<8} {counts['read']:>8} {counts['written']:>8} {counts['rejected']:>8}")
+    for split, counts in summary.counts.items():
+        typer.echo(f"{split:<8} {counts.read:>8} {counts.written:>8} {counts.rejected:>8}")
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from data_prep.contract import Summary
 from data_prep.defaults import PREPARE
 from data_prep.masks import MaskMode
 from data_prep.output import is_permanent
@@ -97,10 +98,10 @@ def report_markdown(result: PrepareResult) -> str:
     """The run's report: counts per split and rejects by reason."""
     summary = result.summary
     lines = [
-        f"# prepare-refcoco: {summary['dataset']} ({summary['splitBy']})",
+        f"# prepare-refcoco: {summary.dataset} ({summary.split_by})",
         "",
-        f"Output `{result.out_dir}`; tokenizer `{summary['tokenizer']['name']}` "
-        f"(vocabulary sha256 `{summary['tokenizer']['vocabulary_hash'][:12]}…`), "
+        f"Output `{result.out_dir}`; tokenizer `{summary.tokenizer.name}` "
+        f"(vocabulary sha256 `{summary.tokenizer.vocabulary_hash[:12]}…`), "
         f"{len(result.shards)} shards, {result.chunks_skipped} already done before this run.",
         "",
         "| split | read | written | rejected |",
@@ -132,8 +133,8 @@ def prepare_refcoco(
     mask_mode: MaskMode = PREPARE.mask_mode,
     image_dir: str | None = None,
     show_progress: bool = True,
-) -> dict[str, Any]:
-    """Prepare one dataset / splitBy; returns summary.json's content. The task runner (and so
+) -> Summary:
+    """Prepare one dataset / splitBy; returns what summary.json says. The task runner (and so
     the number of worker processes) is chosen by the caller with `.with_options`."""
     logger = get_run_logger()
     settings = PrepareSettings(dataset, split_by, tokenizer, max_tokens, samples_per_shard, mask_mode)
@@ -221,7 +222,7 @@ def check_output(**parameters: Any) -> None:
         merged_splits(out_dir, settings, vocab_hash, tuple(given["splits"]))
 
 
-def run_prepare(workers: int = PREPARE.workers, **parameters: Any) -> dict[str, Any]:
+def run_prepare(workers: int = PREPARE.workers, **parameters: Any) -> Summary:
     """Run the flow with `workers` processes for the chunks (what `magnet prepare` does); with one
     worker the chunks run in this process, sparing the pool's start-up. Parameters the output
     cannot take are refused first (`check_output`)."""

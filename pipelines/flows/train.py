@@ -9,7 +9,6 @@ because Ray runs workers in another directory.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from data_prep.paths import absolute_location
 from data_prep.synthetic_shards import ensure_synthetic_shards
-from magnet.checkpoint import local_checkpoint
+from magnet.checkpoint import local_checkpoint, read_checkpoint_meta
 from magnet.config import Config, load_config
 from magnet.data import first_example, held_out_splits
 from pipelines import mlflow_record
@@ -242,7 +241,7 @@ def train_magnet(
         )
         mlflow_record.tag_checkpoints(tracking, result.best_checkpoint, result.last_checkpoint)
         with local_checkpoint(result.best_checkpoint) as checkpoint:
-            step = int(json.loads((checkpoint / "meta.json").read_text())["step"])
+            step = read_checkpoint_meta(checkpoint).step
             evaluation = evaluate_final(
                 checkpoint,
                 shard_root,

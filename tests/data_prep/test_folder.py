@@ -15,7 +15,7 @@ import pytest
 from outputs import output_digests
 from PIL import Image
 
-from data_prep.contract import MANIFEST, REJECTS, SUMMARY
+from data_prep.contract import MANIFEST, REJECTS, read_summary
 from data_prep.folder import load_folder
 from data_prep.masks import decode_rles
 from data_prep.refer import ReferFormatError
@@ -160,10 +160,10 @@ def test_rows_become_the_refer_readers_records(folder: Path) -> None:
 
 
 def test_counts_and_every_mask_file_reason(prepared: Path) -> None:
-    summary = json.loads((prepared / SUMMARY).read_text())
-    assert (summary["dataset"], summary["splitBy"]) == ("mine", "folder")
-    assert summary["counts"] == EXPECTED_COUNTS
-    assert summary["rejects_by_reason"] == EXPECTED_REJECTS
+    summary = read_summary(str(prepared))
+    assert (summary.dataset, summary.split_by) == ("mine", "folder")
+    assert {split: counts.model_dump() for split, counts in summary.counts.items()} == EXPECTED_COUNTS
+    assert summary.rejects_by_reason == EXPECTED_REJECTS
     assert {r for split in EXPECTED_REJECTS.values() for r in split} <= set(REJECT_REASONS)
     rejects = {
         r["sent_id"]: (r["reason"], r["detail"]) for r in pq.read_table(prepared / REJECTS).to_pylist()

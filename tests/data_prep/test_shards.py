@@ -15,7 +15,16 @@ from outputs import output_digests
 from PIL import Image
 from refer_fixture import ANNOTATIONS, EXPECTED, IMAGES
 
-from data_prep.contract import INDEX_FILES, MANIFEST, REJECTS, SUMMARY
+from data_prep.contract import (
+    INDEX_FILES,
+    MANIFEST,
+    META_MEMBER,
+    REJECTS,
+    SUMMARY,
+    SampleMeta,
+    TokenizerRecord,
+    read_summary,
+)
 from data_prep.masks import decode_rles, rasterize
 from data_prep.shards import REJECT_REASONS, prepare_dataset
 from data_prep.tokenize import encode_expressions, load_tokenizer, vocabulary_hash
@@ -29,9 +38,9 @@ def prepared(refer_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def test_counts_and_every_reject_reason(prepared: Path) -> None:
-    summary = json.loads((prepared / SUMMARY).read_text())
-    assert summary["counts"] == EXPECTED["counts"]
-    assert summary["rejects_by_reason"] == EXPECTED["rejects"]
+    summary = read_summary(str(prepared))
+    assert {split: counts.model_dump() for split, counts in summary.counts.items()} == EXPECTED["counts"]
+    assert summary.rejects_by_reason == EXPECTED["rejects"]
     found = {r for split in EXPECTED["rejects"].values() for r in split}
     # The fixture exercises every reason but those of mask files (test_folder.py) and of a picture
     # of too many pixels (test_image_modes.py).
@@ -85,22 +94,24 @@ USABLE_OBJECTS = {1: [101], 2: [102, 103], 3: [104], 8: [110]}
 
 
 def test_shard_members_follow_the_contract(prepared: Path, refer_root: Path) -> None:
-    summary = json.loads((prepared / SUMMARY).read_text())
+    summary = read_summary(str(prepared))
     manifest = {r["key"]: r for r in pq.read_table(prepared / MANIFEST).to_pylist()}
     tokenizer = load_tokenizer()
-    assert summary["tokenizer"] == {"name": "all-minilm-l6-v2", "vocabulary_hash": vocabulary_hash(tokenizer)}
+    assert summary.tokenizer == TokenizerRecord(
+        name="all-minilm-l6-v2", vocabulary_hash=vocabulary_hash(tokenizer)
+    )
     seen = []
     image_dir = refer_root / "images/mscoco/images/train2014"
-    for shard in summary["shards"]:
-        path = prepared / shard["path"]
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
+    for shard in summary.shards:
+        path = prepared / shard.path
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == shard.sha256
         samples = _samples(path)
-        assert len(samples) == shard["samples"]
+        assert len(samples) == shard.samples
         for key, members in samples.items():
-            meta = json.loads(members["json"])
+            meta = SampleMeta.from_bytes(members[META_MEMBER], f"sample {key} in {path}")
             row = manifest[key]
-            assert key == f"{meta['sent_id']:010d}" and row["shard"] == shard["path"]
-            name, width, height, _ = IMAGES[meta["image_id"]]
+            assert key == f"{meta.sent_id:010d}" and row["shard"] == shard.path
+            name, width, height, _ = IMAGES[meta.image_id]
             ext = "png" if name.endswith(".png") else "jpg"
             assert set(members) == {ext, *MEMBERS}
             assert members[ext] == (image_dir / name).read_bytes()  # original bytes
@@ -108,23 +119,23 @@ def test_shard_members_follow_the_contract(prepared: Path, refer_root: Path) -> 
             assert mask.mode == "L" and mask.size == (width, height)
             pixels = np.asarray(mask)
             assert set(np.unique(pixels)) <= {0, 255}
-            _, _, segmentation = ANNOTATIONS[meta["ann_id"]]
+            _, _, segmentation = ANNOTATIONS[meta.ann_id]
             np.testing.assert_array_equal(pixels // 255, rasterize(segmentation, height, width))
             assert row["mask_area"] == int((pixels > 0).sum())
             objects = json.loads(members["objects.json"])
-            assert [o["ann_id"] for o in objects] == USABLE_OBJECTS[meta["image_id"]]
+            assert [o["ann_id"] for o in objects] == USABLE_OBJECTS[meta.image_id]
             masks = decode_rles([o["rle"] for o in objects], height, width)
             for obj, found in zip(objects, masks, strict=True):
                 np.testing.assert_array_equal(found, rasterize(ANNOTATIONS[obj["ann_id"]][2], height, width))
             ids = np.load(io.BytesIO(members["input_ids.npy"]))
             attention = np.load(io.BytesIO(members["attention_mask.npy"]))
             assert ids.dtype == attention.dtype == np.int32 and ids.shape == attention.shape == (20,)
-            expected_ids, expected_mask, n_words = encode_expressions(tokenizer, [meta["raw"]])
+            expected_ids, expected_mask, n_words = encode_expressions(tokenizer, [meta.raw])
             np.testing.assert_array_equal(ids, expected_ids[0])
             np.testing.assert_array_equal(attention, expected_mask[0])
-            assert row["n_tokens"] == n_words[0] + 2 and row["raw"] == meta["raw"]
-            assert (meta["height"], meta["width"], row["height"], row["width"]) == (height, width) * 2
-            seen.append((meta["split"], meta["image_id"], meta["ref_id"], meta["sent_id"]))
+            assert row["n_tokens"] == n_words[0] + 2 and row["raw"] == meta.raw
+            assert (meta.height, meta.width, row["height"], row["width"]) == (height, width) * 2
+            seen.append((meta.split, meta.image_id, meta.ref_id, meta.sent_id))
     # Samples ordered by (image_id, ref_id, sent_id) within a split; a ref never spans two shards.
     for split in EXPECTED["counts"]:
         order = [s[1:] for s in seen if s[0] == split]
@@ -164,7 +175,7 @@ def test_byte_identical_whatever_the_workers_and_rerun_skips(
     assert output_digests(tmp_path / "refcoco-unc") == output_digests(prepared)
 
     # A shard damaged after the fact is redone, not trusted.
-    damaged = tmp_path / "refcoco-unc" / result.shards[0]["path"]
+    damaged = tmp_path / "refcoco-unc" / result.shards[0].path
     damaged.write_bytes(b"garbage")
     third = prepare_dataset(refer_root, "refcoco", "unc", tmp_path, samples_per_shard=4)
     assert third.chunks_skipped == len(third.shards) - 1
@@ -174,7 +185,7 @@ def test_byte_identical_whatever_the_workers_and_rerun_skips(
 def test_split_selection_refer_mode_and_errors(refer_root: Path, tmp_path: Path) -> None:
     result = prepare_dataset(refer_root, "refcoco", "unc", tmp_path, splits=["test"], mask_mode="refer")
     assert {split: c.read for split, c in result.counts.items()} == {"test": 7}
-    assert [s["path"] for s in result.shards] == ["test/shard-000000.tar"]
+    assert [s.path for s in result.shards] == ["test/shard-000000.tar"]
     with pytest.raises(ValueError, match=r"unknown split 'dev'.*available splits are train, val"):
         prepare_dataset(refer_root, "refcoco", "unc", tmp_path, splits=["dev"])
     with pytest.raises(ValueError, match="mask_mode"):
@@ -199,10 +210,11 @@ def test_synthetic_shards_of_an_older_format_are_prepared_again(
 
     monkeypatch.setattr(synthetic_shards.os, "cpu_count", lambda: 1)  # one process: no pool to start
     shards = synthetic_shards.ensure_synthetic_shards(tmp_path, images=6, image_size=64)
-    current = json.loads((shards / SUMMARY).read_text())
-    (shards / SUMMARY).write_text(json.dumps({**current, "format_version": current["format_version"] - 1}))
+    current = read_summary(str(shards))
+    older = current.model_copy(update={"format_version": current.format_version - 1})
+    (shards / SUMMARY).write_bytes(older.to_bytes())
     synthetic_shards.ensure_synthetic_shards(tmp_path, images=6, image_size=64)  # a demo directory kept
-    assert json.loads((shards / SUMMARY).read_text()) == current
+    assert read_summary(str(shards)) == current
 
 
 def test_partial_prepare_merges_into_the_index_or_refuses(

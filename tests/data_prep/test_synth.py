@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
 from data_prep.masks import rasterize
-from data_prep.refer import ReferFormatError, load_refer, load_refs_pickle
+from data_prep.refer import ReferFormatError, kinds_path, load_kinds, load_refer, load_refs_pickle
 from data_prep.scenes import (
     COLOURS,
     KINDS,
@@ -31,7 +31,7 @@ from data_prep.scenes import (
     render,
     resolve,
 )
-from data_prep.synth import SPLITS, kinds_path, load_kinds, scene_for, synthesize
+from data_prep.synth import SPLITS, scene_for, synthesize
 
 SEED, SIZE, N_IMAGES = 3, 128, 300
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -15,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
+from contract_files import fake_summary, write_summary
 from PIL import Image
 
 from data_prep.contract import (
@@ -23,7 +23,7 @@ from data_prep.contract import (
     MANIFEST,
     MASK_MEMBER,
     META_MEMBER,
-    SUMMARY,
+    SampleMeta,
     sample_key,
     shard_path,
 )
@@ -80,17 +80,17 @@ def _write_dataset(root: Path) -> Path:
                         ids = np.zeros(20, np.int32)
                         ids[:3] = (101, 1000 + sent_id, 102)
                         attention = (ids > 0).astype(np.int32)
-                        meta = {
-                            "ref_id": ref_id,
-                            "sent_id": sent_id,
-                            "ann_id": ref_id,
-                            "image_id": image_id,
-                            "category_id": 1,
-                            "split": split,
-                            "raw": f"thing ünïcode {sent_id}",
-                            "height": height,
-                            "width": width,
-                        }
+                        meta = SampleMeta(
+                            ref_id=ref_id,
+                            sent_id=sent_id,
+                            ann_id=ref_id,
+                            image_id=image_id,
+                            category_id=1,
+                            split=split,
+                            raw=f"thing ünïcode {sent_id}",
+                            height=height,
+                            width=width,
+                        )
                         npy = {}
                         for member, array in ((INPUT_IDS_MEMBER, ids), (ATTENTION_MASK_MEMBER, attention)):
                             buffer = io.BytesIO()
@@ -103,7 +103,7 @@ def _write_dataset(root: Path) -> Path:
                                 "jpg": jpeg.getvalue(),
                                 MASK_MEMBER: _png(mask),
                                 **npy,
-                                META_MEMBER: json.dumps(meta).encode(),
+                                META_MEMBER: meta.to_bytes(),
                             }
                         )
                         rows.append(
@@ -113,7 +113,11 @@ def _write_dataset(root: Path) -> Path:
             digest = hashlib.sha256((root / name).read_bytes()).hexdigest()
             shards.append({"path": name, "sha256": digest, "samples": count})
     pq.write_table(pa.Table.from_pylist(rows), root / MANIFEST)
-    (root / SUMMARY).write_text(json.dumps({"shards": shards}))
+    written = {
+        split: sum(e["samples"] for e in shards if e["path"].startswith(f"{split}/")) for split in LAYOUT
+    }
+    counts = {split: {"read": n, "written": n, "rejected": 0} for split, n in written.items()}
+    write_summary(root, fake_summary(counts=counts, shards=shards))
     return root
 
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from data_prep.contract import MANIFEST, META_MEMBER, OBJECTS_MEMBER, SUMMARY
+from data_prep.contract import MANIFEST, META_MEMBER, OBJECTS_MEMBER, SUMMARY, SampleMeta, read_summary
 from data_prep.masks import decode_rles
-from data_prep.synth import load_kinds
+from data_prep.refer import load_kinds
 from magnet.config import load_config
 from magnet.evaluate import Breakdown, breakdown_rows, evaluate, evaluate_split, prediction_figure
 from magnet.metrics import GroupScores, IoUAccumulator
@@ -133,9 +133,9 @@ def test_lavt_scores_at_the_model_input_size_and_names_the_mask_convention(shard
     assert result.as_dict()["mask_mode"] == "union" and result.as_dict()["align_corners"] is True
     refer = tmp_path / "refer-masks"
     shutil.copytree(shards, refer)
-    summary = json.loads((refer / SUMMARY).read_text())
-    summary["settings"]["mask_mode"] = "refer"
-    (refer / SUMMARY).write_text(json.dumps(summary))
+    summary = read_summary(str(refer))
+    settings = summary.settings.model_copy(update={"mask_mode": "refer"})
+    (refer / SUMMARY).write_bytes(summary.model_copy(update={"settings": settings}).to_bytes())
     again = evaluate(Everywhere(), str(refer), config("original"), splits=["val"])
     assert again.as_dict()["mask_mode"] == "refer" and "masks refer" in again.describe()
     assert again.eval_size is None and "align_corners=False" in again.describe()
@@ -274,15 +274,14 @@ def _objects_of_samples(shards: str, split: str) -> dict[int, tuple[int, list[in
             members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
         for name, data in members.items():
             if name.endswith(f".{OBJECTS_MEMBER}"):
-                meta = json.loads(members[name.replace(OBJECTS_MEMBER, META_MEMBER)])
+                meta_name = name.replace(OBJECTS_MEMBER, META_MEMBER)
+                meta = SampleMeta.from_bytes(members[meta_name], f"{shard}: {meta_name}")
                 objects = json.loads(data)
-                areas = decode_rles([o["rle"] for o in objects], meta["height"], meta["width"]).sum(
-                    axis=(1, 2)
-                )
+                areas = decode_rles([o["rle"] for o in objects], meta.height, meta.width).sum(axis=(1, 2))
                 ids = [o["ann_id"] for o in objects]
-                target = int(areas[ids.index(meta["ann_id"])])
-                others = [int(a) for i, a in zip(ids, areas, strict=True) if i != meta["ann_id"]]
-                found[meta["sent_id"]] = (target, others)
+                target = int(areas[ids.index(meta.ann_id)])
+                others = [int(a) for i, a in zip(ids, areas, strict=True) if i != meta.ann_id]
+                found[meta.sent_id] = (target, others)
     return found
 
 
@@ -308,9 +307,10 @@ def test_shards_without_objects_still_evaluate_without_pick_metrics(shards, tmp_
     # Shards prepared before format 3: the same samples without the objects member.
     old = tmp_path / "format-2"
     shutil.copytree(shards, old)
-    summary = json.loads((old / SUMMARY).read_text())
-    for entry in summary["shards"]:
-        path = old / entry["path"]
+    summary = read_summary(str(old))
+    entries = []
+    for entry in summary.shards:
+        path = old / entry.path
         with tarfile.open(path) as tar:
             kept = [
                 (m, tar.extractfile(m).read())
@@ -320,8 +320,9 @@ def test_shards_without_objects_still_evaluate_without_pick_metrics(shards, tmp_
         with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
             for member, data in kept:
                 tar.addfile(member, io.BytesIO(data))
-        entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    (old / SUMMARY).write_text(json.dumps(summary))
+        entries.append(entry.model_copy(update={"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}))
+    older = summary.model_copy(update={"format_version": 2, "shards": tuple(entries)})
+    (old / SUMMARY).write_bytes(older.to_bytes())
     with caplog.at_level(logging.WARNING, logger="magnet.evaluate"):
         for _ in range(2):  # an evaluation every eval_every steps says it once
             result = evaluate(Everywhere(), str(old), config("lavt"), splits=["val"], keep_rows=True)

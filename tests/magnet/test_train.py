@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from magnet.checkpoint import checkpoint_name
 from magnet.config import TrainConfig, load_config
 from magnet.models import build_model
 from magnet.train import (
@@ -242,7 +243,7 @@ def test_restored_run_continues_exactly_like_an_uninterrupted_one(shards, tmp_pa
     with pytest.raises(_Stop):
         train(cfg, shards, reporter=LocalReporter(tmp_path / "split"), hooks=[stop_at_2])
     reporter = LocalReporter(tmp_path / "split")
-    assert [p.name for p in reporter.checkpoints()] == ["checkpoint_00000001"]
+    assert [p.name for p in reporter.checkpoints()] == [checkpoint_name(1)]
 
     resumed: dict[int, float] = {}
     metrics = train(
@@ -250,8 +251,8 @@ def test_restored_run_continues_exactly_like_an_uninterrupted_one(shards, tmp_pa
     )
     assert list(resumed) == [2] and metrics["step"] == 2
     assert resumed[2] == whole[2]  # same batches, same random draws, same optimizer state: bit-identical
-    final_whole = torch.load(tmp_path / "whole" / "checkpoint_00000002" / "model.pt")
-    final_split = torch.load(tmp_path / "split" / "checkpoint_00000002" / "model.pt")
+    final_whole = torch.load(tmp_path / "whole" / checkpoint_name(2) / "model.pt")
+    final_split = torch.load(tmp_path / "split" / checkpoint_name(2) / "model.pt")
     assert all(torch.equal(final_whole[k], final_split[k]) for k in final_whole)
 
 
@@ -270,7 +271,7 @@ def test_init_from_starts_a_run_from_a_checkpoints_weights(shards, tmp_path):
     seen: list[int] = []
     cfg = tiny_config("train.max_steps=1", f"train.init_from={start}", "train.lr=1e-12")
     train(cfg, shards, reporter=LocalReporter(tmp_path / "run"), hooks=[lambda e: seen.append(e.step)])
-    trained = torch.load(tmp_path / "run" / "checkpoint_00000001" / "model.pt")
+    trained = torch.load(tmp_path / "run" / checkpoint_name(1) / "model.pt")
     assert seen == [1]
     torch.testing.assert_close(trained["classifier.predictor.query_feat.weight"], torch.full((1, 64), 0.25))
     assert any(key.startswith("criterion.") for key in trained)  # the heads were built fresh
@@ -334,7 +335,7 @@ def test_a_checkpoint_fetched_from_a_url_lasts_as_long_as_its_context(tmp_path, 
     done, and a local path makes no temporary directory at all."""
     from magnet.checkpoint import local_checkpoint
 
-    stored = tmp_path / "store" / "checkpoint_step00000003"
+    stored = tmp_path / "store" / checkpoint_name(3)
     stored.mkdir(parents=True)
     (stored / "model.pt").write_bytes(b"weights")
     scratch = tmp_path / "scratch"

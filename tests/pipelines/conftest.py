@@ -23,7 +23,7 @@ def checkpoint(module_tmp) -> Path:
     """A saved tiny MagNet (TINY_MODEL, random weights) as training leaves it at step 3."""
     import torch
 
-    from magnet.checkpoint import TrainState, save_checkpoint
+    from magnet.checkpoint import TrainState, checkpoint_name, save_checkpoint
     from magnet.config import load_config
     from magnet.models import build_model
 
@@ -33,7 +33,7 @@ def checkpoint(module_tmp) -> Path:
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return save_checkpoint(
-        module_tmp("ckpt") / "checkpoint_step00000003",
+        module_tmp("ckpt") / checkpoint_name(3),
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,

@@ -3,11 +3,11 @@ held-out split of tiny shards, in an MLflow run of its own."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from test_promote import checkpoint
 
+from data_prep.contract import read_summary
 from pipelines import tracking
 
 
@@ -24,7 +24,7 @@ def test_flow_scores_held_out_splits_in_its_own_run(prefect_harness, synthetic_s
         tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
         pictures_dir=str(tmp_path / "pictures"),
     )
-    splits = [s for s in json.loads((shards / "summary.json").read_text())["counts"] if s != "train"]
+    splits = [s for s in read_summary(str(shards)).counts if s != "train"]
     assert splits and all(result["metrics"][f"{split}/n"] > 0 for split in splits)
     assert "train/n" not in result["metrics"]
     assert "protocol lavt" in result["protocol"]

@@ -24,11 +24,12 @@ from test_fault_training import CorruptAt, StepTrace, split_shards
 from tiny_runs import SCORE_VAL, lifetimes
 
 from data_prep.contract import INDEX_FILES
+from magnet.checkpoint import CHECKPOINT_GLOB, checkpoint_name
 from magnet.config import load_config
 from magnet.data import open_split
 from magnet.train import EVAL_FAILED_KEY
 from pipelines import tracking
-from pipelines.train_driver import CHECKPOINT_PREFIX, run_training
+from pipelines.train_driver import run_training
 
 REPO = Path(__file__).resolve().parents[2]
 INDEX_FILES = INDEX_FILES
@@ -111,9 +112,9 @@ def test_partial_prepare_bad_eval_shard_and_registry_read_from_the_wrong_folder(
     tracking.end_run(settings)
     assert result.metrics["step"] == 4 and result.metrics[EVAL_FAILED_KEY] == 1
     assert all(len(lifetimes(steps, rank)) == 1 for rank in range(WORKERS)), "a worker was restarted"
-    saved = sorted(p.name for p in (runs / "chaos").glob(f"{CHECKPOINT_PREFIX}*"))
-    assert saved == [f"{CHECKPOINT_PREFIX}{s:08d}" for s in (2, 4)]
-    assert result.best_checkpoint.endswith(f"{CHECKPOINT_PREFIX}00000002")  # the one with a score
+    saved = sorted(p.name for p in (runs / "chaos").glob(CHECKPOINT_GLOB))
+    assert saved == [checkpoint_name(s) for s in (2, 4)]
+    assert result.best_checkpoint.endswith(checkpoint_name(2))  # the one with a score
     client = tracking.client_for(uri)
     failed = client.get_metric_history(settings["run_id"], EVAL_FAILED_KEY)
     assert sorted((p.step, p.value) for p in failed) == [(2, 0.0), (4, 1.0)]

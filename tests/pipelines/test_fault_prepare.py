@@ -141,7 +141,7 @@ def test_rerun_after_sigkill_mid_prepare_reuses_finished_chunks(prefect_harness,
     summary = run_prepare(
         workers=1, refer_root=str(refer_root), out=str(tmp_path), samples_per_shard=SAMPLES_PER_SHARD
     )
-    assert len(summary["shards"]) == total
+    assert len(summary.shards) == total
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in before} == before, "finished chunks rewritten"
     from prefect.client.orchestration import get_client
 

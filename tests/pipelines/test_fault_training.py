@@ -19,13 +19,20 @@ from pathlib import Path
 import pytest
 from tiny_runs import SCORE_VAL, TINY_RUN, lifetimes, step_records
 
-from data_prep.contract import MANIFEST, SUMMARY
+from data_prep.contract import MANIFEST, read_summary
+from magnet.checkpoint import (
+    CHECKPOINT_GLOB,
+    checkpoint_name,
+    checkpoint_step,
+    load_model_from_checkpoint,
+    read_checkpoint_meta,
+)
 from magnet.config import load_config
 from magnet.data import DataPosition, ShardError, build_train_loader, open_split, train_batches_per_epoch
 from magnet.train import EVAL_FAILED_KEY, NOT_EVALUATED, SCORE_KEY, SKIPPED_SHARDS_KEY, LocalReporter, train
 from pipelines import tracking
 from pipelines.mlflow_record import RESUMED_FROM_TAG, WORKER_GROUPS_TAG, worker_tag
-from pipelines.train_driver import CHECKPOINT_PREFIX, run_training
+from pipelines.train_driver import run_training
 
 WORKERS = 2
 
@@ -103,7 +110,7 @@ class Killer(threading.Thread):
     def __init__(self, trace: StepTrace, run_dir: Path, *, checkpoint_step: int) -> None:
         super().__init__(daemon=True)
         self.trace, self.run_dir = trace, run_dir
-        self.checkpoint = f"{CHECKPOINT_PREFIX}{checkpoint_step:08d}"
+        self.checkpoint = checkpoint_name(checkpoint_step)
         self.killed: tuple[int, int, str] | None = None  # pid, the step it had done, its process title
         self.stop = threading.Event()
 
@@ -194,17 +201,18 @@ def test_worker_sigkilled_mid_epoch_resumes_and_does_every_step_once(shards, loc
     # the run says where its ranks trained, that its worker group was started twice, and from where
     tags = tracking.client_for(uri).get_run(settings["run_id"]).data.tags
     assert tags[WORKER_GROUPS_TAG] == "2"
-    assert tags[RESUMED_FROM_TAG] == f"{CHECKPOINT_PREFIX}00000003"
+    assert tags[RESUMED_FROM_TAG] == checkpoint_name(3)
     import ray
 
     node = ray.get_runtime_context().get_node_id()
     assert [tags[worker_tag(rank, "node_id")] for rank in range(WORKERS)] == [node] * WORKERS
     assert all(tags[worker_tag(rank, "host")].startswith(socket.gethostname()) for rank in range(WORKERS))
 
-    saved = sorted(
-        int(p.name.removeprefix(CHECKPOINT_PREFIX)) for p in (runs / name).glob(f"{CHECKPOINT_PREFIX}*")
-    )
+    saved = sorted(checkpoint_step(p.name) for p in (runs / name).glob(CHECKPOINT_GLOB))
     assert saved == [3, 6, 9, 10]
+    assert Path(result.last_checkpoint) == runs / name / checkpoint_name(cfg.train.max_steps)
+    model, saved_cfg = load_model_from_checkpoint(result.last_checkpoint)  # the restarted run's last is whole
+    assert saved_cfg.train.max_steps == cfg.train.max_steps and not model.training
 
 
 # ------------------------------------------------------------------------------ corrupt shards
@@ -218,8 +226,7 @@ def flip_bytes(path: Path) -> None:
 
 def split_shards(root: Path, split: str) -> list[str]:
     """The shard paths of a split, as summary.json names them."""
-    shards = json.loads((root / SUMMARY).read_text())["shards"]
-    return [entry["path"] for entry in shards if entry["path"].startswith(f"{split}/")]
+    return [entry.path for entry in read_summary(str(root)).split_shards(split)]
 
 
 @pytest.fixture
@@ -336,8 +343,8 @@ def test_evaluation_failing_on_data_is_reported_and_keeps_training(shards, tmp_p
     for report in reporter.reports[1:]:  # no score, and no earlier evaluation's figures
         assert report[SCORE_KEY] == NOT_EVALUATED and "val/oIoU" not in report
     assert final["step"] == 3 and final[EVAL_FAILED_KEY] == 1
-    assert [p.name for p in reporter.checkpoints()] == [f"checkpoint_{s:08d}" for s in (1, 2, 3)]
-    meta = json.loads((reporter.checkpoints()[-1] / "meta.json").read_text())
-    assert meta["step"] == 3 and meta["metrics"][EVAL_FAILED_KEY] == 1
+    assert [p.name for p in reporter.checkpoints()] == [checkpoint_name(s) for s in (1, 2, 3)]
+    meta = read_checkpoint_meta(reporter.checkpoints()[-1])
+    assert meta.step == 3 and meta.metrics[EVAL_FAILED_KEY] == 1
     logged = [(step, m[EVAL_FAILED_KEY]) for step, m in logger.points if EVAL_FAILED_KEY in m]
     assert logged == [(1, 0), (2, 1), (3, 1)]

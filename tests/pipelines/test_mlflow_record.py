@@ -14,9 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from contract_files import fake_summary, write_summary
 from torch import nn
 
-from data_prep.contract import MANIFEST, SUMMARY
+from data_prep.contract import MANIFEST, SUMMARY, read_summary
+from magnet.checkpoint import CheckpointMeta, ImportRecord
 from magnet.config import load_config
 from magnet.evaluate import evaluate
 from magnet.models import MagNetOutput
@@ -111,8 +113,7 @@ def test_kind_comes_from_the_manifest_where_known(tmp_path):
 def fake_benchmark(root: Path, val_refs: int) -> str:
     """summary.json and manifest.parquet of a RefCOCO-named set whose val has ``val_refs`` refs."""
     root.mkdir(parents=True)
-    summary = {"dataset": "refcoco", "splitBy": "unc", "settings": {"mask_mode": "refer"}, "counts": {}}
-    (root / SUMMARY).write_text(json.dumps(summary))
+    write_summary(root, fake_summary(mask_mode="refer"))
     pq.write_table(pa.table({"split": ["val"] * val_refs, "ref_id": list(range(val_refs))}), root / MANIFEST)
     return str(root)
 
@@ -120,17 +121,15 @@ def fake_benchmark(root: Path, val_refs: int) -> str:
 def test_published_scores_only_beside_the_benchmarks_own_splits(tmp_path):
     real = fake_benchmark(tmp_path / "real", 3811)
     small = fake_benchmark(tmp_path / "small", 40)
-    assert mlflow_record._benchmark_splits(real, json.loads(Path(real, SUMMARY).read_text())) == {
-        "val": 75.24
-    }
-    assert mlflow_record._benchmark_splits(small, json.loads(Path(small, SUMMARY).read_text())) == {}
+    assert mlflow_record._benchmark_splits(real, read_summary(real)) == {"val": 75.24}
+    assert mlflow_record._benchmark_splits(small, read_summary(small)) == {}
 
 
-def checkpoint_dir(root: Path, meta: dict) -> Path:
+def checkpoint_dir(root: Path, meta: CheckpointMeta) -> Path:
     root.mkdir(parents=True)
     cfg = load_config("tiny", ["train.seed=7"])
     (root / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    (root / "meta.json").write_text(json.dumps(meta))
+    meta.write(root)
     return root
 
 
@@ -139,7 +138,7 @@ def test_model_card_is_the_registered_versions_description(run, shards, tmp_path
     client.create_registered_model("magnet")
     version = client.create_model_version("magnet", "file:///nowhere", run_id=run["run_id"]).version
     evaluation = {"protocol": "protocol lavt: IoU at 32x32", "metrics": {"val/oIoU": 41.5, "val/n": 12.0}}
-    trained = checkpoint_dir(tmp_path / "trained", {"step": STEP})
+    trained = checkpoint_dir(tmp_path / "trained", CheckpointMeta(step=STEP, epoch=0, world_size=1))
     card = mlflow_record.model_card(run, trained, shards, evaluation, "1 Ray Train worker(s) on CPU")
     mlflow_record.describe_version(run["tracking_uri"], version, card)
     shown = client.get_model_version("magnet", version).description
@@ -157,8 +156,9 @@ def test_model_card_is_the_registered_versions_description(run, shards, tmp_path
         "**Code**: commit",
     ):
         assert part in card, part
+    source = ImportRecord(file="/w.pth", sha256="ab", tensors_mapped=1, dropped={}, training_only_kept=())
     imported = checkpoint_dir(
-        tmp_path / "imported", {"step": 0, "imported_from": {"file": "/w.pth", "sha256": "ab"}}
+        tmp_path / "imported", CheckpointMeta(step=0, epoch=0, world_size=1, imported_from=source)
     )
     card = mlflow_record.model_card(run, imported, shards, None, "none")
     assert "imported from the published checkpoint /w.pth (sha256 ab)" in card and "not trained on" in card

@@ -44,9 +44,9 @@ from tiny_runs import SCORE_VAL, TINY_RUN
 
 from data_prep.shards import prepare_dataset
 from data_prep.synth import synthesize
+from magnet.checkpoint import CHECKPOINT_PREFIX, checkpoint_name, checkpoint_step
 from pipelines import tracking
 from pipelines.mlflow_record import RESUMED_FROM_TAG, WORKER_GROUPS_TAG, worker_tag
-from pipelines.train_driver import CHECKPOINT_PREFIX
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
@@ -126,7 +126,7 @@ def registered(run_url: str) -> list[int]:
     finally:
         store.invalidate_cache()
     names = [entry["checkpoint_dir_name"] for entry in snapshot["checkpoint_results"]]
-    return sorted(int(name.removeprefix(CHECKPOINT_PREFIX)) for name in names)
+    return sorted(checkpoint_step(name) for name in names)
 
 
 def placement(tags: dict[str, str], ranks: int) -> list[str]:
@@ -262,7 +262,7 @@ def test_prefect_worker_trains_on_two_nodes_and_keeps_everything_in_object_stora
     assert hosts[0] != hosts[1] and all(host.startswith(socket.gethostname()) for host in hosts)
     # what it recorded points into object storage, not into a node's disk or the driver's
     run_url = f"{storage}/across-nodes"
-    assert tags["checkpoint.last"] == f"{run_url}/{CHECKPOINT_PREFIX}{STEPS:08d}"
+    assert tags["checkpoint.last"] == f"{run_url}/{checkpoint_name(STEPS)}"
     assert tags["checkpoint.best"].startswith(f"{run_url}/{CHECKPOINT_PREFIX}")
     inputs = run.inputs.dataset_inputs
     assert inputs and all(json.loads(i.dataset.source)["uri"].startswith(shards) for i in inputs)
@@ -308,13 +308,13 @@ def test_a_lost_node_costs_the_steps_since_the_last_checkpoint(
     assert run.info.status == "FINISHED" and tags[WORKER_GROUPS_TAG] == "2"
     # resumed from the newest checkpoint registered when the node died (or one reported just then),
     # so it lost the steps since that checkpoint and no more
-    resumed = int(tags[RESUMED_FROM_TAG].removeprefix(CHECKPOINT_PREFIX))
+    resumed = checkpoint_step(tags[RESUMED_FROM_TAG])
     assert lost["registered"] <= resumed < STEPS, (lost, resumed)
     # the restarted ranks: one on the node that survived, one on the node that replaced the lost one
     now = cluster.alive()
     assert now[lost["node"]] != first_nodes[lost["node"]]
     assert sorted(placement(tags, 2)) == sorted(now[node] for node in NODES)
-    assert tags["checkpoint.last"] == f"{storage}/{name}/{CHECKPOINT_PREFIX}{STEPS:08d}"
+    assert tags["checkpoint.last"] == f"{storage}/{name}/{checkpoint_name(STEPS)}"
     # every step once, each with the uninterrupted run's loss: the resume is exact across nodes
     reference = across_nodes["run"]
     expected = loss_steps(uri, reference.info.run_id)
@@ -392,7 +392,7 @@ def test_a_sweep_across_nodes_survives_a_lost_node_and_promotes(
     # the trial whose node was lost resumed from its checkpoint on a live node (the new one, or the
     # other trial's if that had ended)
     assert hit.data.tags[WORKER_GROUPS_TAG] == "2"
-    resumed = int(hit.data.tags[RESUMED_FROM_TAG].removeprefix(CHECKPOINT_PREFIX))
+    resumed = checkpoint_step(hit.data.tags[RESUMED_FROM_TAG])
     assert resumed >= lost["registered"]
     (resumed_on,) = placement(hit.data.tags, 1)
     assert resumed_on in cluster.alive().values() and resumed_on != lost["at"][hit.info.run_name][0]

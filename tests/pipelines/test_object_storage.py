@@ -12,9 +12,10 @@ import pytest
 from tiny_runs import SCORE_VAL, TINY_RUN
 from typer.testing import CliRunner
 
-from data_prep.contract import MANIFEST, REJECTS, SUMMARY
+from data_prep.contract import MANIFEST, REJECTS, SUMMARY, read_summary
 from data_prep.shards import prepare_dataset
 from data_prep.synth import synthesize
+from magnet.checkpoint import CHECKPOINT_PREFIX, checkpoint_name
 from magnet.config import load_config
 from pipelines import tracking as mlflow_tracking
 from pipelines.cli import app
@@ -67,12 +68,12 @@ def test_prepare_train_evaluate_on_object_storage(
     mlflow_tracking.end_run(tracking)
     assert result.metrics["step"] == MAX_STEPS
     run_prefix = f"e2e/ray/{result.run_name}/"
-    assert result.last_checkpoint == s3_store.url(f"{run_prefix}checkpoint_step{MAX_STEPS:08d}")
+    assert result.last_checkpoint == s3_store.url(f"{run_prefix}{checkpoint_name(MAX_STEPS)}")
     checkpoints = {
-        key[len(run_prefix) :].split("/")[0] for key in s3_store.keys(f"{run_prefix}checkpoint_step")
+        key[len(run_prefix) :].split("/")[0] for key in s3_store.keys(f"{run_prefix}{CHECKPOINT_PREFIX}")
     }
-    assert sorted(checkpoints) == ["checkpoint_step00000002", f"checkpoint_step{MAX_STEPS:08d}"]
-    stored = {key.rsplit("/", 1)[1] for key in s3_store.keys(f"{run_prefix}checkpoint_step{MAX_STEPS:08d}/")}
+    assert sorted(checkpoints) == [checkpoint_name(2), checkpoint_name(MAX_STEPS)]
+    stored = {key.rsplit("/", 1)[1] for key in s3_store.keys(f"{run_prefix}{checkpoint_name(MAX_STEPS)}/")}
     assert {"model.pt", "train_state.pt", "config.yaml", "meta.json"} <= stored
 
     # evaluate: the checkpoint where training left it, the shards where prepare put them
@@ -86,9 +87,9 @@ def test_prepare_train_evaluate_on_object_storage(
     )
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads(report.read_text())
-    summary = json.loads(local[SUMMARY].read_text())
+    summary = read_summary(str(local[SUMMARY].parent))
     assert metrics["shards"] == shards
-    assert metrics["metrics"]["val/n"] == summary["counts"]["val"]["written"]
+    assert metrics["metrics"]["val/n"] == summary.counts["val"].written
     # the weights read back from the bucket score what training measured on them
     assert metrics["metrics"]["val/oIoU"] == pytest.approx(result.metrics["val/oIoU"], rel=1e-5)
 

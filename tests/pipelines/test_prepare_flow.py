@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from data_prep.contract import SUMMARY
+from data_prep.contract import SUMMARY, SplitCounts, read_summary
 from pipelines.cli import app
 
 
@@ -43,8 +43,8 @@ def test_magnet_prepare_runs_the_flow_and_reruns_skip(
     assert result.exit_code == 0, result.output
     assert "train" in result.output and "rejected" in result.output
     flow_dir = tmp_path / "flow" / "refcoco-unc"
-    summary = json.loads((flow_dir / SUMMARY).read_text())
-    assert len(summary["shards"]) > 2
+    summary = read_summary(str(flow_dir))
+    assert len(summary.shards) > 2
 
     artifacts = _artifacts()
     assert [a.data for a in artifacts["progress"]] == [100.0]
@@ -61,11 +61,11 @@ def test_magnet_prepare_runs_the_flow_and_reruns_skip(
     # Again through the flow (a second CliRunner would find Prefect's console handler bound to
     # the first one's closed stream).
     # Two workers: the chunks go to a process pool that must reach the harness's API.
-    (flow_dir / summary["shards"][0]["path"]).unlink()
+    (flow_dir / summary.shards[0].path).unlink()
     run_prepare(workers=2, refer_root=str(refer_root), out=str(tmp_path / "flow"), samples_per_shard=15)
     assert (tmp_path / "lib" / "refcoco-unc" / SUMMARY).read_bytes() == (flow_dir / SUMMARY).read_bytes()
     markdown = sorted(_artifacts()["markdown"], key=lambda a: a.created)[-1].data
-    assert f"{len(summary['shards'])} shards, {len(summary['shards']) - 1} already done" in markdown
+    assert f"{len(summary.shards)} shards, {len(summary.shards) - 1} already done" in markdown
 
 
 def test_unknown_split_is_a_clear_cli_error(prefect_harness: None, refer_root: Path, tmp_path: Path) -> None:
@@ -96,7 +96,7 @@ def test_a_dataset_name_prefect_keys_cannot_hold_gets_its_report(
     summary = run_prepare(
         refer_root=str(folder), out=str(tmp_path / "out"), dataset="My_Kitchen", split_by="folder"
     )
-    assert summary["counts"] == {"train": {"read": 1, "written": 1, "rejected": 0}}
+    assert summary.counts == {"train": SplitCounts(read=1, written=1, rejected=0)}
     key = artifact_key("prepare", "My_Kitchen", "folder")
     assert key.startswith("prepare-my-kitchen-folder-") and key != artifact_key(
         "prepare", "my-kitchen", "folder"

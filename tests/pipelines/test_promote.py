@@ -5,7 +5,6 @@ changes on a re-run, and scores on different data are refused."""
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 from PIL import Image
 from tiny_runs import TINY_MODEL
 
-from data_prep.contract import SUMMARY
+from data_prep.contract import SUMMARY, read_summary
 from magnet.checkpoint import TrainState, save_checkpoint
 from magnet.config import load_config
 from magnet.models import build_model
@@ -188,8 +187,11 @@ def test_promotion_story(store):
     # a run on other data: refused, and the registry is untouched
     other = store["root"] / "other-shards"
     other.mkdir()
-    summary = json.loads((store["shards"] / SUMMARY).read_text()) | {"settings": {"changed": True}}
-    (other / SUMMARY).write_text(json.dumps(summary))
+    summary = read_summary(str(store["shards"]))
+    changed = summary.settings.model_copy(
+        update={"samples_per_shard": summary.settings.samples_per_shard + 1}
+    )
+    (other / SUMMARY).write_bytes(summary.model_copy(update={"settings": changed}).to_bytes())
     trained_run(store, "elsewhere", threshold=0.3, val_oiou=99.0, shards=other)
     state = registry_state(client)
     with pytest.raises(PromotionError, match="different data"):

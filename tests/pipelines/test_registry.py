@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from contract_files import fake_summary, write_summary
 from PIL import Image
 from ports import free_port
 
-from data_prep.contract import SUMMARY
 from magnet.checkpoint import MODEL_FILE, TRAIN_STATE_FILE
 from magnet.config import load_config
 from magnet.inference import predict
@@ -65,7 +65,7 @@ def registered(module_tmp, checkpoint: Path) -> dict:
     root = module_tmp("store")
     shards = root / "shards"
     shards.mkdir()
-    (shards / SUMMARY).write_text(json.dumps({"dataset": "refcoco", "splitBy": "unc", "counts": {}}))
+    write_summary(shards, fake_summary())
     uri = tracking.resolve_tracking_uri(default_dir=root)
     settings = tracking.start_run(load_config("tiny"), shards=shards, tracking_uri=uri, run_name="reg")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8))

@@ -19,7 +19,7 @@ import pytest
 from ports import free_port
 from tiny_runs import TINY_RUN
 
-from data_prep.contract import SUMMARY
+from data_prep.contract import read_summary
 
 pytestmark = pytest.mark.slow
 
@@ -210,8 +210,8 @@ def test_pool_deployment_runs_on_a_worker_of_its_pool_not_in_the_stack(stack: St
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
         log.close()
-    summary = json.loads((tmp_path / "shards" / "refcoco-unc" / SUMMARY).read_text())
-    assert sum(c["written"] for c in summary["counts"].values()) > 0
+    summary = read_summary(str(tmp_path / "shards" / "refcoco-unc"))
+    assert sum(c.written for c in summary.counts.values()) > 0
     worker_log = (tmp_path / "worker.log").read_text()
     flow_run_id = next(line for line in done.stdout.splitlines() if "UUID" in line).split()[-1]
     assert flow_run_id in worker_log  # picked up by the pool's worker

@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from contract_files import fake_summary, write_summary
 from PIL import Image
 
-from data_prep.contract import SUMMARY
+from data_prep.contract import ShardError, read_summary
 from magnet.config import load_config
 from pipelines import tracking
 
@@ -22,8 +23,7 @@ def shard_root(tmp_path: Path) -> Path:
         "train": {"read": 12, "written": 12, "rejected": 0},
         "val": {"read": 5, "written": 4, "rejected": 1},
     }
-    summary = {"dataset": "synthcoco", "splitBy": "unc", "counts": counts}
-    (root / SUMMARY).write_text(json.dumps(summary))
+    write_summary(root, fake_summary(dataset="synthcoco", counts=counts))
     return root
 
 
@@ -119,9 +119,8 @@ def test_logger_writes_metrics_and_pictures(store, shard_root):
 def test_evaluation_is_logged_with_its_protocol_mask_convention_and_table(store, shard_root):
     from magnet.evaluate import Evaluation
 
-    summary = json.loads((shard_root / SUMMARY).read_text())
-    summary["settings"] = {"mask_mode": "refer"}
-    (shard_root / SUMMARY).write_text(json.dumps(summary))
+    counts = {split: c.model_dump() for split, c in read_summary(str(shard_root)).counts.items()}
+    write_summary(shard_root, fake_summary(dataset="synthcoco", counts=counts, mask_mode="refer"))
     settings = tracking.start_run(load_config("tiny"), shards=shard_root, tracking_uri=store, run_name="e")
     evaluation = Evaluation(
         protocol="lavt",
@@ -162,5 +161,5 @@ def test_evaluation_is_logged_with_its_protocol_mask_convention_and_table(store,
 
 
 def test_missing_summary_is_a_clear_error(store, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"summary\.json"):
+    with pytest.raises(ShardError, match=r"summary\.json is missing"):
         tracking.start_run(load_config("tiny"), shards=tmp_path, tracking_uri=store, run_name="x")

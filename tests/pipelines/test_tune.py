@@ -66,6 +66,10 @@ def test_shipped_sweeps_load_and_fit_the_config():
     baseline = apply_params(cfg, {"variant": "baseline", "train.seed": 2}, ablation.variants)
     assert not baseline.model.fusion.use_cam and not baseline.model.mask_grounding.enabled
     assert not baseline.model.alignment.enabled and baseline.train.seed == 2
+    grounding = load_space("configs/sweeps/mask-grounding.yaml", cfg)
+    separate = apply_params(cfg, {"variant": "+MG separate", "train.seed": 0}, grounding.variants)
+    assert separate.model.mask_grounding.encoder_pass == "separate" and not separate.model.alignment.enabled
+    assert grounding.report.splits == ("val",)  # choices on val only
     seeds = load_space("configs/sweeps/seeds.yaml", cfg)
     assert seeds.params["train.seed"].values == (0, 1, 2) and seeds.report.group_by == "variant"
     assert apply_params(cfg, {"variant": "as-configured", "train.seed": 1}, seeds.variants) == cfg.model_copy(
@@ -299,9 +303,10 @@ def harness():
 
 @pytest.fixture(scope="module")
 def sweep(shards, harness, module_tmp) -> dict:
-    """The tune-magnet flow on local Ray: 4 CPUs, one trial (one worker) at a time.
-    A trial ASHA kills leaves its worker's CPU reserved when the state API (dashboard) is off;
-    there is room for two such."""
+    """The tune-magnet flow on local Ray: 4 CPUs, two one-worker trials at a time (their start-up
+    waits overlap). A trial ASHA kills leaves its worker's CPU reserved when the state API
+    (dashboard) is off; there is room for that. The last 0.95 trial starts only once an earlier
+    trial has ended, so it meets the first rung's recorded scores and is stopped whatever the race."""
     import ray
     from prefect.artifacts import Artifact
 
@@ -320,7 +325,7 @@ def sweep(shards, harness, module_tmp) -> dict:
             experiment="sweep-test",
             tracking_uri=uri,
             storage_path=str(root / "ray"),
-            max_concurrent=1,
+            max_concurrent=2,
         )
     finally:
         ray.shutdown()

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 import pytest
 from tiny_runs import tiny_trial
 
+from data_prep.contract import read_summary
 from data_prep.scenes import KINDS
 from magnet.config import CONFIG_DIR, load_config
 from pipelines import tracking
@@ -70,12 +70,12 @@ def test_the_preset_runs_every_variant_and_seed_to_the_end(ablation):
 
 def test_every_finished_trial_is_scored_on_whole_splits_whatever_its_training_capped(ablation):
     client = tracking.client_for(ablation["uri"])
-    counts = json.loads((Path(ablation["shards"]) / "summary.json").read_text())["counts"]
+    counts = read_summary(str(ablation["shards"])).counts
     for row in ablation["result"].trials:
         metrics = client.get_run(row["run_id"]).data.metrics
-        assert metrics["val/n"] == CAPPED < counts["val"]["written"]  # the evaluations while training
+        assert metrics["val/n"] == CAPPED < counts["val"].written  # the evaluations while training
         for split in ("val", "testA", "testB"):
-            assert metrics[f"final/{split}/n"] == counts[split]["written"]
+            assert metrics[f"final/{split}/n"] == counts[split].written
 
 
 def test_the_report_gives_mean_and_spread_per_variant_on_val_and_test_splits(ablation):

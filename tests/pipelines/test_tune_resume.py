@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from tiny_runs import tiny_trial
 
+from magnet.checkpoint import CHECKPOINT_GLOB, checkpoint_name
 from pipelines import tracking
 
 pytestmark = pytest.mark.slow
@@ -107,8 +108,8 @@ def wait_for_one_finished_and_one_checkpointed(client, root: Path, driver: subpr
             running = [r for r in runs if r.info.status == "RUNNING"]
             if finished and running:
                 train = root / "ray" / parent.info.run_name / "train" / running[0].info.run_name
-                steps = sorted(p.name for p in train.glob("checkpoint_step*"))
-                if steps and steps[-1] != "checkpoint_step00000006":
+                steps = sorted(p.name for p in train.glob(CHECKPOINT_GLOB))
+                if steps and steps[-1] != checkpoint_name(6):
                     return parent.info.run_id
         time.sleep(0.5)
     raise AssertionError(f"no finished and running trial pair within {DEADLINE_S} s")

@@ -1,0 +1,47 @@
+"""Contract files for tests that need one without preparing data: every field filled, so the one
+reader (data_prep.contract.read_summary) takes it; a test sets only the fields it is about."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from data_prep.contract import (
+    FORMAT_VERSION,
+    SUMMARY,
+    ShardEntry,
+    SplitCounts,
+    Summary,
+    SummarySettings,
+    TokenizerRecord,
+)
+
+
+def fake_summary(
+    *,
+    dataset: str = "refcoco",
+    split_by: str = "unc",
+    counts: dict[str, dict[str, int]] | None = None,
+    shards: list[dict[str, Any]] | None = None,
+    mask_mode: str = "union",
+) -> Summary:
+    counts = counts or {}
+    return Summary(
+        dataset=dataset,
+        split_by=split_by,
+        format_version=FORMAT_VERSION,
+        tokenizer=TokenizerRecord(name="bert-base-uncased", vocabulary_hash="0" * 64),
+        counts={split: SplitCounts(**c) for split, c in counts.items()},
+        rejects_by_reason={split: {} for split in counts},
+        shards=tuple(ShardEntry(**entry) for entry in shards or ()),
+        manifest_sha256="0" * 64,
+        rejects_sha256="0" * 64,
+        versions={},
+        settings=SummarySettings(
+            splits=tuple(counts), max_tokens=20, samples_per_shard=1000, mask_mode=mask_mode
+        ),
+    )
+
+
+def write_summary(root: Path, summary: Summary) -> None:
+    (root / SUMMARY).write_bytes(summary.to_bytes())
