@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Ray's placement group strategies, for a Train run's workers (`magnet train --placement-strategy`).
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
 
 @dataclass(frozen=True)
 class TrainDefaults:
@@ -14,6 +17,7 @@ class TrainDefaults:
     config: str = "tiny"
     num_workers: int = 2
     use_gpu: bool = False
+    placement_strategy: str = "PACK"
     experiment: str = "magnet"
     resume: bool = False
     register_model: bool = True
@@ -28,6 +32,7 @@ class TuneDefaults:
     experiment: str = "magnet-sweeps"
     workers_per_trial: int = 1
     gpus_per_trial: int = 0
+    max_failures: int = 2  # worker-group restarts within a trial (a lost worker or node)
     register_best: bool = True
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -276,3 +276,44 @@ def link_flow_run(tracking: Mapping[str, str], key: str) -> None:
         key=key,
         description=f"served by `mlflow ui --backend-store-uri {uri}`" if local else "the MLflow run",
     )
+
+
+# ------------------------------------------------------------------------- where a run's files are
+def tag_checkpoints(tracking: Mapping[str, str], best: str | None, last: str | None) -> None:
+    """Tags ``checkpoint.best`` and ``checkpoint.last``: where the run's checkpoints are (an
+    object-storage URL, or a path on the driver's machine), for `magnet evaluate --model`."""
+    client = client_for(tracking["tracking_uri"])
+    for name, location in (("checkpoint.best", best), ("checkpoint.last", last)):
+        if location:
+            client.set_tag(tracking["run_id"], name, location)
+
+
+# ------------------------------------------------------------------------------ worker placement
+WORKER_GROUPS_TAG = "ray.worker_groups"
+RESUMED_FROM_TAG = "ray.resumed_from"
+
+
+def worker_tag(rank: int, field: str) -> str:
+    """The tag holding ``field`` (``node_id`` or ``host``) of rank ``rank``'s node."""
+    return f"ray.rank{rank}.{field}"
+
+
+def record_workers(
+    tracking: Mapping[str, str], workers: Sequence[Mapping[str, str]], resumed_from: str | None
+) -> None:
+    """Where a (re)started Ray Train worker group runs, as tags of the run: per rank
+    ``ray.rank<r>.node_id`` (the Ray node id) and ``ray.rank<r>.host`` (``<hostname> (<node IP>)``);
+    ``ray.resumed_from``, the checkpoint the group started from (none for a fresh start); and
+    ``ray.worker_groups``, the groups started for the run (2 after one restart from a lost worker
+    or node). Each start overwrites the others, so they describe the group that trained last.
+    Rank 0 calls it at each start with every rank's entry."""
+    from mlflow.entities import RunTag
+
+    client = client_for(tracking["tracking_uri"])
+    started = int(client.get_run(tracking["run_id"]).data.tags.get(WORKER_GROUPS_TAG, "0")) + 1
+    tags = {WORKER_GROUPS_TAG: str(started)}
+    if resumed_from:
+        tags[RESUMED_FROM_TAG] = resumed_from
+    for rank, worker in enumerate(workers):
+        tags.update({worker_tag(rank, field): value for field, value in worker.items()})
+    client.log_batch(tracking["run_id"], tags=[RunTag(key, value) for key, value in tags.items()])

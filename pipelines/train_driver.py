@@ -128,6 +128,26 @@ class OncePerStep:
         self.logger.log_predictions(figure_png, name, step)  # the name carries the step: replaced
 
 
+def _worker_nodes() -> list[dict[str, str]]:
+    """Where every rank of this worker group runs, by rank (a collective: every worker calls it):
+    the Ray node id and ``<hostname> (<node IP>)``. Rank 0 records them in the run, so a run shows
+    which node each rank trained on, before and after a lost node."""
+    import socket
+
+    import ray
+    import torch.distributed as dist
+
+    here = {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "host": f"{socket.gethostname()} ({ray.util.get_node_ip_address()})",
+    }
+    if not dist.is_initialized():
+        return [here]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, here)
+    return everyone
+
+
 def _train_worker(config: dict[str, Any]) -> None:
     """The per-worker entry: rebuild the config, pick the device and logger, run the loop."""
     import ray.train
@@ -140,12 +160,15 @@ def _train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    workers = _worker_nodes()
     logger: RunLogger = NullLogger()
     monitor: AbstractContextManager[None] = nullcontext()
     if config["tracking"] and ray.train.get_context().get_world_rank() == 0:
-        from pipelines.mlflow_record import system_metrics
+        from pipelines.mlflow_record import record_workers, system_metrics
         from pipelines.tracking import MlflowRunLogger
 
+        checkpoint = ray.train.get_checkpoint()  # where a restarted group starts from
+        record_workers(config["tracking"], workers, Path(checkpoint.path).name if checkpoint else None)
         logger = OncePerStep(MlflowRunLogger(**config["tracking"]))
         monitor = system_metrics(config["tracking"])  # on rank 0's node: its CPU, memory and GPUs
     with monitor:
@@ -307,6 +330,7 @@ def run_training(
     num_workers: int = 2,
     use_gpu: bool = False,
     cpus_per_worker: float = 1.0,
+    placement_strategy: str = "PACK",
     ray_address: str | None = None,
     storage_path: str | Path,
     run_name: str | None = None,
@@ -325,6 +349,9 @@ def run_training(
         num_workers: training workers (DDP ranks).
         use_gpu: one GPU per worker, NCCL and bf16 autocast (if cfg.train.precision says so).
         cpus_per_worker: CPUs Ray reserves per worker.
+        placement_strategy: how Ray places the workers on the cluster's nodes (its placement group
+            strategy): PACK (as few nodes as possible), SPREAD, STRICT_PACK (one node) or
+            STRICT_SPREAD (each worker on a node of its own).
         ray_address: Ray cluster to join; None = RAY_ADDRESS, else a local Ray started here.
         storage_path: where Ray keeps checkpoints (local directory or URL, e.g. s3://bucket/runs).
         run_name: the run's name; None = a new unique name.
@@ -342,6 +369,8 @@ def run_training(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipelines.ray_workers import QUIET_WORKERS
+
     storage = absolute_location(storage_path)
     check_run_name(storage, run_name, resume)
     run_name = run_name or new_run_name(cfg)
@@ -353,8 +382,9 @@ def run_training(
     check_splits(cfg, absolute_location(shards), run_splits(cfg, final_splits))
 
     started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    if started_ray:  # QUIET_WORKERS: also when no `magnet` command set RAY_RUNTIME_ENV_HOOK (a deployment)
+        address = ray_address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, include_dashboard=False, runtime_env=QUIET_WORKERS)
         interrupts.reclaim_sigterm()
     try:
         trainer = TorchTrainer(
@@ -367,7 +397,10 @@ def run_training(
             },
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(
-                num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+                num_workers=num_workers,
+                use_gpu=use_gpu,
+                resources_per_worker={"CPU": cpus_per_worker},
+                placement_strategy=placement_strategy,
             ),
             run_config=ray.train.RunConfig(
                 name=run_name,

@@ -69,6 +69,28 @@ def require_local_cpus(workers: int, ray_address: str | None, param_hint: str) -
         )
 
 
+def require_placement(strategy: str, workers: int, ray_address: str | None) -> str:
+    """Refuse a placement strategy Ray does not know, and STRICT_SPREAD (a node per worker) for
+    more workers than the one node of a local Ray, which would wait for nodes that never come."""
+    import os
+
+    from pipelines.defaults import PLACEMENT_STRATEGIES
+
+    chosen = strategy.upper()
+    if chosen not in PLACEMENT_STRATEGIES:
+        raise typer.BadParameter(
+            f"{strategy!r} is not one of {', '.join(PLACEMENT_STRATEGIES)}", param_hint="--placement-strategy"
+        )
+    cluster = ray_address or os.environ.get("RAY_ADDRESS")
+    if chosen == "STRICT_SPREAD" and workers > 1 and not cluster:
+        raise typer.BadParameter(
+            f"STRICT_SPREAD puts each of the {workers} workers on a node of its own, and a local Ray is "
+            "one node; join a Ray cluster with --ray-address",
+            param_hint="--placement-strategy",
+        )
+    return chosen
+
+
 def require_device(device: str) -> str:
     """Refuse a --device torch does not know, or a GPU this machine does not have."""
     import torch

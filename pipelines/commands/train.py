@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from pipelines import interrupts
-from pipelines.commands import require_local_cpus, require_prepared
+from pipelines.commands import require_local_cpus, require_placement, require_prepared
 from pipelines.defaults import TRAIN
 
 
@@ -19,6 +19,11 @@ def train(
     ),
     num_workers: int = typer.Option(TRAIN.num_workers, "--num-workers", min=1, help="Ray Train workers."),
     use_gpu: bool = typer.Option(TRAIN.use_gpu, "--use-gpu", help="One GPU per worker."),
+    placement_strategy: str = typer.Option(
+        TRAIN.placement_strategy,
+        "--placement-strategy",
+        help="Workers on the cluster's nodes: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD (a node each).",
+    ),
     overrides: list[str] = typer.Option([], "--set", help="Dotted override, e.g. train.lr=1e-4."),
     experiment: str = typer.Option(TRAIN.experiment, "--experiment", help="MLflow experiment."),
     run_name: str | None = typer.Option(None, "--run-name", help="Default: unique per run."),
@@ -52,6 +57,7 @@ def train(
     )
 
     require_local_cpus(num_workers, ray_address, "--num-workers")
+    placement_strategy = require_placement(placement_strategy, num_workers, ray_address)
     try:  # before Prefect and the MLflow run: a refused name leaves no run behind
         check_run_name(absolute_storage(storage_path), run_name, resume)
     except (UnsafeNameError, FileExistsError) as err:
@@ -84,6 +90,7 @@ def train(
         ray_address=ray_address,
         num_workers=num_workers,
         use_gpu=use_gpu,
+        placement_strategy=placement_strategy,
         experiment=experiment,
         run_name=run_name,
         resume=resume,

@@ -46,6 +46,12 @@ def tune(
     ray_address: str | None = typer.Option(
         None, "--ray-address", help="Default: RAY_ADDRESS or a local Ray."
     ),
+    max_failures: int = typer.Option(
+        TUNE.max_failures,
+        "--max-failures",
+        min=0,
+        help="Restarts of a trial's workers from its last checkpoint (a lost worker or node).",
+    ),
     register_best: bool = typer.Option(
         TUNE.register_best, "--register/--no-register", help="Register the best trial's model."
     ),
@@ -101,6 +107,7 @@ def tune(
         tracking_uri=tracking_uri,
         storage_path=storage_path,
         ray_address=ray_address,
+        max_failures=max_failures,
         register_best=register_best,
         sweep_name=sweep_name,
     )

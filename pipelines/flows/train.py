@@ -74,6 +74,7 @@ def train(
     *,
     num_workers: int,
     use_gpu: bool,
+    placement_strategy: str,
     ray_address: str | None,
     storage_path: str,
     run_name: str,
@@ -87,6 +88,7 @@ def train(
         shards,
         num_workers=num_workers,
         use_gpu=use_gpu,
+        placement_strategy=placement_strategy,
         ray_address=ray_address,
         storage_path=storage_path,
         run_name=run_name,
@@ -184,6 +186,7 @@ def train_magnet(
     ray_address: str | None = None,
     num_workers: int = TRAIN.num_workers,
     use_gpu: bool = TRAIN.use_gpu,
+    placement_strategy: str = TRAIN.placement_strategy,
     experiment: str = TRAIN.experiment,
     run_name: str | None = None,
     resume: bool = TRAIN.resume,
@@ -205,6 +208,7 @@ def train_magnet(
         ray_address: Ray cluster to join; None = RAY_ADDRESS or a local Ray.
         num_workers: Ray Train workers.
         use_gpu: one GPU per worker.
+        placement_strategy: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (a node per worker).
         experiment: MLflow experiment.
         run_name: unique by default; give the old name with ``resume`` to continue a run.
         resume: continue the run named ``run_name`` from its last checkpoint.
@@ -240,6 +244,7 @@ def train_magnet(
             shard_root,
             num_workers=num_workers,
             use_gpu=use_gpu,
+            placement_strategy=placement_strategy,
             ray_address=ray_address,
             storage_path=storage,
             run_name=run_name,
@@ -248,6 +253,7 @@ def train_magnet(
             max_failures=max_failures,
             final_splits=splits,
         )
+        mlflow_record.tag_checkpoints(tracking, result.best_checkpoint, result.last_checkpoint)
         with local_checkpoint(result.best_checkpoint) as checkpoint:
             step = read_checkpoint_meta(checkpoint).step
             evaluation = evaluate_final(

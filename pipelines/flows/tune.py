@@ -56,6 +56,7 @@ def tune_magnet(
     tracking_uri: str | None = None,
     storage_path: str | None = None,
     ray_address: str | None = None,
+    max_failures: int = TUNE.max_failures,
     register_best: bool = TUNE.register_best,
     sweep_name: str | None = None,
 ) -> dict[str, Any]:
@@ -76,6 +77,7 @@ def tune_magnet(
         tracking_uri: MLflow; None = MLFLOW_TRACKING_URI or ./mlflow.db.
         storage_path: Ray storage (local path or URL); default ./ray-results.
         ray_address: Ray cluster; None = RAY_ADDRESS or a local Ray.
+        max_failures: worker-group restarts within a trial, each from its last checkpoint.
         register_best: register the best trial's model as a version of `magnet`.
         sweep_name: the new sweep's name; None = a unique one (``resume`` names a resumed one).
     """
@@ -101,6 +103,7 @@ def tune_magnet(
             "gpus_per_trial": gpus_per_trial,
             "max_concurrent": max_concurrent,
             "ray_address": ray_address,
+            "max_failures": max_failures,
             "register_best": register_best,
         },
     )

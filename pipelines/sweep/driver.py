@@ -7,7 +7,9 @@ trial is a full Ray Train run, tracked as MLflow child runs of one parent run pe
 Tune-over-Train (Ray 2.60, Train V2): each trial runs ``pipelines.sweep.trial.run_trial`` with its
 own ScalingConfig. The trial driver only waits on its Train controller (a 0-CPU actor), as
 ``magnet train``'s own process does, so Tune reserves memory for it and no CPU (a reserved CPU
-would leave a 2-core machine unable to run a 2-worker trial); Train reserves the workers itself
+would leave a 2-core machine unable to run a 2-worker trial), on the head node, where the trial's
+Train controller then lives too: a lost worker node costs only the trials whose workers it held
+(each restarts them from its last checkpoint, ``max_failures``); Train reserves the workers itself
 when the trial starts, so the number of trials running at once is bounded here by the workers the
 cluster holds (``trial_concurrency``), or lower with ``max_concurrent``. A sweep whose driver died
 continues with ``resume=True`` and its name (``Tuner.restore``); a trial that was cut off resumes
@@ -35,6 +37,7 @@ from magnet.checkpoint import local_checkpoint
 from magnet.config import Config
 from magnet.data import first_example, held_out_splits
 from pipelines import interrupts
+from pipelines.defaults import TUNE
 from pipelines.evaluation import evaluate_model
 from pipelines.sweep.report import (
     COMMAND_PARAM,
@@ -120,8 +123,12 @@ def check_sweep_splits(cfg: Config, space: SweepSpace, shards: str, register_bes
     check_splits(cfg, shards, run_splits(cfg, [*space.report.splits, *example]))
 
 
-# Tune's reservation for a trial's driver process: memory only, see the module docstring.
-TRIAL_DRIVER_RESOURCES = {"memory": 512 * 2**20}
+# Tune's reservation for a trial's driver process: memory and no CPU (see the module docstring),
+# on the head node (a sliver of Ray's resource naming it, as Ray Train's own state actor takes):
+# Train's controller lives on its driver's node, so a driver on a worker node would die with it,
+# and with it a trial whose workers were elsewhere.
+HEAD_NODE = "node:__internal_head__"
+TRIAL_DRIVER_RESOURCES = {"memory": 512 * 2**20, HEAD_NODE: 0.001}
 
 
 def trial_concurrency(
@@ -441,7 +448,7 @@ def run_sweep(
     cpus_per_worker: float = 1.0,
     max_concurrent: int | None = None,
     ray_address: str | None = None,
-    max_failures: int = 0,
+    max_failures: int = TUNE.max_failures,
     register_best: bool = True,
 ) -> SweepResult:
     """Run (or, with ``resume``, continue) a sweep: Tune trials of Ray Train runs, tracked in MLflow.
@@ -462,7 +469,8 @@ def run_sweep(
         cpus_per_worker: CPUs reserved per Train worker.
         max_concurrent: at most this many trials at once (never more than the cluster holds).
         ray_address: Ray cluster to join; None = RAY_ADDRESS or a local Ray started here.
-        max_failures: worker-group restarts within a trial.
+        max_failures: worker-group restarts within a trial (from its last checkpoint): a lost worker
+            or node costs the trial the steps since that checkpoint, not the trial.
         register_best: register the best finished trial's model as a new version of `magnet`.
     """
     import os

@@ -46,6 +46,7 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     import ray.tune
 
     from pipelines import tracking
+    from pipelines.mlflow_record import tag_checkpoints
     from pipelines.train_driver import checkpoint_reports, run_training
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -86,11 +87,5 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
         result = run_training(cfg, sweep["shards"], **train_args)
     except FileExistsError:  # the sweep was restored: continue this trial's Train run
         result = run_training(cfg, sweep["shards"], resume=True, **train_args)
-    client = tracking.client_for(child["tracking_uri"])
-    for name, location in (
-        ("checkpoint.best", result.best_checkpoint),
-        ("checkpoint.last", result.last_checkpoint),
-    ):
-        if location:
-            client.set_tag(child["run_id"], name, location)
+    tag_checkpoints(child, result.best_checkpoint, result.last_checkpoint)
     tracking.end_run(child)

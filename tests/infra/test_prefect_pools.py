@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from ports import free_port
+from prefect_server import prefect_server
 
 pytestmark = pytest.mark.slow
 
@@ -25,44 +21,9 @@ POOLS = ROOT / "infra" / "prefect" / "pools.sh"
 
 @pytest.fixture(scope="module")
 def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A Prefect server on 127.0.0.1 in its own process (as users run it; an in-process test
-    server leaves threads behind that break forked DataLoader workers of later tests), and the
-    environment a CLI user would have for it."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    api = f"http://127.0.0.1:{free_port()}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    env.pop("PREFECT_API_URL", None)
-    port = api.rsplit(":", 1)[1].removesuffix("/api")
-    log = (home / "server.log").open("w")
-    server = subprocess.Popen(
-        ["prefect", "server", "start", "--host", "127.0.0.1", "--port", port],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{api}/health", timeout=2):
-                    break
-            except OSError as err:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"Prefect server did not start: {(home / 'server.log').read_text()[-2000:]}"
-                    ) from err
-                time.sleep(0.5)
-        yield {**env, "PREFECT_API_URL": api}
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+    """A Prefect server on 127.0.0.1 in its own process, and the environment a CLI user would have."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-home")) as server:
+        yield server.wait()
 
 
 def _run(argv: list[str], env: dict[str, str]) -> str:

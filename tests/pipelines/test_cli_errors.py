@@ -225,6 +225,26 @@ def test_more_workers_than_local_cpus_are_refused_before_prefect(sweep, monkeypa
     assert f"{workers} workers need {workers} CPUs (one each) but this machine has {workers - 1}" in line
 
 
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [
+        ("SPREAD_OUT", "--placement-strategy: 'SPREAD_OUT' is not one of PACK, SPREAD, STRICT_PACK"),
+        (
+            "strict_spread",
+            "--placement-strategy: STRICT_SPREAD puts each of the 2 workers on a node of its own",
+        ),
+    ],
+)
+def test_a_placement_no_local_ray_can_make_is_refused_before_prefect(sweep, monkeypatch, strategy, expected):
+    import pipelines.flows.train as flows
+
+    monkeypatch.setattr(flows, "train_magnet", lambda **kwargs: pytest.fail("the flow started"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _, prepared = sweep
+    args = ["train", "--shards", str(prepared), "--num-workers", "2", "--placement-strategy", strategy]
+    assert expected in refused(args)
+
+
 def test_a_sweep_name_to_resume_is_checked_before_prefect(sweep, monkeypatch, tmp_path):
     import pipelines.flows.tune as flows
 

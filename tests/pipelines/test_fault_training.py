@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -30,6 +31,7 @@ from magnet.config import load_config
 from magnet.data import DataPosition, ShardError, build_train_loader, open_split, train_batches_per_epoch
 from magnet.train import EVAL_FAILED_KEY, NOT_EVALUATED, SCORE_KEY, SKIPPED_SHARDS_KEY, LocalReporter, train
 from pipelines import tracking
+from pipelines.mlflow_record import RESUMED_FROM_TAG, WORKER_GROUPS_TAG, worker_tag
 from pipelines.train_driver import run_training
 
 WORKERS = 2
@@ -196,6 +198,15 @@ def test_worker_sigkilled_mid_epoch_resumes_and_does_every_step_once(shards, loc
     # the run's curves hold each step once, though the killed group had logged some redone steps
     history = tracking.client_for(uri).get_metric_history(settings["run_id"], "train/loss")
     assert sorted(point.step for point in history) == list(range(1, cfg.train.max_steps + 1))
+    # the run says where its ranks trained, that its worker group was started twice, and from where
+    tags = tracking.client_for(uri).get_run(settings["run_id"]).data.tags
+    assert tags[WORKER_GROUPS_TAG] == "2"
+    assert tags[RESUMED_FROM_TAG] == checkpoint_name(3)
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    assert [tags[worker_tag(rank, "node_id")] for rank in range(WORKERS)] == [node] * WORKERS
+    assert all(tags[worker_tag(rank, "host")].startswith(socket.gethostname()) for rank in range(WORKERS))
 
     saved = sorted(checkpoint_step(p.name) for p in (runs / name).glob(CHECKPOINT_GLOB))
     assert saved == [3, 6, 9, 10]
