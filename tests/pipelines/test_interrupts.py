@@ -43,6 +43,8 @@ EXIT_SECONDS = interrupts.GRACE_SECONDS - 3
 SETUP_SECONDS = 600  # a start on a loaded 2-core machine (imports, Prefect's server, Ray) took over 300 s
 # a progress line of training (rank 0's, forwarded by Ray with its worker prefix) or preparation
 PROGRESS_LINE = re.compile(r"(step \d+/\d+|prepare \S+: \d+/\d+ chunks) \(")
+# what may already be on its way when the signal comes: a progress line, a chunk's task finishing
+IN_FLIGHT = re.compile(rf"{PROGRESS_LINE.pattern}|Task run 'chunk-\S+' - Finished in state Completed")
 
 
 class Magnet:
@@ -120,11 +122,11 @@ class Magnet:
             time.sleep(0.2)
 
     def interrupted_line(self) -> str:
-        """What it printed after the signal: the interrupted line last, before it only progress
-        lines already on their way when the signal came, and no traceback."""
+        """What it printed after the signal: the interrupted line last, before it only lines
+        already on their way when the signal came (`IN_FLIGHT`), and no traceback."""
         after = self.lines[self.signalled_at :]
         assert after and after[-1].startswith("interrupted: "), "\n".join(after)
-        assert all(PROGRESS_LINE.search(line) for line in after[:-1]), "\n".join(after)
+        assert all(IN_FLIGHT.search(line) for line in after[:-1]), "\n".join(after)
         return after[-1]
 
 
