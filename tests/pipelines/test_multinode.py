@@ -333,6 +333,7 @@ def test_a_lost_node_costs_the_steps_since_the_last_checkpoint(
 
 
 # ------------------------------------------------------------------ 3. a sweep across nodes
+@pytest.mark.extended  # ~10 min on 2 busy cores: run with -m multinode (or -m extended)
 def test_a_sweep_across_nodes_survives_a_lost_node_and_promotes(
     cluster, shards, user_env, mlflow_server, s3_store, tmp_path
 ):
