@@ -31,7 +31,9 @@ import hashlib
 import io
 import json
 import multiprocessing
+import os
 import reprlib
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -85,6 +87,7 @@ from data_prep.images import TooLargeImage, UnreadableImage, load_shown, open_im
 from data_prep.masks import MASK_MODES, MaskMode, UnusableSegmentation, encode_rle, rasterize
 from data_prep.output import written_whole
 from data_prep.paths import check_name, is_url
+from data_prep.processes import leave_sigint_to_parent
 from data_prep.refer import Annotation, ImageInfo, Ref, Sentence, load_kinds, load_refer
 from data_prep.tokenize import encode_expressions, load_tokenizer, vocabulary_hash
 
@@ -509,6 +512,22 @@ def _part_paths(out_dir: _P, chunk: Chunk) -> tuple[_P, _P, _P]:
     )
 
 
+CHUNK_STAGING = "magnet-chunk-"
+"""A chunk for object storage is written in ``<temp dir>/magnet-chunk-<pid>-<random>``, then uploaded."""
+
+
+def remove_partial_files(out_dir: str | Path, writers: Iterable[int]) -> None:
+    """Remove what chunk writers stopped mid-chunk (the processes ``writers``, killed) left behind:
+    the ``.tmp`` files of a local output, their staging directories of an object-storage one. Their
+    chunks have no completion marker, so the next run writes them again."""
+    if not is_url(out_dir):
+        for partial in Path(out_dir).rglob("*.tmp"):
+            partial.unlink(missing_ok=True)
+    for pid in writers:
+        for staging in Path(tempfile.gettempdir()).glob(f"{CHUNK_STAGING}{pid}-*"):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def _write_parquet(rows: list[dict[str, object]], schema: pa.Schema, path: Path) -> None:
     table = pa.Table.from_pylist(rows, schema=schema)
     with written_whole(path) as tmp:
@@ -543,7 +562,7 @@ def prepare_chunk(
     if done is not None:
         return done
     if is_url(out_dir):
-        with tempfile.TemporaryDirectory(prefix="magnet-chunk-") as staging:
+        with tempfile.TemporaryDirectory(prefix=f"{CHUNK_STAGING}{os.getpid()}-") as staging:
             result = prepare_chunk(settings, vocab_hash, chunk, staging, image_dir)
             _upload_chunk(Path(staging), str(out_dir), chunk)
         return result
@@ -939,7 +958,7 @@ def prepare_dataset(
     else:
         # spawn: the parent has used the (multi-threaded) Rust tokenizer, which fork can deadlock.
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(workers, context, leave_sigint_to_parent) as pool:
             for future in as_completed([pool.submit(prepare_chunk, *job) for job in todo]):
                 finished(future.result())
     return assemble(plan, results)

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from data_prep.processes import leave_sigint_to_parent
 from data_prep.refer import IMAGE_SUBDIR, kinds_path
 from data_prep.scenes import (
     COLOURS,
@@ -351,7 +352,7 @@ def synthesize(
     if workers == 1 or len(jobs) == 1:
         chunks = [_make_chunk(job) for job in jobs]
     else:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        with multiprocessing.get_context("spawn").Pool(workers, leave_sigint_to_parent) as pool:
             chunks = pool.map(_make_chunk, jobs)
     records = [rec for part in chunks for rec in part]
     # Images of an earlier, larger run into the same root would otherwise linger unlisted.

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from magnet import progress
 from magnet.checkpoint import (
     CHECKPOINT_GLOB,
     TrainState,
@@ -480,6 +481,25 @@ class _Curves:
         return curves
 
 
+class _Pace:
+    """The progress line rank 0 writes per ``log_every`` steps: step of total, loss, throughput and
+    the time left at this life's pace so far (evaluations and checkpoints included)."""
+
+    def __init__(self, start_step: int, total_steps: int) -> None:
+        self.start_step, self.total_steps = start_step, total_steps
+        self.start = time.perf_counter()
+
+    def report(self, step: int, curves: dict[str, float]) -> None:
+        left = progress.time_left(
+            step - self.start_step, self.total_steps - step, time.perf_counter() - self.start
+        )
+        progress.LOGGER.info(
+            "step %d/%d (%d%%): loss %.4f, %.1f samples/s, %s left",
+            step, self.total_steps, 100 * step // self.total_steps, curves["train/loss"],
+            curves["train/samples_per_s"], left,
+        )  # fmt: skip
+
+
 def _epoch_steps(
     cfg: Config, train_shards: SplitShards, plan: _Plan, position: DataPosition, rank: int, world_size: int
 ) -> Iterator[list[dict[str, Any]]]:
@@ -621,6 +641,7 @@ def train(
     trained.train()
 
     curves = _Curves(cfg.data.batch_size * cfg.train.grad_accum * world_size)
+    pace = _Pace(state.step, plan.total_steps)
     metrics: dict[str, float] = {"step": state.step, "epoch": state.epoch}
     metrics[SKIPPED_SHARDS_KEY] = len(train_shards.skipped)
     logger.log_metrics({SKIPPED_SHARDS_KEY: metrics[SKIPPED_SHARDS_KEY]}, state.step)
@@ -643,6 +664,8 @@ def train(
                 logged["train/epoch"] = state.step / plan.steps_per_epoch
                 logger.log_metrics(logged, state.step)
                 metrics.update(logged)
+                if rank == 0:
+                    pace.report(state.step, logged)
 
             final = state.step == plan.total_steps
             every = cfg.train.eval_every

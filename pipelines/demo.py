@@ -139,6 +139,7 @@ def _start_ray() -> None:
     """
     import ray
 
+    from pipelines import interrupts
     from pipelines.ray_workers import QUIET_WORKERS
 
     address = os.environ.get("RAY_ADDRESS")
@@ -147,6 +148,7 @@ def _start_ray() -> None:
     else:
         cpus = max(os.cpu_count() or 1, DEMO_WORKERS, SWEEP_TRIALS)
         ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=QUIET_WORKERS)
+    interrupts.reclaim_sigterm()
 
 
 def _ui_guide(summary: dict[str, Any]) -> str:

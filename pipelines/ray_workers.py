@@ -35,14 +35,32 @@ def quiet_placement_group_cleaner() -> None:
     logging.getLogger(CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
-QUIET_WORKERS = {"worker_process_setup_hook": f"{__name__}.quiet_placement_group_cleaner"}
+PROGRESS_ENV = "MAGNET_PROGRESS"
+"""Set to 1 by `magnet` (unless --quiet): its Ray workers then show magnet.progress's lines."""
+
+
+def set_up_worker() -> None:
+    """Ray worker setup hook: the cleaner quieted, and training's progress lines (rank 0's, on the
+    magnet.progress logger) shown only when the driver asked for them (`PROGRESS_ENV`): Ray's
+    workers print every INFO line, so runs started by tests or library code would print them too."""
+    from magnet.progress import LOGGER
+
+    quiet_placement_group_cleaner()
+    LOGGER.setLevel(logging.INFO if os.environ.get(PROGRESS_ENV) == "1" else logging.WARNING)
+
+
+QUIET_WORKERS = {"worker_process_setup_hook": f"{__name__}.set_up_worker"}
 
 
 def with_quiet_workers(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
     """Ray's ``RAY_RUNTIME_ENV_HOOK``: the runtime_env of a ``ray.init`` plus ``QUIET_WORKERS``, so a
     Train run started by any code of this process (the train-magnet flow's driver included) mutes
-    the PlacementGroupCleaner; a setup hook the caller gave wins."""
-    return {**QUIET_WORKERS, **(runtime_env or {})}
+    the PlacementGroupCleaner; a setup hook the caller gave wins. `PROGRESS_ENV` travels along, to
+    the workers of a cluster too."""
+    given = dict(runtime_env or {})
+    if PROGRESS_ENV in os.environ:
+        given["env_vars"] = {PROGRESS_ENV: os.environ[PROGRESS_ENV], **given.get("env_vars", {})}
+    return {**QUIET_WORKERS, **given}
 
 
 RUNTIME_ENV_HOOK = f"{__name__}.with_quiet_workers"

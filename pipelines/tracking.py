@@ -294,6 +294,12 @@ def end_run(tracking: Mapping[str, str], status: str = "FINISHED") -> None:
     client_for(tracking["tracking_uri"]).set_terminated(tracking["run_id"], status=status)
 
 
+def ended_status(error: BaseException) -> str:
+    """The status of a run its code left with ``error``: KILLED when a person stopped it (Ctrl-C,
+    SIGTERM: a KeyboardInterrupt), FAILED otherwise."""
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+
+
 def run_url(tracking: Mapping[str, str]) -> str:
     """Where a person looks at the run: the server's page, or the UI command for a local store."""
     uri, run_id = tracking["tracking_uri"], tracking["run_id"]

@@ -13,8 +13,10 @@ handed to them is absolute.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -28,6 +30,7 @@ from magnet.checkpoint import META_FILE, CheckpointMeta, checkpoint_name, checkp
 from magnet.config import Config, config_from_dict
 from magnet.data import check_text_settings, open_split
 from magnet.train import NOT_EVALUATED, SCORE_KEY, StepHook, global_batch_mismatch
+from pipelines import interrupts
 
 if TYPE_CHECKING:
     from pipelines.tracking import MlflowRunLogger
@@ -35,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "ray-results"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train's record, in the run's directory, of the checkpoints it registered: what a resume restores."""
 
 
 @dataclass(frozen=True)
@@ -182,7 +187,7 @@ def new_run_name(cfg: Config) -> str:
     return f"{cfg.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
-def _run_exists(storage_path: str, run_name: str) -> bool:
+def run_exists(storage_path: str, run_name: str) -> bool:
     import pyarrow.fs
 
     filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
@@ -212,9 +217,9 @@ def check_run_name(storage_path: str, run_name: str | None, resume: bool) -> Non
     if resume:
         if not run_name:
             raise ValueError("resume needs the name of the run to continue (run_name)")
-        if not _run_exists(storage_path, run_name):
+        if not run_exists(storage_path, run_name):
             raise FileNotFoundError(f"no run {run_name!r} under {storage_path} to resume")
-    elif run_name is not None and _run_exists(storage_path, run_name):
+    elif run_name is not None and run_exists(storage_path, run_name):
         raise FileExistsError(
             f"run {run_name!r} already exists under {storage_path}: resume it, or choose another name"
         )
@@ -274,6 +279,48 @@ def check_splits(cfg: Config, shards: str, splits: Sequence[str]) -> None:
         )
         if opened.skipped:
             log.warning("split %s: skipping corrupt shards %s", split, ", ".join(opened.skipped))
+
+
+def _fit_off_the_main_thread(trainer: Any) -> Any:
+    """``trainer.fit()`` in a helper thread, the main thread waiting for it.
+
+    Run in the main thread, Ray Train replaces the process's SIGINT handler with its own (abort the
+    run, then ``sys.exit(0)``) and never puts the previous one back: `magnet`'s handler would be
+    lost and an interrupted command would exit as if it had succeeded. Off the main thread Ray
+    installs none; a Ctrl-C reaches the main thread here as KeyboardInterrupt, and ray.shutdown()
+    (or the driver's exit, which ends the run's actors) stops the run.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()  # a Tune trial: Tune handles the signals
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # handed to the main thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def last_checkpoint_step(storage_path: str, run_name: str) -> int | None:
+    """The step a resume of the run starts from: its latest checkpoint that Ray Train registered
+    (`RAY_SNAPSHOT`). A checkpoint written just before the run stopped may not be registered yet
+    (the controller polls its workers), and a resume does not see it. None when none is."""
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    snapshot = f"{root.rstrip('/')}/{run_name}/{RAY_SNAPSHOT}"
+    if filesystem.get_file_info(snapshot).type != pyarrow.fs.FileType.File:
+        return None
+    with filesystem.open_input_stream(snapshot) as stream:
+        registered = json.loads(stream.read())["checkpoint_results"]
+    return max((int(result["metrics"]["step"]) for result in registered), default=None)
 
 
 def run_training(
@@ -338,6 +385,7 @@ def run_training(
     if started_ray:  # QUIET_WORKERS: also when no `magnet` command set RAY_RUNTIME_ENV_HOOK (a deployment)
         address = ray_address or os.environ.get("RAY_ADDRESS")
         ray.init(address=address, include_dashboard=False, runtime_env=QUIET_WORKERS)
+        interrupts.reclaim_sigterm()
     try:
         trainer = TorchTrainer(
             _train_worker,
@@ -366,7 +414,7 @@ def run_training(
                 callbacks=list(callbacks),
             ),
         )
-        result = trainer.fit()
+        result = _fit_off_the_main_thread(trainer)
     finally:
         if started_ray:
             ray.shutdown()

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from data_prep.defaults import PREPARE
+from pipelines import interrupts
 
 
 def _refer_names(
@@ -143,6 +144,8 @@ def prepare(
 
     location = absolute_location(out)
     require_writable(location, "--out")
+    written_to = dataset_dir(location, dataset, split_by)
+    interrupts.on_interrupt(lambda: _stopped(written_to))
     try:
         with _write_failures_in_one_line():
             summary = run_prepare(
@@ -170,6 +173,19 @@ def prepare(
     typer.echo(f"{'split':<8} {'read':>8} {'written':>8} {'rejected':>8}")
     for split, counts in summary.counts.items():
         typer.echo(f"{split:<8} {counts.read:>8} {counts.written:>8} {counts.rejected:>8}")
+
+
+def _stopped(out_dir: str | Path) -> str:
+    """What an interrupted `magnet prepare` left: whole chunks only (each written to a temporary
+    name, then renamed), which the same command keeps and completes."""
+    import fsspec
+
+    from data_prep.contract import WORK_DIR
+
+    filesystem, root = fsspec.core.url_to_fs(str(out_dir))
+    done = len(filesystem.glob(f"{root}/{WORK_DIR}/*/*.done.json"))
+    again = interrupts.magnet_command()
+    return f"prepare of {out_dir} stopped with {done} chunks written; continue with: {again}"
 
 
 @contextmanager

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from pipelines import interrupts
+
 
 def demo(
     workdir: Path = typer.Option(Path("demo-run"), "--workdir", help="Everything the demo writes goes here."),
@@ -14,6 +16,8 @@ def demo(
     workers, evaluation against language-blind baselines, MLflow registry."""
     from pipelines.demo import run_demo
 
+    again = interrupts.magnet_command()
+    interrupts.on_interrupt(lambda: f"the demo stopped; its data in {workdir} is kept, run again: {again}")
     run_demo(workdir)
 
 

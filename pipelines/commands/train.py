@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from pipelines import interrupts
 from pipelines.commands import require_local_cpus, require_placement, require_prepared
 from pipelines.defaults import TRAIN
 
@@ -47,7 +48,13 @@ def train(
     from data_prep.paths import UnsafeNameError
     from magnet.config import ConfigError, load_config
     from magnet.data import held_out_splits
-    from pipelines.train_driver import absolute_storage, check_run_name, check_splits, run_splits
+    from pipelines.train_driver import (
+        absolute_storage,
+        check_run_name,
+        check_splits,
+        new_run_name,
+        run_splits,
+    )
 
     require_local_cpus(num_workers, ray_address, "--num-workers")
     placement_strategy = require_placement(placement_strategy, num_workers, ray_address)
@@ -74,6 +81,8 @@ def train(
     check_splits(cfg, shards, run_splits(cfg, held_out_splits(shards, cfg.data.train_split)))
     from pipelines.flows.train import train_magnet  # Prefect only once the arguments are good
 
+    run_name = run_name or new_run_name(cfg)  # named here, so that an interruption can name it
+    interrupts.on_interrupt(lambda: _stopped(run_name, storage_path))
     result = train_magnet(
         config=config,
         shards=shards,
@@ -90,6 +99,22 @@ def train(
         register_model=register_model,
     )
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "metrics"}, indent=2))
+
+
+def _stopped(run_name: str, storage_path: str | None) -> str:
+    """What an interrupted `magnet train` left, and the command that continues it."""
+    from pipelines.train_driver import absolute_storage, last_checkpoint_step, run_exists
+
+    storage = absolute_storage(storage_path)
+    if not run_exists(storage, run_name):  # Ray never started it: nothing to resume
+        again = interrupts.magnet_command()
+        return f"run {run_name!r} stopped before training started; start again with: {again}"
+    step = last_checkpoint_step(storage, run_name)
+    reached = f"at step {step} (its last checkpoint)" if step is not None else "before its first checkpoint"
+    again = interrupts.magnet_command(
+        "--run-name", run_name, "--resume", flags=["--resume"], options=["--run-name"]
+    )
+    return f"run {run_name!r} stopped {reached}; continue with: {again}"
 
 
 def register(app: typer.Typer) -> None:

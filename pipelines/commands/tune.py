@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from pipelines import interrupts
 from pipelines.commands import require_device, require_local_cpus, require_prepared, require_store
 from pipelines.defaults import PROMOTE, TUNE
 
@@ -87,7 +88,10 @@ def tune(
     # trial's driver checks its own config's again)
     check_sweep_splits(cfg, parsed, shards, register_best)
     from pipelines.flows.tune import tune_magnet  # Prefect only once the arguments are good
+    from pipelines.sweep.driver import new_sweep_name
 
+    sweep_name = resume or new_sweep_name()  # named here, so that an interruption can name it
+    interrupts.on_interrupt(lambda: _stopped(sweep_name, storage_path))
     result = tune_magnet(
         space=str(space),
         config=config,
@@ -105,8 +109,23 @@ def tune(
         ray_address=ray_address,
         max_failures=max_failures,
         register_best=register_best,
+        sweep_name=sweep_name,
     )
     typer.echo(json.dumps(result, indent=2))
+
+
+def _stopped(sweep_name: str, storage_path: str | None) -> str:
+    """What an interrupted `magnet tune` left, and the command that continues it: its trials
+    resume from their latest checkpoints."""
+    from ray import tune
+
+    from pipelines.train_driver import absolute_storage, run_path
+
+    if not tune.Tuner.can_restore(run_path(absolute_storage(storage_path), sweep_name)):
+        again = interrupts.magnet_command()
+        return f"sweep {sweep_name!r} stopped before Tune started; start again with: {again}"
+    again = interrupts.magnet_command("--resume", sweep_name, options=["--resume"])
+    return f"sweep {sweep_name!r} stopped; continue with: {again}"
 
 
 def sweep_report(

@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger, task
 
 from data_prep.paths import absolute_location
 from magnet.data import held_out_splits, open_split
-from pipelines import mlflow_record
+from pipelines import interrupts, mlflow_record
 from pipelines import tracking as mlflow_tracking
 from pipelines.evaluation import evaluate_model
 from pipelines.flows import artifact_key
@@ -77,6 +77,7 @@ def evaluate_magnet(
             None = MLFLOW_TRACKING_URI or ./mlflow.db.
         pictures_dir: also write the prediction pictures there.
     """
+    interrupts.reclaim_sigterm()
     shard_root = absolute_location(shards)
     check_model_reference(model, tracking_uri)
     splits = splits or held_out_splits(shard_root, train_split)

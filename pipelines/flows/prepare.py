@@ -4,13 +4,14 @@ The flow only puts data_prep's steps in order: plan the chunks (one per shard), 
 earlier run finished (their completion marker matches their fingerprint and the shard is
 intact: data_prep's markers, whether or not Prefect remembers that run), run each other chunk
 as its own task in a process pool, then assemble manifest, rejects and summary. Progress
-shows as a bar on the terminal and as a Prefect progress artifact; the run ends with a markdown
-artifact of the counts per split and the rejects by reason.
+shows as a line at most every 10 s (on magnet.progress, which `magnet` prints) and as a Prefect
+progress artifact; the run ends with a markdown artifact of the counts per split and the rejects by reason.
 """
 
 from __future__ import annotations
 
 import inspect
+import multiprocessing
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,12 +24,12 @@ from prefect.cache_policies import NONE
 from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from data_prep.contract import Summary
 from data_prep.defaults import PREPARE
 from data_prep.masks import MaskMode
 from data_prep.output import is_permanent
+from data_prep.processes import leave_sigint_to_parent
 from data_prep.shards import (
     REJECT_REASONS,
     Chunk,
@@ -42,8 +43,11 @@ from data_prep.shards import (
     merged_splits,
     plan_prepare,
     prepare_chunk,
+    remove_partial_files,
 )
 from data_prep.tokenize import load_tokenizer, vocabulary_hash
+from magnet import progress
+from pipelines import interrupts
 from pipelines.flows import artifact_key
 
 
@@ -136,6 +140,7 @@ def prepare_refcoco(
 ) -> Summary:
     """Prepare one dataset / splitBy; returns what summary.json says. The task runner (and so
     the number of worker processes) is chosen by the caller with `.with_options`."""
+    interrupts.reclaim_sigterm()
     logger = get_run_logger()
     settings = PrepareSettings(dataset, split_by, tokenizer, max_tokens, samples_per_shard, mask_mode)
     plan = plan_task(refer_root, out, settings, splits, image_dir)
@@ -146,21 +151,28 @@ def prepare_refcoco(
     results = finished_chunks_task(quote(plan))
     logger.info("%d of %d chunks already done", len(results), total)
     done = {(r.split, r.index) for r in results}
-    # quote(): Prefect would otherwise walk every field of every chunk (all the polygons) to
-    # look for upstream futures, which costs more than the chunk's work on real data.
-    futures = [
-        chunk_task.submit(settings, plan.vocabulary_hash, quote(chunk), plan.out_dir, plan.image_dir)
-        for chunk in plan.chunks
-        if (chunk.split, chunk.index) not in done
-    ]
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, disable=not show_progress) as progress:
-        bar = progress.add_task(f"prepare {dataset}-{split_by}", total=total, completed=len(results))
-        update_progress_artifact(artifact, 100.0 * len(results) / max(total, 1))
+    update_progress_artifact(artifact, 100.0 * len(results) / max(total, 1))
+    every, skipped = progress.Every(), len(results)
+    try:
+        # quote(): Prefect would otherwise walk every field of every chunk (all the polygons) to
+        # look for upstream futures, which costs more than the chunk's work on real data.
+        futures = [
+            chunk_task.submit(settings, plan.vocabulary_hash, quote(chunk), plan.out_dir, plan.image_dir)
+            for chunk in plan.chunks
+            if (chunk.split, chunk.index) not in done
+        ]
         for future in as_completed(futures):
             results.append(future.result())
-            progress.advance(bar)
             update_progress_artifact(artifact, 100.0 * len(results) / max(total, 1))
+            if show_progress and every.due(last=len(results) == total):
+                left = progress.time_left(len(results) - skipped, total - len(results), every.elapsed)
+                progress.LOGGER.info(
+                    "prepare %s-%s: %d/%d chunks (%d%%), %s left",
+                    dataset, split_by, len(results), total, 100 * len(results) // total, left,
+                )  # fmt: skip
+    except KeyboardInterrupt:
+        _stop_chunk_workers(plan.out_dir)
+        raise
     result = assemble_task(quote(plan), results)
     create_markdown_artifact(
         report_markdown(result),
@@ -168,6 +180,21 @@ def prepare_refcoco(
         description="counts per split and rejects by reason",
     )
     return result.summary
+
+
+def _stop_chunk_workers(out_dir: str | Path) -> None:
+    """On Ctrl-C, end the pool's worker processes now and remove what their chunks left half-written.
+
+    The task runner would wait for every chunk already handed to a worker, the queued ones too
+    (which ignore SIGINT, `leave_sigint_to_parent`); on real data that is minutes. Its processes
+    are this process's multiprocessing children (none with one worker: the chunk in its thread
+    ends whole)."""
+    workers = multiprocessing.active_children()
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join(timeout=5)
+    remove_partial_files(out_dir, [worker.pid for worker in workers if worker.pid is not None])
 
 
 @contextmanager
@@ -230,4 +257,5 @@ def run_prepare(workers: int = PREPARE.workers, **parameters: Any) -> Summary:
     if workers <= 1:
         return prepare_refcoco.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(**parameters)
     with _api_for_worker_processes():
-        return prepare_refcoco.with_options(task_runner=ProcessPoolTaskRunner(workers))(**parameters)
+        runner = ProcessPoolTaskRunner(workers, initializer=leave_sigint_to_parent)
+        return prepare_refcoco.with_options(task_runner=runner)(**parameters)

@@ -20,7 +20,7 @@ from data_prep.synthetic_shards import ensure_synthetic_shards
 from magnet.checkpoint import local_checkpoint, read_checkpoint_meta
 from magnet.config import Config, load_config
 from magnet.data import first_example, held_out_splits
-from pipelines import mlflow_record
+from pipelines import interrupts, mlflow_record
 from pipelines import tracking as mlflow_tracking
 from pipelines.defaults import TRAIN
 from pipelines.evaluation import evaluate_model
@@ -56,6 +56,15 @@ def open_run(
     )
     get_run_logger().info("MLflow run %s at %s", settings["run_id"], settings["tracking_uri"])
     return settings
+
+
+def _kill_opened_run(tracking_uri: str | None, experiment: str, run_name: str) -> None:
+    """Mark KILLED the run `open_run` created or reopened when a Ctrl-C came before the task handed
+    it back (its result is lost then): left RUNNING, it would look alive in MLflow for good."""
+    uri = mlflow_tracking.resolve_tracking_uri(tracking_uri)
+    opened = mlflow_tracking.find_run(uri, experiment, run_name)
+    if opened is not None and opened.info.status == "RUNNING":
+        mlflow_tracking.end_run({"tracking_uri": uri, "run_id": opened.info.run_id}, status="KILLED")
 
 
 @task(name="train")
@@ -211,6 +220,7 @@ def train_magnet(
         max_failures: worker failures Ray Train recovers from (restoring the last checkpoint).
         pictures_dir: also write the final prediction pictures there.
     """
+    interrupts.reclaim_sigterm()
     cfg = load_config(config, overrides or [])
     storage = absolute_storage(storage_path)
     check_run_name(storage, run_name, resume)  # before the MLflow run: a refusal leaves no trace
@@ -220,11 +230,15 @@ def train_magnet(
     else:
         shard_root = absolute_location(shards)
     splits = eval_splits or held_out_splits(shard_root, cfg.data.train_split)
-    tracking = open_run(
-        cfg, shard_root, tracking_uri, experiment, run_name, resume, run_path(storage, run_name)
-    )
-    mlflow_record.link_flow_run(tracking, key=artifact_key("mlflow-run", run_name))
     try:
+        tracking = open_run(
+            cfg, shard_root, tracking_uri, experiment, run_name, resume, run_path(storage, run_name)
+        )
+    except KeyboardInterrupt:
+        _kill_opened_run(tracking_uri, experiment, run_name)
+        raise
+    try:
+        mlflow_record.link_flow_run(tracking, key=artifact_key("mlflow-run", run_name))
         result = train(
             cfg,
             shard_root,
@@ -255,8 +269,8 @@ def train_magnet(
                 version = register(tracking, checkpoint, shard_root, splits[0], aliases or [])
                 compute = _compute(num_workers, use_gpu)
                 describe_model(tracking, version, checkpoint, shard_root, evaluation, compute)
-    except BaseException:
-        mlflow_tracking.end_run(tracking, status="FAILED")
+    except BaseException as error:
+        mlflow_tracking.end_run(tracking, status=mlflow_tracking.ended_status(error))
         raise
     mlflow_tracking.end_run(tracking)
     report = _report(cfg, run_name, tracking, version, evaluation)

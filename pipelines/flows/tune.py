@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from data_prep.paths import absolute_location
 from data_prep.synthetic_shards import ensure_synthetic_shards
+from pipelines import interrupts
 from pipelines.defaults import PROMOTE, TUNE
 from pipelines.flows import artifact_key
 from pipelines.train_driver import absolute_storage
@@ -57,6 +58,7 @@ def tune_magnet(
     ray_address: str | None = None,
     max_failures: int = TUNE.max_failures,
     register_best: bool = TUNE.register_best,
+    sweep_name: str | None = None,
 ) -> dict[str, Any]:
     """Sweep MagNet's loss weights (or run the ablation) with Ray Tune over Ray Train.
 
@@ -77,7 +79,9 @@ def tune_magnet(
         ray_address: Ray cluster; None = RAY_ADDRESS or a local Ray.
         max_failures: worker-group restarts within a trial, each from its last checkpoint.
         register_best: register the best trial's model as a version of `magnet`.
+        sweep_name: the new sweep's name; None = a unique one (``resume`` names a resumed one).
     """
+    interrupts.reclaim_sigterm()
     if shards is None:
         shard_root = str(ensure_synthetic_shards(Path("demo-run").resolve()))
     else:
@@ -91,7 +95,7 @@ def tune_magnet(
         {
             "tracking_uri": tracking_uri,
             "experiment": experiment,
-            "sweep_name": resume,
+            "sweep_name": resume or sweep_name,
             "resume": resume is not None,
             "num_samples": trials,
             "search": search,
@@ -165,6 +169,7 @@ def promote_magnet(
         tracking_uri: MLflow; None = MLFLOW_TRACKING_URI or ./mlflow.db.
         device: where evaluation runs.
     """
+    interrupts.reclaim_sigterm()
     result = promote_task(
         {
             "shards": absolute_location(shards),

@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.paths import absolute_location, check_name
+from magnet import progress
 from magnet.checkpoint import local_checkpoint
 from magnet.config import Config
 from magnet.data import first_example, held_out_splits
+from pipelines import interrupts
 from pipelines.defaults import TUNE
 from pipelines.evaluation import evaluate_model
 from pipelines.sweep.report import (
@@ -174,6 +176,42 @@ def tune_param_space(space: SweepSpace) -> dict[str, Any]:
         "grid": lambda v: tune.grid_search(list(v)),
     }
     return {key: build[p.kind](p.values) for key, p in space.params.items()}
+
+
+def progress_callback(space: SweepSpace, sweep_name: str, num_samples: int) -> Any:
+    """A Tune callback writing the sweep's progress line (magnet.progress) at most every 10 s and at
+    the end: trials running and finished of all, and the best value of the metric reported so far."""
+    from ray.tune import Callback
+
+    total = num_samples * math.prod(len(p.values) for p in space.params.values() if p.kind == "grid")
+    better = max if space.mode == "max" else min
+
+    class TrialProgress(Callback):
+        def __init__(self) -> None:
+            self.every, self.best = progress.Every(), None
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **_: Any) -> None:
+            value = result.get(space.metric)
+            if value is not None:
+                self.best = value if self.best is None else better(self.best, value)
+
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            if self.every.due():
+                self.line(trials)
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            self.line(trials)
+
+        def line(self, trials: list) -> None:
+            running = sum(trial.status == "RUNNING" for trial in trials)
+            finished = sum(trial.status in ("TERMINATED", "ERROR") for trial in trials)
+            best = "none yet" if self.best is None else f"{self.best:.4g}"
+            progress.LOGGER.info(
+                "sweep %s: %d running, %d finished of %d trials; best %s %s",
+                sweep_name, running, finished, total, space.metric, best,
+            )  # fmt: skip
+
+    return TrialProgress()
 
 
 def build_scheduler(space: SweepSpace, cfg: Config) -> Any:
@@ -485,6 +523,7 @@ def run_sweep(
         # with the dashboard (ray[default]), the state API is how Train's PlacementGroupCleaner
         # notices that ASHA killed a trial and releases that trial's worker group
         ray.init(address=ray_address or os.environ.get("RAY_ADDRESS"), runtime_env=QUIET_WORKERS)
+        interrupts.reclaim_sigterm()
     try:
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), TRIAL_DRIVER_RESOURCES)
         if resume:
@@ -508,13 +547,25 @@ def run_sweep(
                     scheduler=scheduler,
                     num_samples=samples,
                 ),
-                run_config=tune.RunConfig(name=sweep_name, storage_path=storage, verbose=0),
+                run_config=tune.RunConfig(
+                    name=sweep_name,
+                    storage_path=storage,
+                    verbose=0,
+                    callbacks=[progress_callback(space, sweep_name, samples)],
+                ),
             )
         results = tuner.fit()
-    except BaseException:
+    except BaseException as error:
         from pipelines import tracking
 
-        tracking.end_run(parent, status="FAILED")
+        status = tracking.ended_status(error)
+        if status == "KILLED":  # the trials die with this driver: their runs end with the sweep's
+            client = tracking.client_for(parent["tracking_uri"])
+            experiment_id = client.get_run(parent["run_id"]).info.experiment_id
+            for run in _child_runs(client, experiment_id, parent["run_id"]).values():
+                if run.info.status == "RUNNING":
+                    client.set_terminated(run.info.run_id, status=status)
+        tracking.end_run(parent, status=status)
         raise
     finally:
         if started_ray:

@@ -1,5 +1,7 @@
+import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -254,6 +256,17 @@ def test_restored_run_continues_exactly_like_an_uninterrupted_one(shards, tmp_pa
     final_whole = torch.load(tmp_path / "whole" / checkpoint_name(2) / "model.pt")
     final_split = torch.load(tmp_path / "split" / checkpoint_name(2) / "model.pt")
     assert all(torch.equal(final_whole[k], final_split[k]) for k in final_whole)
+
+
+def test_rank_0_writes_a_progress_line_per_log_interval(shards, tmp_path, caplog):
+    from magnet.progress import LOGGER
+
+    caplog.set_level(logging.INFO, logger=LOGGER.name)
+    train(tiny_config("train.log_every=1"), shards, reporter=LocalReporter(tmp_path))
+    lines = [record.getMessage() for record in caplog.records if record.name == LOGGER.name]
+    assert [line.split(":")[0] for line in lines] == ["step 1/2 (50%)", "step 2/2 (100%)"]
+    assert re.fullmatch(r"step 1/2 \(50%\): loss \d+\.\d{4}, \d+\.\d samples/s, \d+s left", lines[0])
+    assert lines[1].endswith(", 0s left")
 
 
 def test_init_from_starts_a_run_from_a_checkpoints_weights(shards, tmp_path):
