@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from cli_text import plain
+from contract_files import fake_summary
 from typer.testing import CliRunner
 
 from data_prep.refer import IMAGE_SUBDIR
@@ -34,7 +35,7 @@ def flow_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     import pipelines.flows.prepare as flows
 
     calls: list[dict] = []
-    summary = {"shards": [], "counts": {}}
+    summary = fake_summary()  # the flow returns the dataset's typed summary
     monkeypatch.setattr(flows, "run_prepare", lambda **kwargs: calls.append(kwargs) or summary)
     return calls
 
