@@ -37,7 +37,7 @@ from magnet.checkpoint import local_checkpoint
 from magnet.config import Config
 from magnet.data import first_example, held_out_splits
 from pipelines import interrupts
-from pipelines.defaults import TUNE
+from pipelines.defaults import TUNE, absolute_storage
 from pipelines.evaluation import evaluate_model
 from pipelines.sweep.report import (
     COMMAND_PARAM,
@@ -56,7 +56,7 @@ from pipelines.sweep.report import (
 )
 from pipelines.sweep.space import SpaceError, SweepSpace, check_against, check_search, with_overrides
 from pipelines.sweep.trial import PARAMS_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG, run_trial
-from pipelines.train_driver import absolute_storage, check_splits, run_path, run_splits
+from pipelines.train_driver import check_splits, run_path, run_splits
 
 TRIALS_CSV = "trials.csv"
 TRIALS_MD = "trials.md"
