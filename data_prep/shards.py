@@ -553,39 +553,24 @@ def finished_chunk(
     return ChunkResult(**{**marker["result"], "skipped": True})
 
 
-def prepare_chunk(
-    settings: PrepareSettings, vocab_hash: str, chunk: Chunk, out_dir: str | Path, image_dir: str | Path
-) -> ChunkResult:
-    """Write one chunk's shard and its manifest / rejects parts; skip it when its completion
-    marker matches. Every expression of the chunk becomes a sample or a reject row."""
-    done = finished_chunk(settings, vocab_hash, chunk, out_dir, image_dir)
-    if done is not None:
-        return done
-    if is_url(out_dir):
-        with tempfile.TemporaryDirectory(prefix=f"{CHUNK_STAGING}{os.getpid()}-") as staging:
-            result = prepare_chunk(settings, vocab_hash, chunk, staging, image_dir)
-            _upload_chunk(Path(staging), str(out_dir), chunk)
-        return result
-    out_dir, image_dir = Path(out_dir), Path(image_dir)
-    manifest_path, rejects_path, done_path = _part_paths(out_dir, chunk)
-    shard_path = out_dir / chunk.shard
-    fingerprint = _chunk_fingerprint(settings, vocab_hash, chunk, image_dir)
+def _reject_row(chunk: Chunk, ref: Ref, sent_id: int, reason: str, detail: str) -> dict[str, object]:
+    return {
+        "split": chunk.split,
+        "ref_id": ref.ref_id,
+        "sent_id": sent_id,
+        "image_id": ref.image_id,
+        "reason": reason,
+        "detail": detail,
+    }
 
+
+def _screen(
+    settings: PrepareSettings, chunk: Chunk, image_dir: Path
+) -> tuple[list[_Candidate], list[dict[str, object]]]:
+    """Read each image and mask once and check every expression: those that pass every check before
+    tokenising, and the reject rows of the others."""
     rejects: list[dict[str, object]] = []
-    candidates: list[_Candidate] = []  # expressions that passed every check before tokenising
-
-    def reject(ref: Ref, sent_id: int, reason: str, detail: str) -> None:
-        rejects.append(
-            {
-                "split": chunk.split,
-                "ref_id": ref.ref_id,
-                "sent_id": sent_id,
-                "image_id": ref.image_id,
-                "reason": reason,
-                "detail": detail,
-            }
-        )
-
+    candidates: list[_Candidate] = []
     for image in chunk.images:
         loaded = (
             _load_image(image.info, image_dir)
@@ -601,47 +586,72 @@ def prepare_chunk(
         for chunk_ref in image.refs:
             ref = chunk_ref.ref
             if not image_ok:
-                for sentence in ref.sentences:
-                    reject(ref, sentence.sent_id, *loaded)
+                rejects += [_reject_row(chunk, ref, sentence.sent_id, *loaded) for sentence in ref.sentences]
                 continue
             mask = _ref_mask(chunk_ref, object_masks)
             if isinstance(mask, tuple):
-                for sentence in ref.sentences:
-                    reject(ref, sentence.sent_id, *mask)
+                rejects += [_reject_row(chunk, ref, sentence.sent_id, *mask) for sentence in ref.sentences]
                 continue
             mask_png = _png_bytes(mask)
             for position, sentence in enumerate(ref.sentences):
                 if position in chunk_ref.duplicates:
-                    reject(ref, sentence.sent_id, "duplicate_sent_id", f"sent_id {sentence.sent_id} repeats")
+                    detail = f"sent_id {sentence.sent_id} repeats"
+                    rejects.append(_reject_row(chunk, ref, sentence.sent_id, "duplicate_sent_id", detail))
                 elif not isinstance(sentence.raw, str):
                     detail = f"{type(sentence.raw).__name__} {reprlib.repr(sentence.raw)}"
-                    reject(ref, sentence.sent_id, "expression_not_text", detail)
+                    rejects.append(_reject_row(chunk, ref, sentence.sent_id, "expression_not_text", detail))
                 elif not sentence.raw.strip():
-                    reject(ref, sentence.sent_id, "empty_expression", repr(sentence.raw))
+                    rejects.append(
+                        _reject_row(chunk, ref, sentence.sent_id, "empty_expression", repr(sentence.raw))
+                    )
                 else:
                     candidates.append(
                         _Candidate(image.info, *loaded, ref, mask, mask_png, objects_json, sentence)
                     )
+    return candidates, rejects
 
-    if candidates:
-        tokenizer = load_tokenizer(settings.tokenizer)
-        texts = [c.sentence.raw for c in candidates]
-        ids, attention, n_words = encode_expressions(tokenizer, texts, max_tokens=settings.max_tokens)
-        # [UNK] is a special id: a row holding special ids only gives the model no word.
-        has_known_word = np.isin(ids, tokenizer.all_special_ids, invert=True).any(axis=1)
+
+@dataclass(frozen=True)
+class _Tokens:
+    """The chunk's candidates tokenised, row for row."""
+
+    ids: np.ndarray
+    attention: np.ndarray
+    n_words: np.ndarray
+    has_known_word: np.ndarray
+
+
+def _tokenise(settings: PrepareSettings, candidates: list[_Candidate]) -> _Tokens:
+    tokenizer = load_tokenizer(settings.tokenizer)
+    texts = [c.sentence.raw for c in candidates]
+    ids, attention, n_words = encode_expressions(tokenizer, texts, max_tokens=settings.max_tokens)
+    # [UNK] is a special id: a row holding special ids only gives the model no word.
+    has_known_word = np.isin(ids, tokenizer.all_special_ids, invert=True).any(axis=1)
+    return _Tokens(ids, attention, n_words, has_known_word)
+
+
+def _write_shard(
+    shard_path: Path, chunk: Chunk, candidates: list[_Candidate], tokens: _Tokens | None
+) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """The chunk's tar, whole or not at all; returns its manifest rows and the rejects found while
+    writing (no word left after tokenising)."""
     manifest: list[dict[str, object]] = []
+    rejects: list[dict[str, object]] = []
     shard_path.parent.mkdir(parents=True, exist_ok=True)
     with (
         written_whole(shard_path) as tmp_shard,
         tarfile.open(tmp_shard, "w", format=tarfile.USTAR_FORMAT) as tar,
     ):
         for row, candidate in enumerate(candidates):
+            assert tokens is not None  # there are candidates
             info, ext, image_bytes, ref, mask, mask_png, objects_json, sentence = candidate
-            if n_words[row] == 0:
-                reject(ref, sentence.sent_id, "empty_tokens", repr(sentence.raw))
+            if tokens.n_words[row] == 0:
+                rejects.append(_reject_row(chunk, ref, sentence.sent_id, "empty_tokens", repr(sentence.raw)))
                 continue
-            if not has_known_word[row]:
-                reject(ref, sentence.sent_id, "no_known_words", repr(sentence.raw))
+            if not tokens.has_known_word[row]:
+                rejects.append(
+                    _reject_row(chunk, ref, sentence.sent_id, "no_known_words", repr(sentence.raw))
+                )
                 continue
             key = sample_key(sentence.sent_id)
             meta = SampleMeta(
@@ -657,19 +667,57 @@ def prepare_chunk(
             )
             _tar_member(tar, f"{key}.{ext}", image_bytes)
             _tar_member(tar, f"{key}.{MASK_MEMBER}", mask_png)
-            _tar_member(tar, f"{key}.{INPUT_IDS_MEMBER}", _npy_bytes(ids[row]))
-            _tar_member(tar, f"{key}.{ATTENTION_MASK_MEMBER}", _npy_bytes(attention[row]))
+            _tar_member(tar, f"{key}.{INPUT_IDS_MEMBER}", _npy_bytes(tokens.ids[row]))
+            _tar_member(tar, f"{key}.{ATTENTION_MASK_MEMBER}", _npy_bytes(tokens.attention[row]))
             _tar_member(tar, f"{key}.{META_MEMBER}", meta.to_bytes())
             _tar_member(tar, f"{key}.{OBJECTS_MEMBER}", objects_json)
             manifest.append(
                 {
                     "key": key,
                     "shard": chunk.shard,
-                    "n_tokens": int(n_words[row]) + 2,
+                    "n_tokens": int(tokens.n_words[row]) + 2,
                     "mask_area": int(mask.sum(dtype=np.int64)),
                     **{k: v for k, v in meta.model_dump().items() if k in MANIFEST_SCHEMA.names},
                 }
             )
+    return manifest, rejects
+
+
+def _mark_done(done_path: Path, fingerprint: str, shard_path: Path, result: ChunkResult) -> None:
+    """The completion marker a rerun checks before skipping the chunk, written last and whole."""
+    marker = {
+        "fingerprint": fingerprint,
+        "sha256": result.sha256,
+        "size": shard_path.stat().st_size,
+        "result": asdict(result),
+    }
+    with written_whole(done_path) as tmp_done:
+        tmp_done.write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+
+
+def prepare_chunk(
+    settings: PrepareSettings, vocab_hash: str, chunk: Chunk, out_dir: str | Path, image_dir: str | Path
+) -> ChunkResult:
+    """Write one chunk's shard and its manifest / rejects parts; skip it when its completion
+    marker matches. Every expression of the chunk becomes a sample or a reject row: screened,
+    tokenised, written, then marked done."""
+    done = finished_chunk(settings, vocab_hash, chunk, out_dir, image_dir)
+    if done is not None:
+        return done
+    if is_url(out_dir):
+        with tempfile.TemporaryDirectory(prefix=f"{CHUNK_STAGING}{os.getpid()}-") as staging:
+            result = prepare_chunk(settings, vocab_hash, chunk, staging, image_dir)
+            _upload_chunk(Path(staging), str(out_dir), chunk)
+        return result
+    out_dir, image_dir = Path(out_dir), Path(image_dir)
+    manifest_path, rejects_path, done_path = _part_paths(out_dir, chunk)
+    shard_path = out_dir / chunk.shard
+    fingerprint = _chunk_fingerprint(settings, vocab_hash, chunk, image_dir)
+
+    candidates, rejects = _screen(settings, chunk, image_dir)
+    tokens = _tokenise(settings, candidates) if candidates else None
+    manifest, unreadable = _write_shard(shard_path, chunk, candidates, tokens)
+    rejects += unreadable
     # Rejects in input order whatever stage found them.
     order = {(cr.ref.ref_id, s.sent_id): i for i, (im, cr, s) in enumerate(_expressions(chunk))}
     rejects.sort(key=lambda r: order[(r["ref_id"], r["sent_id"])])
@@ -690,14 +738,7 @@ def prepare_chunk(
     )
     if result.read != result.written + result.rejected:
         raise AssertionError(f"{chunk.shard}: read {result.read} != written + rejected")
-    marker = {
-        "fingerprint": fingerprint,
-        "sha256": result.sha256,
-        "size": shard_path.stat().st_size,
-        "result": asdict(result),
-    }
-    with written_whole(done_path) as tmp_done:
-        tmp_done.write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+    _mark_done(done_path, fingerprint, shard_path, result)
     return result
 
 

@@ -576,6 +576,90 @@ def _evaluate_or_report_failure(
     return metrics, evaluation.metrics[f"{cfg.data.eval_splits[0]}/oIoU"]
 
 
+@dataclass
+class _Run:
+    """What one rank trains: the model (checkpointed and evaluated), the module that takes the steps
+    (compiled, wrapped in DDP), its optimizer and schedule, and where the run stands."""
+
+    model: nn.Module
+    trained: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    state: TrainState
+
+
+def _open_train_split(cfg: Config, shards: str) -> SplitShards:
+    """The train split, its corrupt shards skipped (and said) when the config allows."""
+    train_shards = open_split(
+        shards,
+        cfg.data.train_split,
+        verify=cfg.data.verify_checksums,
+        skip_corrupt=cfg.data.skip_corrupt_shards,
+    )
+    if train_shards.skipped:
+        log.warning(
+            "skipped %d corrupt shards: %s", len(train_shards.skipped), ", ".join(train_shards.skipped)
+        )
+    return train_shards
+
+
+def _set_up(
+    cfg: Config, reporter: Reporter, total_steps: int, device: torch.device, rank: int, world_size: int
+) -> _Run:
+    """The same initial weights on every rank, then the run's own checkpoint restored if it has one."""
+    _seed_everything(cfg.train.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model)
+    if cfg.train.init_from:  # a resumed run's own checkpoint, restored below, takes precedence
+        fresh = load_initial_weights(model, cfg.train.init_from)
+        log.info("initialised from %s (%d training-only tensors fresh)", cfg.train.init_from, len(fresh))
+    model = model.to(device)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+    _seed_everything(cfg.train.seed + rank)  # different masking and sampling draws per rank
+    state = _restore(reporter, model, optimizer, scheduler, rank, world_size)
+    state = state or TrainState(data_position=asdict(DataPosition()))
+
+    trained: nn.Module = torch.compile(model) if cfg.train.compile else model
+    if world_size > 1:
+        # find_unused_parameters: some heads (kept for the reference's key names) get no gradient
+        device_ids = [device.index] if device.type == "cuda" else None
+        trained = DistributedDataParallel(trained, device_ids=device_ids, find_unused_parameters=True)
+    trained.train()
+    return _Run(model, trained, optimizer, scheduler, state)
+
+
+def _checkpoint_and_evaluate(
+    run: _Run,
+    metrics: dict[str, float],
+    *,
+    evaluate_now: bool,
+    cfg: Config,
+    shards: str,
+    reporter: Reporter,
+    logger: RunLogger,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+) -> dict[str, float]:
+    """Write a checkpoint, evaluate first when due, and report both; returns the metrics so far."""
+    state = run.state
+    metrics.update({"step": state.step, "epoch": state.epoch})
+    with _step_checkpoint(
+        rank=rank, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, state=state, cfg=cfg
+    ) as checkpoint_dir:
+        score = NOT_EVALUATED
+        if evaluate_now:
+            stale = set(cfg.data.eval_splits)  # no earlier evaluation's figures under this step
+            metrics = {k: v for k, v in metrics.items() if k.split("/", 1)[0] not in stale}
+            evaluated, score = _evaluate_or_report_failure(
+                run.model, shards, cfg, logger, step=state.step, device=device, rank=rank,
+                world_size=world_size,
+            )  # fmt: skip
+            metrics.update(evaluated)
+        _report(reporter, {**metrics, SCORE_KEY: score}, checkpoint_dir)
+    return metrics
+
+
 def train(
     cfg: Config,
     shards: str,
@@ -609,36 +693,10 @@ def train(
         log.info("removed %d checkpoint staging directories of killed workers", len(orphans))
     logger = logger if (logger is not None and rank == 0) else NullLogger()
 
-    train_shards = open_split(
-        shards,
-        cfg.data.train_split,
-        verify=cfg.data.verify_checksums,
-        skip_corrupt=cfg.data.skip_corrupt_shards,
-    )
-    if train_shards.skipped:
-        log.warning(
-            "skipped %d corrupt shards: %s", len(train_shards.skipped), ", ".join(train_shards.skipped)
-        )
+    train_shards = _open_train_split(cfg, shards)
     plan = _plan(cfg, train_batches_per_epoch(train_shards, cfg.data, world_size))
-
-    _seed_everything(cfg.train.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model)
-    if cfg.train.init_from:  # a resumed run's own checkpoint, restored below, takes precedence
-        fresh = load_initial_weights(model, cfg.train.init_from)
-        log.info("initialised from %s (%d training-only tensors fresh)", cfg.train.init_from, len(fresh))
-    model = model.to(device)
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, plan.total_steps)
-    _seed_everything(cfg.train.seed + rank)  # different masking and sampling draws per rank
-    state = _restore(reporter, model, optimizer, scheduler, rank, world_size)
-    state = state or TrainState(data_position=asdict(DataPosition()))
-
-    trained: nn.Module = torch.compile(model) if cfg.train.compile else model
-    if world_size > 1:
-        # find_unused_parameters: some heads (kept for the reference's key names) get no gradient
-        device_ids = [device.index] if device.type == "cuda" else None
-        trained = DistributedDataParallel(trained, device_ids=device_ids, find_unused_parameters=True)
-    trained.train()
+    run = _set_up(cfg, reporter, plan.total_steps, device, rank, world_size)
+    state, optimizer = run.state, run.optimizer
 
     curves = _Curves(cfg.data.batch_size * cfg.train.grad_accum * world_size)
     pace = _Pace(state.step, plan.total_steps)
@@ -650,7 +708,7 @@ def train(
             cfg, train_shards, plan, DataPosition(**state.data_position), rank, world_size
         ):
             lr, epoch = optimizer.param_groups[0]["lr"], state.epoch
-            losses = train_step(trained, micro_batches, optimizer, scheduler, cfg.train, device)
+            losses = train_step(run.trained, micro_batches, optimizer, run.scheduler, cfg.train, device)
             epoch_over = _advance(state, len(micro_batches), plan)
             sent_ids = [int(i) for batch in micro_batches for i in batch["sent_id"]]
             event = StepEvent(rank=rank, step=state.step, epoch=epoch, sent_ids=sent_ids, losses=losses)
@@ -674,20 +732,10 @@ def train(
             )
             if not (evaluate_now or final or state.step % cfg.train.checkpoint_every == 0):
                 continue
-            metrics.update({"step": state.step, "epoch": state.epoch})
-            with _step_checkpoint(
-                rank=rank, model=model, optimizer=optimizer, scheduler=scheduler, state=state, cfg=cfg
-            ) as checkpoint_dir:
-                score = NOT_EVALUATED
-                if evaluate_now:
-                    stale = set(cfg.data.eval_splits)  # no earlier evaluation's figures under this step
-                    metrics = {k: v for k, v in metrics.items() if k.split("/", 1)[0] not in stale}
-                    evaluated, score = _evaluate_or_report_failure(
-                        model, shards, cfg, logger, step=state.step, device=device, rank=rank,
-                        world_size=world_size,
-                    )  # fmt: skip
-                    metrics.update(evaluated)
-                _report(reporter, {**metrics, SCORE_KEY: score}, checkpoint_dir)
+            metrics = _checkpoint_and_evaluate(
+                run, metrics, evaluate_now=evaluate_now, cfg=cfg, shards=shards, reporter=reporter,
+                logger=logger, device=device, rank=rank, world_size=world_size,
+            )  # fmt: skip
             curves.pause_clock()
             if final:
                 break

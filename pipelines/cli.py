@@ -24,15 +24,18 @@ from typer.core import TyperGroup
 
 from pipelines import interrupts
 from pipelines.commands import (
-    data,
+    config,
     demo,
     evaluate,
     model,
     plan,
     predict,
+    prepare,
     pretrain,
+    promote,
     register,
     stack,
+    sweep_report,
     synth,
     train,
     tune,
@@ -172,7 +175,7 @@ def main(
 
 for group in (
     synth,
-    data,
+    prepare,
     model,
     weights,
     pretrain,
@@ -183,26 +186,12 @@ for group in (
     demo,
     stack,
     tune,
+    sweep_report,
+    promote,
     plan,
+    config,
 ):
     group.register(app)
-
-
-@app.command("config")
-def show_config(
-    config: str = typer.Option("tiny", "--config", "-c", help="Preset name or YAML path."),
-    overrides: list[str] = typer.Option([], "--set", help="Dotted override, e.g. train.lr=1e-4."),
-) -> None:
-    """Print the fully resolved configuration (preset + overrides) as YAML."""
-    import yaml
-
-    from magnet.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(config, overrides)
-    except ConfigError as err:
-        raise typer.BadParameter(str(err), param_hint="--config/--set") from None
-    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def run() -> None:

@@ -6,6 +6,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from data_prep.paths import absolute_location
+
+DEFAULT_STORAGE = "ray-results"
+"""Where Ray Train and Tune keep runs when no --storage-path is given (relative to the working folder)."""
+
+
+def absolute_storage(storage_path: str | None) -> str:
+    """Object-storage URLs pass through; local paths become absolute (default ./ray-results): Ray
+    changes its workers' working folder."""
+    return absolute_location(storage_path or DEFAULT_STORAGE)
+
+
 # Ray's placement group strategies, for a Train run's workers (`magnet train --placement-strategy`).
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -46,6 +58,17 @@ class PromoteDefaults:
     device: str = "cpu"
 
 
+@dataclass(frozen=True)
+class ConfigDefaults:
+    """The preset each command starts from when --config is not given (train and tune: above)."""
+
+    show: str = "tiny"  # `magnet config`
+    model_info: str = "tiny"  # `magnet model-info`
+    plan: str = "paper"  # `magnet plan`: what a GPU run needs
+    pretrain: str = "demo"  # `magnet pretrain-vision`: the model the demo trains
+
+
 TRAIN = TrainDefaults()
 TUNE = TuneDefaults()
 PROMOTE = PromoteDefaults()
+CONFIGS = ConfigDefaults()

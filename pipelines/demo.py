@@ -210,12 +210,9 @@ def run_demo_sweep(
     )
 
 
-def run_demo(workdir: Path, num_workers: int = DEMO_WORKERS, config: str = DEMO_CONFIG) -> dict[str, Any]:
-    """Synthetic data -> shards -> Ray training -> evaluation -> registry -> `champion` -> a short
-    sweep, then the summary and where to look in the MLflow UI."""
-    start = time.perf_counter()
-    workdir = workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+def _demo_environment(workdir: Path) -> str:
+    """Quiet libraries, Prefect's temporary API and MLflow's store under the demo's folder (unless
+    the user points elsewhere); returns the tracking URI."""
     from pipelines.stack import QUIET_ENV
 
     for key, value in {**QUIET_ENV, **TIDY_ENV}.items():
@@ -224,8 +221,86 @@ def run_demo(workdir: Path, num_workers: int = DEMO_WORKERS, config: str = DEMO_
         os.environ.setdefault(
             "PREFECT_HOME", str(workdir / "prefect")
         )  # Prefect's temporary API keeps its DB here
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
 
+
+def _summary(
+    workdir: Path,
+    config: str,
+    num_workers: int,
+    result: dict[str, Any],
+    promotion: Any,
+    sweep: SweepResult,
+    aliases: dict[str, Any],
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    """demo-summary.json: scores per split and kind beside the baselines, where the runs and models
+    are, the champion's decision, and the time each part took."""
+    rows = score_rows(result["metrics"], _baselines(workdir / "data"))
+    return {
+        "config": config,
+        "protocol": result["protocol"],
+        "workers": num_workers,
+        "splits": rows,
+        "beats_baselines": all(_beats_both(r) for r in rows.values()),
+        "mlflow": {
+            "tracking_uri": result["tracking_uri"],
+            "run_id": result["run_id"],
+            "model": f"models:/magnet@{ALIAS}",
+            "model_version": result["model_version"],
+        },
+        "sweep": {
+            "name": sweep.sweep_name,
+            "experiment": SWEEP_EXPERIMENT,
+            "parent_run_id": sweep.parent_run_id,
+            "trials": [
+                {
+                    "trial": r["trial"],
+                    "run_id": r["run_id"],
+                    "status": r["status"],
+                    sweep.metric: r[sweep.metric],
+                }
+                for r in sweep.trials
+            ],
+        },
+        "champion": {
+            "decision": promotion.decision,
+            "champion_version": promotion.champion_version,
+            "summary": promotion.summary,
+        },
+        "aliases": {alias: str(version) for alias, version in sorted(aliases.items())},
+        "seconds": seconds,
+        "pictures": sorted(str(p) for p in (workdir / "pictures").glob("*.png")),
+    }
+
+
+def _print_outcome(workdir: Path, shards: Path, summary: dict[str, Any]) -> None:
+    """The score table, where the summary and pictures are, the MLflow UI guide and a command to try."""
+    print()
+    print(f"MagNet demo: {summary['protocol']}; oIoU in percent, per split and per kind of expression")
+    print(score_table(summary["splits"]))
+    print(
+        "pick: share of expressions whose mask picks the referred object over the image's others; "
+        "outline: mean IoU of those"
+    )
+    print()
+    print(f"summary: {workdir / 'demo-summary.json'}   pictures: {workdir / 'pictures'}")
+    print(_ui_guide(summary))
+    image, text = _try_it_example(workdir, shards)
+    print(
+        f"Try it: MLFLOW_TRACKING_URI={summary['mlflow']['tracking_uri']} magnet predict --model "
+        f'models:/magnet@{ALIAS} --image {image} --text "{text}" --out overlay.png'
+    )
+    print(f"done in {summary['seconds']['total']:.0f} s")
+
+
+def run_demo(workdir: Path, num_workers: int = DEMO_WORKERS, config: str = DEMO_CONFIG) -> dict[str, Any]:
+    """Synthetic data -> shards -> Ray training -> evaluation -> registry -> `champion` -> a short
+    sweep, then the summary and where to look in the MLflow UI."""
+    start = time.perf_counter()
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = _demo_environment(workdir)
     from data_prep.synthetic_shards import (
         ensure_synthetic_shards,
     )  # after the environment: it loads transformers
@@ -266,62 +341,13 @@ def run_demo(workdir: Path, num_workers: int = DEMO_WORKERS, config: str = DEMO_
         ray.shutdown()
     print(f"[demo] sweep {sweep.sweep_name}, trials ranked by {sweep.metric}:\n{sweep.table_markdown}")
     aliases = client_for(tracking_uri).get_registered_model(MODEL_NAME).aliases or {}
-    rows = score_rows(result["metrics"], _baselines(workdir / "data"))
-    summary = {
-        "config": config,
-        "protocol": result["protocol"],
-        "workers": num_workers,
-        "splits": rows,
-        "beats_baselines": all(_beats_both(r) for r in rows.values()),
-        "mlflow": {
-            "tracking_uri": result["tracking_uri"],
-            "run_id": result["run_id"],
-            "model": f"models:/magnet@{ALIAS}",
-            "model_version": result["model_version"],
-        },
-        "sweep": {
-            "name": sweep.sweep_name,
-            "experiment": SWEEP_EXPERIMENT,
-            "parent_run_id": sweep.parent_run_id,
-            "trials": [
-                {
-                    "trial": r["trial"],
-                    "run_id": r["run_id"],
-                    "status": r["status"],
-                    sweep.metric: r[sweep.metric],
-                }
-                for r in sweep.trials
-            ],
-        },
-        "champion": {
-            "decision": promotion.decision,
-            "champion_version": promotion.champion_version,
-            "summary": promotion.summary,
-        },
-        "aliases": {alias: str(version) for alias, version in sorted(aliases.items())},
-        "seconds": {
-            "data": round(data_seconds, 1),
-            "train": round(train_seconds - data_seconds, 1),
-            "promotion_and_sweep": round(time.perf_counter() - start - train_seconds, 1),
-            "total": round(time.perf_counter() - start, 1),
-        },
-        "pictures": sorted(str(p) for p in (workdir / "pictures").glob("*.png")),
+    seconds = {
+        "data": round(data_seconds, 1),
+        "train": round(train_seconds - data_seconds, 1),
+        "promotion_and_sweep": round(time.perf_counter() - start - train_seconds, 1),
+        "total": round(time.perf_counter() - start, 1),
     }
+    summary = _summary(workdir, config, num_workers, result, promotion, sweep, aliases, seconds)
     (workdir / "demo-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print()
-    print(f"MagNet demo: {result['protocol']}; oIoU in percent, per split and per kind of expression")
-    print(score_table(rows))
-    print(
-        "pick: share of expressions whose mask picks the referred object over the image's others; "
-        "outline: mean IoU of those"
-    )
-    print()
-    print(f"summary: {workdir / 'demo-summary.json'}   pictures: {workdir / 'pictures'}")
-    print(_ui_guide(summary))
-    image, text = _try_it_example(workdir, shards)
-    print(
-        f"Try it: MLFLOW_TRACKING_URI={result['tracking_uri']} magnet predict --model models:/magnet@{ALIAS} "
-        f'--image {image} --text "{text}" --out overlay.png'
-    )
-    print(f"done in {summary['seconds']['total']:.0f} s")
+    _print_outcome(workdir, shards, summary)
     return summary

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STORAGE = "ray-results"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 """Ray Train's record, in the run's directory, of the checkpoints it registered: what a resume restores."""
 
@@ -175,11 +174,6 @@ def _train_worker(config: dict[str, Any]) -> None:
         train(
             cfg, config["shards"], reporter=RayReporter(), logger=logger, device=device, hooks=config["hooks"]
         )
-
-
-def absolute_storage(storage_path: str | None) -> str:
-    """Object-storage URLs pass through; local paths become absolute (default ./ray-results)."""
-    return absolute_location(storage_path or DEFAULT_STORAGE)
 
 
 def new_run_name(cfg: Config) -> str:

@@ -1,5 +1,26 @@
-"""The `magnet` command groups, and the argument checks they share: each refuses a bad input with
-one line (typer.BadParameter) before Prefect, Ray or a model load starts."""
+"""The `magnet` commands, one module each, and what they share: the argument checks (each refuses a
+bad input with one line, typer.BadParameter, before Prefect, Ray or a model load starts) and the
+options several commands take, declared once.
+
+| command | module |
+|---|---|
+| synth | synth.py |
+| prepare | prepare.py |
+| model-info | model.py |
+| import-weights | weights.py |
+| pretrain-vision | pretrain.py |
+| train | train.py |
+| evaluate | evaluate.py |
+| predict | predict.py |
+| register | register.py |
+| demo | demo.py |
+| stack up / down / status | stack.py |
+| tune | tune.py |
+| sweep-report | sweep_report.py |
+| promote | promote.py |
+| plan | plan.py |
+| config | config.py |
+"""
 
 from __future__ import annotations
 
@@ -12,6 +33,18 @@ from data_prep.paths import absolute_location
 
 if TYPE_CHECKING:
     from PIL import Image
+
+
+# Options several commands share, declared once.
+TRACKING_URI = typer.Option(
+    None,
+    "--tracking-uri",
+    help="MLflow store; default: MLFLOW_TRACKING_URI, else sqlite ./mlflow.db (where models:/ resolves).",
+)
+DEVICE = typer.Option("cpu", "--device", help="cpu or cuda.")
+RAY_ADDRESS = typer.Option(
+    None, "--ray-address", help="Ray cluster to run on; default: RAY_ADDRESS, else a local Ray."
+)
 
 
 def require_prepared(shards: str | Path) -> str:

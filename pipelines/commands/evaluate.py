@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from pipelines.commands import require_device, require_prepared
+from pipelines.commands import DEVICE, TRACKING_URI, require_device, require_prepared
 
 
 def evaluate(
@@ -18,8 +18,8 @@ def evaluate(
     splits: list[str] = typer.Option(["val"], "--split", help="Split to score (repeatable)."),
     protocol: str | None = typer.Option(None, "--protocol", help="lavt (model input size) or original."),
     out: Path | None = typer.Option(None, "--out", help="Write the metrics JSON here."),
-    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="For models:/ and runs:/ URIs."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    tracking_uri: str | None = TRACKING_URI,
+    device: str = DEVICE,
 ) -> None:
     """Score a model on whole splits (every expression) and write oIoU, mIoU, P@t and, where the
     shards carry the images' objects, pick accuracy and outline IoU."""

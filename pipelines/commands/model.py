@@ -6,6 +6,8 @@ import json
 
 import typer
 
+from pipelines.defaults import CONFIGS
+
 PARTS = (
     ("vision_fusion_cam", "vision + fusion + CAM"),
     ("language_fusion", "language + fusion"),
@@ -17,7 +19,7 @@ PARTS = (
 
 
 def model_info(
-    config: str = typer.Option("tiny", "--config", "-c", help="Preset name or YAML path."),
+    config: str = typer.Option(CONFIGS.model_info, "--config", "-c", help="Preset name or YAML path."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted override: model.fusion.use_cam=false."),
     image_size: tuple[int, int] | None = typer.Option(
         None, "--image-size", help="Input height and width (default: model.image_size square)."

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, cast
 
 import typer
 
+from pipelines.defaults import CONFIGS
 from pipelines.plan import GPUS, MFU
 
 if TYPE_CHECKING:
@@ -18,7 +19,7 @@ PRECISION_CHOICES = ("both", "fp32", "bf16")
 
 
 def plan(
-    config: str = typer.Option("paper", "--config", "-c", help="Preset name or YAML path."),
+    config: str = typer.Option(CONFIGS.plan, "--config", "-c", help="Preset name or YAML path."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted override, e.g. model.image_size=384."),
     gpu: str = typer.Option(
         "a100-80gb",

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from pipelines.commands import require_device, require_image, require_picture_path
+from pipelines.commands import DEVICE, TRACKING_URI, require_device, require_image, require_picture_path
 
 
 def predict(
@@ -18,8 +18,8 @@ def predict(
     text: str = typer.Option(..., "--text", help="The referring expression."),
     out: Path = typer.Option(Path("overlay.png"), "--out", help="Overlay picture to write."),
     mask_out: Path | None = typer.Option(None, "--mask-out", help="Also write the mask (PNG, 0/255)."),
-    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="For models:/ and runs:/ URIs."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    tracking_uri: str | None = TRACKING_URI,
+    device: str = DEVICE,
     logits_out: Path | None = typer.Option(
         None, "--logits-out", help="Also write the raw mask logits, float32 [S/4, S/4] (.npy)."
     ),

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import typer
 
+from pipelines.defaults import CONFIGS
+
 
 def pretrain_vision(
     out: Path = typer.Option(..., "--out", help="Weights file to write (.pt; a .json beside it says how)."),
     config: str = typer.Option(
-        "demo", "--config", "-c", help="Preset whose model.vision and image_size to pretrain."
+        CONFIGS.pretrain, "--config", "-c", help="Preset whose model.vision and image_size to pretrain."
     ),
     overrides: list[str] = typer.Option([], "--set", help="Dotted override: model.vision.embed_dim=64."),
     steps: int = typer.Option(1500, "--steps", min=1, help="Optimizer steps."),

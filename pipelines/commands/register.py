@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from pipelines.commands import require_prepared
+from pipelines.commands import TRACKING_URI, require_prepared
 
 
 def register_checkpoint(
@@ -20,9 +20,7 @@ def register_checkpoint(
     split: str = typer.Option("val", "--split", help="Split whose first sample is the input example."),
     experiment: str = typer.Option("magnet", "--experiment", help="MLflow experiment."),
     aliases: list[str] = typer.Option([], "--alias", help="Registry alias to point at the new version."),
-    tracking_uri: str | None = typer.Option(
-        None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or sqlite ./mlflow.db."
-    ),
+    tracking_uri: str | None = TRACKING_URI,
 ) -> None:
     """Register a checkpoint that no training run produced (e.g. imported published weights) as a
     new version of `magnet`, in a run of its own carrying its config and the dataset's tags."""

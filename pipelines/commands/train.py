@@ -8,7 +8,13 @@ from pathlib import Path
 import typer
 
 from pipelines import interrupts
-from pipelines.commands import require_local_cpus, require_placement, require_prepared
+from pipelines.commands import (
+    RAY_ADDRESS,
+    TRACKING_URI,
+    require_local_cpus,
+    require_placement,
+    require_prepared,
+)
 from pipelines.defaults import TRAIN
 
 
@@ -30,13 +36,11 @@ def train(
     resume: bool = typer.Option(
         TRAIN.resume, "--resume", help="Continue the run --run-name from its checkpoint."
     ),
-    ray_address: str | None = typer.Option(None, "--ray-address", help="Default: RAY_ADDRESS or local Ray."),
+    ray_address: str | None = RAY_ADDRESS,
     storage_path: str | None = typer.Option(
         None, "--storage-path", help="Ray storage; default ./ray-results."
     ),
-    tracking_uri: str | None = typer.Option(
-        None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or sqlite ./mlflow.db."
-    ),
+    tracking_uri: str | None = TRACKING_URI,
     register_model: bool = typer.Option(
         TRAIN.register_model, "--register/--no-register", help="Register the model."
     ),
@@ -48,8 +52,8 @@ def train(
     from data_prep.paths import UnsafeNameError
     from magnet.config import ConfigError, load_config
     from magnet.data import held_out_splits
+    from pipelines.defaults import absolute_storage
     from pipelines.train_driver import (
-        absolute_storage,
         check_run_name,
         check_splits,
         new_run_name,
@@ -103,7 +107,8 @@ def train(
 
 def _stopped(run_name: str, storage_path: str | None) -> str:
     """What an interrupted `magnet train` left, and the command that continues it."""
-    from pipelines.train_driver import absolute_storage, last_checkpoint_step, run_exists
+    from pipelines.defaults import absolute_storage
+    from pipelines.train_driver import last_checkpoint_step, run_exists
 
     storage = absolute_storage(storage_path)
     if not run_exists(storage, run_name):  # Ray never started it: nothing to resume

@@ -1,5 +1,4 @@
-"""`magnet` commands of the tune group: tune (a Ray Tune sweep), sweep-report (the ablation report
-of a finished sweep) and promote (move `champion`)."""
+"""`magnet tune`: a Ray Tune sweep over a space file, each trial a Ray Train run tracked in MLflow."""
 
 from __future__ import annotations
 
@@ -9,8 +8,8 @@ from pathlib import Path
 import typer
 
 from pipelines import interrupts
-from pipelines.commands import require_device, require_local_cpus, require_prepared, require_store
-from pipelines.defaults import PROMOTE, TUNE
+from pipelines.commands import RAY_ADDRESS, TRACKING_URI, require_local_cpus, require_prepared
+from pipelines.defaults import TUNE
 
 
 def tune(
@@ -40,12 +39,8 @@ def tune(
     storage_path: str | None = typer.Option(
         None, "--storage-path", help="Ray storage; default ./ray-results."
     ),
-    tracking_uri: str | None = typer.Option(
-        None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or ./mlflow.db."
-    ),
-    ray_address: str | None = typer.Option(
-        None, "--ray-address", help="Default: RAY_ADDRESS or a local Ray."
-    ),
+    tracking_uri: str | None = TRACKING_URI,
+    ray_address: str | None = RAY_ADDRESS,
     max_failures: int = typer.Option(
         TUNE.max_failures,
         "--max-failures",
@@ -58,9 +53,9 @@ def tune(
 ) -> None:
     """Sweep loss weights (or run the ablation) with Ray Tune; each trial is a Ray Train run."""
     from magnet.config import ConfigError, load_config
+    from pipelines.defaults import absolute_storage
     from pipelines.sweep.driver import build_scheduler, check_sweep_name, check_sweep_splits
     from pipelines.sweep.space import SEARCHES, SpaceError, check_search, load_space
-    from pipelines.train_driver import absolute_storage
 
     if search is not None and search not in SEARCHES:
         raise typer.BadParameter(f"{search!r} is not one of {', '.join(SEARCHES)}", param_hint="--search")
@@ -119,7 +114,8 @@ def _stopped(sweep_name: str, storage_path: str | None) -> str:
     resume from their latest checkpoints."""
     from ray import tune
 
-    from pipelines.train_driver import absolute_storage, run_path
+    from pipelines.defaults import absolute_storage
+    from pipelines.train_driver import run_path
 
     if not tune.Tuner.can_restore(run_path(absolute_storage(storage_path), sweep_name)):
         again = interrupts.magnet_command()
@@ -128,85 +124,6 @@ def _stopped(sweep_name: str, storage_path: str | None) -> str:
     return f"sweep {sweep_name!r} stopped; continue with: {again}"
 
 
-def sweep_report(
-    sweep: str = typer.Argument(..., help="Name of the finished sweep (its MLflow parent run)."),
-    out: Path = typer.Option(
-        ...,
-        "--out",
-        help="Markdown to write, e.g. docs/results/<sweep>.md; its plots go beside it (.png, -curves.png).",
-    ),
-    experiment: str = typer.Option("magnet-sweeps", "--experiment", help="MLflow experiment of the sweep."),
-    tracking_uri: str | None = typer.Option(
-        None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or ./mlflow.db."
-    ),
-) -> None:
-    """Write the ablation report of a finished sweep: mean ± std per variant, split and kind of
-    expression, where each variant beats the baseline beyond the spread, and the learning curves
-    per kind where the trials were evaluated more than once."""
-    if out.suffix != ".md":
-        raise typer.BadParameter(f"{out}: the report is markdown, name it <name>.md", param_hint="--out")
-    if not out.parent.is_dir():
-        raise typer.BadParameter(f"{out.parent} is not a directory", param_hint="--out")
-    require_store(tracking_uri)
-    from pipelines.sweep.report import read_sweep, write_report
-
-    finished = read_sweep(sweep, experiment, tracking_uri)
-    *written, last = write_report(finished, out)
-    typer.echo(f"wrote {', '.join(map(str, written))} and {last}")
-
-
-def promote(
-    experiment: str = typer.Option(
-        ..., "--experiment", help="MLflow experiment whose finished runs compete."
-    ),
-    shards: str = typer.Option(..., "--shards", help="Prepared dataset root both models are scored on."),
-    metric: str = typer.Option(
-        PROMOTE.metric, "--metric", help="Picks the challenger; val_oIoU or val/oIoU."
-    ),
-    sweep: str | None = typer.Option(
-        None, "--sweep", help="Only the child runs of this sweep (parent run id)."
-    ),
-    min_gain: float = typer.Option(
-        PROMOTE.min_gain, "--min-gain", min=0.0, help="Required margin, in metric points."
-    ),
-    split: str | None = typer.Option(None, "--split", help="Split to score; default: the metric's."),
-    protocol: str = typer.Option(PROMOTE.protocol, "--protocol", help="lavt (480 resize) or original size."),
-    tracking_uri: str | None = typer.Option(
-        None, "--tracking-uri", help="Default: MLFLOW_TRACKING_URI or ./mlflow.db."
-    ),
-    device: str = typer.Option(PROMOTE.device, "--device", help="cpu or cuda."),
-) -> None:
-    """Move `champion` to the best finished run's model when it beats the current champion."""
-    if protocol not in ("lavt", "original"):
-        raise typer.BadParameter(
-            f"{protocol!r} is not a protocol; use lavt or original", param_hint="--protocol"
-        )
-    require_device(device)
-    shards = require_prepared(shards)
-    require_store(tracking_uri)
-    from pipelines.flows.tune import promote_magnet
-    from pipelines.promote import PromotionError
-
-    try:
-        result = promote_magnet(
-            experiment=experiment,
-            shards=shards,
-            metric=metric,
-            sweep=sweep,
-            min_gain=min_gain,
-            split=split,
-            protocol=protocol,
-            tracking_uri=tracking_uri,
-            device=device,
-        )
-    except PromotionError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
-    typer.echo(result["summary"])
-
-
 def register(app: typer.Typer) -> None:
-    """Add this group's commands to the `magnet` app."""
+    """Add this command to the `magnet` app."""
     app.command("tune")(tune)
-    app.command("sweep-report")(sweep_report)
-    app.command("promote")(promote)

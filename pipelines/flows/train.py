@@ -22,11 +22,10 @@ from magnet.config import Config, load_config
 from magnet.data import first_example, held_out_splits
 from pipelines import interrupts, mlflow_record
 from pipelines import tracking as mlflow_tracking
-from pipelines.defaults import TRAIN
+from pipelines.defaults import TRAIN, absolute_storage
 from pipelines.evaluation import evaluate_model
 from pipelines.flows import artifact_key
 from pipelines.train_driver import (
-    absolute_storage,
     check_run_name,
     new_run_name,
     run_path,

@@ -18,9 +18,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from data_prep.paths import absolute_location
 from data_prep.synthetic_shards import ensure_synthetic_shards
 from pipelines import interrupts
-from pipelines.defaults import PROMOTE, TUNE
+from pipelines.defaults import PROMOTE, TUNE, absolute_storage
 from pipelines.flows import artifact_key
-from pipelines.train_driver import absolute_storage
 
 
 @task(name="sweep")

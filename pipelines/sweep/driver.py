@@ -37,7 +37,7 @@ from magnet.checkpoint import local_checkpoint
 from magnet.config import Config
 from magnet.data import first_example, held_out_splits
 from pipelines import interrupts
-from pipelines.defaults import TUNE
+from pipelines.defaults import TUNE, absolute_storage
 from pipelines.evaluation import evaluate_model
 from pipelines.sweep.report import (
     COMMAND_PARAM,
@@ -56,7 +56,7 @@ from pipelines.sweep.report import (
 )
 from pipelines.sweep.space import SpaceError, SweepSpace, check_against, check_search, with_overrides
 from pipelines.sweep.trial import PARAMS_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG, run_trial
-from pipelines.train_driver import absolute_storage, check_splits, run_path, run_splits
+from pipelines.train_driver import check_splits, run_path, run_splits
 
 TRIALS_CSV = "trials.csv"
 TRIALS_MD = "trials.md"
@@ -431,6 +431,76 @@ def _log_text(parent: dict[str, str], text: str, name: str) -> None:
     tracking.client_for(parent["tracking_uri"]).log_text(parent["run_id"], text, name)
 
 
+def _checked_config(
+    cfg: Config, space: SweepSpace, search: str, workers_per_trial: int, gpus_per_trial: int
+) -> Config:
+    """The trials' base config (the space's overrides applied), refused with a clear error when the
+    search, the resources or the space do not fit it."""
+    check_search(space, search)
+    if gpus_per_trial and gpus_per_trial != workers_per_trial:
+        raise ValueError(
+            f"gpus_per_trial={gpus_per_trial} with workers_per_trial={workers_per_trial}: "
+            "each Train worker drives one GPU, so they must be equal"
+        )
+    if space.overrides:
+        cfg = with_overrides(cfg, space.overrides)
+    check_against(space, cfg)
+    return cfg
+
+
+def _tuner(
+    trainable: Any,
+    space: SweepSpace,
+    scheduler: Any,
+    *,
+    resume: bool,
+    experiment_path: str,
+    sweep_name: str,
+    storage: str,
+    search: str,
+    samples: int,
+    concurrency: int,
+) -> Any:
+    """Tune's Tuner of this sweep: restored from its storage when resuming, else a new one."""
+    from ray import tune
+
+    if resume:
+        return tune.Tuner.restore(
+            experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=tune_param_space(space),
+        tune_config=tune.TuneConfig(
+            metric=space.metric,
+            mode=space.mode,
+            search_alg=_searcher(search, space.seed, concurrency),
+            scheduler=scheduler,
+            num_samples=samples,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep_name,
+            storage_path=storage,
+            verbose=0,
+            callbacks=[progress_callback(space, sweep_name, samples)],
+        ),
+    )
+
+
+def _end_after(error: BaseException, parent: dict[str, str]) -> None:
+    """End the parent run as the sweep ended (FAILED, or KILLED with its running trials' runs)."""
+    from pipelines import tracking
+
+    status = tracking.ended_status(error)
+    if status == "KILLED":  # the trials die with this driver: their runs end with the sweep's
+        client = tracking.client_for(parent["tracking_uri"])
+        experiment_id = client.get_run(parent["run_id"]).info.experiment_id
+        for run in _child_runs(client, experiment_id, parent["run_id"]).values():
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, status=status)
+    tracking.end_run(parent, status=status)
+
+
 def run_sweep(
     cfg: Config,
     space: SweepSpace,
@@ -481,16 +551,8 @@ def run_sweep(
     from pipelines.ray_workers import QUIET_WORKERS
 
     search = search or space.search
-    check_search(space, search)
-    if gpus_per_trial and gpus_per_trial != workers_per_trial:
-        raise ValueError(
-            f"gpus_per_trial={gpus_per_trial} with workers_per_trial={workers_per_trial}: "
-            "each Train worker drives one GPU, so they must be equal"
-        )
-    if space.overrides:
-        cfg = with_overrides(cfg, space.overrides)
-    check_against(space, cfg)
-    scheduler = build_scheduler(space, cfg)
+    cfg = _checked_config(cfg, space, search, workers_per_trial, gpus_per_trial)
+    scheduler = build_scheduler(space, cfg)  # refused here when the config cannot run it
     shards = absolute_location(shards)
     storage = absolute_storage(str(storage_path))
     check_sweep_name(storage, sweep_name, resume)
@@ -526,46 +588,16 @@ def run_sweep(
         interrupts.reclaim_sigterm()
     try:
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), TRIAL_DRIVER_RESOURCES)
-        if resume:
-            tuner = tune.Tuner.restore(
-                experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True
-            )
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space=tune_param_space(space),
-                tune_config=tune.TuneConfig(
-                    metric=space.metric,
-                    mode=space.mode,
-                    search_alg=_searcher(
-                        search,
-                        space.seed,
-                        trial_concurrency(
-                            max_concurrent, workers_per_trial, cpus_per_worker, gpus_per_trial > 0
-                        ),
-                    ),
-                    scheduler=scheduler,
-                    num_samples=samples,
-                ),
-                run_config=tune.RunConfig(
-                    name=sweep_name,
-                    storage_path=storage,
-                    verbose=0,
-                    callbacks=[progress_callback(space, sweep_name, samples)],
-                ),
-            )
+        concurrency = trial_concurrency(
+            max_concurrent, workers_per_trial, cpus_per_worker, gpus_per_trial > 0
+        )
+        tuner = _tuner(
+            trainable, space, scheduler, resume=resume, experiment_path=experiment_path,
+            sweep_name=sweep_name, storage=storage, search=search, samples=samples, concurrency=concurrency,
+        )  # fmt: skip
         results = tuner.fit()
     except BaseException as error:
-        from pipelines import tracking
-
-        status = tracking.ended_status(error)
-        if status == "KILLED":  # the trials die with this driver: their runs end with the sweep's
-            client = tracking.client_for(parent["tracking_uri"])
-            experiment_id = client.get_run(parent["run_id"]).info.experiment_id
-            for run in _child_runs(client, experiment_id, parent["run_id"]).values():
-                if run.info.status == "RUNNING":
-                    client.set_terminated(run.info.run_id, status=status)
-        tracking.end_run(parent, status=status)
+        _end_after(error, parent)
         raise
     finally:
         if started_ray:

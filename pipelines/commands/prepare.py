@@ -1,4 +1,4 @@
-"""`magnet` commands of the data group."""
+"""`magnet prepare`: refer-format or folder datasets -> WebDataset shards, through the prepare flow."""
 
 from __future__ import annotations
 
@@ -219,5 +219,5 @@ def _write_failures_in_one_line() -> Iterator[None]:
 
 
 def register(app: typer.Typer) -> None:
-    """Add this group's commands to the `magnet` app."""
+    """Add this command to the `magnet` app."""
     app.command("prepare")(prepare)
