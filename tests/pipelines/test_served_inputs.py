@@ -32,9 +32,15 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _logits(checkpoint: Path, picture: Image.Image) -> np.ndarray:
-    """The model's mask logits for `picture` through the library (the reference)."""
-    net, cfg = load_model_from_checkpoint(checkpoint)
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path) -> tuple:
+    """The checkpoint's model, loaded once, for the logits the CLI's must equal."""
+    return load_model_from_checkpoint(checkpoint)
+
+
+def _logits(reference: tuple, picture: Image.Image) -> np.ndarray:
+    """The model's mask logits for `picture` through the library."""
+    net, cfg = reference
     ids, attention = tokenize([TEXT], cfg.model)
     pixels = preprocess_images([picture], cfg.model.image_size)  # [1, 3, S, S]
     with torch.inference_mode():
@@ -42,7 +48,9 @@ def _logits(checkpoint: Path, picture: Image.Image) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["sideways jpeg", "16-bit grey png"])
-def test_predict_sees_the_picture_a_person_sees(checkpoint: Path, tmp_path: Path, kind: str) -> None:
+def test_predict_sees_the_picture_a_person_sees(
+    checkpoint: Path, reference, tmp_path: Path, kind: str
+) -> None:
     if kind == "sideways jpeg":
         image = tmp_path / "photo.jpg"
         save_sideways(image, red_over_blue(width=30, height=40))
@@ -59,7 +67,7 @@ def test_predict_sees_the_picture_a_person_sees(checkpoint: Path, tmp_path: Path
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert Image.open(mask).size == (30, 40)  # upright: 30 wide, 40 tall
-    np.testing.assert_allclose(np.load(logits), _logits(checkpoint, seen), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.load(logits), _logits(reference, seen), rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
