@@ -12,21 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_text import refused
 from PIL import Image
 from typer.testing import CliRunner
 
 from data_prep.contract import SUMMARY
 from magnet.config import load_config
 from pipelines.cli import app
-
-
-def refused(args: list[str]) -> str:
-    """Run `magnet ARGS`; assert it was refused as a user error and return its one line."""
-    result = CliRunner().invoke(app, args)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2, result.output
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
 
 
 @pytest.fixture

@@ -31,22 +31,14 @@ from pathlib import Path
 import pytest
 from mlflow_server import HOST, running_mlflow_ui
 from PIL import Image
-from tiny_runs import tiny_trial
+from tiny_runs import TWO_SEED_SWEEP, tiny_trial
 
 from pipelines import tracking
 
 pytestmark = pytest.mark.slow
 
 EXPERIMENT = "ui-sweep"
-SPACE = """
-metric: val/oIoU
-mode: max
-search: grid
-num_samples: 1
-scheduler: {early_stopping: false}
-params:
-  train.seed: {grid: [0, 1]}
-"""
+SPACE = TWO_SEED_SWEEP
 # Chromium as a test may run it: headless, as root (no sandbox), no GPU, and nothing that reaches
 # for Google's hosts (their connections fail loudly here).
 CHROMIUM_FLAGS = (

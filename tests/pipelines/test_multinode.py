@@ -40,7 +40,7 @@ import pytest
 import yaml
 from prefect_server import PrefectServer, prefect_server
 from ray_cluster import RayCluster, ray_cluster
-from tiny_runs import SCORE_VAL, TINY_RUN
+from tiny_runs import SCORE_VAL, TINY_RUN, TWO_SEED_SWEEP
 
 from data_prep.shards import prepare_dataset
 from data_prep.synth import synthesize
@@ -59,15 +59,7 @@ EXPERIMENT, SWEEP_EXPERIMENT = "multinode", "multinode-sweeps"
 PREFIX = "multinode"  # of this module's objects in the bucket
 DEADLINE_S = 900  # a safety net for a loaded machine; idle, each scenario takes under a minute
 # Two trials side by side (one CPU each, and each worker node has one), no early stopping.
-SWEEP = """
-metric: val/oIoU
-mode: max
-search: grid
-num_samples: 1
-scheduler: {early_stopping: false}
-params:
-  train.seed: {grid: [0, 1]}
-"""
+SWEEP = TWO_SEED_SWEEP
 
 
 # ---------------------------------------------------------------------------------- services

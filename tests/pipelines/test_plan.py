@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_text import refused
 from tiny_runs import TINY_MODEL
 from typer.testing import CliRunner
 
@@ -198,14 +199,6 @@ def test_memory_estimate_matches_a_real_step(tiny_fp32: tuple[MemoryModel, int, 
 
 
 # ------------------------------------------------------------------------------- the command
-def refused(args: list[str]) -> str:
-    result = CliRunner().invoke(app, args)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2, result.output
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
-
-
 @pytest.fixture
 def no_measurement(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test if the command gets as far as building the model."""

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_runs import tiny_trial
+from tiny_runs import TWO_SEED_SWEEP, tiny_trial
 
 from magnet.checkpoint import CHECKPOINT_GLOB, checkpoint_name
 from pipelines import tracking
@@ -27,15 +27,7 @@ pytestmark = pytest.mark.slow
 
 TINY = tiny_trial()
 # two trials, one at a time (--max-concurrent 1), no early stopping
-SWEEP = """
-metric: val/oIoU
-mode: max
-search: grid
-num_samples: 1
-scheduler: {early_stopping: false}
-params:
-  train.seed: {grid: [0, 1]}
-"""
+SWEEP = TWO_SEED_SWEEP
 EXPERIMENT = "resume-test"
 DEADLINE_S = 600  # a safety net on a loaded machine; idle, the kill comes after about a minute
 

@@ -19,6 +19,18 @@ TINY_RUN = [*TINY_MODEL, "data.batch_size=2", "data.loader_workers=0", "train.lo
 SCORE_VAL = ["data.eval_splits=[val]", "eval.eval_size=64"]
 
 
+# A sweep of two trials, seeds 0 and 1, that all run to the end (no early stopping).
+TWO_SEED_SWEEP = """
+metric: val/oIoU
+mode: max
+search: grid
+num_samples: 1
+scheduler: {early_stopping: false}
+params:
+  train.seed: {grid: [0, 1]}
+"""
+
+
 def tiny_trial(max_steps: int = 6) -> list[str]:
     """Config overrides for a sweep trial that trains and scores in seconds: an evaluation and a
     checkpoint every 2 steps."""
