@@ -14,7 +14,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from types import MappingProxyType
 
 import pytest
 from ports import HOST, free_port
+from processes import stop_group
 
 SERVE_SCRIPT = Path(__file__).resolve().parent.parent / "infra" / "mlflow" / "serve.sh"
 
@@ -207,13 +207,7 @@ def _serving(
         _wait_for_health(f"http://{HOST}:{port}", process, log, timeout_s)
         yield process
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process, timeout_s=20)
 
 
 @contextlib.contextmanager

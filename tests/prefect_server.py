@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ports import HOST, free_port
+from processes import stop_group
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,4 @@ def prefect_server(home: Path) -> Iterator[PrefectServer]:
     try:
         yield PrefectServer(api=api, env={**env, "PREFECT_API_URL": api}, process=server, log=log)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_group(server)

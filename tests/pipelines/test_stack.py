@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from ports import free_port
+from processes import stop_group
 from tiny_runs import TINY_RUN
 
 from data_prep.contract import read_summary
@@ -203,12 +203,7 @@ def test_pool_deployment_runs_on_a_worker_of_its_pool_not_in_the_stack(stack: St
         )
         assert "Completed" in done.stdout, done.stdout
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+        stop_group(worker)
         log.close()
     summary = read_summary(str(tmp_path / "shards" / "refcoco-unc"))
     assert sum(c.written for c in summary.counts.values()) > 0
