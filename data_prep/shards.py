@@ -503,13 +503,22 @@ def _file_sha256(path: Path) -> str:
 _P = TypeVar("_P", bound=PurePath)
 
 
+DONE_SUFFIX = ".done.json"
+"""A finished chunk's completion marker, beside its manifest and rejects parts."""
+
+
 def _part_paths(out_dir: _P, chunk: Chunk) -> tuple[_P, _P, _P]:
     stem = out_dir / WORK_DIR / chunk.split / shard_stem(chunk.index)
     return (
         stem.with_suffix(".manifest.parquet"),
         stem.with_suffix(".rejects.parquet"),
-        stem.with_suffix(".done.json"),
+        stem.with_suffix(DONE_SUFFIX),
     )
+
+
+def done_markers(root: str) -> str:
+    """The glob of every finished chunk's marker under a dataset directory."""
+    return f"{root}/{WORK_DIR}/*/*{DONE_SUFFIX}"
 
 
 CHUNK_STAGING = "magnet-chunk-"

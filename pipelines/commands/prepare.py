@@ -180,10 +180,10 @@ def _stopped(out_dir: str | Path) -> str:
     name, then renamed), which the same command keeps and completes."""
     import fsspec
 
-    from data_prep.contract import WORK_DIR
+    from data_prep.shards import done_markers
 
     filesystem, root = fsspec.core.url_to_fs(str(out_dir))
-    done = len(filesystem.glob(f"{root}/{WORK_DIR}/*/*.done.json"))
+    done = len(filesystem.glob(done_markers(root)))
     again = interrupts.magnet_command()
     return f"prepare of {out_dir} stopped with {done} chunks written; continue with: {again}"
 
