@@ -9,7 +9,11 @@ where the evaluation reports them), then the gradient norm of each part over the
 every kind, pick accuracy >= 80%. Only val is scored: choices are made on it, never on the tests.
 
     .venv/bin/python benchmarks/bench_learning.py [--images 800] [--image-size 64] [--steps 500] \
-        [--eval-every 100] [--seed 0] [--set train.pretrained_text_lr_scale=0.03 ...] [--out FILE.json]
+        [--eval-every 100] [--seed 0] [--set train.pretrained_text_lr_scale=0.03 ...] [--out FILE.json] \
+        [--workdir DIR --run NAME]
+
+With ``--run`` the run keeps its newest checkpoint and its curve under DIR/runs/NAME, so the same
+command continues a run that was stopped (a session's end) instead of starting over.
 
 Two cores, idle: 0.5-0.6 s a step at 64 px (batch 16, 2 threads), so 500 steps take about 5 min
 and the 60-minute budget holds about 5,000 steps with its evaluations.
@@ -19,11 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from magnet.train import LocalReporter
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"oIoU": 65.0, "kind_ratio": 2.0, "pick_acc": 80.0}
@@ -32,19 +39,39 @@ GRAD_STEPS = 50
 
 
 class Recorder:
-    """A magnet.train.RunLogger that keeps every logged point and prints the evaluations."""
+    """A magnet.train.RunLogger that keeps every logged point and prints the evaluations.
 
-    def __init__(self, floors: dict[str, float], start: float) -> None:
-        self.floors, self.start = floors, start
+    With a ``journal`` file every point is also appended there as it comes, and the points already
+    in it are read back first: a run killed with the session continues (``--run``) with its curve.
+    """
+
+    def __init__(self, floors: dict[str, float], start: float, journal: Path | None = None) -> None:
+        self.floors, self.start, self.journal = floors, start, journal
         self.points: dict[int, dict[str, float]] = defaultdict(dict)
+        if journal is not None and journal.exists():
+            for line in journal.read_text().splitlines():
+                point = json.loads(line)
+                self.points[point["step"]].update(point["metrics"])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.points[step].update(metrics)
+        if self.journal is not None:
+            with self.journal.open("a") as out:
+                out.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
         if "val/oIoU" in metrics:
             print(evaluation_line(step, metrics, self.floors, time.perf_counter() - self.start), flush=True)
 
     def log_predictions(self, png: bytes, name: str, step: int) -> None:
         """Pictures are not kept."""
+
+
+class NewestOnlyReporter(LocalReporter):
+    """LocalReporter that keeps only the newest checkpoint: a long run resumes from it."""
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        super().report(metrics, checkpoint_dir)
+        for old in self.checkpoints()[:-1]:
+            shutil.rmtree(old)
 
 
 def floors_by_kind(data: Path, split: str = "val") -> dict[str, float]:
@@ -116,13 +143,21 @@ def main() -> None:
     )
     parser.add_argument("--workdir", type=Path, default=None, help="Data and shards (default: a temp dir).")
     parser.add_argument("--out", type=Path, default=None, help="Write the curves and the verdict as JSON.")
+    parser.add_argument(
+        "--run",
+        default=None,
+        help="Keep this run's checkpoint (at each evaluation) and curve under WORKDIR/runs/RUN: "
+        "the same command again continues it where it stopped.",
+    )
     args = parser.parse_args()
+    if args.run and not args.workdir:
+        parser.error("--run needs --workdir (where the run is kept)")
 
     import torch
 
     from data_prep.synthetic_shards import ensure_synthetic_shards
     from magnet.config import load_config
-    from magnet.train import LocalReporter, train
+    from magnet.train import train
 
     torch.set_num_threads(args.threads)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-learning-"))
@@ -134,7 +169,7 @@ def main() -> None:
         "data.eval_splits=[val]",
         f"train.max_steps={args.steps}",
         f"train.eval_every={args.eval_every}",
-        f"train.checkpoint_every={args.steps}",
+        f"train.checkpoint_every={args.eval_every if args.run else args.steps}",
         "train.log_every=1",
         f"train.seed={args.seed}",
         *args.overrides,
@@ -145,9 +180,16 @@ def main() -> None:
     )
     print(f"val floors (largest object): {', '.join(f'{k} {v:.1f}' for k, v in floors.items())}")
     start = time.perf_counter()
-    recorder = Recorder(floors, start)
-    with tempfile.TemporaryDirectory() as checkpoints:
-        metrics = train(cfg, str(shards), reporter=LocalReporter(checkpoints), logger=recorder)
+    if args.run:
+        run_dir = workdir / "runs" / args.run
+        run_dir.mkdir(parents=True, exist_ok=True)
+        recorder = Recorder(floors, start, journal=run_dir / "points.jsonl")
+        reporter = NewestOnlyReporter(run_dir / "checkpoints")
+        metrics = train(cfg, str(shards), reporter=reporter, logger=recorder)
+    else:
+        recorder = Recorder(floors, start)
+        with tempfile.TemporaryDirectory() as checkpoints:
+            metrics = train(cfg, str(shards), reporter=LocalReporter(checkpoints), logger=recorder)
     seconds = time.perf_counter() - start
 
     rows = kind_scores(metrics, floors)

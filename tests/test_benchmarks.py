@@ -98,3 +98,26 @@ def test_learning_benchmark_scores_kinds_against_their_floors_and_checks_the_tar
         99: {"train/grad_norm/vision": 9.0},
     }
     assert bench.gradient_table(points, steps=50) == {"vision": 3.0}
+
+
+def test_learning_benchmark_run_continues_its_curve_and_keeps_one_checkpoint(tmp_path: Path) -> None:
+    """--run: the curve survives the process (journal read back) and only the newest checkpoint stays."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_learning as bench
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    journal = tmp_path / "points.jsonl"
+    first = bench.Recorder({"all": 20.0}, start=0.0, journal=journal)
+    first.log_metrics({"train/loss": 2.0}, step=1)
+    first.log_metrics({"val/oIoU": 30.0}, step=2)
+    again = bench.Recorder({"all": 20.0}, start=0.0, journal=journal)
+    assert again.points == {1: {"train/loss": 2.0}, 2: {"val/oIoU": 30.0}}
+
+    reporter = bench.NewestOnlyReporter(tmp_path / "checkpoints")
+    for step in (2, 4):
+        staged = tmp_path / f"staged{step}"
+        staged.mkdir()
+        (staged / "meta.json").write_text("{}")
+        reporter.report({"step": float(step)}, staged)
+    assert [p.name for p in reporter.checkpoints()] == ["checkpoint_step00000004"]
