@@ -25,7 +25,7 @@ import re
 import shlex
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,7 +54,15 @@ from pipelines.sweep.report import (
     markdown_table,
     trial_columns,
 )
-from pipelines.sweep.space import SpaceError, SweepSpace, check_against, check_search, with_overrides
+from pipelines.sweep.space import (
+    VARIANT_KEY,
+    SpaceError,
+    SweepSpace,
+    apply_params,
+    check_against,
+    check_search,
+    with_overrides,
+)
 from pipelines.sweep.trial import PARAMS_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG, run_trial
 from pipelines.train_driver import check_splits, run_path, run_splits
 
@@ -111,16 +119,29 @@ def check_sweep_name(storage_path: str, sweep_name: str | None, resume: bool) ->
 
 def check_sweep_splits(cfg: Config, space: SweepSpace, shards: str, register_best: bool) -> None:
     """`train_driver.check_splits` on every split a sweep reads, before any trial starts: each
-    trial's (``cfg`` with the sweep file's overrides), those its report scores at the end, and the
-    first held-out one, whose first sample the registered best model keeps as its input example.
-    Found in a trial, a corrupt shard would fail every trial; in the report, only after all of them.
+    trial's (``cfg`` with the sweep file's overrides, and with each value a grid, a choice or a
+    variant may give ``data``), those its report scores at the end, and the first held-out one,
+    whose first sample the registered best model keeps as its input example. Found in a trial, a
+    corrupt shard would fail every trial that reads it; in the report, only after all of them.
 
     Raises:
         ShardError: naming the split or the shard (see `check_splits`).
     """
     cfg = with_overrides(cfg, space.overrides) if space.overrides else cfg
     example = held_out_splits(shards, cfg.data.train_split)[:1] if register_best else []
-    check_splits(cfg, shards, run_splits(cfg, [*space.report.splits, *example]))
+    splits = run_splits(cfg, [*space.report.splits, *example])
+    for trial_cfg in data_configs(cfg, space):
+        splits += run_splits(trial_cfg)
+    check_splits(cfg, shards, list(dict.fromkeys(splits)))
+
+
+def data_configs(cfg: Config, space: SweepSpace) -> Iterator[Config]:
+    """``cfg`` with each value that a grid or choice over a ``data`` field, or a variant, sets: the
+    data settings trials may run with (sampled numbers never name a split)."""
+    for key, param in space.params.items():
+        if param.kind in ("choice", "grid") and (key == VARIANT_KEY or key.startswith("data.")):
+            for value in param.values:
+                yield apply_params(cfg, {key: value}, space.variants)
 
 
 # Tune's reservation for a trial's driver process: memory and no CPU (see the module docstring),
