@@ -73,13 +73,14 @@ def require_store(tracking_uri: str | None) -> str:
         raise typer.BadParameter(str(err), param_hint="--tracking-uri") from None
 
 
-def require_writable(location: str, param_hint: str) -> None:
-    """Refuse a local output that cannot be written (read-only, forbidden, full, a path through a
-    file) in a moment, before Prefect starts and retries; object storage is not checked."""
+def require_writable(location: str | Path, param_hint: str) -> None:
+    """Refuse a local output place that cannot be written (read-only, forbidden, full, a path
+    through a file) in a moment, before the slow work (Prefect's retries, a model load, training);
+    the directory is made, as the command would. Object storage is not checked."""
     from data_prep.output import check_writable, describe
     from data_prep.paths import is_url
 
-    if is_url(location):
+    if is_url(str(location)):
         return
     try:
         check_writable(Path(location))

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from pipelines import interrupts
+from pipelines.commands import require_writable
 
 
 def demo(
@@ -14,6 +15,7 @@ def demo(
 ) -> None:
     """The whole pipeline in minutes on a laptop: synthetic data, shards, Ray training on 2 CPU
     workers, evaluation against language-blind baselines, MLflow registry."""
+    require_writable(workdir, "--workdir")
     from pipelines.demo import run_demo
 
     again = interrupts.magnet_command()

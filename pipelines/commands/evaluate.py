@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from pipelines.commands import DEVICE, TRACKING_URI, require_device, require_prepared
+from pipelines.commands import DEVICE, TRACKING_URI, require_device, require_prepared, require_writable
 
 
 def evaluate(
@@ -32,6 +32,8 @@ def evaluate(
             f"{protocol!r} is not a protocol; use lavt or original", param_hint="--protocol"
         )
     require_device(device)
+    if out is not None:
+        require_writable(out.parent, "--out")
     shards = require_prepared(shards)
     check_model_reference(model, tracking_uri)  # a store lookup: cheaper than hashing the shards below
     for split in splits:  # a split the data lacks, or a corrupt shard of any, named before the model loads

@@ -7,7 +7,14 @@ from typing import Any
 
 import typer
 
-from pipelines.commands import DEVICE, TRACKING_URI, require_device, require_image, require_picture_path
+from pipelines.commands import (
+    DEVICE,
+    TRACKING_URI,
+    require_device,
+    require_image,
+    require_picture_path,
+    require_writable,
+)
 
 
 def predict(
@@ -35,6 +42,9 @@ def predict(
         require_picture_path(mask_out, "--mask-out")
     if logits_out is not None and logits_out.suffix != ".npy":
         raise typer.BadParameter(f"{logits_out}: numpy writes .npy files", param_hint="--logits-out")
+    for written, option in ((out, "--out"), (mask_out, "--mask-out"), (logits_out, "--logits-out")):
+        if written is not None:
+            require_writable(written.parent, option)
     require_device(device)
     picture = require_image(image)
     check_model_reference(model, tracking_uri)

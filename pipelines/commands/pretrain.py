@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from pipelines.commands import require_writable
 from pipelines.defaults import CONFIGS
 
 
@@ -38,8 +39,7 @@ def pretrain_vision(
         raise typer.BadParameter(str(err), param_hint="--config/--set") from None
     if out.suffix != ".pt":
         raise typer.BadParameter(f"{out}: the weights file must end in .pt", param_hint="--out")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise typer.BadParameter(f"{out.parent} is not a directory", param_hint="--out")
+    require_writable(out.parent, "--out")
     from magnet.pretrain import pretrain_vision as run
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from pipelines.commands import require_writable
+
 
 def synth(
     out: Path = typer.Option(..., "--out", help="Dataset root to write (the refer toolkit's data_root)."),
@@ -18,6 +20,7 @@ def synth(
     scores of two language-blind baselines (largest object, random object) per split."""
     from data_prep.synth import synthesize
 
+    require_writable(out, "--out")
     report = synthesize(out, num_images=images, image_size=image_size, seed=seed, workers=workers)
     typer.echo(f"wrote {images} images of {image_size} px to {out} in {report.seconds:.1f} s")
     typer.echo(

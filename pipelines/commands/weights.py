@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from pipelines.commands import require_writable
+
 
 def import_weights(
     checkpoint: Path = typer.Option(
@@ -36,6 +38,7 @@ def import_weights(
         raise typer.BadParameter(
             f"{image_size}: the published models take {PUBLISHED_IMAGE_SIZES}", param_hint="--image-size"
         )
+    require_writable(out, "--out")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     written = import_published(checkpoint, out, image_size=image_size, reference_mask_quirk=quirk)
     typer.echo(

@@ -250,6 +250,50 @@ def test_a_sweep_name_to_resume_is_checked_before_prefect(sweep, monkeypatch, tm
     assert "--resume: sweep name '../gone' cannot name a directory" in refused([*args, "--resume", "../gone"])
 
 
+# ------------------------------------------------------------------------- outputs it cannot write
+@pytest.mark.parametrize(
+    ("command", "option", "written"),
+    [
+        ("train", "--storage-path", "{place}"),
+        ("tune", "--storage-path", "{place}"),
+        ("evaluate", "--out", "{place}/metrics.json"),
+        ("predict", "--out", "{place}/overlay.png"),
+        ("predict", "--mask-out", "{place}/mask.png"),
+        ("demo", "--workdir", "{place}"),
+        ("synth", "--out", "{place}"),
+        ("pretrain-vision", "--out", "{place}/vision.pt"),
+        ("import-weights", "--out", "{place}"),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(
+    synthetic_shards, sweep, image, no_model_load, monkeypatch, tmp_path, command, option, written
+):
+    """Every command that writes checks its output place first: here a path through a file (what
+    a read-only or full place also gives, but root's tests cannot make those), refused at once
+    rather than after a flow, a model load or a training."""
+    import pipelines.flows.train as train_flows
+    import pipelines.flows.tune as tune_flows
+
+    monkeypatch.setattr(train_flows, "train_magnet", lambda **kwargs: pytest.fail("the flow started"))
+    monkeypatch.setattr(tune_flows, "tune_magnet", lambda **kwargs: pytest.fail("the sweep started"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    space, _ = sweep
+    space.write_text(GOOD_SWEEP)
+    prepared = synthetic_shards()
+    (tmp_path / "a-file").write_text("not a directory")
+    place = tmp_path / "a-file" / "runs"
+    before = {
+        "train": ["--shards", str(prepared)],
+        "tune": ["--space", str(space), "--shards", str(prepared)],
+        "evaluate": ["--model", str(tmp_path), "--shards", str(prepared)],
+        "predict": ["--model", str(tmp_path), "--image", str(image), "--text", "the square"],
+        "pretrain-vision": ["--steps", "1"],
+        "import-weights": ["--checkpoint", str(image)],
+    }.get(command, [])
+    line = refused([command, *before, option, written.format(place=place)])
+    assert f"{option}: cannot write to {place}: Not a directory" in line, line
+
+
 # ---------------------------------------------------------------------------- readers of a store
 def test_commands_that_read_a_store_refuse_a_missing_one_and_create_none(sweep, tmp_path, monkeypatch):
     """promote and sweep-report only read MLflow: without a store they say so, before Prefect,
