@@ -5,7 +5,8 @@ temporary API server included (it used to die first, and the command then retrie
 
 1. `magnet prepare` (2 worker processes) interrupted between chunks: whole shards only, no
    summary.json, no .tmp, no process left;
-2. `magnet train` interrupted by Ctrl-C mid-training, then continued with the command the line
+2. `magnet demo` interrupted while it prepares its shards: the command to run again, nothing left;
+3. `magnet train` interrupted by Ctrl-C mid-training, then continued with the command the line
    gives (under --quiet: no progress lines) and stopped again by SIGTERM: the MLflow run KILLED
    each time, every step logged once, the redone ones included.
 Each interruption: exit 130 / 143 within seconds, and after the signal nothing but the line (and
@@ -270,3 +271,21 @@ def test_train_interrupted_mid_training_and_resumed(synthetic_shards, environmen
     assert run(name).info.status == "KILLED"
     steps = [point.step for point in client.get_metric_history(run(name).info.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, max(steps) + 1)) and max(steps) >= 4
+
+
+@pytest.mark.slow
+def test_demo_interrupted_while_it_prepares_its_shards(environment, tmp_path):
+    """The demo's shard preparation (Prefect's temporary server and a process pool) stopped by
+    Ctrl-C: the line says how to run it again, nothing is left running, no MLflow run was made."""
+    workdir = tmp_path / "demo"
+    demo = Magnet("demo", "--workdir", str(workdir), cwd=tmp_path, env=environment)
+    demo.wait_until(lambda: any(line.startswith("[demo] preparing shards") for line in demo.lines), "shards")
+    seconds = demo.interrupt(signal.SIGINT, group=True)
+
+    assert demo.process.returncode == 130, "\n".join(demo.lines[-40:])
+    assert seconds < EXIT_SECONDS, f"exited {seconds:.1f} s after SIGINT"
+    assert not demo.survivors()
+    kept = f"its data in {workdir} is kept, run again: magnet demo --workdir {workdir}"
+    assert demo.interrupted_line() == f"interrupted: the demo stopped; {kept}"
+    assert not list(workdir.rglob("*.tmp")), "a file was left half-written"
+    assert not (workdir / "shards" / "refcoco-unc" / "summary.json").exists()
