@@ -1,19 +1,25 @@
-"""A sweep whose driver dies for real (SIGKILL to `magnet tune`'s process group, Ray included) is
-continued by `magnet tune --resume NAME`: the finished trial is not run again, the cut-off trial
-continues from its checkpoint, and MLflow ends with one parent run and one child per trial.
+"""A sweep stopped for real is continued by `magnet tune --resume NAME`: the finished trial is not
+run again, the cut-off trial continues from its checkpoint, and MLflow ends with one parent run and
+one child per trial.
 
-It is killed twice: first the moment a trial's run is FINISHED, before Tune's periodic snapshot
-of the sweep can record that (the restored sweep reruns that trial), then while the other trial
-is between checkpoints."""
+It is stopped twice: first its driver dies (SIGKILL to `magnet tune`'s process group, Ray
+included) the moment a trial's run is FINISHED, before Tune's periodic snapshot of the sweep can
+record that (the restored sweep reruns that trial); then, while the other trial is between
+checkpoints, Ctrl-C at the terminal (SIGINT to the group): `magnet tune` exits 130 within seconds
+with one line naming the command that continues it (issue 25), and that command is run."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +27,7 @@ import pytest
 from tiny_runs import TWO_SEED_SWEEP, tiny_trial
 
 from magnet.checkpoint import CHECKPOINT_GLOB, checkpoint_name
-from pipelines import tracking
+from pipelines import interrupts, tracking
 
 pytestmark = pytest.mark.slow
 
@@ -87,6 +93,32 @@ def killed_when(wait, command: list[str], env: dict, cwd: Path, *args) -> str:
             driver.wait()
 
 
+def interrupted_when(wait, command: list[str], env: dict, cwd: Path, *args) -> list[str]:
+    """Start `magnet tune`, press Ctrl-C (SIGINT to its process group) when ``wait(*args, driver)``
+    returns; check it exits 130 within seconds; return what it printed after the signal."""
+    driver = subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(line.rstrip("\n") for line in driver.stdout))
+    reader.start()
+    try:
+        wait(*args, driver)
+        before, sent = len(lines), time.monotonic()
+        os.killpg(driver.pid, signal.SIGINT)
+        driver.wait(timeout=interrupts.GRACE_SECONDS + 30)
+        seconds = time.monotonic() - sent
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever the interrupt left running
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        reader.join(timeout=10)
+    assert driver.returncode == 130, "\n".join(lines[-40:])
+    assert seconds < interrupts.GRACE_SECONDS - 3, f"exited {seconds:.1f} s after SIGINT"
+    return lines[before:]
+
+
 def wait_for_one_finished_and_one_checkpointed(client, root: Path, driver: subprocess.Popen) -> str:
     """Poll until a trial's child run is FINISHED and the other trial's Train run holds a checkpoint
     short of the end; returns the sweep's parent run id."""
@@ -116,10 +148,20 @@ def test_a_killed_sweep_resumes_where_it_stopped(synthetic_shards, tmp_path):
     (first,) = [r for r in children(client, parent_id) if r.info.status == "FINISHED"]
     sweep_name = client.get_run(parent_id).info.run_name
     resume = magnet_tune(tmp_path, shards, "--resume", sweep_name)
-    killed_when(wait_for_one_finished_and_one_checkpointed, resume, env, tmp_path, client, tmp_path)
+    after_signal = interrupted_when(
+        wait_for_one_finished_and_one_checkpointed, resume, env, tmp_path, client, tmp_path
+    )
+    assert after_signal and not any("Traceback" in line for line in after_signal), "\n".join(after_signal)
+    continued = re.fullmatch(
+        rf"interrupted: sweep '{sweep_name}' stopped; continue with: (.+)", after_signal[-1]
+    )
+    assert continued, "\n".join(after_signal)
+    assert shlex.split(continued.group(1))[1:] == resume[1:]  # the same command (its --resume kept)
     before = {r.data.tags["tune.trial_id"]: r for r in children(client, parent_id)}
     (done_trial,) = [t for t, r in before.items() if r.info.status == "FINISHED"]
-    (cut_trial,) = [t for t, r in before.items() if r.info.status == "RUNNING"]
+    (cut_trial,) = [t for t, r in before.items() if r.info.status != "FINISHED"]
+    assert before[cut_trial].info.status == "KILLED"  # closed by the interrupt, not left RUNNING
+    assert client.get_run(parent_id).info.status == "KILLED"
     assert first.data.tags["tune.trial_id"] == done_trial
 
     resumed = subprocess.run(
