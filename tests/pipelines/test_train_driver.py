@@ -83,13 +83,13 @@ def test_stopped_run_resumes_by_name(shards, local_ray, s3_store, tmp_path, stor
     name = new_run_name(tiny_config())
     with pytest.raises(Exception, match="stopping the run on purpose"):
         run_training(
-            tiny_config(), str(shards), storage_path=str(runs), run_name=name, max_failures=0, hooks=[trace]
+            tiny_config(), str(shards), storage_path=runs, run_name=name, max_failures=0, hooks=[trace]
         )
 
     with pytest.raises(FileExistsError, match="resume"):
-        run_training(tiny_config(), str(shards), storage_path=str(runs), run_name=name)
+        run_training(tiny_config(), str(shards), storage_path=runs, run_name=name)
     result = run_training(
-        tiny_config(), str(shards), storage_path=str(runs), run_name=name, resume=True, hooks=[trace]
+        tiny_config(), str(shards), storage_path=runs, run_name=name, resume=True, hooks=[trace]
     )
     assert result.run_name == name and result.metrics["step"] == MAX_STEPS
     first, second = lifetimes(steps, 0)
