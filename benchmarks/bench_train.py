@@ -55,7 +55,7 @@ def cpu_rows(shards: str, workdir: Path, steps: int) -> list[tuple[str, float]]:
                 shards,
                 num_workers=workers,
                 cpus_per_worker=cpus,
-                storage_path=workdir / "runs",
+                storage_path=str(workdir / "runs"),
                 max_failures=0,
             )
             rows.append(

@@ -174,7 +174,7 @@ def _ui_guide(summary: dict[str, Any]) -> str:
 
 def run_demo_sweep(
     workdir: Path,
-    shards: str | Path,
+    shards: str,
     *,
     tracking_uri: str,
     experiment: str = SWEEP_EXPERIMENT,
@@ -201,7 +201,7 @@ def run_demo_sweep(
         cfg,
         space,
         shards,
-        storage_path=Path(workdir).resolve() / "ray-results",
+        storage_path=str(Path(workdir).resolve() / "ray-results"),
         tracking_uri=tracking_uri,
         experiment=experiment,
         num_samples=trials,
@@ -214,6 +214,7 @@ def _demo_environment(workdir: Path) -> str:
     """Quiet libraries, Prefect's temporary API and MLflow's store under the demo's folder (unless
     the user points elsewhere); returns the tracking URI."""
     from pipelines.stack import QUIET_ENV
+    from pipelines.tracking import resolve_tracking_uri
 
     for key, value in {**QUIET_ENV, **TIDY_ENV}.items():
         os.environ.setdefault(key, value)
@@ -221,7 +222,7 @@ def _demo_environment(workdir: Path) -> str:
         os.environ.setdefault(
             "PREFECT_HOME", str(workdir / "prefect")
         )  # Prefect's temporary API keeps its DB here
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
+    return resolve_tracking_uri(default_dir=workdir)
 
 
 def _summary(
@@ -329,14 +330,14 @@ def run_demo(workdir: Path, num_workers: int = DEMO_WORKERS, config: str = DEMO_
         )
         train_seconds = time.perf_counter() - start
         promotion = promote(
-            shards=shards,
+            shards=str(shards),
             experiment=EXPERIMENT,
             tracking_uri=tracking_uri,
             protocol=load_config(config).eval.protocol,  # as the run was scored: `original`
         )
         print(f"[demo] {promotion.summary}")
         print(f"[demo] a short sweep of the loss weights: {SWEEP_TRIALS} tiny trials")
-        sweep = run_demo_sweep(workdir, shards, tracking_uri=tracking_uri)
+        sweep = run_demo_sweep(workdir, str(shards), tracking_uri=tracking_uri)
     finally:
         ray.shutdown()
     print(f"[demo] sweep {sweep.sweep_name}, trials ranked by {sweep.metric}:\n{sweep.table_markdown}")

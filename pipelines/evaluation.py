@@ -3,7 +3,7 @@ flows (train-magnet's final evaluation, evaluate-magnet) and promotion evaluate 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -12,7 +12,7 @@ from magnet.data import check_text_settings
 from magnet.evaluate import Evaluation, evaluate, prediction_figure
 from pipelines import mlflow_record
 from pipelines.registry import load_model
-from pipelines.tracking import MlflowRunLogger, log_dataset_inputs
+from pipelines.tracking import MlflowRunLogger, RunRef, log_dataset_inputs
 
 PICTURE_EXAMPLES = 4
 
@@ -26,7 +26,7 @@ def evaluate_model(
     device: str | None = None,
     protocol: str | None = None,
     whole_splits: bool = False,
-    log_to: Mapping[str, str] | None = None,
+    log_to: RunRef | None = None,
     step: int = 0,
     pictures_dir: Path | None = None,
 ) -> Evaluation:
@@ -41,7 +41,7 @@ def evaluate_model(
         device: where the model runs; None = a GPU when there is one, else the CPU.
         protocol: ``eval.protocol`` to score with; None = the model's config.
         whole_splits: ignore the config's ``eval.max_samples`` (a run's quick-check cap).
-        log_to: ``{"tracking_uri", "run_id"}`` of the run that gets the splits as evaluation
+        log_to: the run that gets the splits as evaluation
             inputs, the metrics and table (``MlflowRunLogger.log_evaluation``), the per-expression
             table and worst cases (``mlflow_record.log_evaluation``) and a picture per split.
         step: the step the logged evaluation is filed under.
@@ -67,7 +67,7 @@ def evaluate_model(
         keep_rows=True,
         keep_worst=mlflow_record.WORST_EXAMPLES,
     )
-    logger = MlflowRunLogger(**log_to)
+    logger = MlflowRunLogger(log_to)
     logger.log_evaluation(result, step=step)
     mlflow_record.log_evaluation(log_to, result, shards, step)
     for split in splits:

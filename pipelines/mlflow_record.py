@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.tracking import MlflowRunLogger, client_for
+from pipelines.tracking import MlflowRunLogger, RunRef, client_for
 
 if TYPE_CHECKING:
     from data_prep.contract import Summary
@@ -48,9 +48,7 @@ REAL_SHARE = 0.99
 
 # ------------------------------------------------------------------------------ system metrics
 @contextmanager
-def system_metrics(
-    tracking: Mapping[str, str], interval_s: float = SYSTEM_METRICS_INTERVAL_S
-) -> Iterator[None]:
+def system_metrics(run: RunRef, interval_s: float = SYSTEM_METRICS_INTERVAL_S) -> Iterator[None]:
     """MLflow's system metrics monitor on the run while the block runs: ``system/cpu_utilization_
     percentage``, ``system/system_memory_usage_megabytes``, disk, network and, where pynvml finds
     GPUs, ``system/gpu_<i>_memory_usage_megabytes`` and ``..._utilization_percentage``.
@@ -64,10 +62,10 @@ def system_metrics(
     # Its start/stop and "skip GPU metrics" lines are INFO on every training run: progress noise.
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     monitor = SystemMetricsMonitor(
-        tracking["run_id"],
+        run.run_id,
         sampling_interval=interval_s,
         resume_logging=True,
-        tracking_uri=tracking["tracking_uri"],
+        tracking_uri=run.tracking_uri,
     )
     monitor.start()
     try:
@@ -107,7 +105,7 @@ def expression_table(evaluation: Evaluation, shards: str) -> Any:
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 
 
-def log_evaluation(tracking: Mapping[str, str], evaluation: Evaluation, shards: str, step: int) -> str:
+def log_evaluation(run: RunRef, evaluation: Evaluation, shards: str, step: int) -> str:
     """Log the per-expression table as ``evaluation/expressions_step%08d.json`` (MLflow's table
     format, browsable in the run's Evaluation view) and a picture of each split's worst cases;
     returns the table's artifact path. A table already logged at that step is not appended to
@@ -115,11 +113,10 @@ def log_evaluation(tracking: Mapping[str, str], evaluation: Evaluation, shards: 
     from magnet.evaluate import prediction_figure
 
     artifact = f"evaluation/expressions_step{step:08d}.json"
-    client = client_for(tracking["tracking_uri"])
-    logged = {entry.path for entry in client.list_artifacts(tracking["run_id"], "evaluation")}
+    logged = {entry.path for entry in run.client.list_artifacts(run.run_id, "evaluation")}
     if artifact not in logged:
-        client.log_table(tracking["run_id"], expression_table(evaluation, shards), artifact)
-    logger = MlflowRunLogger(tracking["tracking_uri"], tracking["run_id"])
+        run.client.log_table(run.run_id, expression_table(evaluation, shards), artifact)
+    logger = MlflowRunLogger(run)
     for split, result in evaluation.splits.items():
         if result.worst:
             figure = prediction_figure(result.worst, title=f"{split}: lowest IoU")
@@ -187,7 +184,7 @@ def _scores(evaluation: Mapping[str, Any], shards: str, summary: Summary) -> lis
 
 
 def model_card(
-    tracking: Mapping[str, str],
+    run: RunRef,
     checkpoint: str | Path,
     shards: str,
     evaluation: Mapping[str, Any] | None,
@@ -198,7 +195,7 @@ def model_card(
     (where the split is the benchmark's own), seeds and compute.
 
     Args:
-        tracking: ``{"tracking_uri", "run_id"}`` of the run that logged the model.
+        run: the run that logged the model.
         checkpoint: the registered checkpoint directory.
         shards: prepared dataset root it was trained (or registered) and scored on.
         evaluation: ``{"protocol": description, "metrics": {<split>/<name>: value}}`` (the flow's
@@ -210,13 +207,13 @@ def model_card(
 
     cfg = load_config_from_checkpoint(checkpoint)
     meta = read_checkpoint_meta(checkpoint) if (Path(checkpoint) / META_FILE).is_file() else None
-    run = client_for(tracking["tracking_uri"]).get_run(tracking["run_id"])
+    logged = run.client.get_run(run.run_id)
     summary, sha256 = read_summary_and_sha256(shards)
     imported = meta is not None and meta.imported_from is not None
     used = "not trained on them" if imported else f"trained on `{cfg.data.train_split}`"
     lines = [
         f"**Weights**: {_origin(meta, cfg.train.init_from)}; "
-        f"config `{cfg.name}`, MLflow run `{run.info.run_name}` ({run.info.run_id}).",
+        f"config `{cfg.name}`, MLflow run `{logged.info.run_name}` ({logged.info.run_id}).",
         "",
         f"**Data**: {summary.dataset} / {summary.split_by}, shards `{shards}` "
         f"(summary sha256 `{sha256}`); {used}.",
@@ -224,9 +221,9 @@ def model_card(
         *(_scores(evaluation, shards, summary) if evaluation else ["Not scored at registration."]),
         "",
         f"**Seeds**: train.seed={cfg.train.seed}. **Compute**: {compute}; "
-        f"run wall time {(time.time() * 1000 - run.info.start_time) / 60000:.1f} min.",
-        f"**Code**: commit {run.data.tags.get('mlflow.source.git.commit', 'unknown')}"
-        + (" (uncommitted changes)" if run.data.tags.get("git.dirty") == "true" else "")
+        f"run wall time {(time.time() * 1000 - logged.info.start_time) / 60000:.1f} min.",
+        f"**Code**: commit {logged.data.tags.get('mlflow.source.git.commit', 'unknown')}"
+        + (" (uncommitted changes)" if logged.data.tags.get("git.dirty") == "true" else "")
         + ".",
     ]
     return "\n".join(lines)
@@ -256,36 +253,34 @@ def with_section(description: str | None, title: str, body: str) -> str:
 
 
 # ------------------------------------------------------------------------------- prefect link
-def run_link(tracking: Mapping[str, str]) -> str:
+def run_link(run: RunRef) -> str:
     """The run's page: on the tracking server, or where ``mlflow ui`` serves a local store by default."""
-    uri, run_id = tracking["tracking_uri"], tracking["run_id"]
-    experiment_id = client_for(uri).get_run(run_id).info.experiment_id
+    uri = run.tracking_uri
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
 
 
-def link_flow_run(tracking: Mapping[str, str], key: str) -> None:
+def link_flow_run(run: RunRef, key: str) -> None:
     """A Prefect link artifact from the current flow run to its MLflow run."""
     from prefect.artifacts import create_link_artifact
 
-    uri = tracking["tracking_uri"]
+    uri = run.tracking_uri
     local = not uri.startswith(("http://", "https://"))
     create_link_artifact(
-        link=run_link(tracking),
-        link_text=f"MLflow run {tracking['run_id']}",
+        link=run_link(run),
+        link_text=f"MLflow run {run.run_id}",
         key=key,
         description=f"served by `mlflow ui --backend-store-uri {uri}`" if local else "the MLflow run",
     )
 
 
 # ------------------------------------------------------------------------- where a run's files are
-def tag_checkpoints(tracking: Mapping[str, str], best: str | None, last: str | None) -> None:
+def tag_checkpoints(run: RunRef, best: str | None, last: str | None) -> None:
     """Tags ``checkpoint.best`` and ``checkpoint.last``: where the run's checkpoints are (an
     object-storage URL, or a path on the driver's machine), for `magnet evaluate --model`."""
-    client = client_for(tracking["tracking_uri"])
     for name, location in (("checkpoint.best", best), ("checkpoint.last", last)):
         if location:
-            client.set_tag(tracking["run_id"], name, location)
+            run.client.set_tag(run.run_id, name, location)
 
 
 # ------------------------------------------------------------------------------ worker placement
@@ -298,9 +293,7 @@ def worker_tag(rank: int, field: str) -> str:
     return f"ray.rank{rank}.{field}"
 
 
-def record_workers(
-    tracking: Mapping[str, str], workers: Sequence[Mapping[str, str]], resumed_from: str | None
-) -> None:
+def record_workers(run: RunRef, workers: Sequence[Mapping[str, str]], resumed_from: str | None) -> None:
     """Where a (re)started Ray Train worker group runs, as tags of the run: per rank
     ``ray.rank<r>.node_id`` (the Ray node id) and ``ray.rank<r>.host`` (``<hostname> (<node IP>)``);
     ``ray.resumed_from``, the checkpoint the group started from (none for a fresh start); and
@@ -309,11 +302,10 @@ def record_workers(
     Rank 0 calls it at each start with every rank's entry."""
     from mlflow.entities import RunTag
 
-    client = client_for(tracking["tracking_uri"])
-    started = int(client.get_run(tracking["run_id"]).data.tags.get(WORKER_GROUPS_TAG, "0")) + 1
+    started = int(run.client.get_run(run.run_id).data.tags.get(WORKER_GROUPS_TAG, "0")) + 1
     tags = {WORKER_GROUPS_TAG: str(started)}
     if resumed_from:
         tags[RESUMED_FROM_TAG] = resumed_from
     for rank, worker in enumerate(workers):
         tags.update({worker_tag(rank, field): value for field, value in worker.items()})
-    client.log_batch(tracking["run_id"], tags=[RunTag(key, value) for key, value in tags.items()])
+    run.client.log_batch(run.run_id, tags=[RunTag(key, value) for key, value in tags.items()])

@@ -32,10 +32,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from data_prep.paths import absolute_location
 from pipelines.defaults import PROMOTE
 from pipelines.evaluation import evaluate_model
 from pipelines.mlflow_record import with_section
@@ -313,7 +311,7 @@ def _describe(
 
 def promote(
     *,
-    shards: str | Path,
+    shards: str,
     experiment: str,
     metric: str = PROMOTE.metric,
     sweep_run_id: str | None = None,
@@ -327,7 +325,7 @@ def promote(
     """Compare the best finished run's model with the `champion` and move the aliases.
 
     Args:
-        shards: prepared dataset root both models are scored on.
+        shards: prepared dataset root both models are scored on (absolute path or URL).
         experiment: MLflow experiment whose finished runs compete.
         metric: run metric that picks the challenger (``val_oIoU`` or ``val/oIoU``); its score name
             (oIoU) is also what the two models are compared on.
@@ -344,7 +342,6 @@ def promote(
     key = resolve_metric(metric)
     metric_split, score_name = key.split("/", 1)
     split = split or metric_split
-    shards = absolute_location(shards)
     dataset_sha = dataset_tags(shards)[DATASET_TAG]
     run, version = select_challenger(
         client, experiment, key, sweep_run_id=sweep_run_id, model_name=model_name

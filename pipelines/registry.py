@@ -38,7 +38,7 @@ from data_prep.images import decode_image
 from data_prep.paths import is_url
 from magnet.checkpoint import CONFIG_FILE, META_FILE, MODEL_FILE, load_model_from_checkpoint
 from magnet.config import Config
-from pipelines.tracking import client_for, resolve_tracking_uri
+from pipelines.tracking import RunRef, client_for, resolve_tracking_uri
 
 MODEL_NAME = "magnet"
 MODEL_ARTIFACT = "model"
@@ -207,7 +207,7 @@ def _registered_version(client: mlflow.MlflowClient, model_name: str, run_id: st
 
 
 def log_and_register(
-    tracking: dict[str, str],
+    run: RunRef,
     checkpoint: str | Path,
     example: tuple[bytes, str],
     *,
@@ -221,7 +221,7 @@ def log_and_register(
     Aliases are (re)pointed at the version either way.
 
     Args:
-        tracking: ``{"tracking_uri", "run_id"}`` from `pipelines.tracking.start_run`.
+        run: the run that logs the model (`pipelines.tracking.start_run`).
         checkpoint: a checkpoint directory (``magnet.checkpoint`` layout).
         example: (image file bytes, expression): the input example stored with the model.
         model_name: registered model name.
@@ -231,19 +231,18 @@ def log_and_register(
     for name in (MODEL_FILE, CONFIG_FILE):
         if not (checkpoint / name).is_file():
             raise FileNotFoundError(f"{checkpoint} is not a MagNet checkpoint: {name} is missing")
-    uri, run_id = tracking["tracking_uri"], tracking["run_id"]
     digest = checkpoint_digest(checkpoint)
-    client = client_for(uri)
-    version = _registered_version(client, model_name, run_id, digest)
+    client = run.client
+    version = _registered_version(client, model_name, run.run_id, digest)
     if version is None:
-        with _mlflow_target(uri), tempfile.TemporaryDirectory() as tmp:
+        with _mlflow_target(run.tracking_uri), tempfile.TemporaryDirectory() as tmp:
             weights = Path(tmp) / CHECKPOINT_ARTIFACT
             weights.mkdir()
             for name in (MODEL_FILE, CONFIG_FILE, META_FILE):
                 if (checkpoint / name).is_file():
                     shutil.copy2(checkpoint / name, weights / name)
             image, text = example
-            with mlflow.start_run(run_id=run_id):
+            with mlflow.start_run(run_id=run.run_id):
                 info = mlflow.pyfunc.log_model(
                     name=MODEL_ARTIFACT,
                     python_model=MagNetPyfunc(),

@@ -1,14 +1,15 @@
 """MLflow tracking for training runs: where the tracking store is, how a run is opened, and the
 `RunLogger` the per-worker loop writes curves and prediction pictures through.
 
-The driver opens the run (params, tags, the config) before Ray starts, and hands the workers a
-plain dict (`tracking_settings`) from which rank 0 builds `MlflowRunLogger`. Every URI and path
-in that dict is absolute: Ray changes the working directory of its workers, and a relative
-``sqlite:///mlflow.db`` would silently open a fresh, empty database there.
+The driver opens the run (params, tags, the config) before Ray starts, and hands the workers its
+`RunRef`, from which rank 0 builds `MlflowRunLogger`. Its tracking URI is absolute: Ray changes
+the working directory of its workers, and a relative ``sqlite:///mlflow.db`` would silently open
+a fresh, empty database there.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -16,12 +17,13 @@ import subprocess
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from data_prep.contract import read_summary_and_sha256
-from data_prep.paths import absolute_location, check_name, is_url
+from data_prep.paths import check_name, is_url
 from pipelines.defaults import TRAIN
 
 if TYPE_CHECKING:
@@ -111,10 +113,38 @@ def _safe_dir_name(name: str) -> str:
     return check_name(safe or "experiment", "directory")
 
 
+@functools.cache
 def client_for(tracking_uri: str) -> MlflowClient:
+    """The client of a store (runs and registry), one per URI and process."""
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """One MLflow run as the flows, the sweep, Ray's workers and the registry hand it on.
+
+    Plain fields only, so it pickles into Ray (``train_loop_config``, Tune's parameters) and
+    Prefect (task parameters and results); the client is looked up in each process that uses it.
+
+    Args:
+        tracking_uri: the store, absolute (`resolve_tracking_uri`): the same on every Ray worker.
+        experiment_id: the run's experiment.
+        run_id: the run.
+    """
+
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
+
+    @property
+    def client(self) -> MlflowClient:
+        return client_for(self.tracking_uri)
+
+    def in_same_experiment(self, run_id: str) -> RunRef:
+        """Another run of this store and experiment (a sweep's trial, from its parent)."""
+        return RunRef(self.tracking_uri, self.experiment_id, run_id)
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
@@ -128,14 +158,14 @@ def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str)
 
 
 # ------------------------------------------------------------------------------------- run tags
-def dataset_tags(shards: str | Path) -> dict[str, str]:
-    """Tags identifying the prepared data: summary.json's sha256, dataset, splitBy, counts, and the
-    mask convention (union, or refer as LAVT / MagNet) the figures are scored against."""
-    root = absolute_location(shards)
-    summary, sha256 = read_summary_and_sha256(root)
+def dataset_tags(shards: str) -> dict[str, str]:
+    """Tags identifying the prepared data (``shards``: its absolute root or URL): summary.json's
+    sha256, dataset, splitBy, counts, and the mask convention (union, or refer as LAVT / MagNet)
+    the figures are scored against."""
+    summary, sha256 = read_summary_and_sha256(shards)
     tags = {
         "dataset.summary_sha256": sha256,
-        "dataset.path": root,
+        "dataset.path": shards,
         "dataset.dataset": summary.dataset,
         "dataset.splitBy": summary.split_by,
         "dataset.mask_mode": summary.settings.mask_mode,
@@ -147,7 +177,7 @@ def dataset_tags(shards: str | Path) -> dict[str, str]:
     return tags
 
 
-def log_dataset_inputs(tracking: Mapping[str, str], shards: str, splits: Sequence[str], context: str) -> None:
+def log_dataset_inputs(run: RunRef, shards: str, splits: Sequence[str], context: str) -> None:
     """Record each split of the shards as an MLflow dataset input of the run.
 
     One dataset per split (``<dataset>-<splitBy>/<split>``, source = the split's shard folder,
@@ -179,7 +209,7 @@ def log_dataset_inputs(tracking: Mapping[str, str], shards: str, splits: Sequenc
             profile=json.dumps(profile),
         )
         inputs.append(DatasetInput(dataset, [InputTag(CONTEXT_TAG, context)]))
-    client_for(tracking["tracking_uri"]).log_inputs(tracking["run_id"], datasets=inputs)
+    run.client.log_inputs(run.run_id, datasets=inputs)
 
 
 def git_tags(repo: Path = PROJECT_ROOT) -> dict[str, str]:
@@ -204,23 +234,25 @@ def git_tags(repo: Path = PROJECT_ROOT) -> dict[str, str]:
 def start_run(
     cfg: Config,
     *,
-    shards: str | Path,
-    tracking_uri: str | None = None,
+    shards: str,
+    tracking_uri: str,
     experiment: str = DEFAULT_EXPERIMENT,
     run_name: str,
     resume: bool = False,
     extra_tags: Mapping[str, str] | None = None,
     trains: bool = True,
     run_path: str | None = None,
-) -> dict[str, str]:
+) -> RunRef:
     """Open (or, with ``resume``, reopen by name) the MLflow run of one training.
 
     Logs the flattened config as params, the dataset and git tags, config.yaml, and the training
     split as the run's dataset input (`log_dataset_inputs`; not when the
-    run only registers a checkpoint, ``trains=False``). Returns the
-    settings rank 0 builds its `MlflowRunLogger` from: ``{"tracking_uri", "run_id"}``.
+    run only registers a checkpoint, ``trains=False``). Returns the run, from which rank 0 builds
+    its `MlflowRunLogger`.
 
     Args:
+        shards: the prepared data's absolute root or URL.
+        tracking_uri: the store, absolute (`resolve_tracking_uri`).
         run_path: where the run's checkpoints live (``<storage>/<run name>``), tagged
             ``RUN_PATH_TAG``: a resume continues the run of that name that trained there
             (`_find_run`), not another of the same name.
@@ -228,7 +260,6 @@ def start_run(
     import yaml
     from mlflow.entities import Param, RunTag
 
-    tracking_uri = resolve_tracking_uri(tracking_uri)
     client = client_for(tracking_uri)
     experiment_id = get_or_create_experiment(client, experiment, tracking_uri)
     run_id = _find_run(client, experiment_id, run_name, run_path) if resume else None
@@ -244,10 +275,10 @@ def start_run(
     else:
         client.update_run(run_id, status="RUNNING")
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    settings = {"tracking_uri": tracking_uri, "run_id": run_id}
+    run = RunRef(tracking_uri, experiment_id, run_id)
     if trains:
-        log_dataset_inputs(settings, tags["dataset.path"], [cfg.data.train_split], "training")
-    return settings
+        log_dataset_inputs(run, shards, [cfg.data.train_split], "training")
+    return run
 
 
 def find_run(tracking_uri: str, experiment: str, run_name: str) -> Run | None:
@@ -290,8 +321,8 @@ def metric_key(name: str) -> str:
     return _BAD_KEY_CHARS.sub("_", name)
 
 
-def end_run(tracking: Mapping[str, str], status: str = "FINISHED") -> None:
-    client_for(tracking["tracking_uri"]).set_terminated(tracking["run_id"], status=status)
+def end_run(run: RunRef, status: str = "FINISHED") -> None:
+    run.client.set_terminated(run.run_id, status=status)
 
 
 def ended_status(error: BaseException) -> str:
@@ -300,10 +331,9 @@ def ended_status(error: BaseException) -> str:
     return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
 
 
-def run_url(tracking: Mapping[str, str]) -> str:
+def run_url(run: RunRef) -> str:
     """Where a person looks at the run: the server's page, or the UI command for a local store."""
-    uri, run_id = tracking["tracking_uri"], tracking["run_id"]
-    experiment_id = client_for(uri).get_run(run_id).info.experiment_id
+    uri, experiment_id, run_id = run.tracking_uri, run.experiment_id, run.run_id
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return f"run {run_id} in experiment {experiment_id}: open with `mlflow ui --backend-store-uri {uri}`"
@@ -317,14 +347,11 @@ class MlflowRunLogger:
     process-global active run, so it is safe inside Ray workers and beside other runs.
 
     Args:
-        tracking_uri: absolute tracking URI (see `resolve_tracking_uri`).
-        run_id: the run `start_run` opened.
+        run: the run `start_run` opened.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.tracking_uri = tracking_uri
-        self.run_id = run_id
-        self._client = client_for(tracking_uri)
+    def __init__(self, run: RunRef) -> None:
+        self.run = run
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -332,7 +359,7 @@ class MlflowRunLogger:
         now = int(time.time() * 1000)
         batch = [Metric(metric_key(k), float(v), now, int(step)) for k, v in metrics.items()]
         for start in range(0, len(batch), 1000):
-            self._client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+            self.run.client.log_batch(self.run.run_id, metrics=batch[start : start + 1000])
 
     def log_predictions(self, figure_png: bytes, name: str, step: int) -> None:
         """Stored as ``predictions/<name>`` (``.png`` added when missing); the caller puts the step
@@ -342,7 +369,7 @@ class MlflowRunLogger:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / _safe_dir_name(name if name.endswith(".png") else f"{name}.png")
             path.write_bytes(figure_png)
-            self._client.log_artifact(self.run_id, str(path), artifact_path="predictions")
+            self.run.client.log_artifact(self.run.run_id, str(path), artifact_path="predictions")
 
     def log_evaluation(self, evaluation: Evaluation, step: int) -> None:
         """An evaluation's metrics, how it was scored (tags ``eval.protocol``, ``eval.mask_mode``,
@@ -366,8 +393,9 @@ class MlflowRunLogger:
             "eval.breakdown": str(evaluation.breakdown),
             "eval.description": evaluation.describe(),
         }
-        self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.run.client.log_batch(self.run.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         rows = breakdown_rows(evaluation.metrics)
         if rows:
             columns = {name: [row.get(name) for row in rows] for name in ("split", "group", *GROUP_METRICS)}
-            self._client.log_table(self.run_id, data=columns, artifact_file=f"evaluation/step{step:08d}.json")
+            artifact = f"evaluation/step{step:08d}.json"
+            self.run.client.log_table(self.run.run_id, data=columns, artifact_file=artifact)

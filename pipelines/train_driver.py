@@ -8,7 +8,7 @@ restarted worker group resumes from ``ray.train.get_checkpoint()``. When a worke
 restarts the group up to ``max_failures`` times; a stopped run continues with ``resume=True``
 and its name, since Ray Train V2 picks a run's checkpoints up again from
 ``<storage_path>/<run_name>``. Ray changes the working directory of its workers, so every path
-handed to them is absolute.
+handed to them is absolute: its callers resolve them (the command, or the flow) and pass them on.
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from data_prep.paths import absolute_location, check_name
+from data_prep.paths import check_name
 from magnet.checkpoint import META_FILE, CheckpointMeta, checkpoint_name, checkpoint_step
-from magnet.config import Config, config_from_dict
+from magnet.config import Config
 from magnet.data import check_text_settings, open_split
 from magnet.train import NOT_EVALUATED, SCORE_KEY, StepHook, global_batch_mismatch
 from pipelines import interrupts
 
 if TYPE_CHECKING:
-    from pipelines.tracking import MlflowRunLogger
+    from pipelines.tracking import MlflowRunLogger, RunRef
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,11 @@ class OncePerStep:
         self._last_step: dict[str, int] = {}
 
     def _logged_up_to(self, key: str) -> int:
-        from pipelines.tracking import client_for, metric_key
+        from pipelines.tracking import metric_key
 
         if key not in self._last_step:
-            client = client_for(self.logger.tracking_uri)
-            history = client.get_metric_history(self.logger.run_id, metric_key(key))
+            run = self.logger.run
+            history = run.client.get_metric_history(run.run_id, metric_key(key))
             self._last_step[key] = max((point.step for point in history), default=-1)
         return self._last_step[key]
 
@@ -148,31 +148,36 @@ def _worker_nodes() -> list[dict[str, str]]:
 
 
 def _train_worker(config: dict[str, Any]) -> None:
-    """The per-worker entry: rebuild the config, pick the device and logger, run the loop."""
+    """The per-worker entry: pick the device and logger, run the loop on the driver's config."""
     import ray.train
     import ray.train.torch
     import torch
 
     from magnet.train import NullLogger, RunLogger, train
 
-    cfg = config_from_dict(config["config"], source="ray worker config")
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     workers = _worker_nodes()
     logger: RunLogger = NullLogger()
     monitor: AbstractContextManager[None] = nullcontext()
-    if config["tracking"] and ray.train.get_context().get_world_rank() == 0:
+    run: RunRef | None = config["tracking"]
+    if run is not None and ray.train.get_context().get_world_rank() == 0:
         from pipelines.mlflow_record import record_workers, system_metrics
         from pipelines.tracking import MlflowRunLogger
 
         checkpoint = ray.train.get_checkpoint()  # where a restarted group starts from
-        record_workers(config["tracking"], workers, Path(checkpoint.path).name if checkpoint else None)
-        logger = OncePerStep(MlflowRunLogger(**config["tracking"]))
-        monitor = system_metrics(config["tracking"])  # on rank 0's node: its CPU, memory and GPUs
+        record_workers(run, workers, Path(checkpoint.path).name if checkpoint else None)
+        logger = OncePerStep(MlflowRunLogger(run))
+        monitor = system_metrics(run)  # on rank 0's node: its CPU, memory and GPUs
     with monitor:
         train(
-            cfg, config["shards"], reporter=RayReporter(), logger=logger, device=device, hooks=config["hooks"]
+            config["config"],
+            config["shards"],
+            reporter=RayReporter(),
+            logger=logger,
+            device=device,
+            hooks=config["hooks"],
         )
 
 
@@ -319,17 +324,17 @@ def last_checkpoint_step(storage_path: str, run_name: str) -> int | None:
 
 def run_training(
     cfg: Config,
-    shards: str | Path,
+    shards: str,
     *,
     num_workers: int = 2,
     use_gpu: bool = False,
     cpus_per_worker: float = 1.0,
     placement_strategy: str = "PACK",
     ray_address: str | None = None,
-    storage_path: str | Path,
+    storage_path: str,
     run_name: str | None = None,
     resume: bool = False,
-    tracking: dict[str, str] | None = None,
+    tracking: RunRef | None = None,
     max_failures: int = 2,
     hooks: Sequence[StepHook] = (),
     callbacks: Sequence[Any] = (),
@@ -339,7 +344,7 @@ def run_training(
 
     Args:
         cfg: the resolved config.
-        shards: prepared dataset root ``<out>/<dataset>-<splitBy>`` (path or URL).
+        shards: prepared dataset root ``<out>/<dataset>-<splitBy>`` (absolute path or URL).
         num_workers: training workers (DDP ranks).
         use_gpu: one GPU per worker, NCCL and bf16 autocast (if cfg.train.precision says so).
         cpus_per_worker: CPUs Ray reserves per worker.
@@ -347,11 +352,12 @@ def run_training(
             strategy): PACK (as few nodes as possible), SPREAD, STRICT_PACK (one node) or
             STRICT_SPREAD (each worker on a node of its own).
         ray_address: Ray cluster to join; None = RAY_ADDRESS, else a local Ray started here.
-        storage_path: where Ray keeps checkpoints (local directory or URL, e.g. s3://bucket/runs).
+        storage_path: where Ray keeps checkpoints (absolute local directory or URL, e.g.
+            s3://bucket/runs).
         run_name: the run's name; None = a new unique name.
         resume: continue the stopped run ``run_name`` from its latest checkpoint.
-        tracking: settings for ``pipelines.tracking.MlflowRunLogger`` (tracking_uri, run_id),
-            used on rank 0; None = no tracking.
+        tracking: the run rank 0 logs to (``pipelines.tracking.MlflowRunLogger``); None = no
+            tracking.
         max_failures: worker-group restarts from the latest checkpoint before the run fails.
         hooks: called on every worker after every optimizer step (pickled to the workers).
         callbacks: Ray Train ``UserCallback``s on the controller (the Tune driver passes one that
@@ -365,15 +371,14 @@ def run_training(
 
     from pipelines.ray_workers import QUIET_WORKERS
 
-    storage = absolute_location(storage_path)
-    check_run_name(storage, run_name, resume)
+    check_run_name(storage_path, run_name, resume)
     run_name = run_name or new_run_name(cfg)
 
     mismatch = global_batch_mismatch(cfg, num_workers)
     if mismatch:
         log.warning("%s: lr and schedule are the recipe's, so the run is not comparable", mismatch)
 
-    check_splits(cfg, absolute_location(shards), run_splits(cfg, final_splits))
+    check_splits(cfg, shards, run_splits(cfg, final_splits))
 
     started_ray = not ray.is_initialized()
     if started_ray:  # QUIET_WORKERS: also when no `magnet` command set RAY_RUNTIME_ENV_HOOK (a deployment)
@@ -384,8 +389,8 @@ def run_training(
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config={
-                "config": cfg.model_dump(mode="json"),
-                "shards": absolute_location(shards),
+                "config": cfg,
+                "shards": shards,
                 "tracking": tracking,
                 "hooks": list(hooks),
             },
@@ -398,7 +403,7 @@ def run_training(
             ),
             run_config=ray.train.RunConfig(
                 name=run_name,
-                storage_path=storage,
+                storage_path=storage_path,
                 checkpoint_config=ray.train.CheckpointConfig(
                     num_to_keep=cfg.train.keep_checkpoints,
                     checkpoint_score_attribute=SCORE_KEY,
@@ -412,14 +417,14 @@ def run_training(
     finally:
         if started_ray:
             ray.shutdown()
-    last = _location(storage, run_name, result.checkpoint)
-    best = _location(storage, run_name, _best(result.best_checkpoints or []))
+    last = _location(storage_path, run_name, result.checkpoint)
+    best = _location(storage_path, run_name, _best(result.best_checkpoints or []))
     metrics = {
         k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float) and k != SCORE_KEY
     }
     return TrainResult(
         run_name=run_name,
-        storage_path=storage,
+        storage_path=storage_path,
         last_checkpoint=last,
         best_checkpoint=best or last,
         metrics=metrics,

@@ -38,7 +38,7 @@ def register_checkpoint(
     tracking = mlflow_tracking.start_run(
         cfg,
         shards=shards,
-        tracking_uri=tracking_uri,
+        tracking_uri=mlflow_tracking.resolve_tracking_uri(tracking_uri),
         experiment=experiment,
         run_name=f"register-{checkpoint.resolve().name}",
         trains=False,
@@ -47,12 +47,12 @@ def register_checkpoint(
         example = first_example(shards, split)
         version = registry.log_and_register(tracking, checkpoint, example, aliases=tuple(aliases))
         card = mlflow_record.model_card(tracking, checkpoint, shards, None, "none here (registered as is)")
-        mlflow_record.describe_version(tracking["tracking_uri"], version, card)
+        mlflow_record.describe_version(tracking.tracking_uri, version, card)
     except BaseException:
         mlflow_tracking.end_run(tracking, status="FAILED")
         raise
     mlflow_tracking.end_run(tracking)
-    typer.echo(json.dumps({"version": version, "run_id": tracking["run_id"], "aliases": aliases}))
+    typer.echo(json.dumps({"version": version, "run_id": tracking.run_id, "aliases": aliases}))
 
 
 def register(app: typer.Typer) -> None:

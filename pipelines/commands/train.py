@@ -54,6 +54,7 @@ def train(
     from magnet.config import ConfigError, load_config
     from magnet.data import held_out_splits
     from pipelines.defaults import absolute_storage
+    from pipelines.tracking import resolve_tracking_uri
     from pipelines.train_driver import (
         check_run_name,
         check_splits,
@@ -63,8 +64,9 @@ def train(
 
     require_local_cpus(num_workers, ray_address, "--num-workers")
     placement_strategy = require_placement(placement_strategy, num_workers, ray_address)
+    storage = absolute_storage(storage_path)
     try:  # before Prefect and the MLflow run: a refused name leaves no run behind
-        check_run_name(absolute_storage(storage_path), run_name, resume)
+        check_run_name(storage, run_name, resume)
     except (UnsafeNameError, FileExistsError) as err:
         raise typer.BadParameter(str(err), param_hint="--run-name") from None
     except (ValueError, FileNotFoundError) as err:
@@ -85,10 +87,11 @@ def train(
     # named now, not in a Prefect task's traceback; the driver checks again (one more read of the
     # splits) because the flow is also started without this command
     check_splits(cfg, shards, run_splits(cfg, held_out_splits(shards, cfg.data.train_split)))
+    store = resolve_tracking_uri(tracking_uri)
     from pipelines.flows.train import train_magnet  # Prefect only once the arguments are good
 
     run_name = run_name or new_run_name(cfg)  # named here, so that an interruption can name it
-    interrupts.on_interrupt(lambda: _stopped(run_name, storage_path))
+    interrupts.on_interrupt(lambda: _stopped(run_name, storage))
     result = train_magnet(
         config=config,
         shards=shards,
@@ -100,19 +103,18 @@ def train(
         experiment=experiment,
         run_name=run_name,
         resume=resume,
-        tracking_uri=tracking_uri,
-        storage_path=storage_path,
+        tracking_uri=store,
+        storage_path=storage,
         register_model=register_model,
     )
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "metrics"}, indent=2))
 
 
-def _stopped(run_name: str, storage_path: str | None) -> str:
-    """What an interrupted `magnet train` left, and the command that continues it."""
-    from pipelines.defaults import absolute_storage
+def _stopped(run_name: str, storage: str) -> str:
+    """What an interrupted `magnet train` left (under the absolute ``storage``), and the command
+    that continues it."""
     from pipelines.train_driver import last_checkpoint_step, run_exists
 
-    storage = absolute_storage(storage_path)
     if not run_exists(storage, run_name):  # Ray never started it: nothing to resume
         again = interrupts.magnet_command()
         return f"run {run_name!r} stopped before training started; start again with: {again}"

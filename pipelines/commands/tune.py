@@ -81,8 +81,9 @@ def tune(
     except (ConfigError, SpaceError) as err:
         raise typer.BadParameter(str(err), param_hint="--space/--config/--search") from None
     shards = require_prepared(shards)
+    storage = absolute_storage(storage_path)
     try:  # before Prefect and the sweep's MLflow run
-        check_sweep_name(absolute_storage(storage_path), resume, resume is not None)
+        check_sweep_name(storage, resume, resume is not None)
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err), param_hint="--resume") from None
     # every split the trials and the wrap-up read, checked now, not in a trial's traceback (each
@@ -93,7 +94,7 @@ def tune(
     from pipelines.sweep.driver import new_sweep_name
 
     sweep_name = resume or new_sweep_name()  # named here, so that an interruption can name it
-    interrupts.on_interrupt(lambda: _stopped(sweep_name, storage_path))
+    interrupts.on_interrupt(lambda: _stopped(sweep_name, storage))
     result = tune_magnet(
         space=str(space),
         config=config,
@@ -107,7 +108,7 @@ def tune(
         experiment=experiment,
         resume=resume,
         tracking_uri=tracking_uri,
-        storage_path=storage_path,
+        storage_path=storage,
         ray_address=ray_address,
         max_failures=max_failures,
         register_best=register_best,
@@ -116,15 +117,14 @@ def tune(
     typer.echo(json.dumps(result, indent=2))
 
 
-def _stopped(sweep_name: str, storage_path: str | None) -> str:
-    """What an interrupted `magnet tune` left, and the command that continues it: its trials
-    resume from their latest checkpoints."""
+def _stopped(sweep_name: str, storage: str) -> str:
+    """What an interrupted `magnet tune` left (under the absolute ``storage``), and the command that
+    continues it: its trials resume from their latest checkpoints."""
     from ray import tune
 
-    from pipelines.defaults import absolute_storage
     from pipelines.train_driver import run_path
 
-    if not tune.Tuner.can_restore(run_path(absolute_storage(storage_path), sweep_name)):
+    if not tune.Tuner.can_restore(run_path(storage, sweep_name)):
         again = interrupts.magnet_command()
         return f"sweep {sweep_name!r} stopped before Tune started; start again with: {again}"
     again = interrupts.magnet_command("--resume", sweep_name, options=["--resume"])

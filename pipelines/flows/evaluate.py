@@ -3,6 +3,9 @@ splits of prepared shards, in an MLflow run of its own (the splits as evaluation
 metrics, the per-expression table, the worst cases and a picture per split).
 
 The flow only puts tasks in order; the work lives in pipelines.evaluation and pipelines.tracking.
+It is an entry point (a deployment starts it without `magnet evaluate`): it makes the shards and the
+store absolute once and hands them on; the run travels as a `RunRef` and leaves in the result as
+plain ``tracking_uri`` and ``run_id``.
 """
 
 from __future__ import annotations
@@ -19,33 +22,33 @@ from pipelines import tracking as mlflow_tracking
 from pipelines.evaluation import evaluate_model
 from pipelines.flows import artifact_key
 from pipelines.registry import check_model_reference
+from pipelines.tracking import RunRef
 
 DEFAULT_EXPERIMENT = "magnet-evaluations"
 
 
 @task(name="open-evaluation-run")
 def open_evaluation_run(
-    model: str, shards: str, tracking_uri: str | None, experiment: str, run_name: str | None
-) -> dict[str, str]:
+    model: str, shards: str, tracking_uri: str, experiment: str, run_name: str | None
+) -> RunRef:
     """A new MLflow run tagged with the model reference and the shards' dataset tags."""
-    uri = mlflow_tracking.resolve_tracking_uri(tracking_uri)
-    client = mlflow_tracking.client_for(uri)
-    experiment_id = mlflow_tracking.get_or_create_experiment(client, experiment, uri)
+    client = mlflow_tracking.client_for(tracking_uri)
+    experiment_id = mlflow_tracking.get_or_create_experiment(client, experiment, tracking_uri)
     tags = {**mlflow_tracking.dataset_tags(shards), "evaluation.model": model}
     run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-    get_run_logger().info("MLflow run %s at %s", run_id, uri)
-    return {"tracking_uri": uri, "run_id": run_id}
+    get_run_logger().info("MLflow run %s at %s", run_id, tracking_uri)
+    return RunRef(tracking_uri, experiment_id, run_id)
 
 
 @task(name="evaluate")
 def evaluate(
-    model: str, shards: str, splits: list[str], tracking: dict[str, str], pictures_dir: Path | None
+    model: str, shards: str, splits: list[str], tracking: RunRef, pictures_dir: Path | None
 ) -> dict[str, Any]:
     result = evaluate_model(
         model,
         shards,
         splits,
-        tracking_uri=tracking["tracking_uri"],
+        tracking_uri=tracking.tracking_uri,
         log_to=tracking,
         pictures_dir=pictures_dir,
     )
@@ -79,12 +82,13 @@ def evaluate_magnet(
     """
     interrupts.reclaim_sigterm()
     shard_root = absolute_location(shards)
+    store = mlflow_tracking.resolve_tracking_uri(tracking_uri)
     check_model_reference(model, tracking_uri)
     splits = splits or held_out_splits(shard_root, train_split)
     for split in splits:  # a missing split or corrupt shard refused before the run is opened
         open_split(shard_root, split)
-    tracking = open_evaluation_run(model, shard_root, tracking_uri, experiment, run_name)
-    mlflow_record.link_flow_run(tracking, key=artifact_key("mlflow-run", tracking["run_id"]))
+    tracking = open_evaluation_run(model, shard_root, store, experiment, run_name)
+    mlflow_record.link_flow_run(tracking, key=artifact_key("mlflow-run", tracking.run_id))
     try:
         evaluation = evaluate(
             model, shard_root, splits, tracking, Path(pictures_dir).resolve() if pictures_dir else None
@@ -94,4 +98,4 @@ def evaluate_magnet(
         raise
     mlflow_tracking.end_run(tracking)
     print(f"{model}: {evaluation['protocol']}; MLflow: {mlflow_tracking.run_url(tracking)}")
-    return {**tracking, **evaluation}
+    return {"tracking_uri": tracking.tracking_uri, "run_id": tracking.run_id, **evaluation}

@@ -3,8 +3,11 @@ every held-out split, register it, and leave a markdown report of the metrics. E
 flow reads, the final evaluation's included, is checked before Ray starts (run_training).
 
 The flow only puts tasks in order; the work lives in pipelines.train_driver (the Ray Train driver),
-pipelines.evaluation, pipelines.tracking and pipelines.registry. Every path handed on is absolute,
-because Ray runs workers in another directory.
+pipelines.evaluation, pipelines.tracking and pipelines.registry. The flow is an entry point (a
+deployment starts it without `magnet train`): it loads the config and makes every location absolute
+once, because Ray runs workers in another directory, and hands the resolved values on; the MLflow
+run travels as a `RunRef`, and leaves the flow as plain ``run_id`` and ``tracking_uri`` in its
+result (JSON, for a deployment's caller).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pipelines import tracking as mlflow_tracking
 from pipelines.defaults import TRAIN, absolute_storage
 from pipelines.evaluation import evaluate_model
 from pipelines.flows import artifact_key
+from pipelines.tracking import RunRef
 from pipelines.train_driver import (
     check_run_name,
     new_run_name,
@@ -38,13 +42,13 @@ from pipelines.train_driver import (
 def open_run(
     cfg: Config,
     shards: str,
-    tracking_uri: str | None,
+    tracking_uri: str,
     experiment: str,
     run_name: str,
     resume: bool,
     run_path: str,
-) -> dict[str, str]:
-    settings = mlflow_tracking.start_run(
+) -> RunRef:
+    run = mlflow_tracking.start_run(
         cfg,
         shards=shards,
         tracking_uri=tracking_uri,
@@ -53,17 +57,17 @@ def open_run(
         resume=resume,
         run_path=run_path,
     )
-    get_run_logger().info("MLflow run %s at %s", settings["run_id"], settings["tracking_uri"])
-    return settings
+    get_run_logger().info("MLflow run %s at %s", run.run_id, run.tracking_uri)
+    return run
 
 
-def _kill_opened_run(tracking_uri: str | None, experiment: str, run_name: str) -> None:
+def _kill_opened_run(tracking_uri: str, experiment: str, run_name: str) -> None:
     """Mark KILLED the run `open_run` created or reopened when a Ctrl-C came before the task handed
     it back (its result is lost then): left RUNNING, it would look alive in MLflow for good."""
-    uri = mlflow_tracking.resolve_tracking_uri(tracking_uri)
-    opened = mlflow_tracking.find_run(uri, experiment, run_name)
+    opened = mlflow_tracking.find_run(tracking_uri, experiment, run_name)
     if opened is not None and opened.info.status == "RUNNING":
-        mlflow_tracking.end_run({"tracking_uri": uri, "run_id": opened.info.run_id}, status="KILLED")
+        run = RunRef(tracking_uri, opened.info.experiment_id, opened.info.run_id)
+        mlflow_tracking.end_run(run, status="KILLED")
 
 
 @task(name="train")
@@ -78,7 +82,7 @@ def train(
     storage_path: str,
     run_name: str,
     resume: bool,
-    tracking: dict[str, str],
+    tracking: RunRef,
     max_failures: int,
     final_splits: list[str],
 ) -> Any:
@@ -103,7 +107,7 @@ def evaluate_final(
     checkpoint: Path,
     shards: str,
     splits: list[str],
-    tracking: dict[str, str],
+    tracking: RunRef,
     step: int,
     pictures_dir: Path | None,
 ) -> dict[str, Any]:
@@ -117,7 +121,7 @@ def evaluate_final(
 
 
 @task(name="register")
-def register(tracking: dict[str, str], checkpoint: Path, shards: str, split: str, aliases: list[str]) -> str:
+def register(tracking: RunRef, checkpoint: Path, shards: str, split: str, aliases: list[str]) -> str:
     from pipelines.registry import log_and_register
 
     version = log_and_register(tracking, checkpoint, first_example(shards, split), aliases=tuple(aliases))
@@ -127,7 +131,7 @@ def register(tracking: dict[str, str], checkpoint: Path, shards: str, split: str
 
 @task(name="describe-model")
 def describe_model(
-    tracking: dict[str, str],
+    tracking: RunRef,
     version: str,
     checkpoint: Path,
     shards: str,
@@ -136,7 +140,7 @@ def describe_model(
 ) -> None:
     """The model card (mlflow_record.model_card) as the registered version's description."""
     card = mlflow_record.model_card(tracking, checkpoint, shards, evaluation, compute)
-    mlflow_record.describe_version(tracking["tracking_uri"], version, card)
+    mlflow_record.describe_version(tracking.tracking_uri, version, card)
 
 
 def _compute(num_workers: int, use_gpu: bool) -> str:
@@ -151,7 +155,7 @@ def _compute(num_workers: int, use_gpu: bool) -> str:
 
 # ------------------------------------------------------------------------------------ flow
 def _report(
-    cfg: Config, run_name: str, tracking: dict[str, str], version: str | None, evaluation: dict[str, Any]
+    cfg: Config, run_name: str, tracking: RunRef, version: str | None, evaluation: dict[str, Any]
 ) -> str:
     metrics: dict[str, float] = evaluation["metrics"]
     splits = list(dict.fromkeys(key.split("/", 1)[0] for key in metrics))
@@ -222,6 +226,7 @@ def train_magnet(
     interrupts.reclaim_sigterm()
     cfg = load_config(config, overrides or [])
     storage = absolute_storage(storage_path)
+    store = mlflow_tracking.resolve_tracking_uri(tracking_uri)
     check_run_name(storage, run_name, resume)  # before the MLflow run: a refusal leaves no trace
     run_name = run_name or new_run_name(cfg)
     if shards is None:
@@ -230,11 +235,9 @@ def train_magnet(
         shard_root = absolute_location(shards)
     splits = eval_splits or held_out_splits(shard_root, cfg.data.train_split)
     try:
-        tracking = open_run(
-            cfg, shard_root, tracking_uri, experiment, run_name, resume, run_path(storage, run_name)
-        )
+        tracking = open_run(cfg, shard_root, store, experiment, run_name, resume, run_path(storage, run_name))
     except KeyboardInterrupt:
-        _kill_opened_run(tracking_uri, experiment, run_name)
+        _kill_opened_run(store, experiment, run_name)
         raise
     try:
         mlflow_record.link_flow_run(tracking, key=artifact_key("mlflow-run", run_name))
@@ -281,8 +284,8 @@ def train_magnet(
     print(report)
     return {
         "run_name": run_name,
-        "run_id": tracking["run_id"],
-        "tracking_uri": tracking["tracking_uri"],
+        "run_id": tracking.run_id,
+        "tracking_uri": tracking.tracking_uri,
         "run_url": mlflow_tracking.run_url(tracking),
         "model_version": version,
         "checkpoint": result.best_checkpoint,

@@ -3,7 +3,9 @@
 tune-magnet runs a sweep (pipelines.sweep: Ray Tune trials of Ray Train runs, an MLflow parent run
 with a child per trial, the best model registered) and leaves the ranked trials as a Prefect table
 artifact; promote-magnet compares the best finished run's model with the `champion` and moves the
-alias when it wins (pipelines.promote). The flows only put the work in order.
+alias when it wins (pipelines.promote). The flows only put the work in order. Each is an entry
+point (a deployment starts it without `magnet tune` or `magnet promote`): it makes the shards,
+the storage and tune-magnet's tracking store absolute once and hands them on.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from data_prep.synthetic_shards import ensure_synthetic_shards
 from pipelines import interrupts
 from pipelines.defaults import PROMOTE, TUNE, absolute_storage
 from pipelines.flows import artifact_key
+from pipelines.tracking import resolve_tracking_uri
 
 
 @task(name="sweep")
@@ -92,7 +95,7 @@ def tune_magnet(
         overrides or [],
         absolute_storage(storage_path),
         {
-            "tracking_uri": tracking_uri,
+            "tracking_uri": resolve_tracking_uri(tracking_uri),
             "experiment": experiment,
             "sweep_name": resume or sweep_name,
             "resume": resume is not None,

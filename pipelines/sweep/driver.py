@@ -4,6 +4,9 @@ trial is a full Ray Train run, tracked as MLflow child runs of one parent run pe
     space = load_space("configs/sweeps/loss-weights.yaml")
     run_sweep(load_config("tiny"), space, shards, storage_path=..., tracking_uri=...) -> SweepResult
 
+Its caller resolves the locations (absolute shards, storage and tracking URI) and the config;
+`run_trial` gets them, with the parent run, as one `TrialSettings`.
+
 Tune-over-Train (Ray 2.60, Train V2): each trial runs ``pipelines.sweep.trial.run_trial`` with its
 own ScalingConfig. The trial driver only waits on its Train controller (a 0-CPU actor), as
 ``magnet train``'s own process does, so Tune reserves memory for it and no CPU (a reserved CPU
@@ -31,13 +34,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from data_prep.paths import absolute_location, check_name
+from data_prep.paths import check_name
 from magnet import progress
 from magnet.checkpoint import local_checkpoint
 from magnet.config import Config
 from magnet.data import first_example, held_out_splits
 from pipelines import interrupts
-from pipelines.defaults import TUNE, absolute_storage
+from pipelines.defaults import TUNE
 from pipelines.evaluation import evaluate_model
 from pipelines.sweep.report import (
     COMMAND_PARAM,
@@ -63,7 +66,8 @@ from pipelines.sweep.space import (
     check_search,
     with_overrides,
 )
-from pipelines.sweep.trial import PARAMS_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG, run_trial
+from pipelines.sweep.trial import PARAMS_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG, TrialSettings, run_trial
+from pipelines.tracking import RunRef
 from pipelines.train_driver import check_splits, run_path, run_splits
 
 TRIALS_CSV = "trials.csv"
@@ -264,7 +268,7 @@ def _open_parent(
     space: SweepSpace,
     *,
     shards: str,
-    tracking_uri: str | None,
+    tracking_uri: str,
     experiment: str,
     sweep_name: str,
     experiment_path: str,
@@ -273,12 +277,12 @@ def _open_parent(
     resume: bool,
     workers_per_trial: int,
     gpus_per_trial: int,
-) -> dict[str, str]:
+) -> RunRef:
     """Open (or, resuming, reopen) the sweep's parent run; at the start it records what the report
     needs to say what ran: the space, the command line, what differs from the preset, the budget."""
     from pipelines import tracking
 
-    settings = tracking.start_run(
+    parent = tracking.start_run(
         cfg,
         shards=shards,
         tracking_uri=tracking_uri,
@@ -293,8 +297,8 @@ def _open_parent(
             "tune.scheduler": "asha" if space.scheduler.early_stopping else "fifo",
         },
     )
-    client = tracking.client_for(settings["tracking_uri"])
-    if not client.get_run(settings["run_id"]).data.params.get("sweep.space"):
+    client = parent.client
+    if not client.get_run(parent.run_id).data.params.get("sweep.space"):
         from mlflow.entities import Param
 
         sched = space.scheduler
@@ -317,11 +321,11 @@ def _open_parent(
             "sweep.workers_per_trial": str(workers_per_trial),
             "sweep.gpus_per_trial": str(gpus_per_trial),
         }
-        client.log_batch(settings["run_id"], params=[Param(k, v) for k, v in params.items()])
-        client.log_artifact(settings["run_id"], space.source, artifact_path="sweep")
+        client.log_batch(parent.run_id, params=[Param(k, v) for k, v in params.items()])
+        client.log_artifact(parent.run_id, space.source, artifact_path="sweep")
     elif resume:
-        client.set_tag(settings["run_id"], RESUME_TAG, command_line())
-    return settings
+        client.set_tag(parent.run_id, RESUME_TAG, command_line())
+    return parent
 
 
 def command_line() -> str:
@@ -341,21 +345,22 @@ def preset_overrides(cfg: Config) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in cfg.flat().items() if preset.get(key) != value]
 
 
-def _child_runs(client: Any, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+def _child_runs(parent: RunRef) -> dict[str, Any]:
+    runs = parent.client.search_runs(
+        [parent.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.run_id}'"
+    )
     return {run.data.tags.get(TRIAL_TAG): run for run in runs}
 
 
-def _finish_trials(results: Any, parent: dict[str, str], space: SweepSpace) -> list[dict[str, Any]]:
+def _finish_trials(results: Any, parent: RunRef, space: SweepSpace) -> list[dict[str, Any]]:
     """Close every trial's child run (early-stopped ones as KILLED) and return ranked rows."""
     from mlflow.entities import Metric
     from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
     from pipelines import tracking
 
-    client = tracking.client_for(parent["tracking_uri"])
-    experiment_id = client.get_run(parent["run_id"]).info.experiment_id
-    children = _child_runs(client, experiment_id, parent["run_id"])
+    client = parent.client
+    children = _child_runs(parent)
     rows = []
     for result in results:
         metrics = result.metrics or {}
@@ -410,29 +415,25 @@ def _finish_trials(results: Any, parent: dict[str, str], space: SweepSpace) -> l
 
 
 def _register_best(
-    rows: list[dict[str, Any]], parent: dict[str, str], shards: str, split: str
+    rows: list[dict[str, Any]], parent: RunRef, shards: str, split: str
 ) -> tuple[str | None, str | None]:
     """Register the best-ranked finished trial's best checkpoint as a version of `magnet` (the one
     registered before when a resumed sweep ends on the same trial)."""
-    from pipelines import tracking
     from pipelines.registry import log_and_register
 
     for row in rows:
         if row["status"] != "FINISHED" or not row["checkpoint"] or row["run_id"] is None:
             continue
-        child = {"tracking_uri": parent["tracking_uri"], "run_id": row["run_id"]}
+        child = parent.in_same_experiment(row["run_id"])
         with local_checkpoint(row["checkpoint"]) as checkpoint:
             version = log_and_register(child, checkpoint, first_example(shards, split))
-        client = tracking.client_for(parent["tracking_uri"])
-        client.set_tag(parent["run_id"], "tune.best_run_id", row["run_id"])
-        client.set_tag(parent["run_id"], "tune.best_model_version", version)
+        parent.client.set_tag(parent.run_id, "tune.best_run_id", row["run_id"])
+        parent.client.set_tag(parent.run_id, "tune.best_model_version", version)
         return row["run_id"], version
     return None, None
 
 
-def _score_trials(
-    rows: list[dict[str, Any]], parent: dict[str, str], shards: str, splits: Sequence[str]
-) -> None:
+def _score_trials(rows: list[dict[str, Any]], parent: RunRef, shards: str, splits: Sequence[str]) -> None:
     """Evaluate every finished trial's best checkpoint on whole splits (whatever eval.max_samples
     capped while it trained); metrics go to its run."""
     from pipelines import tracking
@@ -442,14 +443,12 @@ def _score_trials(
             continue
         metrics = evaluate_model(row["checkpoint"], shards, splits, whole_splits=True).metrics
         row["final"] = metrics
-        logger = tracking.MlflowRunLogger(parent["tracking_uri"], row["run_id"])
+        logger = tracking.MlflowRunLogger(parent.in_same_experiment(row["run_id"]))
         logger.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=int(row["step"] or 0))
 
 
-def _log_text(parent: dict[str, str], text: str, name: str) -> None:
-    from pipelines import tracking
-
-    tracking.client_for(parent["tracking_uri"]).log_text(parent["run_id"], text, name)
+def _log_text(parent: RunRef, text: str, name: str) -> None:
+    parent.client.log_text(parent.run_id, text, name)
 
 
 def _checked_config(
@@ -508,27 +507,25 @@ def _tuner(
     )
 
 
-def _end_after(error: BaseException, parent: dict[str, str]) -> None:
+def _end_after(error: BaseException, parent: RunRef) -> None:
     """End the parent run as the sweep ended (FAILED, or KILLED with its running trials' runs)."""
     from pipelines import tracking
 
     status = tracking.ended_status(error)
     if status == "KILLED":  # the trials die with this driver: their runs end with the sweep's
-        client = tracking.client_for(parent["tracking_uri"])
-        experiment_id = client.get_run(parent["run_id"]).info.experiment_id
-        for run in _child_runs(client, experiment_id, parent["run_id"]).values():
+        for run in _child_runs(parent).values():
             if run.info.status == "RUNNING":
-                client.set_terminated(run.info.run_id, status=status)
+                parent.client.set_terminated(run.info.run_id, status=status)
     tracking.end_run(parent, status=status)
 
 
 def run_sweep(
     cfg: Config,
     space: SweepSpace,
-    shards: str | Path,
+    shards: str,
     *,
-    storage_path: str | Path,
-    tracking_uri: str | None = None,
+    storage_path: str,
+    tracking_uri: str,
     experiment: str = "magnet-sweeps",
     sweep_name: str | None = None,
     resume: bool = False,
@@ -547,9 +544,10 @@ def run_sweep(
     Args:
         cfg: the base config every trial starts from (the space's ``overrides`` are applied on top).
         space: the validated sweep file (`load_space`).
-        shards: prepared dataset root (path or URL).
-        storage_path: where Tune and the trials' Train runs keep results and checkpoints.
-        tracking_uri: MLflow; None = MLFLOW_TRACKING_URI or ./mlflow.db.
+        shards: prepared dataset root (absolute path or URL).
+        storage_path: where Tune and the trials' Train runs keep results and checkpoints
+            (absolute path or URL).
+        tracking_uri: the MLflow store, absolute (`tracking.resolve_tracking_uri`).
         experiment: MLflow experiment of the parent and child runs.
         sweep_name: the sweep's name (Tune experiment and parent run); None = a new unique name.
         resume: continue the stopped sweep ``sweep_name`` (``Tuner.restore``).
@@ -574,12 +572,10 @@ def run_sweep(
     search = search or space.search
     cfg = _checked_config(cfg, space, search, workers_per_trial, gpus_per_trial)
     scheduler = build_scheduler(space, cfg)  # refused here when the config cannot run it
-    shards = absolute_location(shards)
-    storage = absolute_storage(str(storage_path))
-    check_sweep_name(storage, sweep_name, resume)
+    check_sweep_name(storage_path, sweep_name, resume)
     check_sweep_splits(cfg, space, shards, register_best)
     sweep_name = sweep_name or new_sweep_name()
-    experiment_path = run_path(storage, sweep_name)
+    experiment_path = run_path(storage_path, sweep_name)
     samples = num_samples or space.num_samples
     parent = _open_parent(
         cfg, space, shards=shards, tracking_uri=tracking_uri, experiment=experiment,
@@ -587,20 +583,19 @@ def run_sweep(
         resume=resume,
         workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial,
     )  # fmt: skip
-    sweep = {
-        "config": cfg.model_dump(mode="json"),
-        "variants": space.variants,
-        "shards": shards,
-        "tracking_uri": parent["tracking_uri"],
-        "parent_run_id": parent["run_id"],
-        "experiment": experiment,
-        "sweep_name": sweep_name,
-        "train_storage": f"{experiment_path}/train",
-        "num_workers": workers_per_trial,
-        "use_gpu": gpus_per_trial > 0,
-        "cpus_per_worker": cpus_per_worker,
-        "max_failures": max_failures,
-    }
+    sweep = TrialSettings(
+        config=cfg,
+        variants=space.variants,
+        shards=shards,
+        parent=parent,
+        experiment=experiment,
+        sweep_name=sweep_name,
+        train_storage=f"{experiment_path}/train",
+        num_workers=workers_per_trial,
+        use_gpu=gpus_per_trial > 0,
+        cpus_per_worker=cpus_per_worker,
+        max_failures=max_failures,
+    )
     started_ray = not ray.is_initialized()
     if started_ray:
         # with the dashboard (ray[default]), the state API is how Train's PlacementGroupCleaner
@@ -614,7 +609,8 @@ def run_sweep(
         )
         tuner = _tuner(
             trainable, space, scheduler, resume=resume, experiment_path=experiment_path,
-            sweep_name=sweep_name, storage=storage, search=search, samples=samples, concurrency=concurrency,
+            sweep_name=sweep_name, storage=storage_path, search=search, samples=samples,
+            concurrency=concurrency,
         )  # fmt: skip
         results = tuner.fit()
     except BaseException as error:
@@ -628,7 +624,7 @@ def run_sweep(
 
 def _wrap_up(
     results: Any,
-    parent: dict[str, str],
+    parent: RunRef,
     space: SweepSpace,
     cfg: Config,
     shards: str,
@@ -646,14 +642,14 @@ def _wrap_up(
     table = markdown_table(rows, columns)
     _log_text(parent, csv_table(rows, columns), TRIALS_CSV)
     _log_text(parent, f"# {sweep_name}: trials ranked by {space.metric}\n\n{table}\n", TRIALS_MD)
-    client = tracking.client_for(parent["tracking_uri"])
+    client = parent.client
     best_value = next((r[space.metric] for r in rows if r[space.metric] is not None), None)
     if best_value is not None:
         client.log_batch(
-            parent["run_id"], metrics=[Metric(f"best/{tracking.metric_key(space.metric)}", best_value, 0, 0)]
+            parent.run_id, metrics=[Metric(f"best/{tracking.metric_key(space.metric)}", best_value, 0, 0)]
         )
-    client.set_tag(parent["run_id"], "tune.trials", str(len(rows)))
-    client.set_tag(parent["run_id"], "tune.early_stopped", str(sum(r["early_stopped"] for r in rows)))
+    client.set_tag(parent.run_id, "tune.trials", str(len(rows)))
+    client.set_tag(parent.run_id, "tune.early_stopped", str(sum(r["early_stopped"] for r in rows)))
     report = None
     splits, group_by = space.report.splits, space.report.group_by
     if splits:
@@ -682,8 +678,8 @@ def _wrap_up(
     return SweepResult(
         sweep_name=sweep_name,
         experiment_path=experiment_path,
-        tracking_uri=parent["tracking_uri"],
-        parent_run_id=parent["run_id"],
+        tracking_uri=parent.tracking_uri,
+        parent_run_id=parent.run_id,
         trials=rows,
         metric=space.metric,
         best_run_id=best_run,
@@ -694,15 +690,11 @@ def _wrap_up(
     )
 
 
-def _log_bytes(parent: dict[str, str], data: bytes, name: str) -> None:
+def _log_bytes(parent: RunRef, data: bytes, name: str) -> None:
     import tempfile
-
-    from pipelines import tracking
 
     directory, _, filename = name.rpartition("/")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / filename
         path.write_bytes(data)
-        tracking.client_for(parent["tracking_uri"]).log_artifact(
-            parent["run_id"], str(path), directory or None
-        )
+        parent.client.log_artifact(parent.run_id, str(path), directory or None)

@@ -312,7 +312,7 @@ def test_commands_that_read_a_store_refuse_a_missing_one_and_create_none(sweep, 
     ):
         assert "--tracking-uri: no MLflow tracking store at sqlite:///" in refused(args)
     with pytest.raises(FileNotFoundError, match="no MLflow tracking store"):
-        promote(shards=prepared, experiment="magnet")
+        promote(shards=str(prepared), experiment="magnet")
     assert not (tmp_path / "mlflow.db").exists()
 
 

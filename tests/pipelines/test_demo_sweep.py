@@ -29,7 +29,7 @@ def test_the_demo_sweep_runs_its_two_trials_side_by_side_on_two_cores(
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     try:
         assert ray.cluster_resources()["CPU"] == 2
-        result = run_demo_sweep(tmp_path, shards, tracking_uri=uri)
+        result = run_demo_sweep(tmp_path, str(shards), tracking_uri=uri)
     finally:
         ray.shutdown()
     assert len(result.trials) == SWEEP_TRIALS == 2

@@ -102,11 +102,13 @@ def test_partial_prepare_bad_eval_shard_and_registry_read_from_the_wrong_folder(
          "train.eval_every=2", "train.checkpoint_every=2", "train.keep_checkpoints=null"],
     )  # fmt: skip
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    settings = tracking.start_run(cfg, shards=shards, tracking_uri=uri, experiment="chaos", run_name="chaos")
+    settings = tracking.start_run(
+        cfg, shards=str(shards), tracking_uri=uri, experiment="chaos", run_name="chaos"
+    )
     steps, runs = tmp_path / "steps.jsonl", tmp_path / "runs"
     hooks = [StepTrace(str(steps)), CorruptAt(str(shards / split_shards(shards, "val")[0]), step=3)]
     result = run_training(
-        cfg, shards, num_workers=WORKERS, storage_path=runs, run_name="chaos", tracking=settings,
+        cfg, str(shards), num_workers=WORKERS, storage_path=str(runs), run_name="chaos", tracking=settings,
         hooks=hooks,
     )  # fmt: skip
     tracking.end_run(settings)
@@ -116,9 +118,9 @@ def test_partial_prepare_bad_eval_shard_and_registry_read_from_the_wrong_folder(
     assert saved == [checkpoint_name(s) for s in (2, 4)]
     assert result.best_checkpoint.endswith(checkpoint_name(2))  # the one with a score
     client = tracking.client_for(uri)
-    failed = client.get_metric_history(settings["run_id"], EVAL_FAILED_KEY)
+    failed = client.get_metric_history(settings.run_id, EVAL_FAILED_KEY)
     assert sorted((p.step, p.value) for p in failed) == [(2, 0.0), (4, 1.0)]
-    assert [p.step for p in client.get_metric_history(settings["run_id"], "val/oIoU")] == [2]
+    assert [p.step for p in client.get_metric_history(settings.run_id, "val/oIoU")] == [2]
 
     # 3. Reading the registry from a folder without a store: exit 2 naming it, nothing created.
     elsewhere = tmp_path / "elsewhere"

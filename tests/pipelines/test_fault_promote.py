@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 def store(tmp_path: Path, synthetic_shards) -> dict:
     return {
         "root": tmp_path,
-        "shards": synthetic_shards(num_images=12, image_size=64, seed=0, samples_per_shard=8),
+        "shards": str(synthetic_shards(num_images=12, image_size=64, seed=0, samples_per_shard=8)),
         "uri": f"sqlite:///{tmp_path}/mlflow.db",
     }
 

@@ -157,11 +157,13 @@ def test_worker_sigkilled_mid_epoch_resumes_and_does_every_step_once(shards, loc
     trace = StepTrace(str(steps), hold_rank=1, hold_step=5, release=str(tmp_path / "release"))
     killer = Killer(trace, runs / name, checkpoint_step=3)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    settings = tracking.start_run(cfg, shards=shards, tracking_uri=uri, experiment="faults", run_name=name)
+    settings = tracking.start_run(
+        cfg, shards=str(shards), tracking_uri=uri, experiment="faults", run_name=name
+    )
     killer.start()
     try:
         result = run_training(
-            cfg, shards, num_workers=WORKERS, storage_path=runs, run_name=name, max_failures=2,
+            cfg, str(shards), num_workers=WORKERS, storage_path=str(runs), run_name=name, max_failures=2,
             tracking=settings, hooks=[trace],
         )  # fmt: skip
     finally:
@@ -196,10 +198,10 @@ def test_worker_sigkilled_mid_epoch_resumes_and_does_every_step_once(shards, loc
         assert redone and all(second[s - resumed_from - 1]["sent_ids"] == ids for s, ids in redone.items())
 
     # the run's curves hold each step once, though the killed group had logged some redone steps
-    history = tracking.client_for(uri).get_metric_history(settings["run_id"], "train/loss")
+    history = tracking.client_for(uri).get_metric_history(settings.run_id, "train/loss")
     assert sorted(point.step for point in history) == list(range(1, cfg.train.max_steps + 1))
     # the run says where its ranks trained, that its worker group was started twice, and from where
-    tags = tracking.client_for(uri).get_run(settings["run_id"]).data.tags
+    tags = tracking.client_for(uri).get_run(settings.run_id).data.tags
     assert tags[WORKER_GROUPS_TAG] == "2"
     assert tags[RESUMED_FROM_TAG] == checkpoint_name(3)
     import ray
@@ -244,7 +246,7 @@ def test_corrupt_shard_refused_before_training_starts(corrupt_copy, tmp_path):
     steps = tmp_path / "steps.jsonl"
     with pytest.raises(ShardError, match=f"{name}.* is corrupt"):
         run_training(
-            tiny_config("train.max_steps=2"), copy, num_workers=1, storage_path=tmp_path / "runs",
+            tiny_config("train.max_steps=2"), str(copy), num_workers=1, storage_path=str(tmp_path / "runs"),
             hooks=[StepTrace(str(steps))],
         )  # fmt: skip
     # refused by the driver: no worker started, no step ran, no run directory
@@ -259,20 +261,22 @@ def test_corrupt_shard_skipped_and_counted_in_the_run(corrupt_copy, local_ray, t
     copy, name = corrupt_copy
     cfg = tiny_config("train.max_steps=2", "train.checkpoint_every=2", "data.skip_corrupt_shards=true")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    settings = tracking.start_run(cfg, shards=copy, tracking_uri=uri, experiment="faults", run_name="skip")
+    settings = tracking.start_run(
+        cfg, shards=str(copy), tracking_uri=uri, experiment="faults", run_name="skip"
+    )
     steps = tmp_path / "steps.jsonl"
     result = run_training(
         cfg,
-        copy,
+        str(copy),
         num_workers=1,
-        storage_path=tmp_path / "runs",
+        storage_path=str(tmp_path / "runs"),
         tracking=settings,
         hooks=[StepTrace(str(steps))],
     )
     tracking.end_run(settings)
 
     assert result.metrics[SKIPPED_SHARDS_KEY] == 1
-    run = mlflow.MlflowClient(uri).get_run(settings["run_id"])
+    run = mlflow.MlflowClient(uri).get_run(settings.run_id)
     assert run.data.metrics[SKIPPED_SHARDS_KEY] == 1
     # nothing of the skipped shard was trained on
     manifest = pq.read_table(copy / MANIFEST, columns=["shard", "sent_id"]).to_pylist()
@@ -295,7 +299,7 @@ def test_corrupt_evaluation_shard_refused_before_training_starts(shards, tmp_pat
     final = {"final_splits": [split]} if read_by == "final_splits" else {}
     with pytest.raises(ShardError, match=f"{name}.* is corrupt"):
         run_training(
-            cfg, copy, num_workers=1, storage_path=tmp_path / "runs", max_failures=0,
+            cfg, str(copy), num_workers=1, storage_path=str(tmp_path / "runs"), max_failures=0,
             hooks=[StepTrace(str(steps))], **final,
         )  # fmt: skip
     assert not steps.exists() and not (tmp_path / "runs").exists()

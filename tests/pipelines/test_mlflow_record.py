@@ -33,7 +33,7 @@ def shards(synthetic_shards) -> str:
 
 
 @pytest.fixture
-def run(tmp_path: Path, shards: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+def run(tmp_path: Path, shards: str, monkeypatch: pytest.MonkeyPatch) -> tracking.RunRef:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = tracking.resolve_tracking_uri(default_dir=tmp_path)
     return tracking.start_run(load_config("tiny"), shards=shards, tracking_uri=uri, run_name="record")
@@ -55,7 +55,7 @@ def test_training_and_evaluation_splits_are_dataset_inputs(run, shards):
     digest = hashlib.sha256(Path(shards, SUMMARY).read_bytes()).hexdigest()
     tracking.log_dataset_inputs(run, shards, ["val", "testA"], "evaluation")
     tracking.log_dataset_inputs(run, shards, ["val"], "evaluation")  # a retry adds nothing
-    inputs = tracking.client_for(run["tracking_uri"]).get_run(run["run_id"]).inputs.dataset_inputs
+    inputs = run.client.get_run(run.run_id).inputs.dataset_inputs
     seen = {i.dataset.name: (i.dataset, {t.key: t.value for t in i.tags}) for i in inputs}
     assert sorted(seen) == ["refcoco-unc/testA", "refcoco-unc/train", "refcoco-unc/val"]
     for name, (dataset, tags) in seen.items():
@@ -69,7 +69,7 @@ def test_training_and_evaluation_splits_are_dataset_inputs(run, shards):
 def test_system_metrics_are_logged_into_the_run(run):
     with mlflow_record.system_metrics(run, interval_s=0.2):
         time.sleep(1.5)
-    metrics = tracking.client_for(run["tracking_uri"]).get_run(run["run_id"]).data.metrics
+    metrics = run.client.get_run(run.run_id).data.metrics
     assert metrics["system/cpu_utilization_percentage"] >= 0
     assert metrics["system/system_memory_usage_megabytes"] > 0
     if torch.cuda.is_available():
@@ -83,8 +83,8 @@ def test_evaluation_table_has_a_row_per_expression_and_worst_cases_a_picture(run
     )
     artifact = mlflow_record.log_evaluation(run, evaluation, shards, STEP)
     mlflow_record.log_evaluation(run, evaluation, shards, STEP)  # a retried task appends nothing
-    client = tracking.client_for(run["tracking_uri"])
-    local = client.download_artifacts(run["run_id"], artifact, str(tmp_path))
+    client = run.client
+    local = client.download_artifacts(run.run_id, artifact, str(tmp_path))
     table = json.loads(Path(local).read_text())
     assert table["columns"] == list(mlflow_record.TABLE_COLUMNS)
     rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
@@ -97,9 +97,9 @@ def test_evaluation_table_has_a_row_per_expression_and_worst_cases_a_picture(run
         )
         assert row["iou"] == pytest.approx(row["area"])  # predicting everywhere, at the eval size
     assert {row["picked"] for row in rows} == {True, False}  # everywhere picks each image's largest
-    listed = json.loads(client.get_run(run["run_id"]).data.tags["mlflow.loggedArtifacts"])
+    listed = json.loads(client.get_run(run.run_id).data.tags["mlflow.loggedArtifacts"])
     assert {"path": artifact, "type": "table"} in listed  # what the UI's evaluation view lists
-    pictures = {a.path for a in client.list_artifacts(run["run_id"], "predictions")}
+    pictures = {a.path for a in client.list_artifacts(run.run_id, "predictions")}
     assert {f"predictions/worst_{s}_step{STEP:08d}.png" for s in ("val", "testB")} <= pictures
 
 
@@ -134,13 +134,13 @@ def checkpoint_dir(root: Path, meta: CheckpointMeta) -> Path:
 
 
 def test_model_card_is_the_registered_versions_description(run, shards, tmp_path):
-    client = tracking.client_for(run["tracking_uri"])
+    client = run.client
     client.create_registered_model("magnet")
-    version = client.create_model_version("magnet", "file:///nowhere", run_id=run["run_id"]).version
+    version = client.create_model_version("magnet", "file:///nowhere", run_id=run.run_id).version
     evaluation = {"protocol": "protocol lavt: IoU at 32x32", "metrics": {"val/oIoU": 41.5, "val/n": 12.0}}
     trained = checkpoint_dir(tmp_path / "trained", CheckpointMeta(step=STEP, epoch=0, world_size=1))
     card = mlflow_record.model_card(run, trained, shards, evaluation, "1 Ray Train worker(s) on CPU")
-    mlflow_record.describe_version(run["tracking_uri"], version, card)
+    mlflow_record.describe_version(run.tracking_uri, version, card)
     shown = client.get_model_version("magnet", version).description
     assert shown == card
     digest = hashlib.sha256(Path(shards, SUMMARY).read_bytes()).hexdigest()
@@ -166,6 +166,6 @@ def test_model_card_is_the_registered_versions_description(run, shards, tmp_path
 
 
 def test_run_link_points_at_the_runs_page(run):
-    experiment = tracking.client_for(run["tracking_uri"]).get_run(run["run_id"]).info.experiment_id
-    page = f"/#/experiments/{experiment}/runs/{run['run_id']}"
+    experiment = run.client.get_run(run.run_id).info.experiment_id
+    page = f"/#/experiments/{experiment}/runs/{run.run_id}"
     assert mlflow_record.run_link(run) == f"http://127.0.0.1:5000{page}"

@@ -165,7 +165,7 @@ def fill_store(root: Path, shards: Path) -> dict:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=QUIET_WORKERS)
     try:
         sweep = run_sweep(
-            cfg, load_space(root / "space.yaml", cfg), str(shards), storage_path=root / "ray",
+            cfg, load_space(root / "space.yaml", cfg), str(shards), storage_path=str(root / "ray"),
             tracking_uri=uri, experiment=EXPERIMENT,
         )  # fmt: skip
     finally:

@@ -94,13 +94,13 @@ def test_prepare_train_evaluate_on_object_storage(
     assert metrics["metrics"]["val/oIoU"] == pytest.approx(result.metrics["val/oIoU"], rel=1e-5)
 
     # MLflow: the run's metrics on the server, its artifacts in the bucket
-    run = mlflow_tracking.client_for(mlflow_server.url).get_run(tracking["run_id"])
+    run = mlflow_tracking.client_for(mlflow_server.url).get_run(tracking.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["val/oIoU"] == pytest.approx(result.metrics["val/oIoU"])
     assert run.data.tags["dataset.summary_sha256"]
     artifacts = s3_store.keys("mlflow/")
-    assert any(key.endswith(f"{tracking['run_id']}/artifacts/config.yaml") for key in artifacts), artifacts
-    assert any(f"{tracking['run_id']}/artifacts/predictions/" in key for key in artifacts), artifacts
+    assert any(key.endswith(f"{tracking.run_id}/artifacts/config.yaml") for key in artifacts), artifacts
+    assert any(f"{tracking.run_id}/artifacts/predictions/" in key for key in artifacts), artifacts
 
     # nothing landed on local disk in place of the bucket
     assert not any(cwd.iterdir()), sorted(cwd.rglob("*"))

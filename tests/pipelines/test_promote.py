@@ -34,7 +34,7 @@ def store(module_tmp, synthetic_shards) -> dict:
     root = module_tmp("promote")
     return {
         "root": root,
-        "shards": synthetic_shards(num_images=12, image_size=64, seed=0, samples_per_shard=8),
+        "shards": str(synthetic_shards(num_images=12, image_size=64, seed=0, samples_per_shard=8)),
         "uri": f"sqlite:///{root}/mlflow.db",  # explicit: MLflow exports the last URI it was set to
     }
 
@@ -76,7 +76,7 @@ def trained_run(
     name: str,
     threshold: float,
     val_oiou: float,
-    shards: Path | None = None,
+    shards: str | None = None,
     max_samples: int | None = None,
 ) -> str:
     """A finished run with a logged val/oIoU and a registered model; returns its version."""
@@ -84,7 +84,7 @@ def trained_run(
     settings = tracking.start_run(
         cfg, shards=shards or store["shards"], tracking_uri=store["uri"], experiment=EXPERIMENT, run_name=name
     )
-    tracking.MlflowRunLogger(**settings).log_metrics({"val/oIoU": val_oiou}, step=1)
+    tracking.MlflowRunLogger(settings).log_metrics({"val/oIoU": val_oiou}, step=1)
     weights = checkpoint(store["root"] / name, threshold, max_samples)
     version = registry.log_and_register(settings, weights, example())
     tracking.end_run(settings)
@@ -187,12 +187,12 @@ def test_promotion_story(store):
     # a run on other data: refused, and the registry is untouched
     other = store["root"] / "other-shards"
     other.mkdir()
-    summary = read_summary(str(store["shards"]))
+    summary = read_summary(store["shards"])
     changed = summary.settings.model_copy(
         update={"samples_per_shard": summary.settings.samples_per_shard + 1}
     )
     (other / SUMMARY).write_bytes(summary.model_copy(update={"settings": changed}).to_bytes())
-    trained_run(store, "elsewhere", threshold=0.3, val_oiou=99.0, shards=other)
+    trained_run(store, "elsewhere", threshold=0.3, val_oiou=99.0, shards=str(other))
     state = registry_state(client)
     with pytest.raises(PromotionError, match="different data"):
         run_promotion(store, min_gain=1.0)
@@ -209,8 +209,8 @@ def test_promotion_scores_the_whole_split_whatever_the_run_capped(store, tmp_pat
     result = run_promotion(own)
     model, cfg = registry.load_model(f"models:/magnet/{capped}", tracking_uri=own["uri"])
     assert cfg.eval.max_samples == 1
-    capped_score = evaluate(model, str(own["shards"]), cfg, splits=["val"]).metrics["val/oIoU"]
+    capped_score = evaluate(model, own["shards"], cfg, splits=["val"]).metrics["val/oIoU"]
     cfg.eval.max_samples = None
-    whole = evaluate(model, str(own["shards"]), cfg, splits=["val"]).metrics["val/oIoU"]
+    whole = evaluate(model, own["shards"], cfg, splits=["val"]).metrics["val/oIoU"]
     assert abs(whole - capped_score) > 1e-3, "the fixture must make the cap matter"
     assert result.challenger.value == pytest.approx(whole, abs=1e-5)

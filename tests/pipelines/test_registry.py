@@ -67,7 +67,7 @@ def registered(module_tmp, checkpoint: Path) -> dict:
     shards.mkdir()
     write_summary(shards, fake_summary())
     uri = tracking.resolve_tracking_uri(default_dir=root)
-    settings = tracking.start_run(load_config("tiny"), shards=shards, tracking_uri=uri, run_name="reg")
+    settings = tracking.start_run(load_config("tiny"), shards=str(shards), tracking_uri=uri, run_name="reg")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -90,7 +90,7 @@ def registered(module_tmp, checkpoint: Path) -> dict:
     env_after = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
     return {
         "uri": uri,
-        "run_id": settings["run_id"],
+        "run_id": settings.run_id,
         "versions": (first, retried, second),
         "later": later,
         "image": image,
@@ -165,7 +165,7 @@ def test_unknown_references_are_named(tmp_path):
     with pytest.raises(ValueError, match="nope"):
         registry.resolve_model_uri("nope")
     with pytest.raises(FileNotFoundError, match=MODEL_FILE):
-        registry.log_and_register({"tracking_uri": "", "run_id": ""}, tmp_path, (b"", "x"))
+        registry.log_and_register(tracking.RunRef("", "", ""), tmp_path, (b"", "x"))
 
 
 def test_predict_and_evaluate_commands(checkpoint, tmp_path):

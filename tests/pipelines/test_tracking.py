@@ -51,9 +51,9 @@ def test_tracking_uri_is_absolute_wherever_it_comes_from(tmp_path, monkeypatch):
 
 def test_run_records_config_dataset_and_git(store, shard_root, tmp_path):
     cfg = load_config("tiny", ["train.lr=0.001"])
-    settings = tracking.start_run(cfg, shards=shard_root, tracking_uri=store, run_name="r1")
-    assert settings["tracking_uri"] == store
-    run = tracking.client_for(store).get_run(settings["run_id"])
+    settings = tracking.start_run(cfg, shards=str(shard_root), tracking_uri=store, run_name="r1")
+    assert settings.tracking_uri == store
+    run = tracking.client_for(store).get_run(settings.run_id)
     assert run.data.params["train.lr"] == "0.001"
     assert run.data.params["model.image_size"] == str(cfg.model.image_size)
     assert len(run.data.params) == len(cfg.flat())
@@ -65,13 +65,13 @@ def test_run_records_config_dataset_and_git(store, shard_root, tmp_path):
     assert run.info.run_name == "r1"
     # artifacts land under the database's directory, not the process's working directory
     assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
-    artifacts = [a.path for a in tracking.client_for(store).list_artifacts(settings["run_id"])]
+    artifacts = [a.path for a in tracking.client_for(store).list_artifacts(settings.run_id)]
     assert "config.yaml" in artifacts
 
-    again = tracking.start_run(cfg, shards=shard_root, tracking_uri=store, run_name="r1", resume=True)
-    assert again["run_id"] == settings["run_id"]
-    fresh = tracking.start_run(cfg, shards=shard_root, tracking_uri=store, run_name="r1")
-    assert fresh["run_id"] != settings["run_id"]
+    again = tracking.start_run(cfg, shards=str(shard_root), tracking_uri=store, run_name="r1", resume=True)
+    assert again.run_id == settings.run_id
+    fresh = tracking.start_run(cfg, shards=str(shard_root), tracking_uri=store, run_name="r1")
+    assert fresh.run_id != settings.run_id
 
 
 def test_resume_continues_the_run_that_trained_there(store, shard_root):
@@ -82,25 +82,29 @@ def test_resume_continues_the_run_that_trained_there(store, shard_root):
     client = tracking.client_for(store)
 
     def run(path: str | None, metric: bool) -> str:
-        settings = tracking.start_run(cfg, shards=shard_root, tracking_uri=store, run_name="r", run_path=path)
+        settings = tracking.start_run(
+            cfg, shards=str(shard_root), tracking_uri=store, run_name="r", run_path=path
+        )
         if metric:
-            tracking.MlflowRunLogger(**settings).log_metrics({"train/loss": 1.0}, step=1)
+            tracking.MlflowRunLogger(settings).log_metrics({"train/loss": 1.0}, step=1)
         tracking.end_run(settings, status="FINISHED" if metric else "FAILED")
-        return settings["run_id"]
+        return settings.run_id
 
     original = run("/ray/r", metric=True)
     run(None, metric=False)  # left by a refused start, untagged
     run("/elsewhere/r", metric=True)
     resumed = tracking.start_run(
-        cfg, shards=shard_root, tracking_uri=store, run_name="r", resume=True, run_path="/ray/r"
+        cfg, shards=str(shard_root), tracking_uri=store, run_name="r", resume=True, run_path="/ray/r"
     )
-    assert resumed["run_id"] == original
+    assert resumed.run_id == original
     assert client.get_run(original).info.status == "RUNNING"
 
 
 def test_logger_writes_metrics_and_pictures(store, shard_root):
-    settings = tracking.start_run(load_config("tiny"), shards=shard_root, tracking_uri=store, run_name="r")
-    logger = tracking.MlflowRunLogger(**settings)
+    settings = tracking.start_run(
+        load_config("tiny"), shards=str(shard_root), tracking_uri=store, run_name="r"
+    )
+    logger = tracking.MlflowRunLogger(settings)
     logger.log_metrics({"loss": 1.5, "lr": 1e-3}, step=1)
     logger.log_metrics({"loss": 0.5, "val/precision@0.5": 0.25}, step=2)
     png = io.BytesIO()
@@ -109,10 +113,10 @@ def test_logger_writes_metrics_and_pictures(store, shard_root):
     logger.log_predictions(png.getvalue(), "val_step3.png", step=3)
 
     client = tracking.client_for(store)
-    history = client.get_metric_history(settings["run_id"], "loss")
+    history = client.get_metric_history(settings.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.5), (2, 0.5)]
-    assert client.get_run(settings["run_id"]).data.metrics["val/precision_0.5"] == 0.25
-    pictures = [a.path for a in client.list_artifacts(settings["run_id"], "predictions")]
+    assert client.get_run(settings.run_id).data.metrics["val/precision_0.5"] == 0.25
+    pictures = [a.path for a in client.list_artifacts(settings.run_id, "predictions")]
     assert pictures == ["predictions/val_step2.png", "predictions/val_step3.png"]
 
 
@@ -121,7 +125,9 @@ def test_evaluation_is_logged_with_its_protocol_mask_convention_and_table(store,
 
     counts = {split: c.model_dump() for split, c in read_summary(str(shard_root)).counts.items()}
     write_summary(shard_root, fake_summary(dataset="synthcoco", counts=counts, mask_mode="refer"))
-    settings = tracking.start_run(load_config("tiny"), shards=shard_root, tracking_uri=store, run_name="e")
+    settings = tracking.start_run(
+        load_config("tiny"), shards=str(shard_root), tracking_uri=store, run_name="e"
+    )
     evaluation = Evaluation(
         protocol="lavt",
         eval_size=448,
@@ -134,11 +140,11 @@ def test_evaluation_is_logged_with_its_protocol_mask_convention_and_table(store,
         mask_mode="refer",
         breakdown="kind",
     )  # fmt: skip
-    logger = tracking.MlflowRunLogger(**settings)
+    logger = tracking.MlflowRunLogger(settings)
     logger.log_evaluation(evaluation, step=7)
 
     client = tracking.client_for(store)
-    run = client.get_run(settings["run_id"])
+    run = client.get_run(settings.run_id)
     assert run.data.tags["dataset.mask_mode"] == "refer"
     assert run.data.tags["eval.protocol"] == "lavt" and run.data.tags["eval.mask_mode"] == "refer"
     assert run.data.tags["eval.breakdown"] == "kind"
@@ -147,7 +153,7 @@ def test_evaluation_is_logged_with_its_protocol_mask_convention_and_table(store,
     )
     assert run.data.metrics["val/kind/relation/oIoU"] == 40.0 and run.data.metrics["val/P_0.5"] == 70.0
     table = json.loads(
-        Path(client.download_artifacts(settings["run_id"], "evaluation/step00000007.json")).read_text()
+        Path(client.download_artifacts(settings.run_id, "evaluation/step00000007.json")).read_text()
     )
     rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
     assert rows[0] == {
@@ -162,4 +168,4 @@ def test_evaluation_is_logged_with_its_protocol_mask_convention_and_table(store,
 
 def test_missing_summary_is_a_clear_error(store, tmp_path):
     with pytest.raises(ShardError, match=r"summary\.json is missing"):
-        tracking.start_run(load_config("tiny"), shards=tmp_path, tracking_uri=store, run_name="x")
+        tracking.start_run(load_config("tiny"), shards=str(tmp_path), tracking_uri=store, run_name="x")

@@ -83,11 +83,15 @@ def test_stopped_run_resumes_by_name(shards, local_ray, s3_store, tmp_path):
     trace = StepTrace(str(steps), fault_rank=0, fault_step=3, marker=str(tmp_path / "stop"))
     name = new_run_name(tiny_config())
     with pytest.raises(Exception, match="stopping the run on purpose"):
-        run_training(tiny_config(), shards, storage_path=runs, run_name=name, max_failures=0, hooks=[trace])
+        run_training(
+            tiny_config(), str(shards), storage_path=runs, run_name=name, max_failures=0, hooks=[trace]
+        )
 
     with pytest.raises(FileExistsError, match="resume"):
-        run_training(tiny_config(), shards, storage_path=runs, run_name=name)
-    result = run_training(tiny_config(), shards, storage_path=runs, run_name=name, resume=True, hooks=[trace])
+        run_training(tiny_config(), str(shards), storage_path=runs, run_name=name)
+    result = run_training(
+        tiny_config(), str(shards), storage_path=runs, run_name=name, resume=True, hooks=[trace]
+    )
     assert result.run_name == name and result.metrics["step"] == MAX_STEPS
     first, second = lifetimes(steps, 0)
     assert [r["step"] for r in first] == [1, 2, 3]
@@ -97,14 +101,16 @@ def test_stopped_run_resumes_by_name(shards, local_ray, s3_store, tmp_path):
 
 def test_resume_needs_an_existing_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="no run"):
-        run_training(tiny_config(), "unused", storage_path=tmp_path, run_name="nope", resume=True)
+        run_training(tiny_config(), "unused", storage_path=str(tmp_path), run_name="nope", resume=True)
     with pytest.raises(ValueError, match="run_name"):
-        run_training(tiny_config(), "unused", storage_path=tmp_path, resume=True)
+        run_training(tiny_config(), "unused", storage_path=str(tmp_path), resume=True)
 
 
 def test_driver_warns_when_the_global_batch_differs_from_the_presets(tmp_path, caplog):
     with pytest.raises(ShardError):  # no shards: the warning comes before any slow work
-        run_training(load_config("paper"), tmp_path / "no-shards", num_workers=2, storage_path=tmp_path)
+        run_training(
+            load_config("paper"), str(tmp_path / "no-shards"), num_workers=2, storage_path=str(tmp_path)
+        )
     assert (
         "global batch 16 = 2 workers x data.batch_size 8 x train.grad_accum 1 differs from the "
         "preset's train.global_batch 32" in caplog.text

@@ -421,7 +421,7 @@ def test_a_finished_sweep_name_cannot_be_started_again(sweep, shards):
     space = load_space(write(sweep["root"], SWEEP), cfg)
     with pytest.raises(FileExistsError, match="resume it"):
         run_sweep(
-            cfg, space, shards, storage_path=sweep["root"] / "ray", tracking_uri=sweep["uri"],
+            cfg, space, str(shards), storage_path=str(sweep["root"] / "ray"), tracking_uri=sweep["uri"],
             sweep_name=result.sweep_name,
         )  # fmt: skip
 
@@ -434,11 +434,14 @@ def test_resuming_a_finished_sweep_reruns_nothing_and_registers_nothing_new(swee
     cfg = load_config("tiny", TINY)
     space = load_space(write(sweep["root"], SWEEP), cfg)
     with pytest.raises(FileNotFoundError, match="no sweep 'nope'"):
-        run_sweep(cfg, space, shards, storage_path=sweep["root"] / "ray", sweep_name="nope", resume=True)
+        run_sweep(
+            cfg, space, str(shards), storage_path=str(sweep["root"] / "ray"), tracking_uri=sweep["uri"],
+            sweep_name="nope", resume=True,
+        )  # fmt: skip
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         again = run_sweep(
-            cfg, space, shards, storage_path=sweep["root"] / "ray", tracking_uri=sweep["uri"],
+            cfg, space, str(shards), storage_path=str(sweep["root"] / "ray"), tracking_uri=sweep["uri"],
             experiment="sweep-test", sweep_name=result.sweep_name, resume=True,
         )  # fmt: skip
     finally:

@@ -51,7 +51,7 @@ def ablation(synthetic_shards, module_tmp):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         result = run_sweep(
-            cfg, space, shards, storage_path=root / "ray", tracking_uri=uri, experiment="ablation",
+            cfg, space, str(shards), storage_path=str(root / "ray"), tracking_uri=uri, experiment="ablation",
             workers_per_trial=2, register_best=False,
         )  # fmt: skip
     finally:
