@@ -82,7 +82,7 @@ def train(
     except ConfigError as err:
         raise typer.BadParameter(str(err), param_hint="--config/--set") from None
     shards = require_prepared(shards)
-    require_writable(absolute_storage(storage_path), "--storage-path")
+    require_writable(storage, "--storage-path")
     # A corrupt shard of any split the run reads (the flow scores the held-out ones at the end)
     # named now, not in a Prefect task's traceback; the driver checks again (one more read of the
     # splits) because the flow is also started without this command

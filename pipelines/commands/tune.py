@@ -88,7 +88,7 @@ def tune(
         raise typer.BadParameter(str(err), param_hint="--resume") from None
     # every split the trials and the wrap-up read, checked now, not in a trial's traceback (each
     # trial's driver checks its own config's again)
-    require_writable(absolute_storage(storage_path), "--storage-path")
+    require_writable(storage, "--storage-path")
     check_sweep_splits(cfg, parsed, shards, register_best)
     from pipelines.flows.tune import tune_magnet  # Prefect only once the arguments are good
     from pipelines.sweep.driver import new_sweep_name
