@@ -109,15 +109,29 @@ def _join(root: str, relative: str) -> str:
     return f"{root.rstrip('/')}/{relative}"
 
 
+_DIGESTS: dict[tuple[Any, ...], str] = {}
+"""sha256 of the shards this process has hashed, by URL, size and modification stamp: the command,
+the flow and the Ray driver of one run check the same splits, and each shard is read once."""
+
+
 def _sha256(url: str) -> str:
-    """Hex sha256 of a file, or 'missing file'."""
-    digest = hashlib.sha256()
+    """Hex sha256 of a file (hashed again only once it changed), or 'missing file'."""
     try:
-        with fsspec.open(url, "rb") as handle:
-            while chunk := handle.read(_HASH_CHUNK):
-                digest.update(chunk)
+        fs, path = fsspec.core.url_to_fs(url)
+        info = fs.info(path)
+        key = (url, info.get("size"), info.get("mtime"), info.get("LastModified"), info.get("ETag"))
+        if key not in _DIGESTS:
+            _DIGESTS[key] = _hash_file(fs, path)
     except FileNotFoundError:
         return "missing file"
+    return _DIGESTS[key]
+
+
+def _hash_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -284,6 +285,31 @@ def test_corrupt_shard_is_named_or_skipped(root: Path, tmp_path: Path) -> None:
         for r in range(2)
     ]
     assert lengths[0] == lengths[1] == train_batches_per_epoch(shards, cfg, 2)
+
+
+def test_a_shard_is_hashed_once_until_it_changes(root: Path, tmp_path: Path, monkeypatch) -> None:
+    """The command, the flow and the Ray driver of one run each check the splits: the shards are
+    read once, and a shard changed since is read again (its corruption found)."""
+    import os
+
+    import magnet.data as data
+
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    hashed: list[str] = []
+    hash_file = data._hash_file
+    monkeypatch.setattr(data, "_hash_file", lambda fs, path: hashed.append(path) or hash_file(fs, path))
+    first = open_split(str(copy), "train")
+    open_split(str(copy), "train")
+    assert len(hashed) == len(first.shards)
+    bad = copy / "train/shard-000001.tar"
+    data_bytes = bytearray(bad.read_bytes())
+    data_bytes[600] ^= 0xFF
+    bad.write_bytes(bytes(data_bytes))
+    os.utime(bad, ns=(bad.stat().st_atime_ns, bad.stat().st_mtime_ns + 1_000_000))
+    with pytest.raises(ShardError, match=re.escape("train/shard-000001.tar is corrupt")):
+        open_split(str(copy), "train")
+    assert len(hashed) == len(first.shards) + 1
 
 
 def test_missing_summary_and_unknown_split_are_clear_errors(root: Path, tmp_path: Path) -> None:
