@@ -31,8 +31,10 @@ from pipelines.flows import artifact_key
 from pipelines.tracking import RunRef
 from pipelines.train_driver import (
     check_run_name,
+    check_splits,
     new_run_name,
     run_path,
+    run_splits,
     run_training,
 )
 
@@ -234,6 +236,7 @@ def train_magnet(
     else:
         shard_root = absolute_location(shards)
     splits = eval_splits or held_out_splits(shard_root, cfg.data.train_split)
+    check_splits(cfg, shard_root, run_splits(cfg, splits))  # before the MLflow run, as the name
     try:
         tracking = open_run(cfg, shard_root, store, experiment, run_name, resume, run_path(storage, run_name))
     except KeyboardInterrupt:

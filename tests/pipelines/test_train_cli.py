@@ -108,3 +108,22 @@ def test_the_flow_refuses_a_taken_run_name_before_it_opens_the_mlflow_run(prepar
     (tmp_path / "taken").mkdir()
     with pytest.raises(FileExistsError, match="run 'taken' already exists"):
         flows.train_magnet.fn(shards=str(prepared), run_name="taken", storage_path=str(tmp_path))
+
+
+def test_the_flow_refuses_a_corrupt_shard_before_it_opens_the_mlflow_run(
+    synthetic_shards, tmp_path, monkeypatch
+):
+    """Started without the command (a deployment run), the flow checks the splits itself before the
+    MLflow run is opened: a corrupt shard leaves no FAILED run behind."""
+    import pipelines.flows.train as flows
+    from data_prep.contract import ShardError
+
+    monkeypatch.setattr(flows, "open_run", lambda *args: pytest.fail("an MLflow run was opened"))
+    copy = tmp_path / "refcoco-unc"
+    shutil.copytree(synthetic_shards(), copy)
+    shard = copy / "testB" / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=f"{shard} is corrupt"):
+        flows.train_magnet.fn(shards=str(copy), storage_path=str(tmp_path / "ray"))
