@@ -171,7 +171,7 @@ def fill_store(root: Path, shards: Path) -> dict:
     finally:
         ray.shutdown()
     promotion = promote(
-        shards=shards, experiment=EXPERIMENT, sweep_run_id=sweep.parent_run_id, tracking_uri=uri,
+        shards=str(shards), experiment=EXPERIMENT, sweep_run_id=sweep.parent_run_id, tracking_uri=uri,
         protocol=cfg.eval.protocol,
     )  # fmt: skip
     client = tracking.client_for(uri)
