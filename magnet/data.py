@@ -114,12 +114,20 @@ _DIGESTS: dict[tuple[Any, ...], str] = {}
 the flow and the Ray driver of one run check the same splits, and each shard is read once."""
 
 
+_STAMPS = ("mtime", "LastModified", "ETag")
+"""What a file system's ``info`` says changes with the file (local files, S3); without one the
+shard is hashed every time."""
+
+
 def _sha256(url: str) -> str:
     """Hex sha256 of a file (hashed again only once it changed), or 'missing file'."""
     try:
         fs, path = fsspec.core.url_to_fs(url)
         info = fs.info(path)
-        key = (url, info.get("size"), info.get("mtime"), info.get("LastModified"), info.get("ETag"))
+        stamps = tuple(info.get(name) for name in _STAMPS)
+        if not any(stamps):
+            return _hash_file(fs, path)
+        key = (url, info.get("size"), *stamps)
         if key not in _DIGESTS:
             _DIGESTS[key] = _hash_file(fs, path)
     except FileNotFoundError:

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
-from contract_files import fake_summary, write_summary
+from contract_files import corrupt_copy, fake_summary, flip_bytes, write_summary
 from PIL import Image
 
 from data_prep.contract import (
@@ -260,17 +260,7 @@ def test_eval_max_samples_caps_the_split(root: Path) -> None:
 
 
 def test_corrupt_shard_is_named_or_skipped(root: Path, tmp_path: Path) -> None:
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for path in root.rglob("*"):
-        if path.is_file():
-            (copy / path.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
-            (copy / path.relative_to(root)).write_bytes(path.read_bytes())
-    bad = copy / "train/shard-000001.tar"
-    data = bytearray(bad.read_bytes())
-    data[600] ^= 0xFF
-    bad.write_bytes(bytes(data))
-
+    copy = corrupt_copy(root, tmp_path / "copy", "train/shard-000001.tar")
     with pytest.raises(ShardError, match=re.escape("train/shard-000001.tar is corrupt")):
         open_split(str(copy), "train")
     (copy / "val/shard-000001.tar").unlink()
@@ -303,13 +293,27 @@ def test_a_shard_is_hashed_once_until_it_changes(root: Path, tmp_path: Path, mon
     open_split(str(copy), "train")
     assert len(hashed) == len(first.shards)
     bad = copy / "train/shard-000001.tar"
-    data_bytes = bytearray(bad.read_bytes())
-    data_bytes[600] ^= 0xFF
-    bad.write_bytes(bytes(data_bytes))
+    flip_bytes(bad)
     os.utime(bad, ns=(bad.stat().st_atime_ns, bad.stat().st_mtime_ns + 1_000_000))
     with pytest.raises(ShardError, match=re.escape("train/shard-000001.tar is corrupt")):
         open_split(str(copy), "train")
     assert len(hashed) == len(first.shards) + 1
+
+
+def test_a_file_without_a_modification_stamp_is_hashed_every_time() -> None:
+    """A file system whose ``info`` names no mtime, LastModified or ETag (fsspec's memory one) gives
+    no way to tell a changed file: its digest is never kept."""
+    import fsspec
+
+    import magnet.data as data
+
+    url = "memory://digest-test/shard.tar"
+    with fsspec.open(url, "wb") as handle:
+        handle.write(b"a" * 100)
+    first = data._sha256(url)
+    with fsspec.open(url, "wb") as handle:
+        handle.write(b"b" * 100)  # the same size
+    assert data._sha256(url) != first == hashlib.sha256(b"a" * 100).hexdigest()
 
 
 def test_missing_summary_and_unknown_split_are_clear_errors(root: Path, tmp_path: Path) -> None:
