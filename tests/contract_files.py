@@ -1,8 +1,10 @@
 """Contract files for tests that need one without preparing data: every field filled, so the one
-reader (data_prep.contract.read_summary) takes it; a test sets only the fields it is about."""
+reader (data_prep.contract.read_summary) takes it; a test sets only the fields it is about. And
+prepared data made corrupt: shards whose sha256 no longer matches summary.json."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +47,19 @@ def fake_summary(
 
 def write_summary(root: Path, summary: Summary) -> None:
     (root / SUMMARY).write_bytes(summary.to_bytes())
+
+
+def flip_bytes(path: Path) -> None:
+    """Flip 64 bytes in the middle of a file: a shard whose checksum no longer matches."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    path.write_bytes(bytes(data))
+
+
+def corrupt_copy(prepared: Path, into: Path, *shards: str) -> Path:
+    """A copy of a prepared dataset at ``into``, each shard named (relative to the root) corrupted."""
+    shutil.copytree(prepared, into)
+    for shard in shards:
+        flip_bytes(into / shard)
+    return into

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from cli_text import refused
+from contract_files import corrupt_copy
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -131,13 +132,8 @@ def test_a_registry_reference_without_a_store_creates_none(image, tmp_path, no_m
 # --------------------------------------------------------------------------------- evaluate
 @pytest.fixture(scope="module")
 def corrupt_shards(synthetic_shards, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    copy = tmp_path_factory.mktemp("corrupt") / "refcoco-unc"
-    shutil.copytree(synthetic_shards(), copy)
-    for shard in (copy / "val" / "shard-000000.tar", copy / "train" / "shard-000000.tar"):
-        data = bytearray(shard.read_bytes())
-        data[600] ^= 0xFF
-        shard.write_bytes(bytes(data))
-    return copy
+    into = tmp_path_factory.mktemp("corrupt") / "refcoco-unc"
+    return corrupt_copy(synthetic_shards(), into, "val/shard-000000.tar", "train/shard-000000.tar")
 
 
 def test_evaluate_names_an_unknown_split_before_loading_the_model(synthetic_shards, tmp_path, no_model_load):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from contract_files import flip_bytes
 from tiny_runs import SCORE_VAL, TINY_RUN, lifetimes, step_records
 
 from data_prep.contract import MANIFEST, read_summary
@@ -218,14 +219,6 @@ def test_worker_sigkilled_mid_epoch_resumes_and_does_every_step_once(shards, loc
 
 
 # ------------------------------------------------------------------------------ corrupt shards
-def flip_bytes(path: Path) -> None:
-    """Flip 64 bytes in the middle of a file: a shard whose checksum no longer matches."""
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
-    path.write_bytes(bytes(data))
-
-
 def split_shards(root: Path, split: str) -> list[str]:
     """The shard paths of a split, as summary.json names them."""
     return [entry.path for entry in read_summary(str(root)).split_shards(split)]

@@ -1,11 +1,11 @@
 """`magnet train` turns its options into one validated flow call (the flow itself is tested in
 test_train_flow.py; here it is replaced to catch what the command hands it)."""
 
-import shutil
 from pathlib import Path
 
 import pytest
 from cli_text import plain
+from contract_files import corrupt_copy
 from typer.testing import CliRunner
 
 from pipelines.cli import app
@@ -51,12 +51,8 @@ def test_bad_override_is_refused_before_the_flow_starts(prepared, flow_calls):
 
 
 def test_a_corrupt_training_shard_is_one_line_before_the_flow_starts(synthetic_shards, flow_calls, tmp_path):
-    copy = tmp_path / "refcoco-unc"
-    shutil.copytree(synthetic_shards(), copy)
+    copy = corrupt_copy(synthetic_shards(), tmp_path / "refcoco-unc", "train/shard-000001.tar")
     shard = copy / "train" / "shard-000001.tar"
-    data = bytearray(shard.read_bytes())
-    data[600] ^= 0xFF
-    shard.write_bytes(bytes(data))
     result = CliRunner().invoke(app, ["train", "--shards", str(copy)])
     assert result.exit_code == 2 and not flow_calls
     assert result.output.strip().splitlines() == [result.output.strip()]
@@ -68,12 +64,8 @@ def test_a_corrupt_shard_of_any_split_the_run_reads_is_refused_before_the_flow(
 ):
     """testB is read by the evaluations while training (an override here) and scored at the end
     (a held-out split): a corrupt shard there is one line now, not a Prefect traceback later."""
-    copy = tmp_path / "refcoco-unc"
-    shutil.copytree(synthetic_shards(), copy)
+    copy = corrupt_copy(synthetic_shards(), tmp_path / "refcoco-unc", "testB/shard-000000.tar")
     shard = copy / "testB" / "shard-000000.tar"
-    data = bytearray(shard.read_bytes())
-    data[600] ^= 0xFF
-    shard.write_bytes(bytes(data))
     args = ["train", "--shards", str(copy), "--set", "data.eval_splits=[val,testA,testB]"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and not flow_calls, result.output
@@ -119,11 +111,7 @@ def test_the_flow_refuses_a_corrupt_shard_before_it_opens_the_mlflow_run(
     from data_prep.contract import ShardError
 
     monkeypatch.setattr(flows, "open_run", lambda *args: pytest.fail("an MLflow run was opened"))
-    copy = tmp_path / "refcoco-unc"
-    shutil.copytree(synthetic_shards(), copy)
+    copy = corrupt_copy(synthetic_shards(), tmp_path / "refcoco-unc", "testB/shard-000000.tar")
     shard = copy / "testB" / "shard-000000.tar"
-    data = bytearray(shard.read_bytes())
-    data[600] ^= 0xFF
-    shard.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=f"{shard} is corrupt"):
         flows.train_magnet.fn(shards=str(copy), storage_path=str(tmp_path / "ray"))

@@ -155,17 +155,13 @@ def test_tune_command_refuses_a_bad_space_before_starting_anything(tmp_path):
 def test_a_corrupt_shard_only_some_trials_read_is_named_before_any_starts(synthetic_shards, tmp_path, space):
     """A split that only the trials of one grid value or one variant evaluate on is checked with
     the others: found in a trial, its corrupt shard would fail those trials after their training."""
-    import shutil
+    from contract_files import corrupt_copy
 
     from data_prep.contract import ShardError
     from pipelines.sweep.driver import check_sweep_splits
 
-    copy = tmp_path / "refcoco-unc"
-    shutil.copytree(synthetic_shards(), copy)
+    copy = corrupt_copy(synthetic_shards(), tmp_path / "refcoco-unc", "testB/shard-000000.tar")
     shard = copy / "testB" / "shard-000000.tar"
-    data = bytearray(shard.read_bytes())
-    data[600] ^= 0xFF
-    shard.write_bytes(bytes(data))
     cfg = load_config("tiny", ["data.eval_splits=[val]"])
     parsed = load_space(write(tmp_path, space), cfg)
     with pytest.raises(ShardError, match=f"{shard}.* is corrupt"):
