@@ -152,6 +152,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.run and not args.workdir:
         parser.error("--run needs --workdir (where the run is kept)")
+    if args.run:
+        from data_prep.paths import UnsafeNameError, check_name
+
+        try:  # it becomes WORKDIR/runs/RUN: no '..' or '/' out of it
+            check_name(args.run, "run name")
+        except UnsafeNameError as err:
+            parser.error(f"--run: {err}")
 
     import torch
 

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 NUMBER = r"\d+(?:\.\d+)?"
 
@@ -121,3 +123,23 @@ def test_learning_benchmark_run_continues_its_curve_and_keeps_one_checkpoint(tmp
         (staged / "meta.json").write_text("{}")
         reporter.report({"step": float(step)}, staged)
     assert [p.name for p in reporter.checkpoints()] == ["checkpoint_step00000004"]
+
+
+def test_learning_benchmark_refuses_a_run_name_that_leaves_its_workdir(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_learning as bench
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    monkeypatch.setattr(
+        sys, "argv", ["bench_learning.py", "--workdir", str(tmp_path / "w"), "--run", "../out"]
+    )
+    with pytest.raises(SystemExit) as stopped:
+        bench.main()
+    assert (
+        stopped.value.code == 2
+        and "--run: run name '../out' cannot name a directory" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "w").exists()
