@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import contract_files
 import pytest
 import test_fault_training
 from test_fault_training import CorruptAt, StepTrace, split_shards
@@ -61,7 +62,9 @@ def local_ray():
     import ray
     import ray.cloudpickle
 
-    ray.cloudpickle.register_pickle_by_value(test_fault_training)  # StepTrace, CorruptAt travel to workers
+    # StepTrace, CorruptAt and the flip_bytes that CorruptAt calls travel to workers
+    ray.cloudpickle.register_pickle_by_value(test_fault_training)
+    ray.cloudpickle.register_pickle_by_value(contract_files)
     ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
