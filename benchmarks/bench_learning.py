@@ -13,8 +13,9 @@ every kind, pick accuracy >= 80%. Only val is scored: choices are made on it, ne
         [--workdir DIR --run NAME]
 
 The defaults are the benchmark the targets are set for: 96 px, because at 64 px MagNet's stride-4
-mask caps val at 80 oIoU (``magnet.metrics.grid_ceiling``), too close to the 65 target for any
-model to meet it; 4,000 steps, because the model climbs past ~40 only after 2,000-2,500 of them.
+mask caps val at 80 oIoU (``magnet.metrics.grid_ceiling``), so 65 would need more than 80% of the
+picks right with outlines at that limit; 4,000 steps, because the model climbs past ~40 only after
+2,000-2,500 of them.
 
 With ``--run`` the run keeps its newest checkpoint and its curve under DIR/runs/NAME, so the same
 command continues a run that was stopped (a session's end) instead of starting over.
