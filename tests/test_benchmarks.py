@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -82,13 +83,19 @@ def test_step_benchmark_splits_the_step_into_parts_that_add_up() -> None:
     assert re.search(rf"this tree vs HEAD: {NUMBER}x samples/s", out), out
 
 
-def test_learning_benchmark_scores_kinds_against_their_floors_and_checks_the_targets() -> None:
-    """bench_learning's arithmetic (its run is the overfit check's loop, tests/magnet/test_learning.py)."""
+def _bench_learning() -> ModuleType:
+    """benchmarks/bench_learning.py as a module (benchmarks/ is not a package)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import bench_learning as bench
+        import bench_learning
     finally:
         sys.path.remove(str(BENCHMARKS))
+    return bench_learning
+
+
+def test_learning_benchmark_scores_kinds_against_their_floors_and_checks_the_targets() -> None:
+    """bench_learning's arithmetic (its run is the overfit check's loop, tests/magnet/test_learning.py)."""
+    bench = _bench_learning()
     floors = {"all": 20.0, "ordinal": 25.0}
     metrics = {"val/oIoU": 70.0, "val/pick_acc": 85.0, "val/kind/ordinal/oIoU": 45.0}
     rows = bench.kind_scores(metrics, floors)
@@ -104,11 +111,7 @@ def test_learning_benchmark_scores_kinds_against_their_floors_and_checks_the_tar
 
 def test_learning_benchmark_run_continues_its_curve_and_keeps_one_checkpoint(tmp_path: Path) -> None:
     """--run: the curve survives the process (journal read back) and only the newest checkpoint stays."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import bench_learning as bench
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    bench = _bench_learning()
     journal = tmp_path / "points.jsonl"
     first = bench.Recorder({"all": 20.0}, start=0.0, journal=journal)
     first.log_metrics({"train/loss": 2.0}, step=1)
@@ -128,11 +131,7 @@ def test_learning_benchmark_run_continues_its_curve_and_keeps_one_checkpoint(tmp
 def test_learning_benchmark_refuses_a_run_name_that_leaves_its_workdir(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import bench_learning as bench
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    bench = _bench_learning()
     monkeypatch.setattr(
         sys, "argv", ["bench_learning.py", "--workdir", str(tmp_path / "w"), "--run", "../out"]
     )

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import contract_files
 import pytest
 from contract_files import flip_bytes
 from tiny_runs import SCORE_VAL, TINY_RUN, lifetimes, step_records
@@ -227,11 +228,8 @@ def split_shards(root: Path, split: str) -> list[str]:
 @pytest.fixture
 def corrupt_copy(shards: Path, tmp_path: Path) -> tuple[Path, str]:
     """A copy of the prepared shards with 64 bytes flipped in the middle of the second train shard."""
-    copy = tmp_path / shards.name
-    shutil.copytree(shards, copy)
-    name = split_shards(copy, "train")[1]
-    flip_bytes(copy / name)
-    return copy, name
+    name = split_shards(shards, "train")[1]
+    return contract_files.corrupt_copy(shards, tmp_path / shards.name, name), name
 
 
 def test_corrupt_shard_refused_before_training_starts(corrupt_copy, tmp_path):
@@ -282,11 +280,9 @@ def test_corrupt_shard_skipped_and_counted_in_the_run(corrupt_copy, local_ray, t
 def test_corrupt_evaluation_shard_refused_before_training_starts(shards, tmp_path, read_by):
     """Every split the run reads is checked on the driver: the evaluation splits of the loop, and
     those the caller scores after training (the flow's held-out splits)."""
-    copy = tmp_path / shards.name
-    shutil.copytree(shards, copy)
     split = "val" if read_by == "eval_splits" else "testB"
-    name = split_shards(copy, split)[0]
-    flip_bytes(copy / name)
+    name = split_shards(shards, split)[0]
+    copy = contract_files.corrupt_copy(shards, tmp_path / shards.name, name)
     cfg = tiny_config("train.max_steps=2", *(SCORE_VAL if read_by == "eval_splits" else []))
     steps = tmp_path / "steps.jsonl"
     final = {"final_splits": [split]} if read_by == "final_splits" else {}
